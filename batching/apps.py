@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class BatchingConfig(AppConfig):
+    name = "batching"
+    verbose_name = "Batch processing"

@@ -1,0 +1,557 @@
+"""The one engine that runs every bulk operation, naive or optimized.
+
+Transaction design
+------------------
+A run reads its input lazily, ``chunk_size`` rows at a time, and never holds
+more than one chunk. Each row first goes through the operation's ``prepare``
+(pure Python: shape, types, ranges, duplicate keys within the input); rows that
+fail are reported by index and never reach the database.
+
+The prepared rows of a chunk are written by the operation's ``write`` inside
+one ``transaction.atomic()``. The same transaction records the chunk's
+checkpoint (the input position it ends at) and the run's counters on the
+``BatchProcessingLog`` row, so the checkpoint can never claim work that was
+rolled back, nor miss work that was committed.
+
+When the database rejects a chunk (an integrity or data error from a row that
+passed validation), the chunk is rolled back and re-run in halves until the
+failing rows are isolated: every good row is committed and every bad row is
+reported with the database's reason. ``write`` is therefore re-runnable on any
+subset of a chunk: it prefetches what it needs afresh each time.
+
+Transient failures (deadlock, serialization failure, a lost connection, a
+locked SQLite database) are retried per chunk with exponential backoff and
+jitter, up to ``settings.BULK_RETRY_ATTEMPTS`` times; then the run ends as
+failed. Chunks committed before keep their work.
+
+The log row is created before the first chunk and finished after the last one,
+outside any chunk transaction: a failing chunk cannot roll back the trace of
+its own failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
+from django.utils import timezone
+
+from batching.models import BatchProcessingLog
+
+logger = logging.getLogger(__name__)
+
+# SQLSTATEs worth retrying: the same work can succeed on a second attempt.
+TRANSIENT_SQLSTATES = frozenset(
+    {
+        "40001",  # serialization_failure
+        "40P01",  # deadlock_detected
+        "55P03",  # lock_not_available
+        "57P01",  # admin_shutdown
+        "08000",  # connection_exception
+        "08003",  # connection_does_not_exist
+        "08006",  # connection_failure
+    }
+)
+
+DUPLICATE_IN_INPUT = "duplicate {field} in this input (first seen at row {first})"
+RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {error}"
+RESUME_NOT_FOUND = "no batch run #{log_id} to resume"
+RESUME_WRONG_KIND = "run #{log_id} is a {variant} {operation} run, not {expected}"
+RESUME_FINISHED = "run #{log_id} has already finished ({status})"
+
+
+class RowInvalid(Exception):
+    """Raised by ``prepare`` for a row that cannot be processed."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
+class ResumeError(ValueError):
+    """The run asked for cannot be resumed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """Why one input row was skipped. ``index`` is its 0-based position."""
+
+    index: int
+    field: str
+    message: str
+    code: str = "invalid"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "field": self.field,
+            "message": self.message,
+            "code": self.code,
+        }
+
+
+@dataclass(slots=True)
+class ChunkOutcome:
+    """What ``write`` did with a list of prepared rows."""
+
+    written: int = 0
+    created: int = 0
+    updated: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+    def merge(self, other: ChunkOutcome) -> None:
+        self.written += other.written
+        self.created += other.created
+        self.updated += other.updated
+        self.errors.extend(other.errors)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The outcome of one run; ``log`` is its BatchProcessingLog row."""
+
+    log: BatchProcessingLog
+    read: int
+    written: int
+    created: int
+    updated: int
+    skipped: int
+    errors: list[RowError]
+    query_count: int
+    duration: float
+
+    @property
+    def status(self) -> str:
+        return self.log.status
+
+    @property
+    def log_id(self) -> int:
+        return self.log.pk
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "log_id": self.log_id,
+            "operation": self.log.operation,
+            "variant": self.log.variant,
+            "status": self.status,
+            "read": self.read,
+            "written": self.written,
+            "created": self.created,
+            "updated": self.updated,
+            "skipped": self.skipped,
+            "errors": [error.as_dict() for error in self.errors],
+            "query_count": self.query_count,
+            "duration": self.duration,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated row and its input position."""
+
+    index: int
+    item: Any
+
+
+class BatchOperation(ABC):
+    """What one chunk of one operation does; the engine decides how chunks run.
+
+    Subclasses implement ``prepare`` (validate one raw row, raise RowInvalid)
+    and ``write`` (apply a list of prepared rows; it runs inside a transaction
+    the engine opens and may be re-run on any subset after a rollback).
+    ``key`` names the input key that must not repeat within one input.
+    """
+
+    operation: ClassVar[str]
+    variant: ClassVar[str]
+    key_field: ClassVar[str | None] = None
+
+    def __init__(self, using: str = "default") -> None:
+        self.using = using
+
+    @abstractmethod
+    def prepare(self, raw: Any) -> Any: ...
+
+    def key(self, item: Any) -> Hashable | None:
+        return None
+
+    @abstractmethod
+    def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
+
+
+class QueryCounter:
+    """Counts the statements run on one connection (an ``execute_wrapper``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, execute, sql, params, many, context):
+        self.count += 1
+        return execute(sql, params, many, context)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    cause = exc.__cause__ or exc
+    return getattr(cause, "sqlstate", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Deadlocks, serialization failures, lost connections, a locked SQLite file."""
+    if sqlstate_of(exc) in TRANSIENT_SQLSTATES:
+        return True
+    if isinstance(exc, InterfaceError):
+        return True  # the connection is gone: a new one may work
+    if isinstance(exc, OperationalError) and sqlstate_of(exc) is None:
+        # psycopg raises OperationalError without a SQLSTATE when the
+        # server closes the connection; SQLite says "database is locked".
+        text = str(exc).lower()
+        return any(
+            marker in text for marker in ("locked", "closed", "terminat", "connection", "server")
+        )
+    return False
+
+
+def describe_database_error(exc: DatabaseError) -> tuple[str, str]:
+    """(field, message) for a database's rejection of one row."""
+    cause = exc.__cause__
+    diag = getattr(cause, "diag", None)
+    column = getattr(diag, "column_name", None) if diag else None
+    constraint = getattr(diag, "constraint_name", None) if diag else None
+    primary = getattr(diag, "message_primary", None) if diag else None
+    detail = getattr(diag, "message_detail", None) if diag else None
+    message = primary or str(exc).strip().splitlines()[0]
+    if detail:
+        message = f"{message} ({detail})"
+    return column or constraint or "row", f"rejected by the database: {message}"
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter, in seconds, for the given retry (1-based)."""
+    base = settings.BULK_RETRY_BASE_DELAY * (2 ** (attempt - 1))
+    return min(settings.BULK_RETRY_MAX_DELAY, base) * random.uniform(0.5, 1.5)
+
+
+def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+class TransientFailure(Exception):
+    """A chunk still failed transiently after every retry."""
+
+
+class BatchRun:
+    """One run of one operation over one input; see the module docstring."""
+
+    def __init__(
+        self,
+        operation: BatchOperation,
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> None:
+        self.op = operation
+        self.connection = connections[operation.using]
+        self.resume_log = self._resumable_log(resume) if resume is not None else None
+        self.chunk_size = chunk_size or (
+            self.resume_log.chunk_size if self.resume_log else settings.BULK_CHUNK_SIZE
+        )
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        self.counter = QueryCounter()
+        self.errors: list[RowError] = []
+        self.totals = ChunkOutcome()
+        self.read = 0
+        self.seen: dict[Hashable, int] = {}
+
+    def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
+        log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
+        log = BatchProcessingLog.objects.using(self.op.using).filter(pk=log_id).first()
+        if log is None:
+            raise ResumeError(RESUME_NOT_FOUND.format(log_id=log_id))
+        if log.operation != self.op.operation or log.variant != self.op.variant:
+            raise ResumeError(
+                RESUME_WRONG_KIND.format(
+                    log_id=log_id,
+                    variant=log.variant,
+                    operation=log.operation,
+                    expected=f"{self.op.variant} {self.op.operation}",
+                )
+            )
+        if log.status not in (
+            BatchProcessingLog.Status.RUNNING,
+            BatchProcessingLog.Status.INTERRUPTED,
+            BatchProcessingLog.Status.FAILED,
+        ):
+            raise ResumeError(RESUME_FINISHED.format(log_id=log_id, status=log.status))
+        return log
+
+    # -- the run -----------------------------------------------------------
+
+    def run(self, rows: Iterable[Any]) -> BatchResult:
+        started = time.perf_counter()
+        with self.connection.execute_wrapper(self.counter):
+            log = self._start_log()
+            failure: BaseException | None = None
+            try:
+                self._run_chunks(log, iter(rows))
+            except TransientFailure as exc:
+                failure = exc
+                logger.warning("batch run #%s failed: %s", log.pk, exc)
+            except BaseException as exc:
+                self._finish_log(log, started, failure=exc)
+                raise
+            self._finish_log(log, started, failure=failure)
+        return BatchResult(
+            log=log,
+            read=self.read,
+            written=self.totals.written,
+            created=self.totals.created,
+            updated=self.totals.updated,
+            skipped=len(self.errors),
+            errors=self.errors,
+            query_count=self.counter.count,
+            duration=log.duration_seconds or 0.0,
+        )
+
+    def _run_chunks(self, log: BatchProcessingLog, rows: Iterator[Any]) -> None:
+        position = 0
+        if self.resume_log is not None:
+            # Re-read the committed prefix only to remember its keys, so a
+            # duplicate after the checkpoint is still recognised as one.
+            for raw in islice(rows, log.checkpoint_position):
+                self._prepare_row(position, raw, remember_only=True)
+                position += 1
+        for chunk in chunked(rows, self.chunk_size):
+            start, end = position, position + len(chunk)
+            position = end
+            self.read += len(chunk)
+            prepared: list[Prepared] = []
+            for offset, raw in enumerate(chunk):
+                item = self._prepare_row(start + offset, raw)
+                if item is not None:
+                    prepared.append(item)
+            committed = self._write_isolating(log, prepared, checkpoint=end, first=start)
+            if not committed:
+                # Nothing of this chunk was committed (all rows invalid or
+                # rejected): record its counters and checkpoint on their own.
+                self._commit_with_retries(log, [], checkpoint=end, first=start)
+
+    def _prepare_row(self, index: int, raw: Any, *, remember_only: bool = False) -> Prepared | None:
+        try:
+            item = self.op.prepare(raw)
+        except RowInvalid as exc:
+            if not remember_only:
+                self.errors.append(RowError(index, exc.field, exc.message, exc.code))
+            return None
+        key = self.op.key(item)
+        if key is not None:
+            first = self.seen.setdefault(key, index)
+            if first != index:
+                if not remember_only:
+                    message = DUPLICATE_IN_INPUT.format(field=self.op.key_field, first=first)
+                    self.errors.append(
+                        RowError(index, self.op.key_field or "row", message, "duplicate")
+                    )
+                return None
+        return Prepared(index, item)
+
+    def _write_isolating(
+        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, first: int
+    ) -> bool:
+        """Commit ``rows``, halving on database rejections. True if the last piece committed."""
+        if not rows:
+            return False
+        try:
+            self._commit_with_retries(log, rows, checkpoint=checkpoint, first=first)
+            return True
+        except (IntegrityError, DataError) as exc:
+            log.chunks_rolled_back += 1
+            if len(rows) == 1:
+                field_name, message = describe_database_error(exc)
+                self.errors.append(RowError(rows[0].index, field_name, message, "database"))
+                return False
+            middle = len(rows) // 2
+            left, right = rows[:middle], rows[middle:]
+            log.chunks_rerun += 2
+            self._write_isolating(log, left, checkpoint=left[-1].index + 1, first=first)
+            return self._write_isolating(log, right, checkpoint=checkpoint, first=first)
+
+    def _commit_with_retries(
+        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, first: int
+    ) -> None:
+        attempts = settings.BULK_RETRY_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            try:
+                self._commit(log, rows, checkpoint=checkpoint)
+                return
+            except (IntegrityError, DataError):
+                raise
+            except DatabaseError as exc:
+                if not is_transient(exc):
+                    raise
+                log.chunks_rolled_back += 1
+                if self.connection.in_atomic_block:
+                    # Inside a caller's transaction the chunk cannot be
+                    # retried on its own: the caller owns the rollback.
+                    raise
+                self.connection.close_if_unusable_or_obsolete()
+                if attempt == attempts:
+                    raise TransientFailure(
+                        RUN_FAILED_TRANSIENT.format(start=first, attempts=attempts, error=exc)
+                    ) from exc
+                log.chunks_retried += 1
+                delay = backoff_delay(attempt)
+                logger.info("retrying chunk at row %s in %.3fs after: %s", first, delay, exc)
+                time.sleep(delay)
+
+    def _commit(self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int) -> None:
+        with transaction.atomic(using=self.op.using):
+            outcome = self.op.write(rows) if rows else ChunkOutcome()
+            totals = ChunkOutcome(
+                written=self.totals.written + outcome.written,
+                created=self.totals.created + outcome.created,
+                updated=self.totals.updated + outcome.updated,
+            )
+            errors = self.errors + outcome.errors
+            self._save_checkpoint(log, totals, errors, checkpoint, committed=1 if rows else 0)
+        # Only now, after the commit, does the run own what the chunk did.
+        self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
+        self.errors.extend(outcome.errors)
+        log.checkpoint_position = checkpoint
+        log.chunks_committed += 1 if rows else 0
+
+    # -- the log row ---------------------------------------------------------
+
+    def _start_log(self) -> BatchProcessingLog:
+        now = timezone.now()
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        if self.resume_log is not None:
+            log = self.resume_log
+            self.read = log.checkpoint_position
+            self.totals = ChunkOutcome(log.rows_written, log.rows_created, log.rows_updated)
+            self._resumed_skipped = log.rows_skipped
+            log.status = BatchProcessingLog.Status.RUNNING
+            log.resume_count += 1
+            log.worker = worker
+            log.heartbeat_at = now
+            log.finished_at = None
+            log.save(
+                update_fields=["status", "resume_count", "worker", "heartbeat_at", "finished_at"]
+            )
+            return log
+        self._resumed_skipped = 0
+        return BatchProcessingLog.objects.using(self.op.using).create(
+            operation=self.op.operation,
+            variant=self.op.variant,
+            chunk_size=self.chunk_size,
+            started_at=now,
+            heartbeat_at=now,
+            database_vendor=self.connection.vendor,
+            worker=worker,
+        )
+
+    def _capped_errors(self, log: BatchProcessingLog, errors: list[RowError]) -> list[dict]:
+        cap = settings.BULK_LOG_MAX_ROW_ERRORS
+        earlier = log.row_errors if self.resume_log is not None else []
+        kept = list(earlier[:cap]) if self.resume_log is not None else []
+        kept.extend(error.as_dict() for error in errors[: max(cap - len(kept), 0)])
+        return kept
+
+    def _save_checkpoint(
+        self,
+        log: BatchProcessingLog,
+        totals: ChunkOutcome,
+        errors: list[RowError],
+        checkpoint: int,
+        *,
+        committed: int,
+    ) -> None:
+        BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk).update(
+            checkpoint_position=checkpoint,
+            rows_read=checkpoint,
+            rows_written=totals.written,
+            rows_created=totals.created,
+            rows_updated=totals.updated,
+            rows_skipped=self._resumed_skipped + len(errors),
+            row_errors=self._capped_errors(log, errors),
+            chunks_committed=log.chunks_committed + committed,
+            chunks_rolled_back=log.chunks_rolled_back,
+            chunks_retried=log.chunks_retried,
+            chunks_rerun=log.chunks_rerun,
+            heartbeat_at=timezone.now(),
+        )
+
+    def _finish_log(
+        self, log: BatchProcessingLog, started: float, *, failure: BaseException | None
+    ) -> None:
+        finished = timezone.now()
+        elapsed = time.perf_counter() - started
+        log.rows_read = self.read
+        log.rows_written = self.totals.written
+        log.rows_created = self.totals.created
+        log.rows_updated = self.totals.updated
+        log.rows_skipped = self._resumed_skipped + len(self.errors)
+        log.row_errors = self._capped_errors(log, self.errors)
+        log.finished_at = finished
+        log.heartbeat_at = finished
+        # A resumed run's duration adds this attempt to the earlier ones.
+        log.duration_seconds = (log.duration_seconds or 0.0) + elapsed
+        log.rows_per_second = log.rows_read / log.duration_seconds if log.duration_seconds else None
+        if failure is not None:
+            log.status = BatchProcessingLog.Status.FAILED
+            log.error_summary = f"{type(failure).__name__}: {failure}"[:2000]
+        elif log.rows_skipped:
+            log.status = BatchProcessingLog.Status.PARTIAL
+            log.error_summary = summarize(self.errors)
+        else:
+            log.status = BatchProcessingLog.Status.COMPLETED
+            log.error_summary = ""
+        # The final save counts itself, so query_count covers the whole run.
+        log.query_count = self.counter.count + 1
+        if self.connection.in_atomic_block and self.connection.needs_rollback:
+            # The caller's transaction is broken: its rollback would take the
+            # log with it, so nothing more can be written through it here.
+            return
+        log.save(using=self.op.using)
+
+
+def summarize(errors: list[RowError]) -> str:
+    """'12 rows skipped: 10 not_found, 2 invalid'."""
+    counts: dict[str, int] = {}
+    for error in errors:
+        counts[error.code] = counts.get(error.code, 0) + 1
+    parts = ", ".join(f"{count} {code}" for code, count in sorted(counts.items()))
+    noun = "row" if len(errors) == 1 else "rows"
+    return f"{len(errors)} {noun} skipped: {parts}"
+
+
+def run_batch(
+    operation: BatchOperation,
+    rows: Iterable[Any],
+    *,
+    chunk_size: int | None = None,
+    resume: int | BatchProcessingLog | None = None,
+) -> BatchResult:
+    """Run ``operation`` over ``rows``; see the module docstring for the design."""
+    return BatchRun(operation, chunk_size=chunk_size, resume=resume).run(rows)

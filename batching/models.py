@@ -1,0 +1,84 @@
+from django.db import models
+
+
+class BatchProcessingLog(models.Model):
+    """One row per bulk run: what ran, how it went and what it cost.
+
+    The row is written outside the chunk transactions (created before the
+    first chunk, updated after each committed chunk and at the end), so a run
+    that fails still leaves its trace.
+    """
+
+    class Operation(models.TextChoices):
+        PRODUCT_VIEWS = "product_views", "Product views"
+        RECOMMENDATION_SCORES = "recommendation_scores", "Recommendation scores"
+        ORDERS = "orders", "Orders"
+        PRODUCTS = "products", "Product import"
+
+    class Variant(models.TextChoices):
+        NAIVE = "naive", "Naive (N+1)"
+        OPTIMIZED = "optimized", "Optimized"
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        PARTIAL = "partial", "Partial (rows skipped)"
+        FAILED = "failed", "Failed"
+        INTERRUPTED = "interrupted", "Interrupted"
+
+    operation = models.CharField(max_length=32, choices=Operation)
+    variant = models.CharField(max_length=16, choices=Variant)
+    status = models.CharField(max_length=16, choices=Status, default=Status.RUNNING)
+    chunk_size = models.PositiveIntegerField()
+
+    rows_read = models.PositiveBigIntegerField(default=0)
+    rows_written = models.PositiveBigIntegerField(default=0)
+    rows_created = models.PositiveBigIntegerField(default=0)
+    rows_updated = models.PositiveBigIntegerField(default=0)
+    rows_skipped = models.PositiveBigIntegerField(default=0)
+    chunks_committed = models.PositiveIntegerField(default=0)
+    chunks_rolled_back = models.PositiveIntegerField(default=0)
+    # Transient failures (deadlock, serialization, lost connection) retried.
+    chunks_retried = models.PositiveIntegerField(default=0)
+    # Re-runs of the halves of a rolled-back chunk while isolating bad rows.
+    chunks_rerun = models.PositiveIntegerField(default=0)
+    query_count = models.PositiveBigIntegerField(default=0)
+
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    duration_seconds = models.FloatField(null=True, blank=True)
+    rows_per_second = models.FloatField(null=True, blank=True)
+    database_vendor = models.CharField(max_length=32)
+
+    error_summary = models.TextField(blank=True)
+    # The first row errors, capped by settings.BULK_LOG_MAX_ROW_ERRORS:
+    # [{"index": 12, "field": "product_id", "message": "..."}].
+    row_errors = models.JSONField(default=list, blank=True)
+
+    # Checkpoint: the input position after the last committed chunk. It is
+    # written in the same transaction as that chunk, so a resumed run starts
+    # exactly where the committed work ends.
+    checkpoint_position = models.PositiveBigIntegerField(default=0)
+    # How many times the run was resumed after an interruption.
+    resume_count = models.PositiveIntegerField(default=0)
+    # Who runs it, and when it was last seen alive: a run whose process died
+    # is shown as interrupted rather than running forever.
+    worker = models.CharField(max_length=128, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [
+            # Admin, dashboard and API: runs of one operation, newest first.
+            models.Index(fields=["operation", "-started_at"], name="batchlog_op_started_idx"),
+            # Admin status filter and "running/failed runs" checks, newest first.
+            models.Index(fields=["status", "-started_at"], name="batchlog_status_started_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(chunk_size__gte=1), name="batchlog_chunk_size_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.operation} ({self.variant}) {self.status}"

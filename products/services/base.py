@@ -1,0 +1,170 @@
+"""What both bulk services share: their methods, arguments and result type.
+
+A service is a set of ``BatchOperation`` classes run by the engine; the naive
+and optimized services differ only in those classes, so the benchmark swaps
+one service for the other and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from batching.engine import BatchOperation, BatchResult, RowError, run_batch
+from batching.models import BatchProcessingLog
+from products.services import rows as r
+
+
+class BulkOperationsService:
+    """Bulk writes for the shop. Bad rows are reported, never raised.
+
+    Every method accepts any iterable (a generator too), reads it chunk by
+    chunk, and returns a ``BatchResult`` whose ``log`` is the run's
+    BatchProcessingLog row. ``resume`` takes the id of an interrupted run of
+    the same operation and variant and continues after its checkpoint; pass
+    the same input again.
+
+    Note:
+        Bulk writes skip ``Model.save()`` and model signals in the optimized
+        service.
+    """
+
+    variant: ClassVar[str]
+    views_operation: ClassVar[type[BatchOperation]]
+    scores_operation: ClassVar[type[BatchOperation]]
+    orders_operation: ClassVar[type[BatchOperation]]
+    products_operation: ClassVar[type[BatchOperation]]
+
+    def __init__(self, *, using: str = "default") -> None:
+        self.using = using
+
+    def _run(
+        self,
+        operation: type[BatchOperation],
+        rows: Iterable[Any],
+        chunk_size: int | None,
+        resume: int | BatchProcessingLog | None,
+    ) -> BatchResult:
+        return run_batch(operation(self.using), rows, chunk_size=chunk_size, resume=resume)
+
+    def create_product_views(
+        self,
+        rows: Iterable[Any],
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> BatchResult:
+        """Record product views; each product's view_count grows by its new views."""
+        return self._run(self.views_operation, rows, chunk_size, resume)
+
+    def upsert_recommendation_scores(
+        self,
+        rows: Iterable[Any],
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> BatchResult:
+        """Create or update scores by (user, product, algorithm)."""
+        return self._run(self.scores_operation, rows, chunk_size, resume)
+
+    def process_orders(
+        self,
+        orders: Iterable[Any],
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> BatchResult:
+        """Apply each order whole or reject it whole; a known reference is a duplicate."""
+        return self._run(self.orders_operation, orders, chunk_size, resume)
+
+    def import_products(
+        self,
+        rows: Iterable[Any],
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> BatchResult:
+        """Create or update products by sku, creating categories as needed."""
+        return self._run(self.products_operation, rows, chunk_size, resume)
+
+
+class ViewsOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.PRODUCT_VIEWS
+
+    def prepare(self, raw: Any) -> r.ViewRow:
+        return r.parse_view(raw)
+
+
+class ScoresOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.RECOMMENDATION_SCORES
+    key_field = "user_id, product_id, algorithm"
+
+    def prepare(self, raw: Any) -> r.ScoreRow:
+        return r.parse_score(raw)
+
+    def key(self, item: r.ScoreRow) -> tuple[int, int, str]:
+        return item.key
+
+
+class OrdersOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.ORDERS
+    key_field = "reference"
+
+    def prepare(self, raw: Any) -> r.OrderRow:
+        return r.parse_order(raw)
+
+    def key(self, item: r.OrderRow) -> str:
+        return item.reference
+
+
+class ProductsOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.PRODUCTS
+    key_field = "sku"
+
+    def prepare(self, raw: Any) -> r.ProductRow:
+        return r.parse_product(raw)
+
+    def key(self, item: r.ProductRow) -> str:
+        return item.sku
+
+
+def order_rejection(
+    index: int,
+    order: r.OrderRow,
+    known: set[str],
+    users: set[int],
+    catalogue: dict[int, tuple[Decimal, int, bool]],
+    remaining: dict[int, int],
+) -> RowError | None:
+    """Why an order cannot be applied, or None. Shared so both services decide alike."""
+    if order.reference in known:
+        return RowError(
+            index, "reference", r.DUPLICATE_ORDER.format(reference=order.reference), "duplicate"
+        )
+    if order.user_id not in users:
+        return RowError(index, "user_id", r.UNKNOWN_USER.format(id=order.user_id), "not_found")
+    for position, line in enumerate(order.items):
+        field = f"items[{position}].product_id"
+        if line.product_id not in catalogue:
+            return RowError(index, field, r.UNKNOWN_PRODUCT.format(id=line.product_id), "not_found")
+        if not catalogue[line.product_id][2]:
+            return RowError(index, field, r.INACTIVE_PRODUCT.format(id=line.product_id), "inactive")
+    for product_id, quantity in order.quantities().items():
+        if quantity > remaining[product_id]:
+            message = r.INSUFFICIENT_STOCK.format(
+                id=product_id, requested=quantity, available=remaining[product_id]
+            )
+            return RowError(index, "items", message, "insufficient_stock")
+    return None
+
+
+def reference_error(index: int, item: Any, users: set[int], products: set[int]) -> RowError | None:
+    """The row's user or product is unknown (views and scores), or None."""
+    if item.user_id not in users:
+        return RowError(index, "user_id", r.UNKNOWN_USER.format(id=item.user_id), "not_found")
+    if item.product_id not in products:
+        return RowError(
+            index, "product_id", r.UNKNOWN_PRODUCT.format(id=item.product_id), "not_found"
+        )
+    return None

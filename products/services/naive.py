@@ -1,0 +1,189 @@
+"""The naive bulk service: the N+1 baseline, kept honest.
+
+This is how the same operations are usually first written: each row fetches
+what it references with its own query, writes with ``create()`` or ``save()``,
+and changes counters and stock by reading them into Python, adding and saving
+them back. It runs through the same engine as the optimized service (same
+chunks, transactions, validation and log), so the benchmark measures the data
+access pattern alone.
+
+Its flaw under concurrency is real and deliberate: the read-modify-write of
+``view_count`` and ``stock_quantity`` loses updates when two runs touch the
+same product at once (see README, "Why the naive service loses updates").
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from batching.engine import ChunkOutcome, Prepared
+from batching.models import BatchProcessingLog
+from orders.models import Order, OrderItem
+from products.models import Category, Product, ProductView, RecommendationScore
+from products.services.base import (
+    BulkOperationsService,
+    OrdersOperation,
+    ProductsOperation,
+    ScoresOperation,
+    ViewsOperation,
+    order_rejection,
+    reference_error,
+)
+
+VARIANT = BatchProcessingLog.Variant.NAIVE
+
+
+class NaiveOperationMixin:
+    using: str
+
+    def user_or_none(self, user_id: int):
+        return get_user_model().objects.using(self.using).filter(pk=user_id).first()
+
+    def product_or_none(self, product_id: int) -> Product | None:
+        return Product.objects.using(self.using).filter(pk=product_id).first()
+
+
+class NaiveViews(NaiveOperationMixin, ViewsOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            item = row.item
+            user = self.user_or_none(item.user_id)
+            product = self.product_or_none(item.product_id)
+            users = {user.pk} if user else set()
+            products = {product.pk} if product else set()
+            if error := reference_error(row.index, item, users, products):
+                outcome.errors.append(error)
+                continue
+            ProductView.objects.using(self.using).create(
+                user=user,
+                product=product,
+                session_id=item.session_id,
+                interaction_type=item.interaction_type,
+                created_at=item.created_at,
+            )
+            product.view_count += 1
+            product.save(using=self.using, update_fields=["view_count"])
+            outcome.written += 1
+            outcome.created += 1
+        return outcome
+
+
+class NaiveScores(NaiveOperationMixin, ScoresOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            item = row.item
+            user = self.user_or_none(item.user_id)
+            product = self.product_or_none(item.product_id)
+            users = {user.pk} if user else set()
+            products = {product.pk} if product else set()
+            if error := reference_error(row.index, item, users, products):
+                outcome.errors.append(error)
+                continue
+            _, created = RecommendationScore.objects.using(self.using).update_or_create(
+                user=user,
+                product=product,
+                algorithm=item.algorithm,
+                defaults={"score": item.score},
+            )
+            outcome.written += 1
+            if created:
+                outcome.created += 1
+            else:
+                outcome.updated += 1
+        return outcome
+
+
+class NaiveProducts(NaiveOperationMixin, ProductsOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            item = row.item
+            category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
+            product = Product.objects.using(self.using).filter(sku=item.sku).first()
+            created = product is None
+            if created:
+                product = Product(sku=item.sku)
+            product.name = item.name
+            product.category = category
+            product.price = item.price
+            product.stock_quantity = item.stock_quantity
+            product.is_active = item.is_active
+            product.save(using=self.using)
+            outcome.written += 1
+            if created:
+                outcome.created += 1
+            else:
+                outcome.updated += 1
+        return outcome
+
+
+class NaiveOrders(NaiveOperationMixin, OrdersOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            order = row.item
+            exists = Order.objects.using(self.using).filter(reference=order.reference).exists()
+            user = self.user_or_none(order.user_id)
+            products: dict[int, Product] = {}
+            for line in order.items:
+                product = self.product_or_none(line.product_id)
+                if product is not None:
+                    products[product.pk] = product
+            catalogue = {
+                pk: (product.price, product.stock_quantity, product.is_active)
+                for pk, product in products.items()
+            }
+            remaining = {pk: product.stock_quantity for pk, product in products.items()}
+            error = order_rejection(
+                row.index,
+                order,
+                {order.reference} if exists else set(),
+                {user.pk} if user else set(),
+                catalogue,
+                remaining,
+            )
+            if error is not None:
+                outcome.errors.append(error)
+                continue
+            with transaction.atomic(using=self.using):
+                total = sum(
+                    (products[line.product_id].price * line.quantity for line in order.items),
+                    Decimal("0.00"),
+                )
+                created = Order.objects.using(self.using).create(
+                    reference=order.reference, user=user, total=total
+                )
+                for line in order.items:
+                    product = products[line.product_id]
+                    OrderItem.objects.using(self.using).create(
+                        order=created,
+                        product=product,
+                        quantity=line.quantity,
+                        unit_price=product.price,
+                    )
+                    product.stock_quantity -= line.quantity
+                    product.save(using=self.using, update_fields=["stock_quantity"])
+            outcome.written += 1
+            outcome.created += 1
+        return outcome
+
+
+class NaiveBulkOperationsService(BulkOperationsService):
+    variant = VARIANT
+    views_operation = NaiveViews
+    scores_operation = NaiveScores
+    orders_operation = NaiveOrders
+    products_operation = NaiveProducts

@@ -1,0 +1,278 @@
+"""The optimized bulk service: a constant number of queries per chunk.
+
+Each chunk prefetches what it references with one query per related table,
+writes with one bulk statement per table, and changes counters and stock with
+``F()`` expressions, inside the one transaction the engine opens for it.
+Products whose counters or stock change are locked first, in primary-key
+order, so concurrent runs queue on them instead of deadlocking or losing
+updates. Querysets run with ``FETCH_RAISE``: a lazy load that slips in fails
+loudly instead of adding a query per row.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.db import models
+from django.db.models import Case, F, Value, When
+from django.utils import timezone
+
+from batching.engine import ChunkOutcome, Prepared
+from batching.models import BatchProcessingLog
+from orders.models import Order, OrderItem
+from products.models import Category, Product, ProductView, RecommendationScore
+from products.services import rows as r
+from products.services.base import (
+    BulkOperationsService,
+    OrdersOperation,
+    ProductsOperation,
+    ScoresOperation,
+    ViewsOperation,
+    order_rejection,
+    reference_error,
+)
+
+VARIANT = BatchProcessingLog.Variant.OPTIMIZED
+
+
+def strict(queryset: models.QuerySet) -> models.QuerySet:
+    """No default ordering, and fail on any lazy load instead of a query per row."""
+    return queryset.order_by().fetch_mode(models.FETCH_RAISE)
+
+
+def existing_user_ids(using: str, ids: Iterable[int]) -> set[int]:
+    User = get_user_model()
+    return set(
+        strict(User.objects.using(using).filter(pk__in=set(ids))).values_list("pk", flat=True)
+    )
+
+
+def existing_product_ids(using: str, ids: Iterable[int]) -> set[int]:
+    return set(
+        strict(Product.objects.using(using).filter(pk__in=set(ids))).values_list("pk", flat=True)
+    )
+
+
+def add_to_each(using: str, field: str, amounts: dict[int, int]) -> None:
+    """``field = field + amount`` for many products in one UPDATE with F()."""
+    if not amounts:
+        return
+    delta = Case(
+        *(When(pk=pk, then=Value(amount)) for pk, amount in amounts.items()),
+        default=Value(0),
+        output_field=models.BigIntegerField(),
+    )
+    Product.objects.using(using).filter(pk__in=amounts).update(**{field: F(field) + delta})
+
+
+class OptimizedViews(ViewsOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        items = [row.item for row in rows]
+        users = existing_user_ids(self.using, (item.user_id for item in items))
+        # Lock the products whose counters grow, in one global order.
+        products = set(
+            strict(Product.objects.using(self.using).filter(pk__in={i.product_id for i in items}))
+            .select_for_update(no_key=True)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        outcome = ChunkOutcome()
+        views = []
+        for row in rows:
+            item = row.item
+            if error := reference_error(row.index, item, users, products):
+                outcome.errors.append(error)
+            else:
+                views.append(
+                    ProductView(
+                        user_id=item.user_id,
+                        product_id=item.product_id,
+                        session_id=item.session_id,
+                        interaction_type=item.interaction_type,
+                        created_at=item.created_at,
+                    )
+                )
+        ProductView.objects.using(self.using).bulk_create(views)
+        add_to_each(self.using, "view_count", Counter(view.product_id for view in views))
+        outcome.written = outcome.created = len(views)
+        return outcome
+
+
+class OptimizedScores(ScoresOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        items = [row.item for row in rows]
+        users = existing_user_ids(self.using, (item.user_id for item in items))
+        products = existing_product_ids(self.using, (item.product_id for item in items))
+        outcome = ChunkOutcome()
+        valid: list[r.ScoreRow] = []
+        for row in rows:
+            if error := reference_error(row.index, row.item, users, products):
+                outcome.errors.append(error)
+            else:
+                valid.append(row.item)
+        if not valid:
+            return outcome
+        existing = set(
+            strict(
+                RecommendationScore.objects.using(self.using).filter(
+                    user_id__in={item.user_id for item in valid},
+                    product_id__in={item.product_id for item in valid},
+                    algorithm__in={item.algorithm for item in valid},
+                )
+            ).values_list("user_id", "product_id", "algorithm")
+        )
+        # Sorted by key: concurrent upserts take their row locks in one order.
+        valid.sort(key=lambda item: item.key)
+        now = timezone.now()
+        RecommendationScore.objects.using(self.using).bulk_create(
+            [
+                RecommendationScore(
+                    user_id=item.user_id,
+                    product_id=item.product_id,
+                    algorithm=item.algorithm,
+                    score=item.score,
+                    updated_at=now,
+                )
+                for item in valid
+            ],
+            update_conflicts=True,
+            unique_fields=["user", "product", "algorithm"],
+            update_fields=["score", "updated_at"],
+        )
+        outcome.written = len(valid)
+        outcome.updated = sum(1 for item in valid if item.key in existing)
+        outcome.created = outcome.written - outcome.updated
+        return outcome
+
+
+class OptimizedProducts(ProductsOperation):
+    variant = VARIANT
+
+    def category_ids(self, names: set[str]) -> dict[str, int]:
+        """Ids of the named categories, creating the missing ones (2 more queries)."""
+        categories = Category.objects.using(self.using)
+        ids = dict(strict(categories.filter(name__in=names)).values_list("name", "pk"))
+        missing = names - ids.keys()
+        if missing:
+            # ignore_conflicts: a concurrent import may create the same names;
+            # the ids are read back rather than trusted from bulk_create.
+            categories.bulk_create(
+                [Category(name=name) for name in sorted(missing)], ignore_conflicts=True
+            )
+            ids.update(strict(categories.filter(name__in=missing)).values_list("name", "pk"))
+        return ids
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        items = sorted((row.item for row in rows), key=lambda item: item.sku)
+        category_ids = self.category_ids({item.category for item in items})
+        existing = set(
+            strict(
+                Product.objects.using(self.using).filter(sku__in=[item.sku for item in items])
+            ).values_list("sku", flat=True)
+        )
+        now = timezone.now()
+        Product.objects.using(self.using).bulk_create(
+            [
+                Product(
+                    sku=item.sku,
+                    name=item.name,
+                    category_id=category_ids[item.category],
+                    price=item.price,
+                    stock_quantity=item.stock_quantity,
+                    is_active=item.is_active,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for item in items
+            ],
+            update_conflicts=True,
+            unique_fields=["sku"],
+            update_fields=[
+                "name",
+                "category",
+                "price",
+                "stock_quantity",
+                "is_active",
+                "updated_at",
+            ],
+        )
+        updated = sum(1 for item in items if item.sku in existing)
+        return ChunkOutcome(written=len(items), created=len(items) - updated, updated=updated)
+
+
+class OptimizedOrders(OrdersOperation):
+    """Orders in input order; stock checked against products locked for the chunk."""
+
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        orders_qs = Order.objects.using(self.using)
+        references = {row.item.reference for row in rows}
+        known = set(
+            strict(orders_qs.filter(reference__in=references)).values_list("reference", flat=True)
+        )
+        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
+        product_ids = {line.product_id for row in rows for line in row.item.items}
+        # Lock every product the chunk orders, in primary-key order, then
+        # decide against the locked stock: no other run can sell it meanwhile.
+        catalogue = {
+            pk: (price, stock, active)
+            for pk, price, stock, active in strict(
+                Product.objects.using(self.using).filter(pk__in=product_ids)
+            )
+            .select_for_update(no_key=True)
+            .order_by("pk")
+            .values_list("pk", "price", "stock_quantity", "is_active")
+        }
+        remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
+        outcome = ChunkOutcome()
+        accepted: list[tuple[Order, list[OrderItem]]] = []
+        taken: Counter[int] = Counter()
+        for row in rows:
+            order = row.item
+            error = order_rejection(row.index, order, known, users, catalogue, remaining)
+            if error is not None:
+                outcome.errors.append(error)
+                continue
+            for product_id, quantity in order.quantities().items():
+                remaining[product_id] -= quantity
+                taken[product_id] += quantity
+            lines = [
+                OrderItem(
+                    product_id=line.product_id,
+                    quantity=line.quantity,
+                    unit_price=catalogue[line.product_id][0],
+                )
+                for line in order.items
+            ]
+            total = sum((line.unit_price * line.quantity for line in lines), Decimal("0.00"))
+            accepted.append(
+                (Order(reference=order.reference, user_id=order.user_id, total=total), lines)
+            )
+        if not accepted:
+            return outcome
+        created = orders_qs.bulk_create([order for order, _ in accepted])
+        items = []
+        for order, lines in zip(created, (lines for _, lines in accepted), strict=True):
+            for line in lines:
+                line.order_id = order.pk
+                items.append(line)
+        OrderItem.objects.using(self.using).bulk_create(items)
+        add_to_each(self.using, "stock_quantity", {pk: -quantity for pk, quantity in taken.items()})
+        outcome.written = outcome.created = len(accepted)
+        return outcome
+
+
+class OptimizedBulkOperationsService(BulkOperationsService):
+    variant = VARIANT
+    views_operation = OptimizedViews
+    scores_operation = OptimizedScores
+    orders_operation = OptimizedOrders
+    products_operation = OptimizedProducts

@@ -1,0 +1,292 @@
+"""Input rows: parsing and validation shared by the naive and optimized services.
+
+Both services accept the same rows and reject the same ones with the same
+messages; only how they touch the database differs. Parsers are pure Python:
+they raise ``RowInvalid(field, message)`` and never query.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from batching.engine import RowInvalid
+from products.models import ProductView
+
+# Messages are constants so tests, the API and both services agree on them.
+NOT_AN_OBJECT = "row must be an object (a mapping of field to value)"
+REQUIRED = "this field is required"
+NOT_INTEGER = "must be an integer"
+NOT_POSITIVE = "must be a positive integer"
+NEGATIVE = "must not be negative"
+NOT_TEXT = "must be a string"
+BLANK = "must not be blank"
+TOO_LONG = "must be at most {limit} characters"
+NOT_NUMBER = "must be a number"
+NOT_FINITE = "must be a finite number"
+OUT_OF_UNIT_RANGE = "must be between 0 and 1"
+NOT_DECIMAL = "must be a decimal number"
+TOO_PRECISE = "must have at most {places} decimal places"
+TOO_LARGE = "must be less than {limit}"
+NOT_BOOLEAN = "must be a boolean (true/false)"
+NOT_DATETIME = "must be an ISO 8601 date-time"
+BAD_CHOICE = "must be one of: {choices}"
+NO_ITEMS = "an order needs at least one item"
+TOO_MANY_ITEMS = "an order has at most {limit} items"
+NOT_A_LIST = "must be a list"
+
+# Outcome messages from the database phase.
+UNKNOWN_USER = "user {id} does not exist"
+UNKNOWN_PRODUCT = "product {id} does not exist"
+INACTIVE_PRODUCT = "product {id} is not active"
+INSUFFICIENT_STOCK = "not enough stock for product {id}: {requested} requested, {available} left"
+DUPLICATE_ORDER = "order {reference} was already processed"
+
+MAX_ORDER_ITEMS = 100
+MAX_PRICE = Decimal("10000000000")  # Product.price: 12 digits, 2 after the point
+MAX_INT = 2**31 - 1
+INTERACTION_TYPES = frozenset(ProductView.InteractionType.values)
+TRUE_WORDS = frozenset({"true", "1", "yes", "y", "t"})
+FALSE_WORDS = frozenset({"false", "0", "no", "n", "f"})
+
+
+def as_mapping(raw: Any) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise RowInvalid("row", NOT_AN_OBJECT)
+    return raw
+
+
+def present(row: Mapping[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        raise RowInvalid(name, REQUIRED)
+    return value
+
+
+def integer(row: Mapping[str, Any], name: str, *, minimum: int = 1) -> int:
+    value = present(row, name)
+    if isinstance(value, bool):
+        raise RowInvalid(name, NOT_INTEGER)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    else:
+        raise RowInvalid(name, NOT_INTEGER)
+    if number < minimum:
+        raise RowInvalid(name, NOT_POSITIVE if minimum > 0 else NEGATIVE)
+    if number > MAX_INT:
+        raise RowInvalid(name, TOO_LARGE.format(limit=MAX_INT + 1))
+    return number
+
+
+def text(row: Mapping[str, Any], name: str, *, limit: int) -> str:
+    value = present(row, name)
+    if not isinstance(value, str):
+        raise RowInvalid(name, NOT_TEXT)
+    value = value.strip()
+    if "\x00" in value:
+        raise RowInvalid(name, "must not contain NUL characters")
+    if len(value) > limit:
+        raise RowInvalid(name, TOO_LONG.format(limit=limit))
+    return value
+
+
+def unit_score(row: Mapping[str, Any], name: str) -> float:
+    value = present(row, name)
+    if isinstance(value, bool):
+        raise RowInvalid(name, NOT_NUMBER)
+    try:
+        number = float(value) if isinstance(value, int | float | str | Decimal) else None
+    except ValueError:
+        number = None
+    if number is None:
+        raise RowInvalid(name, NOT_NUMBER)
+    if not math.isfinite(number):
+        raise RowInvalid(name, NOT_FINITE)
+    if not 0.0 <= number <= 1.0:
+        raise RowInvalid(name, OUT_OF_UNIT_RANGE)
+    return number
+
+
+def money(row: Mapping[str, Any], name: str) -> Decimal:
+    value = present(row, name)
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise RowInvalid(name, NOT_DECIMAL)
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise RowInvalid(name, NOT_DECIMAL) from None
+    if not amount.is_finite():
+        raise RowInvalid(name, NOT_FINITE)
+    if amount < 0:
+        raise RowInvalid(name, NEGATIVE)
+    if amount >= MAX_PRICE:
+        raise RowInvalid(name, TOO_LARGE.format(limit=MAX_PRICE))
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -2 and amount != amount.quantize(Decimal("0.01")):
+        raise RowInvalid(name, TOO_PRECISE.format(places=2))
+    return amount.quantize(Decimal("0.01"))
+
+
+def boolean(row: Mapping[str, Any], name: str, *, default: bool) -> bool:
+    value = row.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in TRUE_WORDS:
+            return True
+        if lowered in FALSE_WORDS:
+            return False
+    raise RowInvalid(name, NOT_BOOLEAN)
+
+
+def moment(row: Mapping[str, Any], name: str) -> datetime:
+    value = row.get(name)
+    if value is None or value == "":
+        return timezone.now()
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = parse_datetime(value.strip())
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise RowInvalid(name, NOT_DATETIME)
+    else:
+        raise RowInvalid(name, NOT_DATETIME)
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
+    return parsed
+
+
+# -- the rows of each operation ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRow:
+    user_id: int
+    product_id: int
+    session_id: str
+    interaction_type: str
+    created_at: datetime
+
+
+def parse_view(raw: Any) -> ViewRow:
+    row = as_mapping(raw)
+    interaction = row.get("interaction_type") or ProductView.InteractionType.VIEW
+    if interaction not in INTERACTION_TYPES:
+        choices = ", ".join(sorted(INTERACTION_TYPES))
+        raise RowInvalid("interaction_type", BAD_CHOICE.format(choices=choices))
+    return ViewRow(
+        user_id=integer(row, "user_id"),
+        product_id=integer(row, "product_id"),
+        session_id=text(row, "session_id", limit=64),
+        interaction_type=str(interaction),
+        created_at=moment(row, "created_at"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRow:
+    user_id: int
+    product_id: int
+    algorithm: str
+    score: float
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.user_id, self.product_id, self.algorithm)
+
+
+def parse_score(raw: Any) -> ScoreRow:
+    row = as_mapping(raw)
+    return ScoreRow(
+        user_id=integer(row, "user_id"),
+        product_id=integer(row, "product_id"),
+        algorithm=text(row, "algorithm", limit=64),
+        score=unit_score(row, "score"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProductRow:
+    sku: str
+    name: str
+    category: str
+    price: Decimal
+    stock_quantity: int
+    is_active: bool
+
+
+def parse_product(raw: Any) -> ProductRow:
+    row = as_mapping(raw)
+    return ProductRow(
+        sku=text(row, "sku", limit=64),
+        name=text(row, "name", limit=200),
+        category=text(row, "category", limit=100),
+        price=money(row, "price"),
+        stock_quantity=integer(row, "stock_quantity", minimum=0),
+        is_active=boolean(row, "is_active", default=True),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLine:
+    product_id: int
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRow:
+    reference: str
+    user_id: int
+    items: tuple[OrderLine, ...]
+
+    def quantities(self) -> dict[int, int]:
+        """Quantity per product, a product listed twice counted once."""
+        wanted: dict[int, int] = {}
+        for line in self.items:
+            wanted[line.product_id] = wanted.get(line.product_id, 0) + line.quantity
+        return wanted
+
+
+def parse_order(raw: Any) -> OrderRow:
+    row = as_mapping(raw)
+    reference = text(row, "reference", limit=64)
+    user_id = integer(row, "user_id")
+    items = row.get("items")
+    if items is None:
+        raise RowInvalid("items", REQUIRED)
+    if isinstance(items, str | bytes | Mapping) or not hasattr(items, "__iter__"):
+        raise RowInvalid("items", NOT_A_LIST)
+    items = list(items)
+    if not items:
+        raise RowInvalid("items", NO_ITEMS)
+    if len(items) > MAX_ORDER_ITEMS:
+        raise RowInvalid("items", TOO_MANY_ITEMS.format(limit=MAX_ORDER_ITEMS))
+    lines = []
+    for position, raw_item in enumerate(items):
+        prefix = f"items[{position}]"
+        if not isinstance(raw_item, Mapping):
+            raise RowInvalid(prefix, NOT_AN_OBJECT)
+        try:
+            lines.append(OrderLine(integer(raw_item, "product_id"), integer(raw_item, "quantity")))
+        except RowInvalid as exc:
+            raise RowInvalid(f"{prefix}.{exc.field}", exc.message) from None
+    return OrderRow(reference=reference, user_id=user_id, items=tuple(lines))

@@ -1,0 +1,27 @@
+import pytest
+
+from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
+
+
+@pytest.fixture(autouse=True)
+def _plain_http(settings):
+    """Tests speak plain HTTP to the test client; deploy settings ask for HTTPS."""
+    settings.SECURE_SSL_REDIRECT = False
+
+
+@pytest.fixture
+def optimized():
+    return OptimizedBulkOperationsService()
+
+
+@pytest.fixture
+def naive():
+    return NaiveBulkOperationsService()
+
+
+@pytest.fixture(params=["naive", "optimized"])
+def service(request):
+    """Each test that takes ``service`` runs once per variant."""
+    return {"naive": NaiveBulkOperationsService, "optimized": OptimizedBulkOperationsService}[
+        request.param
+    ]()

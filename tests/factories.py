@@ -1,0 +1,83 @@
+"""factory-boy factories for the shop's models."""
+
+from decimal import Decimal
+
+import factory
+from django.contrib.auth import get_user_model
+
+from orders.models import Order, OrderItem
+from products.models import Category, Product, ProductView, RecommendationScore
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda user: f"{user.username}@example.com")
+
+
+class StaffFactory(UserFactory):
+    username = factory.Sequence(lambda n: f"staff{n}")
+    is_staff = True
+    is_superuser = True
+    password = factory.django.Password("staff-password")
+
+
+class CategoryFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Category
+        django_get_or_create = ("name",)
+
+    name = factory.Sequence(lambda n: f"Category {n}")
+
+
+class ProductFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Product
+
+    sku = factory.Sequence(lambda n: f"SKU-{n:06d}")
+    name = factory.Sequence(lambda n: f"Product {n}")
+    category = factory.SubFactory(CategoryFactory)
+    price = Decimal("10.00")
+    stock_quantity = 100
+    is_active = True
+
+
+class ProductViewFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ProductView
+
+    user = factory.SubFactory(UserFactory)
+    product = factory.SubFactory(ProductFactory)
+    session_id = factory.Sequence(lambda n: f"session-{n}")
+
+
+class RecommendationScoreFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = RecommendationScore
+
+    user = factory.SubFactory(UserFactory)
+    product = factory.SubFactory(ProductFactory)
+    algorithm = "collaborative"
+    score = 0.5
+
+
+class OrderFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Order
+
+    reference = factory.Sequence(lambda n: f"ORD-{n:06d}")
+    user = factory.SubFactory(UserFactory)
+    total = Decimal("0.00")
+
+
+class OrderItemFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = OrderItem
+
+    order = factory.SubFactory(OrderFactory)
+    product = factory.SubFactory(ProductFactory)
+    quantity = 1
+    unit_price = Decimal("10.00")
