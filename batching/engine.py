@@ -273,9 +273,9 @@ class BatchRun:
         self.op = operation
         self.connection = connections[operation.using]
         self.resume_log = self._resumable_log(resume) if resume is not None else None
-        self.chunk_size = chunk_size or (
-            self.resume_log.chunk_size if self.resume_log else settings.BULK_CHUNK_SIZE
-        )
+        if chunk_size is None:
+            chunk_size = self.resume_log.chunk_size if self.resume_log else settings.BULK_CHUNK_SIZE
+        self.chunk_size = chunk_size
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self.counter = QueryCounter()
@@ -351,11 +351,13 @@ class BatchRun:
                 item = self._prepare_row(start + offset, raw)
                 if item is not None:
                     prepared.append(item)
-            committed = self._write_isolating(log, prepared, checkpoint=end, first=start)
-            if not committed:
-                # Nothing of this chunk was committed (all rows invalid or
+            completed = self._write_isolating(
+                log, prepared, checkpoint=end, first=start, final=True
+            )
+            if not completed:
+                # The chunk's last piece was not committed (all rows invalid or
                 # rejected): record its counters and checkpoint on their own.
-                self._commit_with_retries(log, [], checkpoint=end, first=start)
+                self._commit_with_retries(log, [], checkpoint=end, first=start, final=True)
 
     def _prepare_row(self, index: int, raw: Any, *, remember_only: bool = False) -> Prepared | None:
         try:
@@ -377,13 +379,24 @@ class BatchRun:
         return Prepared(index, item)
 
     def _write_isolating(
-        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, first: int
+        self,
+        log: BatchProcessingLog,
+        rows: list[Prepared],
+        *,
+        checkpoint: int,
+        first: int,
+        final: bool,
     ) -> bool:
-        """Commit ``rows``, halving on database rejections. True if the last piece committed."""
+        """Commit ``rows``, halving on database rejections.
+
+        ``final`` marks the piece that completes the chunk (the last half of
+        each split); its commit counts the chunk as committed, and the return
+        value says whether it was.
+        """
         if not rows:
             return False
         try:
-            self._commit_with_retries(log, rows, checkpoint=checkpoint, first=first)
+            self._commit_with_retries(log, rows, checkpoint=checkpoint, first=first, final=final)
             return True
         except (IntegrityError, DataError) as exc:
             log.chunks_rolled_back += 1
@@ -394,16 +407,26 @@ class BatchRun:
             middle = len(rows) // 2
             left, right = rows[:middle], rows[middle:]
             log.chunks_rerun += 2
-            self._write_isolating(log, left, checkpoint=left[-1].index + 1, first=first)
-            return self._write_isolating(log, right, checkpoint=checkpoint, first=first)
+            self._write_isolating(
+                log, left, checkpoint=left[-1].index + 1, first=first, final=False
+            )
+            return self._write_isolating(
+                log, right, checkpoint=checkpoint, first=first, final=final
+            )
 
     def _commit_with_retries(
-        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, first: int
+        self,
+        log: BatchProcessingLog,
+        rows: list[Prepared],
+        *,
+        checkpoint: int,
+        first: int,
+        final: bool,
     ) -> None:
         attempts = settings.BULK_RETRY_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
-                self._commit(log, rows, checkpoint=checkpoint)
+                self._commit(log, rows, checkpoint=checkpoint, final=final)
                 return
             except (IntegrityError, DataError):
                 raise
@@ -425,7 +448,9 @@ class BatchRun:
                 logger.info("retrying chunk at row %s in %.3fs after: %s", first, delay, exc)
                 time.sleep(delay)
 
-    def _commit(self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int) -> None:
+    def _commit(
+        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, final: bool
+    ) -> None:
         with transaction.atomic(using=self.op.using):
             outcome = self.op.write(rows) if rows else ChunkOutcome()
             totals = ChunkOutcome(
@@ -434,12 +459,12 @@ class BatchRun:
                 updated=self.totals.updated + outcome.updated,
             )
             errors = self.errors + outcome.errors
-            self._save_checkpoint(log, totals, errors, checkpoint, committed=1 if rows else 0)
+            self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
         # Only now, after the commit, does the run own what the chunk did.
         self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
         self.errors.extend(outcome.errors)
         log.checkpoint_position = checkpoint
-        log.chunks_committed += 1 if rows else 0
+        log.chunks_committed += int(final)
 
     # -- the log row ---------------------------------------------------------
 

@@ -180,6 +180,8 @@ BULK_LOG_MAX_ROW_ERRORS = env_int("BULK_LOG_MAX_ROW_ERRORS", 100)
 BULK_RETRY_ATTEMPTS = env_int("BULK_RETRY_ATTEMPTS", 4)
 BULK_RETRY_BASE_DELAY = env_float("BULK_RETRY_BASE_DELAY", 0.05)
 BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
+# A running run whose heartbeat is older than this is shown as interrupted.
+BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,48 @@
+# make demo | make test | make bench | make lint
+# DATABASE_URL=postgres://... switches any of them to PostgreSQL (SQLite otherwise).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/shop)
+
+.PHONY: venv demo test bench lint format clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@python=$$(scripts/find-python) && echo "Using $$python" && \
+		{ [ -x $(PY) ] || $$python -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: venv
+	$(PY) manage.py migrate --verbosity 0
+	$(PY) manage.py load_sample_data
+	$(PY) manage.py test_bulk_performance --size 1000
+
+# The whole suite except the scale checks marked slow (those run in `make bench`).
+test: venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Benchmarks on PostgreSQL: the slow scale tests, then the side-by-side figures
+# recorded in BENCHMARKS.md.
+bench: venv
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py test_bulk_performance --size 1000 --markdown > BENCHMARKS.md.new
+	mv BENCHMARKS.md.new BENCHMARKS.md
+	@cat BENCHMARKS.md
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) manage.py makemigrations --check --dry-run
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) db.sqlite3 db.sqlite3-* .pytest_cache .ruff_cache .hypothesis

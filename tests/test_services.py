@@ -1,0 +1,626 @@
+"""The bulk services: query counts, equivalence, bad rows, orders and the log.
+
+Query counts are computed from the number of chunks. These tests run inside
+the test transaction, so each chunk's ``transaction.atomic()`` is a savepoint:
+SAVEPOINT and RELEASE are two statements per committed chunk, counted here on
+purpose (``SAVEPOINTS``).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import transaction
+
+from batching.models import BatchProcessingLog
+from orders.models import Order, OrderItem
+from products.models import Category, Product, ProductView, RecommendationScore
+from products.services import rows as r
+from tests.factories import (
+    CategoryFactory,
+    OrderFactory,
+    ProductFactory,
+    RecommendationScoreFactory,
+    UserFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+LOG_QUERIES = 2  # the log row's INSERT before the first chunk and UPDATE after the last
+SAVEPOINTS = 2  # SAVEPOINT + RELEASE per chunk inside the test transaction
+CHECKPOINT = 1  # the log's checkpoint UPDATE inside each chunk's transaction
+WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def chunks(rows: int, chunk_size: int) -> int:
+    return math.ceil(rows / chunk_size)
+
+
+def per_chunk(queries: int) -> int:
+    return queries + CHECKPOINT + SAVEPOINTS
+
+
+@pytest.fixture
+def shop():
+    """Three users, four active products (stock 10) and one inactive product."""
+    users = UserFactory.create_batch(3)
+    category = CategoryFactory(name="Tools")
+    products = ProductFactory.create_batch(4, category=category, stock_quantity=10)
+    inactive = ProductFactory(category=category, is_active=False, stock_quantity=10)
+    return {"users": users, "products": products, "inactive": inactive}
+
+
+def view_rows(shop, count: int) -> list[dict]:
+    users, products = shop["users"], shop["products"]
+    return [
+        {
+            "user_id": users[i % len(users)].pk,
+            "product_id": products[i % len(products)].pk,
+            "session_id": f"s{i}",
+            "interaction_type": ["view", "click", "add_to_cart", "purchase"][i % 4],
+            "created_at": WHEN + timedelta(seconds=i),
+        }
+        for i in range(count)
+    ]
+
+
+def score_rows(shop, count: int, algorithm: str = "collaborative") -> list[dict]:
+    users, products = shop["users"], shop["products"]
+    pairs = [(u, p) for u in users for p in products]
+    return [
+        {
+            "user_id": pairs[i % len(pairs)][0].pk,
+            "product_id": pairs[i % len(pairs)][1].pk,
+            "algorithm": f"{algorithm}-{i // len(pairs)}",
+            "score": round((i % 10) / 10, 1),
+        }
+        for i in range(count)
+    ]
+
+
+def product_rows(count: int, prefix: str = "NEW") -> list[dict]:
+    return [
+        {
+            "sku": f"{prefix}-{i:04d}",
+            "name": f"Imported {i}",
+            "category": f"Imported {i % 3}",
+            "price": f"{i % 50}.{i % 100:02d}",
+            "stock_quantity": i % 7,
+            "is_active": i % 5 != 0,
+        }
+        for i in range(count)
+    ]
+
+
+def order_rows(shop, count: int, prefix: str = "REF") -> list[dict]:
+    users, products = shop["users"], shop["products"]
+    return [
+        {
+            "reference": f"{prefix}-{i:04d}",
+            "user_id": users[i % len(users)].pk,
+            "items": [
+                {"product_id": products[(i + k) % len(products)].pk, "quantity": 1}
+                for k in range(3)
+            ],
+        }
+        for i in range(count)
+    ]
+
+
+def state() -> dict:
+    """The shop's data by natural keys, so two runs can be compared."""
+    return {
+        "categories": sorted(Category.objects.values_list("name", flat=True)),
+        "products": {
+            sku: rest
+            for sku, *rest in Product.objects.values_list(
+                "sku",
+                "name",
+                "category__name",
+                "price",
+                "stock_quantity",
+                "is_active",
+                "view_count",
+            )
+        },
+        "views": sorted(
+            ProductView.objects.values_list(
+                "user_id", "product_id", "session_id", "interaction_type", "created_at"
+            )
+        ),
+        "scores": dict(
+            ((u, p, a), s)
+            for u, p, a, s in RecommendationScore.objects.values_list(
+                "user_id", "product_id", "algorithm", "score"
+            )
+        ),
+        "orders": {
+            ref: (user, status, total)
+            for ref, user, status, total in Order.objects.values_list(
+                "reference", "user_id", "status", "total"
+            )
+        },
+        "items": sorted(
+            OrderItem.objects.values_list(
+                "order__reference", "product_id", "quantity", "unit_price"
+            )
+        ),
+    }
+
+
+def outcome(result) -> dict:
+    data = result.as_dict()
+    for volatile in ("log_id", "variant", "query_count", "duration"):
+        data.pop(volatile)
+    return data
+
+
+def run_both(naive, optimized, method: str, rows: list, **kwargs):
+    """Run naive (then undo it) and optimized on the same state; return both."""
+    with transaction.atomic():
+        naive_result = getattr(naive, method)(iter(rows), **kwargs)
+        naive_state = state()
+        transaction.set_rollback(True)
+    optimized_result = getattr(optimized, method)(iter(rows), **kwargs)
+    return naive_result, naive_state, optimized_result, state()
+
+
+# -- query counts ----------------------------------------------------------------
+
+
+class TestOptimizedQueryCounts:
+    @pytest.mark.parametrize(("count", "chunk_size"), [(20, 1000), (20, 7), (45, 1000), (45, 7)])
+    def test_product_views(self, optimized, shop, django_assert_num_queries, count, chunk_size):
+        # users, products (locked), INSERT views, UPDATE view_count.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(4)
+        with django_assert_num_queries(expected):
+            result = optimized.create_product_views(view_rows(shop, count), chunk_size=chunk_size)
+        assert result.written == count
+        assert result.query_count == expected
+
+    @pytest.mark.parametrize(("count", "chunk_size"), [(12, 1000), (12, 5), (36, 1000), (36, 5)])
+    def test_recommendation_scores(
+        self, optimized, shop, django_assert_num_queries, count, chunk_size
+    ):
+        # users, products, existing keys, one upsert.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(4)
+        with django_assert_num_queries(expected):
+            result = optimized.upsert_recommendation_scores(
+                score_rows(shop, count), chunk_size=chunk_size
+            )
+        assert result.written == count
+
+    @pytest.mark.parametrize(("count", "chunk_size"), [(10, 1000), (10, 4), (40, 1000), (40, 4)])
+    def test_import_products_known_categories(
+        self, optimized, django_assert_num_queries, count, chunk_size
+    ):
+        for name in ("Imported 0", "Imported 1", "Imported 2"):
+            CategoryFactory(name=name)
+        # categories, existing skus, one upsert.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(3)
+        with django_assert_num_queries(expected):
+            result = optimized.import_products(product_rows(count), chunk_size=chunk_size)
+        assert result.created == count
+
+    def test_import_products_creates_missing_categories_in_two_more_queries(
+        self, optimized, django_assert_num_queries
+    ):
+        # categories, INSERT missing, read their ids back, existing skus, upsert.
+        with django_assert_num_queries(LOG_QUERIES + per_chunk(5)):
+            result = optimized.import_products(product_rows(30))
+        assert result.created == 30
+        assert Category.objects.count() == 3
+
+    @pytest.mark.parametrize(("count", "chunk_size"), [(8, 1000), (8, 3), (32, 1000), (32, 3)])
+    def test_orders(self, optimized, shop, django_assert_num_queries, count, chunk_size):
+        Product.objects.update(stock_quantity=1000)
+        # references, users, products (locked), INSERT orders, INSERT items, UPDATE stock.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(6)
+        with django_assert_num_queries(expected):
+            result = optimized.process_orders(order_rows(shop, count), chunk_size=chunk_size)
+        assert result.written == count
+
+    def test_chunk_of_invalid_rows_only_writes_its_checkpoint(
+        self, optimized, django_assert_num_queries
+    ):
+        with django_assert_num_queries(LOG_QUERIES + CHECKPOINT + SAVEPOINTS):
+            result = optimized.create_product_views([{"user_id": "x"}, 7])
+        assert result.skipped == 2
+
+    def test_querysets_raise_on_lazy_loads(self, optimized, shop, monkeypatch):
+        """FETCH_RAISE: a per-row lazy load in the service fails instead of querying."""
+        from django.core.exceptions import FieldFetchBlocked
+
+        from products.services import optimized as module
+
+        original = module.strict
+
+        def strict_then_lazy(queryset):
+            queryset = original(queryset)
+            if queryset.model is Product:
+                for product in queryset.only("pk"):
+                    product.category  # noqa: B018 - the lazy load under test
+            return queryset
+
+        monkeypatch.setattr(module, "strict", strict_then_lazy)
+        with pytest.raises(FieldFetchBlocked):
+            optimized.create_product_views(view_rows(shop, 2))
+
+
+class TestNaiveQueryCounts:
+    def test_product_views_cost_four_queries_a_row(self, naive, shop, django_assert_num_queries):
+        count, chunk_size = 20, 7
+        # Per row: user, product, INSERT view, UPDATE product.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(0) + 4 * count
+        with django_assert_num_queries(expected):
+            naive.create_product_views(view_rows(shop, count), chunk_size=chunk_size)
+
+    def test_queries_grow_with_rows(self, naive, shop):
+        small = naive.upsert_recommendation_scores(score_rows(shop, 6)).query_count
+        large = naive.upsert_recommendation_scores(score_rows(shop, 24, "other")).query_count
+        assert large - LOG_QUERIES - per_chunk(0) >= 4 * (small - LOG_QUERIES - per_chunk(0))
+
+
+# -- naive and optimized agree ----------------------------------------------------
+
+
+class TestSameEndState:
+    def test_product_views(self, naive, optimized, shop):
+        rows = view_rows(shop, 30) + [{"user_id": 999_999, "product_id": 1, "session_id": "x"}]
+        n_result, n_state, o_result, o_state = run_both(
+            naive, optimized, "create_product_views", rows, chunk_size=8
+        )
+        assert n_state == o_state
+        assert outcome(n_result) == outcome(o_result)
+        assert sum(p[-1] for p in o_state["products"].values()) == 30
+
+    def test_recommendation_scores(self, naive, optimized, shop):
+        existing = score_rows(shop, 6)
+        for row in existing:
+            RecommendationScoreFactory(
+                user_id=row["user_id"],
+                product_id=row["product_id"],
+                algorithm=row["algorithm"],
+                score=0.9,
+            )
+        rows = score_rows(shop, 12)
+        n_result, n_state, o_result, o_state = run_both(
+            naive, optimized, "upsert_recommendation_scores", rows, chunk_size=5
+        )
+        assert n_state == o_state
+        assert outcome(n_result) == outcome(o_result)
+        assert (o_result.created, o_result.updated) == (6, 6)
+
+    def test_import_products(self, naive, optimized):
+        for row in product_rows(10):
+            ProductFactory(sku=row["sku"], price=Decimal("99.00"))
+        n_result, n_state, o_result, o_state = run_both(
+            naive, optimized, "import_products", product_rows(20), chunk_size=6
+        )
+        assert n_state == o_state
+        assert outcome(n_result) == outcome(o_result)
+        assert (o_result.created, o_result.updated) == (10, 10)
+
+    def test_orders(self, naive, optimized, shop):
+        rows = order_rows(shop, 20)
+        rows[3]["items"][0]["quantity"] = 50  # more than the stock: rejected alone
+        rows.append({**rows[0], "reference": "NEW"})  # valid, different reference
+        rows.append({**rows[1]})  # same reference within the input
+        n_result, n_state, o_result, o_state = run_both(
+            naive, optimized, "process_orders", rows, chunk_size=4
+        )
+        assert n_state == o_state
+        assert outcome(n_result) == outcome(o_result)
+        assert o_result.skipped > 0
+
+
+# -- bad rows ---------------------------------------------------------------------
+
+
+def errors_by_index(result) -> dict[int, tuple[str, str]]:
+    return {error.index: (error.field, error.code) for error in result.errors}
+
+
+class TestBadRows:
+    def test_product_views(self, service, shop):
+        user, product = shop["users"][0].pk, shop["products"][0].pk
+        good = {"user_id": user, "product_id": product, "session_id": "s"}
+        rows = [
+            good,
+            {**good, "user_id": 999_999},  # unknown user
+            {**good, "product_id": 999_999},  # unknown product
+            {"product_id": product, "session_id": "s"},  # missing user_id
+            {**good, "user_id": "abc"},  # ill-typed
+            {**good, "user_id": True},  # a bool is not an id
+            {**good, "interaction_type": "like"},  # not a choice
+            {**good, "session_id": "x" * 65},  # too long
+            {**good, "created_at": "yesterday"},  # not a date-time
+            ["not", "a", "mapping"],
+            good,
+        ]
+        result = service.create_product_views(iter(rows), chunk_size=4)
+        assert errors_by_index(result) == {
+            1: ("user_id", "not_found"),
+            2: ("product_id", "not_found"),
+            3: ("user_id", "invalid"),
+            4: ("user_id", "invalid"),
+            5: ("user_id", "invalid"),
+            6: ("interaction_type", "invalid"),
+            7: ("session_id", "invalid"),
+            8: ("created_at", "invalid"),
+            9: ("row", "invalid"),
+        }
+        assert (result.read, result.written, result.skipped) == (11, 2, 9)
+        assert ProductView.objects.count() == 2
+        assert Product.objects.get(pk=product).view_count == 2
+        assert result.status == BatchProcessingLog.Status.PARTIAL
+
+    def test_recommendation_scores(self, service, shop):
+        user, product = shop["users"][0].pk, shop["products"][0].pk
+        good = {"user_id": user, "product_id": product, "algorithm": "a", "score": 0.5}
+        rows = [
+            good,
+            {**good, "score": 1.5},  # out of range
+            {**good, "algorithm": "b", "score": "nan"},  # not finite
+            {**good, "algorithm": "c", "score": "high"},  # ill-typed
+            {**good, "algorithm": ""},  # blank
+            {**good, "score": 0.7},  # duplicate key of row 0
+            {**good, "algorithm": "d", "product_id": 999_999},  # unknown product
+            {**good, "algorithm": "e", "score": "0.25"},  # a numeric string is fine
+        ]
+        result = service.upsert_recommendation_scores(rows, chunk_size=3)
+        assert errors_by_index(result) == {
+            1: ("score", "invalid"),
+            2: ("score", "invalid"),
+            3: ("score", "invalid"),
+            4: ("algorithm", "invalid"),
+            5: ("user_id, product_id, algorithm", "duplicate"),
+            6: ("product_id", "not_found"),
+        }
+        assert "first seen at row 0" in result.errors[4].message
+        assert dict(RecommendationScore.objects.values_list("algorithm", "score")) == {
+            "a": 0.5,
+            "e": 0.25,
+        }
+
+    def test_import_products(self, service):
+        good = {
+            "sku": "A",
+            "name": "Anvil",
+            "category": "Tools",
+            "price": "9.99",
+            "stock_quantity": 3,
+        }
+        rows = [
+            good,
+            {**good, "sku": "B", "price": "-1"},  # negative
+            {**good, "sku": "C", "price": "1.999"},  # too precise
+            {**good, "sku": "D", "price": "cheap"},  # ill-typed
+            {**good, "sku": "E", "stock_quantity": -2},  # below zero
+            {**good, "sku": "F", "stock_quantity": 1.5},  # not an integer
+            {**good, "sku": "G", "is_active": "maybe"},  # not a boolean
+            {**good, "sku": "H", "name": None},  # missing
+            {**good, "name": "Anvil again"},  # duplicate sku of row 0
+            {**good, "sku": "I", "price": "1e20"},  # too large
+            {**good, "sku": "J", "is_active": "no", "price": 5},
+        ]
+        result = service.import_products(rows, chunk_size=4)
+        assert errors_by_index(result) == {
+            1: ("price", "invalid"),
+            2: ("price", "invalid"),
+            3: ("price", "invalid"),
+            4: ("stock_quantity", "invalid"),
+            5: ("stock_quantity", "invalid"),
+            6: ("is_active", "invalid"),
+            7: ("name", "invalid"),
+            8: ("sku", "duplicate"),
+            9: ("price", "invalid"),
+        }
+        assert dict(Product.objects.values_list("sku", "name")) == {"A": "Anvil", "J": "Anvil"}
+        assert Product.objects.get(sku="J").is_active is False
+        assert Product.objects.get(sku="J").price == Decimal("5.00")
+
+    def test_orders(self, service, shop):
+        user, (p1, p2, *_) = shop["users"][0].pk, shop["products"]
+        item = {"product_id": p1.pk, "quantity": 1}
+        good = {"reference": "R0", "user_id": user, "items": [item]}
+        rows = [
+            good,
+            {**good, "reference": "R1", "user_id": 999_999},  # unknown user
+            {**good, "reference": "R2", "items": [item, {"product_id": 999_999, "quantity": 1}]},
+            {
+                **good,
+                "reference": "R3",
+                "items": [{"product_id": shop["inactive"].pk, "quantity": 1}],
+            },
+            {**good, "reference": "R4", "items": [{"product_id": p1.pk, "quantity": 0}]},
+            {**good, "reference": "R5", "items": [{"product_id": p1.pk, "quantity": "2.5"}]},
+            {**good, "reference": "R6", "items": []},
+            {**good, "reference": "R7", "items": "p1"},
+            {**good, "reference": "R8", "items": [{"product_id": p2.pk, "quantity": 11}]},
+            {**good, "items": [{"product_id": p2.pk, "quantity": 1}]},  # duplicate reference
+            {**good, "reference": "R9"},
+        ]
+        result = service.process_orders(rows, chunk_size=5)
+        assert errors_by_index(result) == {
+            1: ("user_id", "not_found"),
+            2: ("items[1].product_id", "not_found"),
+            3: ("items[0].product_id", "inactive"),
+            4: ("items[0].quantity", "invalid"),
+            5: ("items[0].quantity", "invalid"),
+            6: ("items", "invalid"),
+            7: ("items", "invalid"),
+            8: ("items", "insufficient_stock"),
+            9: ("reference", "duplicate"),
+        }
+        assert sorted(Order.objects.values_list("reference", flat=True)) == ["R0", "R9"]
+        p1.refresh_from_db()
+        p2.refresh_from_db()
+        assert (p1.stock_quantity, p2.stock_quantity) == (8, 10)
+
+    def test_bad_input_never_raises(self, service):
+        for method in (
+            service.create_product_views,
+            service.upsert_recommendation_scores,
+            service.import_products,
+            service.process_orders,
+        ):
+            result = method([None, 1, "x", [], {}, {"items": None}])
+            assert result.skipped == 6
+            assert result.written == 0
+
+
+# -- orders -------------------------------------------------------------------------
+
+
+class TestOrders:
+    def test_applied_whole_with_catalogue_prices(self, service, shop):
+        p1, p2 = shop["products"][:2]
+        p1.price, p2.price = Decimal("2.50"), Decimal("4.00")
+        Product.objects.bulk_update([p1, p2], ["price"])
+        order = {
+            "reference": "WHOLE",
+            "user_id": shop["users"][0].pk,
+            "items": [
+                {"product_id": p1.pk, "quantity": 2},
+                {"product_id": p2.pk, "quantity": 1},
+                {"product_id": p1.pk, "quantity": 1},
+            ],
+        }
+        result = service.process_orders([order])
+        assert result.written == 1
+        created = Order.objects.get(reference="WHOLE")
+        assert created.total == Decimal("11.50")
+        assert sorted(created.items.values_list("product_id", "quantity", "unit_price")) == sorted(
+            [(p1.pk, 2, Decimal("2.50")), (p2.pk, 1, Decimal("4.00")), (p1.pk, 1, Decimal("2.50"))]
+        )
+        assert Product.objects.get(pk=p1.pk).stock_quantity == 7
+
+    def test_short_stock_order_is_rejected_alone_and_whole(self, service, shop):
+        p1, p2 = shop["products"][:2]
+        user = shop["users"][0].pk
+        rows = [
+            {"reference": "A", "user_id": user, "items": [{"product_id": p1.pk, "quantity": 6}]},
+            # p2 is fine, p1 has only 4 left: nothing of this order is applied.
+            {
+                "reference": "B",
+                "user_id": user,
+                "items": [
+                    {"product_id": p2.pk, "quantity": 1},
+                    {"product_id": p1.pk, "quantity": 5},
+                ],
+            },
+            {"reference": "C", "user_id": user, "items": [{"product_id": p1.pk, "quantity": 4}]},
+        ]
+        result = service.process_orders(rows)
+        assert [e.index for e in result.errors] == [1]
+        assert result.errors[0].message == r.INSUFFICIENT_STOCK.format(
+            id=p1.pk, requested=5, available=4
+        )
+        assert sorted(Order.objects.values_list("reference", flat=True)) == ["A", "C"]
+        assert not OrderItem.objects.filter(order__reference="B").exists()
+        stocks = dict(
+            Product.objects.filter(pk__in=[p1.pk, p2.pk]).values_list("pk", "stock_quantity")
+        )
+        assert stocks == {p1.pk: 0, p2.pk: 10}
+
+    def test_stock_never_goes_below_zero(self, service, shop):
+        product = shop["products"][0]
+        rows = [
+            {
+                "reference": f"S{i}",
+                "user_id": shop["users"][0].pk,
+                "items": [{"product_id": product.pk, "quantity": 3}],
+            }
+            for i in range(6)
+        ]
+        result = service.process_orders(rows, chunk_size=2)
+        assert result.written == 3
+        assert Product.objects.get(pk=product.pk).stock_quantity == 1
+
+    def test_a_repeated_reference_is_not_applied_twice(self, service, shop):
+        rows = order_rows(shop, 3)
+        first = service.process_orders(rows)
+        again = service.process_orders(rows)
+        assert (first.written, again.written) == (3, 0)
+        assert {e.code for e in again.errors} == {"duplicate"}
+        assert Order.objects.count() == 3
+        assert OrderItem.objects.count() == 9
+        assert set(
+            Product.objects.filter(is_active=True).values_list("stock_quantity", flat=True)
+        ) <= {7, 8}
+
+    def test_known_reference_from_earlier_is_a_duplicate(self, service, shop):
+        OrderFactory(reference="OLD", user=shop["users"][0])
+        result = service.process_orders(
+            [
+                {
+                    "reference": "OLD",
+                    "user_id": shop["users"][0].pk,
+                    "items": [{"product_id": shop["products"][0].pk, "quantity": 1}],
+                }
+            ]
+        )
+        assert result.errors[0].message == r.DUPLICATE_ORDER.format(reference="OLD")
+
+
+# -- the log ------------------------------------------------------------------------
+
+
+class TestBatchLog:
+    def test_figures_match_what_happened(self, service, shop, django_assert_num_queries, settings):
+        settings.BULK_LOG_MAX_ROW_ERRORS = 2
+        rows = view_rows(shop, 10) + [{"user_id": "bad"}] * 3
+        result = service.create_product_views(iter(rows), chunk_size=4)
+        log = BatchProcessingLog.objects.get(pk=result.log_id)
+        assert log.operation == BatchProcessingLog.Operation.PRODUCT_VIEWS
+        assert log.variant == service.variant
+        assert log.status == BatchProcessingLog.Status.PARTIAL
+        assert (log.rows_read, log.rows_written, log.rows_created, log.rows_skipped) == (
+            13,
+            10,
+            10,
+            3,
+        )
+        assert (log.chunk_size, log.chunks_committed, log.chunks_rolled_back) == (4, 4, 0)
+        assert log.checkpoint_position == 13
+        assert log.query_count == result.query_count
+        assert log.database_vendor in {"sqlite", "postgresql"}
+        assert log.finished_at >= log.started_at
+        assert log.duration_seconds == pytest.approx(result.duration)
+        assert log.rows_per_second == pytest.approx(13 / log.duration_seconds)
+        assert log.row_errors == [
+            {"index": 10, "field": "user_id", "message": r.NOT_INTEGER, "code": "invalid"},
+            {"index": 11, "field": "user_id", "message": r.NOT_INTEGER, "code": "invalid"},
+        ]
+        assert log.error_summary == "3 rows skipped: 3 invalid"
+        assert len(result.errors) == 3  # the result keeps every error; the log a capped few
+
+    def test_clean_run_is_completed(self, optimized, shop):
+        result = optimized.create_product_views(view_rows(shop, 3))
+        assert result.log.status == BatchProcessingLog.Status.COMPLETED
+        assert result.log.error_summary == ""
+
+    def test_empty_input(self, service):
+        result = service.import_products([])
+        assert (result.read, result.written, result.status) == (0, 0, "completed")
+
+    def test_unexpected_error_marks_the_log_failed_and_raises(self, optimized, shop, monkeypatch):
+        from products.services.optimized import OptimizedViews
+
+        def broken(self, rows):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(OptimizedViews, "write", broken)
+        with pytest.raises(RuntimeError):
+            optimized.create_product_views(view_rows(shop, 3))
+        log = BatchProcessingLog.objects.get()
+        assert log.status == BatchProcessingLog.Status.FAILED
+        assert log.error_summary == "RuntimeError: boom"
+
+    def test_chunk_size_must_be_positive(self, optimized):
+        with pytest.raises(ValueError, match="chunk_size"):
+            optimized.import_products([], chunk_size=0)
