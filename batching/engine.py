@@ -558,7 +558,12 @@ class BatchRun:
             # The caller's transaction is broken: its rollback would take the
             # log with it, so nothing more can be written through it here.
             return
-        log.save(using=self.op.using)
+        try:
+            log.save(using=self.op.using)
+        except DatabaseError:
+            # The database is unreachable: the run's outcome cannot be stored,
+            # but must not hide the failure that brought us here.
+            logger.exception("could not record the end of batch run #%s", log.pk)
 
 
 def summarize(errors: list[RowError]) -> str:

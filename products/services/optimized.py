@@ -214,11 +214,6 @@ class OptimizedOrders(OrdersOperation):
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         orders_qs = Order.objects.using(self.using)
-        references = {row.item.reference for row in rows}
-        known = set(
-            strict(orders_qs.filter(reference__in=references)).values_list("reference", flat=True)
-        )
-        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
         product_ids = {line.product_id for row in rows for line in row.item.items}
         # Lock every product the chunk orders, in primary-key order, then
         # decide against the locked stock: no other run can sell it meanwhile.
@@ -231,6 +226,13 @@ class OptimizedOrders(OrdersOperation):
             .order_by("pk")
             .values_list("pk", "price", "stock_quantity", "is_active")
         }
+        # References are read after the locks: a concurrent replay of the same
+        # orders waited for them, so it now sees those orders as duplicates.
+        references = {row.item.reference for row in rows}
+        known = set(
+            strict(orders_qs.filter(reference__in=references)).values_list("reference", flat=True)
+        )
+        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
         remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
         outcome = ChunkOutcome()
         accepted: list[tuple[Order, list[OrderItem]]] = []
