@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from batching.engine import ChunkOutcome, Prepared
 from batching.models import BatchProcessingLog
+from batching.postgres import is_postgresql, upsert
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
@@ -36,6 +37,9 @@ from products.services.base import (
 )
 
 VARIANT = BatchProcessingLog.Variant.OPTIMIZED
+SCORE_KEY = ["user", "product", "algorithm"]
+# What a catalogue row sets, on insert and on update (in this order).
+PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
 
 
 def strict(queryset: models.QuerySet) -> models.QuerySet:
@@ -119,6 +123,21 @@ class OptimizedScores(ScoresOperation):
                 valid.append(row.item)
         if not valid:
             return outcome
+        # Sorted by key: concurrent upserts take their row locks in one order.
+        valid.sort(key=lambda item: item.key)
+        now = timezone.now()
+        if is_postgresql(self.using):
+            created, updated = upsert(
+                RecommendationScore,
+                ["user", "product", "algorithm", "score", "updated_at"],
+                [(i.user_id, i.product_id, i.algorithm, i.score, now) for i in valid],
+                unique_fields=SCORE_KEY,
+                update_fields=["score", "updated_at"],
+                using=self.using,
+            )
+            return ChunkOutcome(
+                written=len(valid), created=created, updated=updated, errors=outcome.errors
+            )
         existing = set(
             strict(
                 RecommendationScore.objects.using(self.using).filter(
@@ -128,9 +147,6 @@ class OptimizedScores(ScoresOperation):
                 )
             ).values_list("user_id", "product_id", "algorithm")
         )
-        # Sorted by key: concurrent upserts take their row locks in one order.
-        valid.sort(key=lambda item: item.key)
-        now = timezone.now()
         RecommendationScore.objects.using(self.using).bulk_create(
             [
                 RecommendationScore(
@@ -143,7 +159,7 @@ class OptimizedScores(ScoresOperation):
                 for item in valid
             ],
             update_conflicts=True,
-            unique_fields=["user", "product", "algorithm"],
+            unique_fields=SCORE_KEY,
             update_fields=["score", "updated_at"],
         )
         outcome.written = len(valid)
@@ -170,14 +186,38 @@ class OptimizedProducts(ProductsOperation):
         return ids
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        # Sorted by sku: concurrent imports take their row locks in one order.
         items = sorted((row.item for row in rows), key=lambda item: item.sku)
         category_ids = self.category_ids({item.category for item in items})
+        now = timezone.now()
+        if is_postgresql(self.using):
+            created, updated = upsert(
+                Product,
+                ["sku", *PRODUCT_UPDATE_FIELDS, "view_count", "created_at"],
+                [
+                    (
+                        item.sku,
+                        item.name,
+                        category_ids[item.category],
+                        item.price,
+                        item.stock_quantity,
+                        item.is_active,
+                        now,
+                        0,
+                        now,
+                    )
+                    for item in items
+                ],
+                unique_fields=["sku"],
+                update_fields=PRODUCT_UPDATE_FIELDS,
+                using=self.using,
+            )
+            return ChunkOutcome(written=len(items), created=created, updated=updated)
         existing = set(
             strict(
                 Product.objects.using(self.using).filter(sku__in=[item.sku for item in items])
             ).values_list("sku", flat=True)
         )
-        now = timezone.now()
         Product.objects.using(self.using).bulk_create(
             [
                 Product(
@@ -194,14 +234,7 @@ class OptimizedProducts(ProductsOperation):
             ],
             update_conflicts=True,
             unique_fields=["sku"],
-            update_fields=[
-                "name",
-                "category",
-                "price",
-                "stock_quantity",
-                "is_active",
-                "updated_at",
-            ],
+            update_fields=PRODUCT_UPDATE_FIELDS,
         )
         updated = sum(1 for item in items if item.sku in existing)
         return ChunkOutcome(written=len(items), created=len(items) - updated, updated=updated)
