@@ -1,0 +1,204 @@
+"""Admin for bulk runs: a read-only window onto ``BatchProcessingLog``.
+
+The log is written only by the engine (``batching.engine``); a row edited or
+deleted by hand would misreport what a run did and could break a resume, which
+trusts ``checkpoint_position``. So staff can list, filter, search and open runs
+but never add, change or delete them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from batching.models import BatchProcessingLog
+
+# Columns of the row-errors table: (key in a row_errors entry, header).
+ROW_ERROR_COLUMNS = (
+    ("index", "Row index"),
+    ("field", "Field"),
+    ("code", "Code"),
+    ("message", "Message"),
+)
+NO_ROW_ERRORS = "No row errors."
+ROW_ERRORS_CAPPED = (
+    "Showing the first {shown} of {skipped} skipped rows "
+    "(the log keeps at most settings.BULK_LOG_MAX_ROW_ERRORS)."
+)
+
+
+class ReadOnlyAdminMixin:
+    """Staff may view these records, never add, change or delete them.
+
+    For records that only a service writes (run logs, bulk-loaded interaction
+    data): the view permission still applies, so a staff user needs
+    ``view_<model>`` (or superuser) to see them. Without delete permission the
+    changelist also loses the "delete selected" action and its checkboxes.
+    """
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def row_error_cells(entries: list[Any]) -> Iterator[tuple[Any, ...]]:
+    """One tuple of cell values per entry, in ``ROW_ERROR_COLUMNS`` order.
+
+    ``row_errors`` is JSON, so an entry is not guaranteed to be the engine's
+    ``{index, field, message, code}``: anything else is shown as text in the
+    message column rather than breaking the page.
+    """
+    for entry in entries:
+        if isinstance(entry, Mapping):
+            yield tuple(entry.get(key, "") for key, _ in ROW_ERROR_COLUMNS)
+        else:
+            yield ("", "", "", entry)
+
+
+@admin.register(BatchProcessingLog)
+class BatchProcessingLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "id",
+        "operation",
+        "variant",
+        "status",
+        "rows_read",
+        "rows_written",
+        "rows_skipped",
+        "query_count",
+        "duration",
+        "throughput",
+        "database_vendor",
+        "started_at",
+    ]
+    list_display_links = ["id", "operation"]
+    # operation, variant and status are choice lists (no query to build them);
+    # database_vendor lists the distinct vendors seen, one small query on a
+    # table that holds one row per run.
+    list_filter = ["operation", "variant", "status", "database_vendor"]
+    date_hierarchy = "started_at"
+    # id__exact (not "=id") so a word typed in the box is skipped for the id
+    # instead of being compared with an integer column.
+    search_fields = ["id__exact", "operation", "error_summary", "worker"]
+    search_help_text = "Run id, operation, error summary or worker (host:pid)."
+    fieldsets = [
+        (None, {"fields": ["operation", "variant", "status", "database_vendor", "chunk_size"]}),
+        (
+            "Rows",
+            {
+                "fields": [
+                    "rows_read",
+                    "rows_written",
+                    "rows_created",
+                    "rows_updated",
+                    "rows_skipped",
+                ]
+            },
+        ),
+        (
+            "Chunks and queries",
+            {
+                "fields": [
+                    "chunks_committed",
+                    "chunks_rolled_back",
+                    "chunks_retried",
+                    "chunks_rerun",
+                    "query_count",
+                ]
+            },
+        ),
+        (
+            "Checkpoint",
+            {"fields": ["checkpoint_position", "resume_count", "worker", "heartbeat_at"]},
+        ),
+        ("Timings", {"fields": ["started_at", "finished_at", "duration", "throughput"]}),
+        ("Errors", {"fields": ["error_summary", "row_errors_table"]}),
+    ]
+    # Everything on the detail page is read-only; the computed entries must be
+    # listed here for the fieldsets above to name them.
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[BatchProcessingLog]:
+        """Leave the error text out of the list; ``get_object`` puts it back.
+
+        ``row_errors`` holds up to BULK_LOG_MAX_ROW_ERRORS entries per run and
+        ``error_summary`` up to 2,000 characters; the list shows neither, so
+        fetching them for every row of every page would be wasted transfer.
+        The search box still filters on ``error_summary``: a deferred column
+        can be used in WHERE without being selected.
+        """
+        return super().get_queryset(request).defer("row_errors", "error_summary")
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> BatchProcessingLog | None:
+        """``ModelAdmin.get_object`` on the undeferred queryset.
+
+        The detail page shows the errors, so the run is loaded whole in one
+        query; with the list's deferral, each deferred field read would cost
+        one more.
+        """
+        queryset = self.get_queryset(request).defer(None)
+        field = self.opts.pk if from_field is None else self.opts.get_field(from_field)
+        try:
+            return queryset.get(**{field.name: field.to_python(object_id)})
+        except (BatchProcessingLog.DoesNotExist, ValidationError, ValueError):
+            return None
+
+    @admin.display(description="duration", ordering="duration_seconds")
+    def duration(self, log: BatchProcessingLog) -> str | None:
+        if log.duration_seconds is None:
+            return None
+        return f"{log.duration_seconds:.3f} s"
+
+    @admin.display(description="rows/s", ordering="rows_per_second")
+    def throughput(self, log: BatchProcessingLog) -> str | None:
+        if log.rows_per_second is None:
+            return None
+        return f"{log.rows_per_second:,.0f}"
+
+    @admin.display(description="row errors")
+    def row_errors_table(self, log: BatchProcessingLog) -> SafeString:
+        """The first row errors as an HTML table; every value is escaped.
+
+        Messages can quote input (a sku, a reference) and database errors, so
+        nothing here is marked safe: format_html and format_html_join escape
+        each cell.
+        """
+        entries = log.row_errors
+        if not entries:
+            return format_html("<p>{}</p>", NO_ROW_ERRORS)
+        if not isinstance(entries, list):
+            return format_html("<pre>{}</pre>", entries)
+        note = ""
+        if log.rows_skipped > len(entries):
+            note = format_html(
+                "<p>{}</p>",
+                ROW_ERRORS_CAPPED.format(shown=len(entries), skipped=log.rows_skipped),
+            )
+        header = format_html_join(
+            "", '<th scope="col">{}</th>', ((h,) for _, h in ROW_ERROR_COLUMNS)
+        )
+        body = format_html_join(
+            "\n",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            row_error_cells(entries),
+        )
+        return format_html(
+            '{}<table class="row-errors"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
+            note,
+            header,
+            body,
+        )
