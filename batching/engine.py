@@ -76,6 +76,10 @@ RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {
 RESUME_NOT_FOUND = "no batch run #{log_id} to resume"
 RESUME_WRONG_KIND = "run #{log_id} is a {variant} {operation} run, not {expected}"
 RESUME_FINISHED = "run #{log_id} has already finished ({status})"
+RESUME_STILL_RUNNING = (
+    "run #{log_id} is still running (worker {worker}); "
+    "if its process died, mark it interrupted first (manage.py mark_interrupted_runs)"
+)
 
 
 class RowInvalid(Exception):
@@ -298,8 +302,10 @@ class BatchRun:
                     expected=f"{self.op.variant} {self.op.operation}",
                 )
             )
+        if log.status == BatchProcessingLog.Status.RUNNING:
+            # Two live processes must never import the same rows.
+            raise ResumeError(RESUME_STILL_RUNNING.format(log_id=log_id, worker=log.worker))
         if log.status not in (
-            BatchProcessingLog.Status.RUNNING,
             BatchProcessingLog.Status.INTERRUPTED,
             BatchProcessingLog.Status.FAILED,
         ):
@@ -309,7 +315,7 @@ class BatchRun:
     # -- the run -----------------------------------------------------------
 
     def run(self, rows: Iterable[Any]) -> BatchResult:
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         with self.connection.execute_wrapper(self.counter):
             log = self._start_log()
             failure: BaseException | None = None
@@ -328,7 +334,7 @@ class BatchRun:
             written=self.totals.written,
             created=self.totals.created,
             updated=self.totals.updated,
-            skipped=len(self.errors),
+            skipped=self._resumed_skipped + len(self.errors),
             errors=self.errors,
             query_count=self.counter.count,
             duration=log.duration_seconds or 0.0,
@@ -470,12 +476,15 @@ class BatchRun:
 
     def _start_log(self) -> BatchProcessingLog:
         now = timezone.now()
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        worker = worker_name()
         if self.resume_log is not None:
             log = self.resume_log
             self.read = log.checkpoint_position
             self.totals = ChunkOutcome(log.rows_written, log.rows_created, log.rows_updated)
             self._resumed_skipped = log.rows_skipped
+            # Cost and time of the earlier attempts, as their checkpoints left them.
+            self._earlier_queries = log.query_count
+            self._earlier_duration = log.duration_seconds or 0.0
             log.status = BatchProcessingLog.Status.RUNNING
             log.resume_count += 1
             log.worker = worker
@@ -486,6 +495,8 @@ class BatchRun:
             )
             return log
         self._resumed_skipped = 0
+        self._earlier_queries = 0
+        self._earlier_duration = 0.0
         return BatchProcessingLog.objects.using(self.op.using).create(
             operation=self.op.operation,
             variant=self.op.variant,
@@ -524,6 +535,10 @@ class BatchRun:
             chunks_rolled_back=log.chunks_rolled_back,
             chunks_retried=log.chunks_retried,
             chunks_rerun=log.chunks_rerun,
+            # So far, this checkpoint's own UPDATE included: a killed run's
+            # cost and time still count when it is resumed.
+            query_count=self._earlier_queries + self.counter.count + 1,
+            duration_seconds=self._earlier_duration + (time.perf_counter() - self.started),
             heartbeat_at=timezone.now(),
         )
 
@@ -541,9 +556,12 @@ class BatchRun:
         log.finished_at = finished
         log.heartbeat_at = finished
         # A resumed run's duration adds this attempt to the earlier ones.
-        log.duration_seconds = (log.duration_seconds or 0.0) + elapsed
+        log.duration_seconds = self._earlier_duration + elapsed
         log.rows_per_second = log.rows_read / log.duration_seconds if log.duration_seconds else None
-        if failure is not None:
+        if isinstance(failure, KeyboardInterrupt | SystemExit):
+            log.status = BatchProcessingLog.Status.INTERRUPTED
+            log.error_summary = f"interrupted by {type(failure).__name__}; resume with its id"
+        elif failure is not None:
             log.status = BatchProcessingLog.Status.FAILED
             log.error_summary = f"{type(failure).__name__}: {failure}"[:2000]
         elif log.rows_skipped:
@@ -553,7 +571,7 @@ class BatchRun:
             log.status = BatchProcessingLog.Status.COMPLETED
             log.error_summary = ""
         # The final save counts itself, so query_count covers the whole run.
-        log.query_count = self.counter.count + 1
+        log.query_count = self._earlier_queries + self.counter.count + 1
         if self.connection.in_atomic_block and self.connection.needs_rollback:
             # The caller's transaction is broken: its rollback would take the
             # log with it, so nothing more can be written through it here.
@@ -564,6 +582,11 @@ class BatchRun:
             # The database is unreachable: the run's outcome cannot be stored,
             # but must not hide the failure that brought us here.
             logger.exception("could not record the end of batch run #%s", log.pk)
+
+
+def worker_name() -> str:
+    """How a log row names the process running it: ``hostname:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def summarize(errors: list[RowError]) -> str:

@@ -1,0 +1,341 @@
+"""``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
+
+The file is read row by row (``products.readers.RowStream``) and handed to a
+bulk service as an iterator, so memory holds one chunk whatever the file's
+size. Bad lines are reported by line number and skipped; the good rows are
+imported. ``import_product_views`` shares this module's ``ImportCommand``.
+
+A run killed half-way keeps every committed chunk and its checkpoint.
+``--resume LOG_ID`` marks dead runs as interrupted first (so a killed run is
+not mistaken for a live one), then continues the same log row after its
+checkpoint, reading the same file again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import zlib
+from argparse import ArgumentParser, ArgumentTypeError
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+
+from batching.engine import BatchResult, ResumeError
+from batching.liveness import mark_interrupted_runs
+from batching.models import BatchProcessingLog
+from products.readers import FORMATS, ReaderError, RowStream
+from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
+from products.services.base import BulkOperationsService
+
+# At most this many bad lines are printed; the rest are counted.
+MAX_REPORTED_LINES = 20
+
+NO_SUCH_FILE = "{path}: no such file"
+UNREADABLE = "cannot read {path}: {error}"
+READ_FAILED = (
+    "cannot read {path} after row {row:,}: {error}. The run is marked failed; "
+    "fix the file and continue it with --resume {log_id}"
+)
+STILL_RUNNING = (
+    "run #{log_id} is still running (worker {worker}, last heartbeat {heartbeat}): "
+    "resume it only once its process has stopped"
+)
+RUN_FAILED = "run #{log_id} failed: {summary}. Continue it with --resume {log_id}"
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """A one-line progress bar on a terminal: rows, rows per second, time left.
+
+    ``track`` wraps the row iterator, so the bar follows the rows as the
+    engine consumes them, without any hook in the engine. It redraws at most
+    every ``interval`` seconds; without a total (a gzipped file) it shows the
+    count and the rate only.
+    """
+
+    def __init__(
+        self, out: OutputWrapper, total: int | None, *, interval: float = 0.2, width: int = 30
+    ) -> None:
+        self.out = out
+        self.total = total
+        self.interval = interval
+        self.width = width
+        self.label = ""
+        self.count = 0
+        self.started = time.monotonic()
+        self._next_draw = self.started + interval
+        self._drawn = 0
+
+    def track(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+        for row in rows:
+            self.count += 1
+            now = time.monotonic()
+            if now >= self._next_draw:
+                self._next_draw = now + self.interval
+                self.draw(now)
+            yield row
+
+    def line(self, now: float) -> str:
+        rate = self.count / max(now - self.started, 1e-6)
+        counts = f"{self.count:,} rows  {rate:,.0f} rows/s"
+        if not self.total:
+            return f"{self.label}{counts}"
+        total = max(self.total, self.count)  # the total is an estimate
+        done = self.count / total
+        filled = int(self.width * done)
+        bar = "#" * filled + "." * (self.width - filled)
+        left = format_seconds((total - self.count) / rate) if rate else "?"
+        return (
+            f"{self.label}[{bar}] {done:4.0%}  {self.count:,}/{total:,} rows  "
+            f"{rate:,.0f} rows/s  {left} left"
+        )
+
+    def draw(self, now: float) -> None:
+        text = self.line(now)
+        # Pad with spaces to wipe the rest of a longer previous line.
+        self.out.write("\r" + text.ljust(self._drawn), ending="")
+        self.out.flush()
+        self._drawn = len(text)
+
+    def finish(self) -> None:
+        if self.count:
+            self.draw(time.monotonic())
+            self.out.write("")
+
+
+def current_worker() -> str:
+    """This process as the engine names it in ``BatchProcessingLog.worker``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ImportCommand(BaseCommand):
+    """Stream a file through one bulk service method; subclasses name the method."""
+
+    noun: ClassVar[str]
+
+    def run_service(
+        self,
+        service: BulkOperationsService,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        chunk_size: int | None,
+        resume: int | None,
+    ) -> BatchResult:
+        raise NotImplementedError
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "path",
+            type=Path,
+            help="The file to import: CSV with a header row, or JSON Lines (one object a line); "
+            ".csv, .jsonl or .ndjson, optionally gzipped (.gz).",
+        )
+        parser.add_argument(
+            "--format",
+            type=str,
+            choices=FORMATS,
+            default=None,
+            help="The file's format when its name does not tell (default: from the extension).",
+        )
+        parser.add_argument(
+            "--chunk-size",
+            type=positive_int,
+            default=None,
+            metavar="N",
+            help="Rows per transaction (default: settings.BULK_CHUNK_SIZE, or the resumed "
+            "run's chunk size).",
+        )
+        parser.add_argument(
+            "--resume",
+            type=int,
+            default=None,
+            metavar="LOG_ID",
+            help="Continue the interrupted or failed run with this BatchProcessingLog id after "
+            "its checkpoint; pass the same file.",
+        )
+        parser.add_argument(
+            "--naive",
+            action="store_true",
+            help="Use the naive (N+1) service instead of the optimized one, for comparison.",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        path: Path = options["path"]
+        verbosity: int = options["verbosity"]
+        resume: int | None = options["resume"]
+        service = (
+            NaiveBulkOperationsService if options["naive"] else OptimizedBulkOperationsService
+        )()
+        self.log_id = resume
+        self.resuming = resume is not None
+        with self.open_stream(path, options["format"]) as stream:
+            resumed_at = self.check_resumable(resume) if resume is not None else 0
+            progress = None
+            if verbosity >= 1 and self.stdout.isatty():
+                progress = Progress(self.stdout, stream.estimate_total())
+            rows = self.watch(stream, progress, announce=verbosity >= 1)
+            started = time.perf_counter()
+            try:
+                result = self.run_service(
+                    service, rows, chunk_size=options["chunk_size"], resume=resume
+                )
+            except ResumeError as exc:
+                raise CommandError(str(exc)) from exc
+            except (OSError, EOFError, zlib.error) as exc:
+                # A file broken half-way (a truncated gzip, a disk error): the
+                # engine has marked the run failed and kept its checkpoint.
+                log_id = self.log_id or self.find_log_id()
+                raise CommandError(
+                    READ_FAILED.format(
+                        path=path, row=stream.rows_yielded, error=exc, log_id=log_id or "ID"
+                    )
+                ) from exc
+            finally:
+                if progress is not None:
+                    progress.finish()
+            elapsed = time.perf_counter() - started
+            if verbosity >= 1:
+                self.report(stream, result, resumed_at=resumed_at, elapsed=elapsed)
+                if verbosity >= 2:
+                    self.report_costs(result)
+        if result.status == BatchProcessingLog.Status.FAILED:
+            raise CommandError(
+                RUN_FAILED.format(log_id=result.log_id, summary=result.log.error_summary)
+            )
+
+    # -- before the run ------------------------------------------------------
+
+    def check_resumable(self, log_id: int) -> int:
+        """Mark dead runs interrupted, refuse a live one; return the checkpoint.
+
+        Whether the run exists and is of the right kind is the engine's
+        check (a ResumeError); this one is the command's, because only here
+        is a still-running run a mistake: two processes would import the same
+        rows.
+        """
+        mark_interrupted_runs()
+        log = (
+            BatchProcessingLog.objects.filter(pk=log_id)
+            .only("status", "worker", "heartbeat_at", "checkpoint_position")
+            .first()
+        )
+        if log is None:
+            return 0
+        if log.status == BatchProcessingLog.Status.RUNNING:
+            raise CommandError(
+                STILL_RUNNING.format(log_id=log_id, worker=log.worker, heartbeat=log.heartbeat_at)
+            )
+        return log.checkpoint_position
+
+    def open_stream(self, path: Path, format: str | None) -> RowStream:
+        try:
+            return RowStream(path, format=format)
+        except FileNotFoundError as exc:
+            raise CommandError(NO_SUCH_FILE.format(path=path)) from exc
+        except OSError as exc:
+            raise CommandError(UNREADABLE.format(path=path, error=exc.strerror or exc)) from exc
+        except ReaderError as exc:
+            raise CommandError(str(exc)) from exc
+
+    # -- during the run ------------------------------------------------------
+
+    def watch(
+        self, stream: RowStream, progress: Progress | None, *, announce: bool
+    ) -> Iterator[Mapping[str, Any]]:
+        """The rows as the engine reads them, announcing the run on the first one.
+
+        The engine creates the run's log before it reads the first row, so
+        that is when its id can be shown: the id a killed run is resumed
+        with. Finding it costs one query (counted in the run's query_count);
+        a resumed run's id is known and costs none.
+        """
+        rows: Iterable[Mapping[str, Any]] = progress.track(stream) if progress else stream
+        for position, row in enumerate(rows):
+            if position == 0 and announce:
+                self.log_id = self.log_id or self.find_log_id()
+                action = "Resuming" if self.resuming else "Importing"
+                self.stdout.write(f"{action} {self.noun} from {stream.path} as run #{self.log_id}")
+                if progress is not None:
+                    progress.label = f"#{self.log_id} "
+            yield row
+
+    def find_log_id(self) -> int | None:
+        return (
+            BatchProcessingLog.objects.filter(worker=current_worker())
+            .order_by("-pk")
+            .values_list("pk", flat=True)
+            .first()
+        )
+
+    # -- after the run -------------------------------------------------------
+
+    def report(
+        self, stream: RowStream, result: BatchResult, *, resumed_at: int, elapsed: float
+    ) -> None:
+        errors = sorted(result.errors, key=lambda error: error.index)
+        for error in errors[:MAX_REPORTED_LINES]:
+            line = stream.line_of(error.index)
+            self.stdout.write(f"line {line}: {error.field}: {error.message}", self.style.WARNING)
+        if len(errors) > MAX_REPORTED_LINES:
+            more = len(errors) - MAX_REPORTED_LINES
+            self.stdout.write(f"... and {more:,} more bad lines", self.style.WARNING)
+        log = result.log
+        status_style = (
+            self.style.SUCCESS
+            if log.status == BatchProcessingLog.Status.COMPLETED
+            else self.style.WARNING
+        )
+        self.stdout.write(
+            f"Run #{log.pk} {log.status}: {log.rows_read:,} rows read, "
+            f"{log.rows_created:,} created, {log.rows_updated:,} updated, "
+            f"{log.rows_skipped:,} skipped.",
+            status_style,
+        )
+        # This invocation's own figures: a resumed run's totals include the
+        # rows committed before the interruption.
+        rows = result.read - resumed_at
+        rate = rows / elapsed if elapsed > 0 else 0.0
+        start = f"Resumed at row {resumed_at:,}: " if resumed_at else ""
+        self.stdout.write(f"{start}{rows:,} rows in {elapsed:.2f} s ({rate:,.0f} rows/s).")
+
+    def report_costs(self, result: BatchResult) -> None:
+        log = result.log
+        self.stdout.write(
+            f"{result.query_count:,} queries; chunks: {log.chunks_committed:,} committed, "
+            f"{log.chunks_rolled_back:,} rolled back, {log.chunks_retried:,} retried."
+        )
+
+
+class Command(ImportCommand):
+    help = (
+        "Create or update products by sku from a CSV or JSON Lines file (columns: sku, name, "
+        "category, price, stock_quantity, is_active). Bad lines are reported and skipped."
+    )
+    noun = "products"
+
+    def run_service(
+        self,
+        service: BulkOperationsService,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        chunk_size: int | None,
+        resume: int | None,
+    ) -> BatchResult:
+        return service.import_products(rows, chunk_size=chunk_size, resume=resume)

@@ -1,0 +1,276 @@
+"""Streaming readers for import files: CSV or JSON Lines, optionally gzipped.
+
+A ``RowStream`` yields one row at a time and holds one line (one CSV record)
+at a time, so a file of any size is imported in the memory of one chunk. The
+format comes from the name (``.csv``, ``.jsonl``/``.ndjson``, each optionally
+``.gz``) unless given.
+
+Bad lines do not stop the stream. A line that cannot be parsed (invalid JSON,
+a CSV record with the wrong number of fields, bytes that are not UTF-8) is
+yielded as a ``BadLine``; the service rejects it like any invalid row, with the
+reader's reason, and goes on with the next line.
+
+Row indexes and line numbers
+----------------------------
+The services report rows by their 0-based index in the stream. Blank lines
+are skipped and a quoted CSV field may span several lines, so the line of a
+row is not always ``index + 2`` (CSV) or ``index + 1`` (JSON Lines).
+``RowStream.line_of(index)`` gives the exact line where a row starts. It keeps
+one entry per change of the gap between index and line (one per blank line or
+multi-line record, none for a regular file), not one per row.
+
+Skipping blank lines is deterministic, so the same file always yields the
+same rows at the same indexes: a resumed run skips exactly the rows that its
+checkpoint counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from batching.engine import RowInvalid
+
+CSV = "csv"
+JSONL = "jsonl"
+FORMATS = (CSV, JSONL)
+EXTENSIONS = {".csv": CSV, ".jsonl": JSONL, ".ndjson": JSONL}
+
+UNKNOWN_EXTENSION = (
+    "cannot tell the format of {name}: name it .csv, .jsonl or .ndjson (optionally .gz) "
+    "or pass --format"
+)
+UNKNOWN_FORMAT = "unknown format {format!r}: choose one of {choices}"
+NO_HEADER = "{name} has no header row (the first line must name the columns)"
+BLANK_COLUMN = "{name}: column {position} of the header has no name"
+DUPLICATE_COLUMN = "{name}: the header names column {column!r} twice"
+WRONG_FIELD_COUNT = "expected {expected} fields as in the header, found {found}"
+NOT_CSV = "not valid CSV: {error}"
+NOT_JSON = "not valid JSON: {error} (column {column})"
+NOT_UTF8 = "not valid UTF-8 text"
+
+# Bytes that are not UTF-8 are decoded with "surrogateescape" into lone
+# surrogates rather than raising: one bad line must not end the stream.
+UNDECODABLE = re.compile(r"[\udc80-\udcff]")
+
+BLOCK_SIZE = 1 << 20
+
+
+class ReaderError(ValueError):
+    """The file cannot be read as a whole (unknown format, no header row)."""
+
+
+class BadLine(Mapping[str, Any]):
+    """A line that could not be parsed, yielded in place of its row.
+
+    It is a Mapping so that it passes the row parsers' "row must be an object"
+    check; reading any field then raises ``RowInvalid`` with the reader's
+    reason. The engine records that like any invalid row, so the run's result,
+    its log and the command all show the real cause ("not valid JSON: ...")
+    at the right index, with no side channel between reader and command.
+    """
+
+    __slots__ = ("line", "reason")
+
+    def __init__(self, line: int, reason: str) -> None:
+        self.line = line
+        self.reason = reason
+
+    def __getitem__(self, key: str) -> Any:
+        raise RowInvalid("row", self.reason, "unreadable")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return f"BadLine(line={self.line}, reason={self.reason!r})"
+
+
+def detect_format(path: Path, format: str | None = None) -> tuple[str, bool]:
+    """(format, gzipped) from ``format`` or the file name; ``.gz`` always means gzip."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    if gzipped:
+        suffixes.pop()
+    if format is not None:
+        if format not in FORMATS:
+            raise ReaderError(UNKNOWN_FORMAT.format(format=format, choices=", ".join(FORMATS)))
+        return format, gzipped
+    base = suffixes[-1] if suffixes else ""
+    if base not in EXTENSIONS:
+        raise ReaderError(UNKNOWN_EXTENSION.format(name=path.name))
+    return EXTENSIONS[base], gzipped
+
+
+class RowStream(Iterator[Mapping[str, Any]]):
+    """Rows of one CSV or JSON Lines file, read lazily; see the module docstring.
+
+    The file is opened (and a CSV header read) on construction, so a missing
+    file or a bad header fails before any run starts. Use it as a context
+    manager to close the file.
+
+    Raises:
+        OSError: the file cannot be opened.
+        ReaderError: unknown format or a CSV file without a usable header.
+    """
+
+    def __init__(self, path: str | Path, *, format: str | None = None) -> None:
+        self.path = Path(path)
+        self.format, self.gzipped = detect_format(self.path, format)
+        self.rows_yielded = 0
+        # line_of(): line = index + _offsets[i] for indexes from _starts[i] on.
+        self._starts: list[int] = []
+        self._offsets: list[int] = []
+        self._file = self._open()
+        try:
+            self._rows = self._csv_rows() if self.format == CSV else self._jsonl_rows()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self) -> IO[str]:
+        # utf-8-sig drops the byte order mark spreadsheets put before the
+        # header; newline="" lets the csv module see quoted line breaks.
+        options: dict[str, Any] = {
+            "encoding": "utf-8-sig",
+            "errors": "surrogateescape",
+            "newline": "",
+        }
+        if self.gzipped:
+            return gzip.open(self.path, "rt", **options)
+        return open(self.path, **options)
+
+    # -- iteration -------------------------------------------------------------
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Mapping[str, Any]:
+        return next(self._rows)
+
+    def _emit(self, line: int, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        offset = line - self.rows_yielded
+        if not self._offsets or self._offsets[-1] != offset:
+            self._starts.append(self.rows_yielded)
+            self._offsets.append(offset)
+        self.rows_yielded += 1
+        return row
+
+    def _csv_rows(self) -> Iterator[Mapping[str, Any]]:
+        """Read the header now; return a generator of the records after it."""
+        reader = csv.reader(self._file)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise ReaderError(f"{self.path.name}: {NOT_CSV.format(error=exc)}") from exc
+        if not header or not any(name.strip() for name in header):
+            raise ReaderError(NO_HEADER.format(name=self.path.name))
+        names = [name.strip() for name in header]
+        seen: set[str] = set()
+        for position, name in enumerate(names, start=1):
+            if not name:
+                raise ReaderError(BLANK_COLUMN.format(name=self.path.name, position=position))
+            if name in seen:
+                raise ReaderError(DUPLICATE_COLUMN.format(name=self.path.name, column=name))
+            seen.add(name)
+        if any(UNDECODABLE.search(name) for name in names):
+            raise ReaderError(f"{self.path.name}: the header is {NOT_UTF8}")
+
+        def records() -> Iterator[Mapping[str, Any]]:
+            # reader.line_num counts physical lines read so far, so a record
+            # starts on the line after the previous record ended.
+            previous_end = reader.line_num
+            while True:
+                start = previous_end + 1
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    previous_end = reader.line_num
+                    yield self._emit(start, BadLine(start, NOT_CSV.format(error=exc)))
+                    continue
+                previous_end = reader.line_num
+                if not record:
+                    continue  # a blank line
+                if UNDECODABLE.search("".join(record)):
+                    yield self._emit(start, BadLine(start, NOT_UTF8))
+                elif len(record) != len(names):
+                    reason = WRONG_FIELD_COUNT.format(expected=len(names), found=len(record))
+                    yield self._emit(start, BadLine(start, reason))
+                else:
+                    yield self._emit(start, dict(zip(names, record, strict=True)))
+
+        return records()
+
+    def _jsonl_rows(self) -> Iterator[Mapping[str, Any]]:
+        # A JSON value that is not an object is yielded as it is: the row
+        # parser rejects it with its own "row must be an object" message.
+        for number, line in enumerate(self._file, start=1):
+            if not line.strip():
+                continue  # a blank line, typically the last one
+            if UNDECODABLE.search(line):
+                yield self._emit(number, BadLine(number, NOT_UTF8))
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                reason = NOT_JSON.format(error=exc.msg, column=exc.colno)
+                yield self._emit(number, BadLine(number, reason))
+                continue
+            yield self._emit(number, value)
+
+    # -- positions ---------------------------------------------------------------
+
+    def line_of(self, index: int) -> int:
+        """The line on which the row at ``index`` (0-based, already read) starts."""
+        position = bisect_right(self._starts, index) - 1
+        if position < 0:
+            raise IndexError(f"row {index} has not been read")
+        return index + self._offsets[position]
+
+    def estimate_total(self) -> int | None:
+        """About how many rows the file holds, from a fast count of its line breaks.
+
+        Blank lines and multi-line CSV records make it an estimate, good for a
+        progress bar only. None for a gzipped file (it would mean decompressing
+        it twice) or anything that is not a regular file (a pipe).
+        """
+        if self.gzipped or not self.path.is_file():
+            return None
+        lines = 0
+        last = b"\n"
+        with open(self.path, "rb") as raw:
+            while block := raw.read(BLOCK_SIZE):
+                lines += block.count(b"\n")
+                last = block[-1:]
+        if last != b"\n":
+            lines += 1  # the last line has no line break
+        header = 1 if self.format == CSV else 0
+        return max(lines - header, 0)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
