@@ -46,6 +46,7 @@ from django.conf import settings
 from django.db import (
     DatabaseError,
     DataError,
+    Error,
     IntegrityError,
     InterfaceError,
     OperationalError,
@@ -436,7 +437,8 @@ class BatchRun:
                 return
             except (IntegrityError, DataError):
                 raise
-            except DatabaseError as exc:
+            except (DatabaseError, InterfaceError) as exc:
+                # InterfaceError (the connection is gone) is not a DatabaseError.
                 if not is_transient(exc):
                     raise
                 log.chunks_rolled_back += 1
@@ -578,7 +580,7 @@ class BatchRun:
             return
         try:
             log.save(using=self.op.using)
-        except DatabaseError:
+        except Error:
             # The database is unreachable: the run's outcome cannot be stored,
             # but must not hide the failure that brought us here.
             logger.exception("could not record the end of batch run #%s", log.pk)

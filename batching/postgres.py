@@ -16,15 +16,28 @@ own fields; values always travel as parameters.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from django.db import connections, models
 from psycopg import sql
 
+LENGTH = re.compile(r"\((\d+)\)$")
+
 
 def is_postgresql(using: str) -> bool:
     return connections[using].vendor == "postgresql"
+
+
+def array_type(field: models.Field, connection) -> str:
+    """The column's type without its length: ``varchar(64)`` becomes ``varchar``.
+
+    An explicit cast to ``varchar(n)`` silently cuts longer values; without the
+    length the value reaches the column whole and a too-long one is refused
+    there ("value too long"), as a plain INSERT would be.
+    """
+    return LENGTH.sub("", field.db_type(connection))
 
 
 def upsert(
@@ -53,7 +66,9 @@ def upsert(
         return sql.Identifier(columns[name].column)
 
     arrays = [
-        sql.SQL("{}::{}[]").format(sql.Placeholder(), sql.SQL(columns[name].db_type(connection)))
+        sql.SQL("{}::{}[]").format(
+            sql.Placeholder(), sql.SQL(array_type(columns[name], connection))
+        )
         for name in fields
     ]
     statement = sql.SQL(

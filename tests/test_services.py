@@ -274,7 +274,7 @@ class TestNaiveQueryCounts:
 
 class TestSameEndState:
     def test_product_views(self, naive, optimized, shop):
-        rows = view_rows(shop, 30) + [{"user_id": 999_999, "product_id": 1, "session_id": "x"}]
+        rows = [*view_rows(shop, 30), {"user_id": 999999, "product_id": 1, "session_id": "x"}]
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "create_product_views", rows, chunk_size=8
         )

@@ -150,6 +150,12 @@ def order_rejection(
             return RowError(index, field, r.UNKNOWN_PRODUCT.format(id=line.product_id), "not_found")
         if not catalogue[line.product_id][2]:
             return RowError(index, field, r.INACTIVE_PRODUCT.format(id=line.product_id), "inactive")
+    total = sum(
+        (catalogue[line.product_id][0] * line.quantity for line in order.items), Decimal("0.00")
+    )
+    if total >= r.MAX_ORDER_TOTAL:
+        message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
+        return RowError(index, "items", message, "invalid")
     for product_id, quantity in order.quantities().items():
         if quantity > remaining[product_id]:
             message = r.INSUFFICIENT_STOCK.format(

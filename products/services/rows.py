@@ -8,9 +8,10 @@ they raise ``RowInvalid(field, message)`` and never query.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -27,6 +28,8 @@ NOT_INTEGER = "must be an integer"
 NOT_POSITIVE = "must be a positive integer"
 NEGATIVE = "must not be negative"
 NOT_TEXT = "must be a string"
+NUL_CHARACTER = "must not contain NUL characters"
+NOT_UNICODE = "must be valid Unicode text (no lone surrogates)"
 BLANK = "must not be blank"
 TOO_LONG = "must be at most {limit} characters"
 NOT_NUMBER = "must be a number"
@@ -48,10 +51,14 @@ UNKNOWN_PRODUCT = "product {id} does not exist"
 INACTIVE_PRODUCT = "product {id} is not active"
 INSUFFICIENT_STOCK = "not enough stock for product {id}: {requested} requested, {available} left"
 DUPLICATE_ORDER = "order {reference} was already processed"
+TOTAL_TOO_LARGE = "the order's total {total} is too large (the limit is {limit})"
 
 MAX_ORDER_ITEMS = 100
 MAX_PRICE = Decimal("10000000000")  # Product.price: 12 digits, 2 after the point
 MAX_INT = 2**31 - 1
+MAX_ORDER_TOTAL = Decimal("1000000000000")  # Order.total: 14 digits, 2 after the point
+# ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,20}", re.ASCII)
 INTERACTION_TYPES = frozenset(ProductView.InteractionType.values)
 TRUE_WORDS = frozenset({"true", "1", "yes", "y", "t"})
 FALSE_WORDS = frozenset({"false", "0", "no", "n", "f"})
@@ -78,7 +85,7 @@ def integer(row: Mapping[str, Any], name: str, *, minimum: int = 1) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    elif isinstance(value, str) and INTEGER_TEXT.fullmatch(value.strip()):
         number = int(value.strip())
     else:
         raise RowInvalid(name, NOT_INTEGER)
@@ -95,7 +102,11 @@ def text(row: Mapping[str, Any], name: str, *, limit: int) -> str:
         raise RowInvalid(name, NOT_TEXT)
     value = value.strip()
     if "\x00" in value:
-        raise RowInvalid(name, "must not contain NUL characters")
+        raise RowInvalid(name, NUL_CHARACTER)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowInvalid(name, NOT_UNICODE) from None
     if len(value) > limit:
         raise RowInvalid(name, TOO_LONG.format(limit=limit))
     return value
@@ -107,7 +118,7 @@ def unit_score(row: Mapping[str, Any], name: str) -> float:
         raise RowInvalid(name, NOT_NUMBER)
     try:
         number = float(value) if isinstance(value, int | float | str | Decimal) else None
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int beyond any float
         number = None
     if number is None:
         raise RowInvalid(name, NOT_NUMBER)
@@ -170,9 +181,13 @@ def moment(row: Mapping[str, Any], name: str) -> datetime:
             raise RowInvalid(name, NOT_DATETIME)
     else:
         raise RowInvalid(name, NOT_DATETIME)
-    if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
-    return parsed
+    try:
+        if timezone.is_naive(parsed):
+            parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
+        # Stored in UTC: a moment whose UTC value leaves years 1-9999 cannot be.
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise RowInvalid(name, NOT_DATETIME) from None
 
 
 # -- the rows of each operation ---------------------------------------------
@@ -190,7 +205,7 @@ class ViewRow:
 def parse_view(raw: Any) -> ViewRow:
     row = as_mapping(raw)
     interaction = row.get("interaction_type") or ProductView.InteractionType.VIEW
-    if interaction not in INTERACTION_TYPES:
+    if not isinstance(interaction, str) or interaction not in INTERACTION_TYPES:
         choices = ", ".join(sorted(INTERACTION_TYPES))
         raise RowInvalid("interaction_type", BAD_CHOICE.format(choices=choices))
     return ViewRow(
