@@ -147,6 +147,21 @@ def create_products(using: str, products: list[Product]) -> list[int]:
     return [ids[sku] for sku in skus]
 
 
+def bench_products(using: str, count: int) -> list[Product]:
+    """``count`` unsaved bench products (price 10.00, stock 100) in a new category."""
+    (category_id,) = create_categories(using, 1)
+    return [
+        Product(
+            sku=product_sku(number),
+            name=f"Bench product {number}",
+            category_id=category_id,
+            price=Decimal("10.00"),
+            stock_quantity=100,
+        )
+        for number in range(count)
+    ]
+
+
 class Scenario(ABC):
     """One operation's workload, base state and end-state snapshot.
 
@@ -204,17 +219,7 @@ class ViewsScenario(Scenario):
         ]
 
     def create_base(self, using: str) -> Fixture:
-        (category_id,) = create_categories(using, 1)
-        products = [
-            Product(
-                sku=product_sku(number),
-                name=f"Bench product {number}",
-                category_id=category_id,
-                price=Decimal("10.00"),
-                stock_quantity=100,
-            )
-            for number in range(PRODUCT_POOL)
-        ]
+        products = bench_products(using, PRODUCT_POOL)
         return Fixture(create_users(using, USER_POOL), create_products(using, products))
 
     def rows(self, fixture: Fixture) -> list[dict[str, Any]]:
@@ -268,17 +273,7 @@ class ScoresScenario(Scenario):
         return user, product, ALGORITHMS[algorithm]
 
     def create_base(self, using: str) -> Fixture:
-        (category_id,) = create_categories(using, 1)
-        products = [
-            Product(
-                sku=product_sku(number),
-                name=f"Bench product {number}",
-                category_id=category_id,
-                price=Decimal("10.00"),
-                stock_quantity=100,
-            )
-            for number in range(self.product_pool)
-        ]
+        products = bench_products(using, self.product_pool)
         fixture = Fixture(create_users(using, USER_POOL), create_products(using, products))
         RecommendationScore.objects.using(using).bulk_create(
             RecommendationScore(

@@ -7,12 +7,7 @@ product's view_count.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
-
-from batching.engine import BatchResult
 from products.management.commands.import_products import ImportCommand
-from products.services.base import BulkOperationsService
 
 
 class Command(ImportCommand):
@@ -21,13 +16,4 @@ class Command(ImportCommand):
         "session_id, interaction_type, created_at). Bad lines are reported and skipped."
     )
     noun = "product views"
-
-    def run_service(
-        self,
-        service: BulkOperationsService,
-        rows: Iterable[Mapping[str, Any]],
-        *,
-        chunk_size: int | None,
-        resume: int | None,
-    ) -> BatchResult:
-        return service.create_product_views(rows, chunk_size=chunk_size, resume=resume)
+    service_method = "create_product_views"

@@ -13,8 +13,6 @@ checkpoint, reading the same file again.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import zlib
 from argparse import ArgumentParser, ArgumentTypeError
@@ -24,7 +22,7 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError, OutputWrapper
 
-from batching.engine import BatchResult, ResumeError
+from batching.engine import BatchResult, ResumeError, worker_name
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
 from products.readers import FORMATS, ReaderError, RowStream
@@ -120,15 +118,12 @@ class Progress:
             self.out.write("")
 
 
-def current_worker() -> str:
-    """This process as the engine names it in ``BatchProcessingLog.worker``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 class ImportCommand(BaseCommand):
     """Stream a file through one bulk service method; subclasses name the method."""
 
     noun: ClassVar[str]
+    # The BulkOperationsService method the rows go through.
+    service_method: ClassVar[str]
 
     def run_service(
         self,
@@ -138,7 +133,8 @@ class ImportCommand(BaseCommand):
         chunk_size: int | None,
         resume: int | None,
     ) -> BatchResult:
-        raise NotImplementedError
+        method = getattr(service, self.service_method)
+        return method(rows, chunk_size=chunk_size, resume=resume)
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
@@ -278,7 +274,7 @@ class ImportCommand(BaseCommand):
 
     def find_log_id(self) -> int | None:
         return (
-            BatchProcessingLog.objects.filter(worker=current_worker())
+            BatchProcessingLog.objects.filter(worker=worker_name())
             .order_by("-pk")
             .values_list("pk", flat=True)
             .first()
@@ -329,13 +325,4 @@ class Command(ImportCommand):
         "category, price, stock_quantity, is_active). Bad lines are reported and skipped."
     )
     noun = "products"
-
-    def run_service(
-        self,
-        service: BulkOperationsService,
-        rows: Iterable[Mapping[str, Any]],
-        *,
-        chunk_size: int | None,
-        resume: int | None,
-    ) -> BatchResult:
-        return service.import_products(rows, chunk_size=chunk_size, resume=resume)
+    service_method = "import_products"
