@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	@python=$$(scripts/find-python) && echo "Using $$python" && \
 		{ [ -x $(PY) ] || $$python -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	@touch $@
 
 demo: venv

@@ -64,9 +64,14 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    # django-ninja serves its interactive docs from its own static files.
+    "ninja",
+    "django_tasks_db",
     "batching",
     "products",
     "orders",
+    "jobs",
+    "api",
 ]
 
 MIDDLEWARE = [
@@ -182,6 +187,27 @@ BULK_RETRY_BASE_DELAY = env_float("BULK_RETRY_BASE_DELAY", 0.05)
 BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
 # A running run whose heartbeat is older than this is shown as interrupted.
 BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
+
+# Background jobs (django.tasks). The embedded default keeps the queue in the
+# database and needs no extra server: run `manage.py db_worker` (any number, on
+# any machine that reaches the database). Another backend (RQ, Celery through
+# their django.tasks backends) is a change of TASKS_BACKEND and its options only.
+TASKS = {
+    "default": {
+        "BACKEND": os.environ.get("TASKS_BACKEND", "django_tasks_db.DatabaseBackend"),
+        "QUEUES": ["default"],
+    }
+}
+
+# Cache: Redis when REDIS_URL is set, process-local memory otherwise.
+REDIS_URL = os.environ.get("REDIS_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "shop"}
+    )
+}
 
 LOGGING = {
     "version": 1,
