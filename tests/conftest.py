@@ -31,3 +31,12 @@ def service(request):
     return {"naive": NaiveBulkOperationsService, "optimized": OptimizedBulkOperationsService}[
         request.param
     ]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say where the browser tests left their screenshots."""
+    from tests.test_browser import SCREENSHOTS_KEY
+
+    folder = config.stash.get(SCREENSHOTS_KEY, None)
+    if folder is not None:
+        terminalreporter.write_line(f"browser screenshots: {folder}")
