@@ -188,6 +188,17 @@ BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
 # A running run whose heartbeat is older than this is shown as interrupted.
 BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
 
+# JSON API (/api/). Batches of up to API_SYNC_MAX_ROWS rows run during the
+# request; larger ones (up to API_MAX_ROWS) become background jobs.
+API_SYNC_MAX_ROWS = env_int("API_SYNC_MAX_ROWS", 5000)
+API_MAX_ROWS = env_int("API_MAX_ROWS", 100_000)
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 16 * 1024 * 1024)
+# Django refuses bodies above this before any view runs (as a 400); the API
+# answers 413 by its own limit, so Django's must not be the lower one.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_BODY_BYTES, 2_621_440)
+# /metrics is open unless this is set; then it needs "Authorization: Bearer <token>".
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
 # Background jobs (django.tasks). The embedded default keeps the queue in the
 # database and needs no extra server: run `manage.py db_worker` (any number, on
 # any machine that reaches the database). Another backend (RQ, Celery through
@@ -198,6 +209,14 @@ TASKS = {
         "QUEUES": ["default"],
     }
 }
+# Rows per job partition: each partition is one resumable run on one worker.
+JOB_PARTITION_ROWS = env_int("JOB_PARTITION_ROWS", 10_000)
+# A running partition whose worker is silent this long (no chunk committed) is
+# taken over by another worker; /health fails when queued work has waited this
+# long with no worker showing life. A dead worker on the same host is seen at once.
+JOB_STALE_SECONDS = env_int("JOB_STALE_SECONDS", 300)
+# How often each unfinished job's watchdog task looks for stale partitions.
+JOB_WATCH_SECONDS = env_int("JOB_WATCH_SECONDS", 30)
 
 # Cache: Redis when REDIS_URL is set, process-local memory otherwise.
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -205,9 +224,25 @@ CACHES = {
     "default": (
         {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
         if REDIS_URL
-        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "shop"}
+        else {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "shop",
+            # The default (300) would cull a warmed catalogue as it is written.
+            "OPTIONS": {"MAX_ENTRIES": env_int("CACHE_MAX_ENTRIES", 100_000)},
+        }
     )
 }
+# Product cards and top recommendations (products/cache.py): writes drop what
+# they change; the timeout only bounds a read racing a write.
+CACHE_TIMEOUT = env_int("CACHE_TIMEOUT", 600)
+# How many recommendations are cached per user (the largest `limit` served).
+CACHE_RECOMMENDATIONS = env_int("CACHE_RECOMMENDATIONS", 20)
+
+# Admin CSV/JSONL imports: uploads wait here between preview and confirm;
+# up to ADMIN_IMPORT_SYNC_MAX_ROWS rows run in the request, more in a job.
+ADMIN_IMPORT_DIR = Path(os.environ.get("ADMIN_IMPORT_DIR") or BASE_DIR / "var" / "imports")
+ADMIN_IMPORT_SYNC_MAX_ROWS = env_int("ADMIN_IMPORT_SYNC_MAX_ROWS", 5000)
+ADMIN_IMPORT_MAX_BYTES = env_int("ADMIN_IMPORT_MAX_BYTES", 200 * 1024 * 1024)
 
 LOGGING = {
     "version": 1,

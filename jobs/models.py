@@ -1,0 +1,188 @@
+"""Background import jobs: a job is its input split into partitions.
+
+Each partition is one resumable run of the optimized service
+(a ``BatchProcessingLog`` row), executed by a ``django.tasks`` task on any
+worker. A job's status and progress are its partitions' summed up; see
+``jobs/tasks.py`` for how partitions are claimed, run and taken over.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import Prefetch
+
+from batching.models import BatchProcessingLog
+
+
+class Status(models.TextChoices):
+    """Shared by jobs and their partitions."""
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    PARTIAL = "partial", "Partial (rows skipped)"
+    FAILED = "failed", "Failed"
+
+
+FINISHED = frozenset({Status.COMPLETED, Status.PARTIAL, Status.FAILED})
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    def with_partitions(self) -> JobQuerySet:
+        """Prefetch what ``as_dict`` and ``progress`` read: one query for all jobs.
+
+        The partitions' input rows are deferred: a list of jobs never loads them.
+        """
+        return self.prefetch_related(Prefetch("partitions", queryset=JobPartition.progress_rows()))
+
+
+class Job(models.Model):
+    """One bulk operation over one input, run as partitions by background workers."""
+
+    Status = Status
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    operation = models.CharField(max_length=32, choices=BatchProcessingLog.Operation)
+    status = models.CharField(max_length=16, choices=Status, default=Status.QUEUED)
+    rows_total = models.PositiveBigIntegerField(default=0)
+    partition_size = models.PositiveIntegerField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # Admin and API lists: jobs newest first, filtered by status.
+            models.Index(fields=["status", "-created_at"], name="job_status_created_idx"),
+            # Admin and API lists without a filter: newest first.
+            models.Index(fields=["-created_at"], name="job_created_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(partition_size__gte=1), name="job_partition_size_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.operation} job {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    def progress_partitions(self) -> list[JobPartition]:
+        """The partitions with their logs: prefetched, or one query (rows deferred)."""
+        cache = getattr(self, "_prefetched_objects_cache", {})
+        if "partitions" in cache:
+            return list(cache["partitions"])
+        return list(JobPartition.progress_rows().filter(job=self))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Status, progress and (once finished) the summed result of the partitions.
+
+        Row errors carry their index in the whole job input. A log keeps at
+        most ``settings.BULK_LOG_MAX_ROW_ERRORS`` errors per partition, while
+        ``skipped`` counts every skipped row.
+        """
+        partitions = self.progress_partitions()
+        logs = [p.log for p in partitions if p.log is not None]
+        result = None
+        if self.is_finished:
+            result = {
+                "read": sum(log.rows_read for log in logs),
+                "written": sum(log.rows_written for log in logs),
+                "created": sum(log.rows_created for log in logs),
+                "updated": sum(log.rows_updated for log in logs),
+                "skipped": sum(log.rows_skipped for log in logs),
+                "errors": [error for p in partitions for error in p.job_errors()],
+                "log_ids": [log.pk for log in logs],
+            }
+        return {
+            "id": str(self.pk),
+            "operation": self.operation,
+            "status": str(self.status),
+            "rows_done": sum(p.rows_done for p in partitions),
+            "rows_total": self.rows_total,
+            "result": result,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+class JobPartition(models.Model):
+    """A contiguous slice of a job's input, run as one resumable batch run.
+
+    ``rows`` holds the slice; ``duplicates`` maps a position in it to the index
+    (in the whole job input) where the same key was first seen, so a key
+    repeated across partitions is reported exactly as one run would report it.
+    ``worker``, ``claimed_at`` and the log's heartbeat tell whether the
+    partition's worker is alive (see ``jobs.tasks.reap_stale_partitions``).
+    """
+
+    Status = Status
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="partitions")
+    number = models.PositiveIntegerField()
+    start = models.PositiveBigIntegerField()
+    size = models.PositiveIntegerField()
+    # The input slice as given; dates and decimals are stored as ISO text.
+    rows = models.JSONField(encoder=DjangoJSONEncoder)
+    duplicates = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status, default=Status.QUEUED)
+    # The partition's run; created when a worker first claims the partition
+    # and resumed by every later attempt, so its checkpoint is the progress.
+    log = models.ForeignKey(
+        BatchProcessingLog, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=128, blank=True)
+    queued_at = models.DateTimeField()
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "number"]
+        indexes = [
+            # Reaper and /health: running partitions, and the oldest queued one.
+            models.Index(fields=["status", "queued_at"], name="jobpart_status_queued_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="jobpart_job_number_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"partition {self.number} of job {self.job_id} ({self.status})"
+
+    @classmethod
+    def progress_rows(cls) -> models.QuerySet[JobPartition]:
+        """Partitions with their logs, without the (large) input rows."""
+        return cls.objects.select_related("log").defer("rows", "duplicates")
+
+    @property
+    def rows_done(self) -> int:
+        """Rows committed so far: the log's checkpoint, which the engine keeps exact."""
+        return self.log.checkpoint_position if self.log is not None else 0
+
+    def job_errors(self) -> list[dict[str, Any]]:
+        """The log's row errors, indexed in the whole job input."""
+        if self.log is None:
+            return []
+        return [
+            error | {"index": error["index"] + self.start}
+            for error in self.log.row_errors
+            if isinstance(error, dict) and isinstance(error.get("index"), int)
+        ]
