@@ -39,6 +39,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any, ClassVar
 
@@ -202,6 +203,15 @@ class BatchOperation(ABC):
 
     @abstractmethod
     def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
+
+    def committed(self, rows: list[Prepared]) -> None:
+        """Called once the transaction that wrote ``rows`` has committed.
+
+        The place for side effects that must not outlive a rollback (cache
+        invalidation): a piece the engine rolls back never gets here. It must
+        not query the database: it runs outside the chunk's transaction.
+        """
+        return
 
 
 class QueryCounter:
@@ -461,6 +471,8 @@ class BatchRun:
     ) -> None:
         with transaction.atomic(using=self.op.using):
             outcome = self.op.write(rows) if rows else ChunkOutcome()
+            if rows:
+                transaction.on_commit(partial(self.op.committed, rows), using=self.op.using)
             totals = ChunkOutcome(
                 written=self.totals.written + outcome.written,
                 created=self.totals.created + outcome.created,

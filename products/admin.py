@@ -8,12 +8,23 @@ or raw-id widgets, so a form never loads a whole table into a ``<select>``.
 
 from __future__ import annotations
 
+from functools import partial
+
+from django import forms
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.decorators import method_decorator
+from django.views.decorators.http import require_GET, require_http_methods
 
 from batching.admin import ReadOnlyAdminMixin
+from products import cache, imports
 from products.models import Category, Product, ProductView, RecommendationScore
 
 
@@ -44,6 +55,27 @@ class CategoryAdmin(admin.ModelAdmin):
     def product_count(self, category: Category) -> int:
         return category.product_count
 
+    def save_model(self, request: HttpRequest, obj: Category, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # Cards show the category's name; a rename retires them all, once committed.
+        transaction.on_commit(cache.invalidate_catalogue)
+
+
+# What each kind of import writes, as the permissions it needs.
+IMPORT_PERMISSIONS = {
+    imports.PRODUCTS: ("products.add_product", "products.change_product"),
+    imports.PRODUCT_VIEWS: ("products.add_productview",),
+}
+
+
+class ImportForm(forms.Form):
+    kind = forms.ChoiceField(
+        choices=imports.KINDS.items(), initial=imports.PRODUCTS, widget=forms.RadioSelect
+    )
+    file = forms.FileField(
+        help_text="CSV with a header row, or JSON Lines (.csv, .jsonl, .ndjson; optionally .gz)."
+    )
+
 
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
@@ -63,6 +95,111 @@ class ProductAdmin(admin.ModelAdmin):
     # view_count is the running total of ProductView rows, kept by
     # create_product_views; a hand edit would make it disagree with them.
     readonly_fields = ["view_count", "created_at", "updated_at"]
+
+    # A product saved or deleted here drops its cached card once committed.
+    def save_model(self, request: HttpRequest, obj: Product, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        transaction.on_commit(partial(cache.invalidate_products, [obj.pk]))
+
+    def delete_model(self, request: HttpRequest, obj: Product) -> None:
+        pk = obj.pk
+        super().delete_model(request, obj)
+        transaction.on_commit(partial(cache.invalidate_products, [pk]))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Product]) -> None:
+        ids = list(queryset.values_list("pk", flat=True))
+        super().delete_queryset(request, queryset)
+        transaction.on_commit(partial(cache.invalidate_products, ids))
+
+    # -- CSV / JSON Lines imports ---------------------------------------------------
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path("import/", view(self.import_upload_view), name="products_product_import"),
+            path(
+                "import/<str:token>/",
+                view(self.import_detail_view),
+                name="products_product_import_detail",
+            ),
+            path(
+                "import/<str:token>/status/",
+                view(self.import_status_view),
+                name="products_product_import_status",
+            ),
+            *super().get_urls(),
+        ]
+
+    def can_import(self, request: HttpRequest, kind: str) -> bool:
+        return request.user.has_perms(IMPORT_PERMISSIONS[kind])
+
+    def import_context(self, request: HttpRequest, title: str, **context) -> dict:
+        return {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": title,
+            **context,
+        }
+
+    @method_decorator(require_http_methods(["GET", "POST"]))
+    def import_upload_view(self, request: HttpRequest) -> HttpResponse:
+        """Upload a file; it is stored and previewed, nothing is written yet."""
+        if not any(self.can_import(request, kind) for kind in imports.KINDS):
+            raise PermissionDenied
+        form = ImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            kind = form.cleaned_data["kind"]
+            if not self.can_import(request, kind):
+                raise PermissionDenied
+            try:
+                staged = imports.stage(form.cleaned_data["file"], kind, request.user.pk)
+            except imports.ImportFileError as exc:
+                form.add_error("file", str(exc))
+            else:
+                return redirect("admin:products_product_import_detail", token=staged.token)
+        context = self.import_context(request, "Import products or product views", form=form)
+        return TemplateResponse(request, "admin/products/product/import_upload.html", context)
+
+    @method_decorator(require_http_methods(["GET", "POST"]))
+    def import_detail_view(self, request: HttpRequest, token: str) -> HttpResponse:
+        """The preview and its confirm button, then the progress, then the result."""
+        staged = imports.load(token, request.user.pk)
+        if not self.can_import(request, staged.kind):
+            raise PermissionDenied
+        if request.method == "POST":
+            imports.run(staged, request.user)
+            return redirect("admin:products_product_import_detail", token=token)
+        job = imports.job_status(staged) if staged.state == imports.RUNNING else None
+        logs = [
+            (log_id, reverse("admin:batching_batchprocessinglog_change", args=[log_id]))
+            for log_id in (staged.result or {}).get("log_ids", [])
+        ]
+        context = self.import_context(
+            request,
+            f"Import of {staged.original_name}",
+            staged=staged,
+            kind_label=imports.KINDS[staged.kind],
+            job=job,
+            logs=logs,
+            status_url=reverse("admin:products_product_import_status", args=[token]),
+        )
+        return TemplateResponse(request, "admin/products/product/import_detail.html", context)
+
+    @method_decorator(require_GET)
+    def import_status_view(self, request: HttpRequest, token: str) -> JsonResponse:
+        """JSON for the progress page's poll: the state and the job's progress."""
+        staged = imports.load(token, request.user.pk)
+        if not self.can_import(request, staged.kind):
+            raise PermissionDenied
+        job = imports.job_status(staged) if staged.state == imports.RUNNING else None
+        return JsonResponse(
+            {
+                "state": staged.state,
+                "rows_done": job["rows_done"] if job else None,
+                "rows_total": job["rows_total"] if job else None,
+                "job_status": job["status"] if job else None,
+            }
+        )
 
 
 @admin.register(ProductView)

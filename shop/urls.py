@@ -5,6 +5,7 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("api.urls")),
+    path("", include("products.urls")),
 ]
 
 if settings.DEBUG_TOOLBAR:

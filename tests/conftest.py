@@ -40,3 +40,12 @@ def pytest_terminal_summary(terminalreporter, config):
     folder = config.stash.get(SCREENSHOTS_KEY, None)
     if folder is not None:
         terminalreporter.write_line(f"browser screenshots: {folder}")
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """No test reads a product card another test cached (ids are reused)."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield

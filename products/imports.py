@@ -1,0 +1,326 @@
+"""Imports uploaded in the admin: stage, preview without writing, confirm.
+
+An upload is stored server-side under ``settings.ADMIN_IMPORT_DIR`` as
+``<token><suffix>`` with a JSON sidecar ``<token>.json`` (its kind, its owner,
+its preview and, later, its job and result). The token is random and is the
+only thing the browser sends back: no client-sent path is ever opened, and a
+token is honoured only for the user who uploaded it.
+
+The preview reads the file once with ``RowStream``, validates each row with
+the services' own parsers (``products.services.rows``) and asks the database
+what the run would find, one query per chunk per table (existing skus for
+products; users and products for views), so its counts match what the
+optimized service will do, short of rows only the database refuses.
+
+A confirmed import runs ``OptimizedBulkOperationsService`` in the request up
+to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
+(``jobs.services.submit_job``) beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.http import Http404
+
+from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid
+from products.models import Product
+from products.readers import BadLine, ReaderError, RowStream, detect_format
+from products.services import OptimizedBulkOperationsService
+from products.services import rows as r
+from products.services.base import reference_error
+from products.services.optimized import existing_product_ids, existing_user_ids
+
+PRODUCTS = "products"
+PRODUCT_VIEWS = "product_views"
+KINDS = {PRODUCTS: "Products (catalogue rows by sku)", PRODUCT_VIEWS: "Product views"}
+PREVIEW = "preview"
+RUNNING = "running"
+DONE = "done"
+# Bad lines listed on the preview and on the result page; the rest are counted.
+LISTED_ERRORS = 20
+RESULT_ERRORS = 200
+STALE_SECONDS = 24 * 3600
+TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+
+TOO_LARGE = "the file is larger than {limit:,} bytes (settings.ADMIN_IMPORT_MAX_BYTES)"
+NOT_READABLE = "cannot read the file: {error}"
+
+
+class ImportFileError(ValueError):
+    """The upload cannot be imported as a whole (format, header, size)."""
+
+
+@dataclass
+class BadRow:
+    line: int
+    field: str
+    message: str
+
+
+@dataclass
+class Staged:
+    """One upload between its preview and its result; stored as JSON beside the file."""
+
+    token: str
+    kind: str
+    user_id: int
+    original_name: str
+    suffix: str
+    created: float
+    state: str = PREVIEW
+    preview: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(settings.ADMIN_IMPORT_DIR) / f"{self.token}{self.suffix}"
+
+    @property
+    def meta_path(self) -> Path:
+        return Path(settings.ADMIN_IMPORT_DIR) / f"{self.token}.json"
+
+    def save(self) -> None:
+        self.meta_path.write_text(json.dumps(asdict(self)))
+
+    def stream(self) -> RowStream:
+        return RowStream(self.path)
+
+
+def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
+    """Store ``upload`` under a new token and preview it.
+
+    Raises:
+        ImportFileError: unknown format, no usable header, too large.
+    """
+    if upload.size is not None and upload.size > settings.ADMIN_IMPORT_MAX_BYTES:
+        raise ImportFileError(TOO_LARGE.format(limit=settings.ADMIN_IMPORT_MAX_BYTES))
+    try:
+        format, gzipped = detect_format(Path(upload.name or ""))
+    except ReaderError as exc:
+        raise ImportFileError(str(exc)) from exc
+    directory = Path(settings.ADMIN_IMPORT_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep(directory)
+    staged = Staged(
+        token=secrets.token_urlsafe(32),
+        kind=kind,
+        user_id=user_id,
+        original_name=Path(upload.name or "").name[:200],
+        suffix=f".{format}" + (".gz" if gzipped else ""),
+        created=time.time(),
+    )
+    with open(staged.path, "wb") as target:
+        for block in upload.chunks():
+            target.write(block)
+    try:
+        staged.preview = preview(staged)
+    except (ReaderError, OSError, EOFError) as exc:
+        discard(staged)
+        raise ImportFileError(NOT_READABLE.format(error=exc)) from exc
+    staged.save()
+    return staged
+
+
+def load(token: str, user_id: int) -> Staged:
+    """The staged upload of ``token``, if it is this user's; Http404 otherwise."""
+    if not TOKEN.fullmatch(token):
+        raise Http404("no such import")
+    meta = Path(settings.ADMIN_IMPORT_DIR) / f"{token}.json"
+    try:
+        staged = Staged(**json.loads(meta.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise Http404("no such import") from exc
+    if staged.user_id != user_id:
+        raise Http404("no such import")
+    return staged
+
+
+def discard(staged: Staged) -> None:
+    staged.path.unlink(missing_ok=True)
+    staged.meta_path.unlink(missing_ok=True)
+
+
+def sweep(directory: Path) -> None:
+    """Remove uploads (and their sidecars) older than a day."""
+    limit = time.time() - STALE_SECONDS
+    for path in directory.iterdir():
+        try:
+            if path.stat().st_mtime < limit:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue
+
+
+# -- the preview -------------------------------------------------------------------
+
+
+def preview(staged: Staged) -> dict[str, Any]:
+    """What the import would do, without writing: counts and the first bad lines."""
+    parse: Callable[[Any], Any] = r.parse_product if staged.kind == PRODUCTS else r.parse_view
+    created = updated = 0
+    errors: list[BadRow] = []
+    error_count = 0
+    seen: dict[str, int] = {}
+
+    def reject(line: int, field: str, message: str) -> None:
+        nonlocal error_count
+        error_count += 1
+        if len(errors) < LISTED_ERRORS:
+            errors.append(BadRow(line, field, message))
+
+    with staged.stream() as stream:
+        rows = enumerate(stream)
+        while chunk := list(islice(rows, settings.BULK_CHUNK_SIZE)):
+            good: list[tuple[int, Any]] = []
+            for index, raw in chunk:
+                try:
+                    item = parse(raw)
+                except RowInvalid as exc:
+                    reject(stream.line_of(index), exc.field, exc.message)
+                    continue
+                if staged.kind == PRODUCTS:
+                    first = seen.setdefault(item.sku, index)
+                    if first != index:
+                        message = DUPLICATE_IN_INPUT.format(field="sku", first=first)
+                        reject(stream.line_of(index), "sku", message)
+                        continue
+                good.append((index, item))
+            if staged.kind == PRODUCTS:
+                skus = [item.sku for _, item in good]
+                existing = set(
+                    Product.objects.filter(sku__in=skus).order_by().values_list("sku", flat=True)
+                )
+                updated += len(existing)
+                created += len(good) - len(existing)
+                continue
+            users = existing_user_ids("default", (item.user_id for _, item in good))
+            products = existing_product_ids("default", (item.product_id for _, item in good))
+            for index, item in good:
+                if error := reference_error(index, item, users, products):
+                    reject(stream.line_of(index), error.field, error.message)
+                else:
+                    created += 1
+        total = stream.rows_yielded
+    return {
+        "rows": total,
+        "created": created,
+        "updated": updated,
+        "skipped": error_count,
+        "errors": [asdict(error) for error in errors],
+        "more_errors": error_count - len(errors),
+        "background": total > settings.ADMIN_IMPORT_SYNC_MAX_ROWS,
+    }
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+def run(staged: Staged, user: Any) -> None:
+    """Import the staged file: now if small, else as a background job. Saves ``staged``."""
+    if staged.state != PREVIEW:
+        return  # a second confirm (a double click) does nothing
+    if staged.preview.get("background"):
+        start_job(staged, user)
+    else:
+        service = OptimizedBulkOperationsService()
+        method = (
+            service.import_products if staged.kind == PRODUCTS else service.create_product_views
+        )
+        with staged.stream() as stream:
+            result = method(stream)
+            staged.result = result_of(result, stream.line_of)
+        staged.state = DONE
+    staged.save()
+
+
+def result_of(result: BatchResult, line_of: Callable[[int], int]) -> dict[str, Any]:
+    errors = sorted(result.errors, key=lambda error: error.index)
+    return {
+        "status": result.status,
+        "read": result.read,
+        "created": result.created,
+        "updated": result.updated,
+        "skipped": result.skipped,
+        "log_ids": [result.log_id],
+        "errors": [
+            asdict(BadRow(line_of(error.index), error.field, error.message))
+            for error in errors[:RESULT_ERRORS]
+        ],
+        "more_errors": max(len(errors) - RESULT_ERRORS, 0),
+    }
+
+
+def readable_rows(staged: Staged) -> Iterator[tuple[int, Any]]:
+    """(line, row) for every row the reader could parse; bad lines are left out."""
+    with staged.stream() as stream:
+        for index, row in enumerate(stream):
+            if not isinstance(row, BadLine):
+                yield stream.line_of(index), dict(row)
+
+
+def start_job(staged: Staged, user: Any) -> None:
+    """Submit the readable rows as a job; lines the reader could not parse are kept aside.
+
+    A job stores its rows as JSON, which an unparsed line is not; its error
+    (with its line number) goes straight into the result instead.
+    """
+    from jobs.services import submit_job
+
+    job = submit_job(
+        operation=staged.kind,
+        rows=(row for _, row in readable_rows(staged)),
+        created_by=user,
+    )
+    staged.job_id = str(job.pk)
+    staged.state = RUNNING
+
+
+def job_status(staged: Staged) -> dict[str, Any] | None:
+    """The job's ``as_dict()``; once it has finished, the staged result is stored too."""
+    from jobs.models import Job
+
+    job = Job.objects.filter(pk=staged.job_id).first()
+    if job is None:
+        return None
+    status = job.as_dict()
+    if status["result"] is not None and staged.state == RUNNING:
+        finish_job(staged, status["result"], status["status"])
+    return status
+
+
+def finish_job(staged: Staged, result: dict[str, Any], status: str) -> None:
+    """Store the job's result with line numbers: job row i is the i-th readable line."""
+    lines: list[int] = []
+    unreadable: list[BadRow] = []
+    with staged.stream() as stream:
+        for index, row in enumerate(stream):
+            if isinstance(row, BadLine):
+                unreadable.append(BadRow(row.line, "row", row.reason))
+            else:
+                lines.append(stream.line_of(index))
+    errors = [BadRow(lines[e["index"]], e["field"], e["message"]) for e in result["errors"]]
+    errors = sorted(errors + unreadable, key=lambda error: error.line)
+    staged.result = {
+        "status": status,
+        "read": result["read"] + len(unreadable),
+        "created": result["created"],
+        "updated": result["updated"],
+        "skipped": result["skipped"] + len(unreadable),
+        "log_ids": result["log_ids"],
+        "errors": [asdict(error) for error in errors[:RESULT_ERRORS]],
+        "more_errors": max(len(errors) - RESULT_ERRORS, 0),
+    }
+    staged.state = DONE
+    staged.save()

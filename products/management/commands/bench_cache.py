@@ -1,0 +1,117 @@
+"""``manage.py bench_cache``: per-key against bulk cache operations on the configured Redis.
+
+Writes ``--keys`` product-card-sized values one ``set`` at a time, then with
+one ``set_many``; reads them with one ``get`` each, then with one
+``get_many``; deletes them with one ``delete`` each, then with one
+``delete_many``. Keys live under their own prefix and are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from argparse import ArgumentParser
+from collections.abc import Callable
+from typing import Any
+
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
+from django.core.management.base import BaseCommand, CommandError
+
+from products.management.commands.import_products import positive_int
+
+PREFIX = "bench-cache:"
+NEEDS_REDIS = "bench_cache measures Redis round trips: set REDIS_URL (the cache is {backend})"
+CARD = {
+    "sku": "BENCH-000000",
+    "name": "A product of typical length for the bench",
+    "category": "Bench",
+    "price": "1234.50",
+    "stock": 100,
+    "is_active": True,
+    "view_count": 0,
+}
+
+
+def timed(action: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+class Command(BaseCommand):
+    help = (
+        "Time per-key get/set/delete against get_many/set_many/delete_many on the Redis "
+        "cache (REDIS_URL) and print the speedups."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--keys", type=positive_int, default=10_000, help="Keys per operation (10000)."
+        )
+        parser.add_argument(
+            "--json", action="store_true", help="Print the figures as JSON instead of a table."
+        )
+        parser.add_argument(
+            "--markdown", action="store_true", help="Print a Markdown section for BENCHMARKS.md."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        backend = caches["default"]
+        if not isinstance(backend, RedisCache):
+            raise CommandError(NEEDS_REDIS.format(backend=type(backend).__name__))
+        count: int = options["keys"]
+        values = {f"{PREFIX}{index}": {**CARD, "id": index} for index in range(count)}
+        keys = list(values)
+        results = []
+        try:
+            set_one = timed(lambda: [backend.set(key, value) for key, value in values.items()])
+            set_many = timed(lambda: backend.set_many(values))
+            results.append(("set", set_one, set_many))
+            get_one = timed(lambda: [backend.get(key) for key in keys])
+            get_many = timed(lambda: backend.get_many(keys))
+            results.append(("get", get_one, get_many))
+            delete_one = timed(lambda: [backend.delete(key) for key in keys])
+            backend.set_many(values)  # delete_many must find the keys too
+            delete_many = timed(lambda: backend.delete_many(keys))
+            results.append(("delete", delete_one, delete_many))
+        finally:
+            backend.delete_many(keys)
+        rows = [
+            {
+                "operation": name,
+                "keys": count,
+                "per_key_seconds": round(per_key, 4),
+                "bulk_seconds": round(bulk, 4),
+                "speedup": round(per_key / bulk, 1) if bulk else None,
+            }
+            for name, per_key, bulk in results
+        ]
+        if options["json"]:
+            self.stdout.write(json.dumps(rows, indent=2))
+        elif options["markdown"]:
+            self.stdout.write(self.markdown(rows, count))
+        else:
+            for row in rows:
+                self.stdout.write(
+                    f"{row['operation']:>6}: {row['per_key_seconds']:.3f} s per key, "
+                    f"{row['bulk_seconds']:.3f} s bulk, {row['speedup']}x"
+                )
+
+    def markdown(self, rows: list[dict], count: int) -> str:
+        lines = [
+            "## Cache: per-key against bulk operations on Redis",
+            "",
+            f"`manage.py bench_cache --keys {count} --markdown`: {count:,} product-card "
+            "values, one round trip per key against one per operation (`get_many` is MGET, "
+            "`set_many` one pipeline, `delete_many` one DEL).",
+            "",
+            "| operation | keys | per key (s) | bulk (s) | speedup |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {row['operation']} | {row['keys']:,} | {row['per_key_seconds']:.3f} | "
+            f"{row['bulk_seconds']:.3f} | {row['speedup']}x |"
+            for row in rows
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The product list: one page, two data access paths, to see the N+1 in the SQL panel.
+
+``/products/?path=naive`` renders each row from lazy attributes: the
+category's name is one query per row and the number of users recommending the
+product another. ``?path=optimized`` (the default) asks the database for the
+page's ids and counts in one query (a correlated subquery per row shown, not
+a join over the whole score table) and takes everything else from the cached
+product cards (``products.cache``: one ``get_many``, at most one query for the
+misses). With ``DEBUG=1`` django-debug-toolbar shows the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.core.paginator import Paginator
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from products import cache
+from products.models import Product, RecommendationScore
+
+NAIVE = "naive"
+OPTIMIZED = "optimized"
+PATHS = (NAIVE, OPTIMIZED)
+PER_PAGE = 50
+MAX_PER_PAGE = 200
+
+
+def recommendation_counts() -> Coalesce:
+    """How many scores name the product, as a correlated subquery per row."""
+    return Coalesce(
+        Subquery(
+            RecommendationScore.objects.filter(product=OuterRef("pk"))
+            .order_by()
+            .values("product")
+            .annotate(count=Count("pk"))
+            .values("count")
+        ),
+        0,
+    )
+
+
+def naive_rows(products: Iterable[Product]) -> list[dict]:
+    """Two queries per row on top of the page's: the N+1 this page exists to show."""
+    return [
+        {
+            "id": product.pk,
+            "sku": product.sku,
+            "name": product.name,
+            "category": product.category.name,  # a query per row
+            "price": str(product.price),
+            "stock": product.stock_quantity,
+            "is_active": product.is_active,
+            "view_count": product.view_count,
+            "recommendations": product.recommendation_scores.count(),  # and another
+        }
+        for product in products
+    ]
+
+
+def optimized_rows(page: Iterable[tuple[int, int]]) -> list[dict]:
+    """The page's (id, count) pairs joined to the cached cards (at most one more query)."""
+    page = list(page)
+    cards = cache.get_product_cards(pk for pk, _ in page)
+    return [{**cards[pk], "recommendations": count} for pk, count in page if pk in cards]
+
+
+def page_size(request: HttpRequest) -> int:
+    try:
+        size = int(request.GET.get("per_page", PER_PAGE))
+    except ValueError:
+        return PER_PAGE
+    return min(max(size, 1), MAX_PER_PAGE)
+
+
+def product_list(request: HttpRequest) -> HttpResponse:
+    path = request.GET.get("path", OPTIMIZED)
+    if path not in PATHS:
+        path = OPTIMIZED
+    products = Product.objects.filter(is_active=True).order_by("sku")
+    if path == OPTIMIZED:
+        products = products.annotate(recommendations=recommendation_counts()).values_list(
+            "pk", "recommendations"
+        )
+    paginator = Paginator(products, page_size(request))
+    page = paginator.get_page(request.GET.get("page"))
+    rows = naive_rows(page.object_list) if path == NAIVE else optimized_rows(page.object_list)
+    return render(
+        request,
+        "products/product_list.html",
+        {"page": page, "rows": rows, "path": path, "paths": PATHS, "per_page": paginator.per_page},
+    )

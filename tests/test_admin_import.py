@@ -1,0 +1,240 @@
+"""Imports in the admin: upload, dry-run preview, confirm, result with bad lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
+
+from jobs.models import Job
+from jobs.tasks import run_partition
+from products import imports
+from products.models import Product, ProductView
+from tests.factories import CategoryFactory, ProductFactory, StaffFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+UPLOAD = reverse("admin:products_product_import")
+
+# Line 1 is the header; line 4 has a bad price, line 6 a duplicate sku, line 7
+# too few fields; line 5 updates an existing product.
+PRODUCTS_CSV = (
+    "sku,name,category,price,stock_quantity\n"
+    "NEW-1,First,Tools,1.50,3\n"
+    "NEW-2,Second,Tools,2.00,4\n"
+    "NEW-3,Third,Tools,abc,5\n"
+    "OLD-1,Renamed,Garden,9.99,7\n"
+    "NEW-1,Again,Tools,1.00,1\n"
+    "NEW-4,Short\n"
+)
+
+
+@pytest.fixture(autouse=True)
+def _import_dir(settings, tmp_path):
+    settings.ADMIN_IMPORT_DIR = tmp_path / "imports"
+
+
+@pytest.fixture
+def staff(client):
+    user = StaffFactory()
+    client.force_login(user)
+    return user
+
+
+@pytest.fixture
+def existing():
+    return ProductFactory(sku="OLD-1", category=CategoryFactory(name="Tools"))
+
+
+def upload(client, text: str, *, name: str = "catalogue.csv", kind: str = "products"):
+    file = SimpleUploadedFile(name, text.encode(), content_type="text/csv")
+    return client.post(UPLOAD, {"kind": kind, "file": file})
+
+
+def detail_url(response) -> str:
+    assert response.status_code == 302, response.content.decode()[:2000]
+    return response["Location"]
+
+
+def token_of(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[1]
+
+
+def test_the_changelist_links_to_the_import(client, staff):
+    response = client.get(reverse("admin:products_product_changelist"))
+    assert f'href="{UPLOAD}" id="import-csv-link"' in response.content.decode()
+
+
+def test_preview_counts_and_bad_lines_without_writing(client, staff, existing):
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    assert Product.objects.count() == 1
+    response = client.get(url)
+    assert response.status_code == 200
+    preview = response.context["staged"].preview
+    assert {key: preview[key] for key in ("rows", "created", "updated", "skipped")} == {
+        "rows": 6,
+        "created": 2,
+        "updated": 1,
+        "skipped": 3,
+    }
+    assert preview["errors"] == [
+        {"line": 4, "field": "price", "message": "must be a decimal number"},
+        {
+            "line": 6,
+            "field": "sku",
+            "message": "duplicate sku in this input (first seen at row 0)",
+        },
+        {"line": 7, "field": "row", "message": "expected 5 fields as in the header, found 2"},
+    ]
+    html = response.content.decode()
+    assert 'id="preview-created">2<' in html
+    assert 'id="import-confirm"' in html
+    assert Product.objects.count() == 1
+
+
+def test_confirm_imports_the_good_rows_and_lists_the_bad_ones(client, staff, existing):
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    response = client.post(url)
+    assert response.status_code == 302
+    assert sorted(Product.objects.values_list("sku", flat=True)) == ["NEW-1", "NEW-2", "OLD-1"]
+    existing.refresh_from_db()
+    assert existing.price == Decimal("9.99")
+    page = client.get(url)
+    result = page.context["staged"].result
+    assert (result["created"], result["updated"], result["skipped"]) == (2, 1, 3)
+    assert [(error["line"], error["field"]) for error in result["errors"]] == [
+        (4, "price"),
+        (6, "sku"),
+        (7, "row"),
+    ]
+    html = page.content.decode()
+    log_id = result["log_ids"][0]
+    log_url = reverse("admin:batching_batchprocessinglog_change", args=[log_id])
+    assert f'href="{log_url}"' in html
+    assert 'id="import-bad-lines"' in html
+    # A second confirm (a double click) imports nothing more.
+    client.post(url)
+    assert Product.objects.count() == 3
+
+
+def test_product_views_preview_reports_unknown_references(client, staff, existing):
+    user = UserFactory()
+    text = (
+        "user_id,product_id,session_id\n"
+        f"{user.pk},{existing.pk},s1\n"
+        f"{user.pk},{existing.pk + 1000},s2\n"
+        f"{user.pk},{existing.pk},s3\n"
+    )
+    url = detail_url(upload(client, text, name="views.csv", kind="product_views"))
+    preview = client.get(url).context["staged"].preview
+    assert (preview["created"], preview["skipped"]) == (2, 1)
+    assert preview["errors"][0]["line"] == 3
+    assert preview["errors"][0]["field"] == "product_id"
+    client.post(url)
+    assert ProductView.objects.count() == 2
+    existing.refresh_from_db()
+    assert existing.view_count == 2
+
+
+def test_a_token_is_bound_to_its_user(client, staff, existing):
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    token = token_of(url)
+    other = StaffFactory()
+    client.force_login(other)
+    assert client.get(url).status_code == 404
+    assert client.post(url).status_code == 404
+    status = reverse("admin:products_product_import_status", args=[token])
+    assert client.get(status).status_code == 404
+    assert Product.objects.count() == 1
+
+
+def test_a_made_up_token_is_not_found(client, staff):
+    for token in ["x" * 43, "..", "." * 43, "a" * 42 + "%"]:
+        url = reverse("admin:products_product_import_detail", args=[token])
+        assert client.get(url).status_code == 404, token
+
+
+def test_non_staff_are_sent_to_the_login_page(client):
+    client.force_login(UserFactory())
+    response = client.get(UPLOAD)
+    assert response.status_code == 302
+    assert reverse("admin:login") in response["Location"]
+
+
+def test_staff_without_permission_are_forbidden(client, existing):
+    user = UserFactory(is_staff=True)
+    client.force_login(user)
+    assert client.get(UPLOAD).status_code == 403
+    user.user_permissions.add(Permission.objects.get(codename="add_productview"))
+    client.force_login(user)
+    assert client.get(UPLOAD).status_code == 200
+    # Allowed to import views, not products.
+    assert upload(client, PRODUCTS_CSV).status_code == 403
+
+
+def test_an_unknown_format_is_a_form_error(client, staff):
+    response = upload(client, "whatever", name="catalogue.xlsx")
+    assert response.status_code == 200
+    assert "cannot tell the format of catalogue.xlsx" in response.content.decode()
+
+
+def test_a_file_without_header_is_a_form_error(client, staff):
+    response = upload(client, ",\n")
+    assert response.status_code == 200
+    assert "has no header row" in response.content.decode()
+
+
+@pytest.mark.parametrize("rows", [4, 10])
+def test_preview_queries_one_per_chunk(settings, staff, django_assert_num_queries, rows):
+    settings.BULK_CHUNK_SIZE = 3
+    text = "sku,name,category,price,stock_quantity\n" + "".join(
+        f"S-{index},n,c,1,1\n" for index in range(rows)
+    )
+    upload_file = SimpleUploadedFile("c.csv", text.encode())
+    with django_assert_num_queries(math.ceil(rows / 3)):
+        staged = imports.stage(upload_file, imports.PRODUCTS, staff.pk)
+    assert staged.preview["created"] == rows
+
+
+def test_views_preview_queries_two_per_chunk(settings, staff, existing, django_assert_num_queries):
+    settings.BULK_CHUNK_SIZE = 2
+    text = "user_id,product_id,session_id\n" + f"{staff.pk},{existing.pk},s\n" * 5
+    upload_file = SimpleUploadedFile("v.csv", text.encode())
+    with django_assert_num_queries(2 * math.ceil(5 / 2)):
+        imports.stage(upload_file, imports.PRODUCT_VIEWS, staff.pk)
+
+
+def test_a_large_file_runs_in_the_background_with_progress(
+    client, staff, existing, settings, django_capture_on_commit_callbacks
+):
+    settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 2
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    token = token_of(url)
+    status_url = reverse("admin:products_product_import_status", args=[token])
+    with django_capture_on_commit_callbacks():
+        client.post(url)
+    assert Product.objects.count() == 1  # nothing yet: a worker runs it
+    page = client.get(url)
+    assert 'id="import-progress-bar"' in page.content.decode()
+    assert f'data-status-url="{status_url}"' in page.content.decode()
+    status = json.loads(client.get(status_url).content)
+    assert status == {"state": "running", "rows_done": 0, "rows_total": 5, "job_status": "queued"}
+    job = Job.objects.get(pk=imports.load(token, staff.pk).job_id)
+    for pk in job.partitions.values_list("pk", flat=True):
+        run_partition.call(pk)
+    assert json.loads(client.get(status_url).content)["state"] == "done"
+    result = client.get(url).context["staged"].result
+    assert sorted(Product.objects.values_list("sku", flat=True)) == ["NEW-1", "NEW-2", "OLD-1"]
+    # The unreadable line 7 never reached the job; it is listed all the same.
+    assert [(error["line"], error["field"]) for error in result["errors"]] == [
+        (4, "price"),
+        (6, "sku"),
+        (7, "row"),
+    ]
+    assert (result["created"], result["updated"], result["skipped"]) == (2, 1, 3)
+    assert result["log_ids"]
