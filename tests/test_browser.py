@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from batching.models import BatchProcessingLog
+from products.models import Product
 from tests.factories import StaffFactory
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -115,3 +117,50 @@ def snap(page, screenshots: Path, name: str) -> None:
 def test_admin_index_after_login(page, operator, screenshots):
     assert page.title().startswith("Site administration")
     snap(page, screenshots, "01-admin-index")
+
+
+CATALOGUE = """sku,name,category,price,stock_quantity,is_active
+BRW-1,Kettle,Kitchen,19.99,5,true
+BRW-2,Toaster,Kitchen,not-a-price,3,true
+BRW-3,Lamp,Home,12.50,7,true
+BRW-4,Chair,Home,45.00,-2,true
+BRW-5,Desk,Home,120.00,1,true
+"""
+
+
+def test_import_csv_with_bad_lines(page, operator, screenshots, tmp_path, settings):
+    """Upload, see the preview with the bad lines, confirm, reach the run's log."""
+    settings.ADMIN_IMPORT_DIR = tmp_path / "imports"
+    upload = tmp_path / "catalogue.csv"
+    upload.write_text(CATALOGUE)
+
+    page.goto("/admin/products/product/")
+    page.click("#import-csv-link")
+    page.check("input[name=kind][value=products]")
+    page.set_input_files("input[name=file]", str(upload))
+    snap(page, screenshots, "02-import-upload")
+    page.click("#import-upload-submit")
+
+    page.wait_for_selector("#import-preview")
+    assert page.inner_text("#preview-rows") == "5"
+    assert page.inner_text("#preview-created") == "3"
+    assert page.inner_text("#preview-skipped") == "2"
+    bad_lines = page.locator("#preview-errors td.line").all_inner_texts()
+    assert bad_lines == ["3", "5"]
+    snap(page, screenshots, "03-import-preview")
+
+    page.click("#import-confirm")
+    page.wait_for_selector("#import-result")
+    assert page.inner_text("#result-created") == "3"
+    assert page.inner_text("#result-skipped") == "2"
+    assert page.locator("#import-bad-lines td.line").all_inner_texts() == ["3", "5"]
+    assert sorted(Product.objects.values_list("sku", flat=True)) == ["BRW-1", "BRW-3", "BRW-5"]
+    snap(page, screenshots, "04-import-result")
+
+    page.click(".import-log-link")
+    page.wait_for_url("**/admin/batching/batchprocessinglog/*/change/")
+    log = BatchProcessingLog.objects.get()
+    assert log.operation == BatchProcessingLog.Operation.PRODUCTS
+    assert log.rows_created == 3
+    assert str(log.pk) in page.url
+    snap(page, screenshots, "05-import-log")
