@@ -49,3 +49,24 @@ def _empty_cache():
 
     cache.clear()
     yield
+
+
+@pytest.fixture
+def live_server(settings, transactional_db):
+    """A server started per test, after the settings below apply.
+
+    pytest-django's own live server is session-scoped: it would load the
+    middleware (and its HTTPS redirect) before any test's settings apply, and
+    its autouse helper may set this fixture up before the autouse fixtures
+    above run.
+    """
+    from pytest_django.live_server_helper import LiveServer
+
+    # The live server speaks plain HTTP; deploy settings redirect to HTTPS and
+    # mark cookies Secure.
+    settings.SECURE_SSL_REDIRECT = False
+    settings.SESSION_COOKIE_SECURE = False
+    settings.CSRF_COOKIE_SECURE = False
+    server = LiveServer("localhost")
+    yield server
+    server.stop()

@@ -61,26 +61,6 @@ def chromium():
 
 
 @pytest.fixture
-def live_server(settings):
-    """A server started per test, after the settings below apply.
-
-    pytest-django's own live server is session-scoped: it would load the
-    middleware (and its HTTPS redirect) before any test's settings apply.
-    """
-    from pytest_django.live_server_helper import LiveServer
-
-    # The live server speaks plain HTTP; deploy settings redirect to HTTPS and
-    # mark cookies Secure. (pytest-django's autouse helper may set this fixture
-    # up before the conftest's own autouse fixtures run.)
-    settings.SECURE_SSL_REDIRECT = False
-    settings.SESSION_COOKIE_SECURE = False
-    settings.CSRF_COOKIE_SECURE = False
-    server = LiveServer("localhost")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def page(chromium, live_server):
     context = chromium.new_context(
         base_url=live_server.url, viewport={"width": 1280, "height": 900}

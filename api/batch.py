@@ -1,0 +1,229 @@
+"""The flow every batch endpoint shares: read the rows, then run them now or later.
+
+What the API checks and what it leaves to the services:
+
+* The API owns the envelope: the body's size (413), that it is JSON (400,
+  naming the row the syntax error is in), that it is a list of objects (400,
+  naming each row that is not an object), and the number of rows (413).
+  These say nothing about any row's fields, so a request that fails them is
+  refused whole before anything runs.
+* The services own the rows: every field of every object, with the shared
+  messages of ``products.services.rows``. A row that fails there is reported
+  in the 200 result by index and field, and the good rows are written.
+
+Up to ``API_SYNC_MAX_ROWS`` rows run at once; more, or ``?background=1``,
+become a background job (202 with its status URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest
+from django.urls import reverse
+from ninja import Status
+
+from api.errors import ApiError, row_error
+from api.idempotency import replay_or_run
+from batching.models import BatchProcessingLog
+from jobs.services import submit_job
+from products.services import OptimizedBulkOperationsService
+from products.services.rows import NOT_AN_OBJECT
+
+Operation = BatchProcessingLog.Operation
+
+# The service method that runs each operation.
+SERVICE_METHODS = {
+    Operation.PRODUCT_VIEWS: "create_product_views",
+    Operation.RECOMMENDATION_SCORES: "upsert_recommendation_scores",
+    Operation.PRODUCTS: "import_products",
+    Operation.ORDERS: "process_orders",
+}
+
+BODY_TOO_LARGE = "the request body is larger than the limit of {limit} bytes"
+BAD_CONTENT_LENGTH = "the Content-Length header is not a non-negative integer"
+NOT_JSON = "the body is not valid JSON: {error}"
+NOT_UTF8 = "the body is not UTF-8 text"
+JSON_SYNTAX = "invalid JSON: {error} (line {line}, column {column})"
+NOT_A_LIST = "the body must be a JSON list of row objects"
+ROWS_NOT_OBJECTS = "{count} rows are not JSON objects"
+TOO_MANY_ROWS = "{count} rows is more than the limit of {limit} rows per request"
+UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
+NOT_STORABLE = (
+    "a background job stores its rows as JSON in the database, which cannot hold text "
+    "with NUL characters or unpaired surrogates; send the batch without ?background "
+    "(and no more than API_SYNC_MAX_ROWS rows) to have such rows reported one by one"
+)
+# At most this many rows are listed in one 400 answer.
+MAX_LISTED_ERRORS = 100
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Escapes for what jsonb refuses: NUL, and surrogates (paired or not, checked below).
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def body_too_large() -> str:
+    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
+
+
+def read_body(request: HttpRequest) -> bytes:
+    """The raw body, refused with 413 before it is read when it is too large."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError(400, BAD_CONTENT_LENGTH) from None
+    if length < 0:
+        raise ApiError(400, BAD_CONTENT_LENGTH)
+    if length > settings.API_MAX_BODY_BYTES:
+        raise ApiError(413, body_too_large())
+    try:
+        return request.body
+    except RequestDataTooBig:  # DATA_UPLOAD_MAX_MEMORY_SIZE set below the API's limit
+        raise ApiError(413, body_too_large()) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def syntax_error_row(text: str) -> int | None:
+    """The index of the top-level element a JSON syntax error is in, if any.
+
+    Only called after ``json.loads`` failed: decodes the list one element at
+    a time until the failing one.
+    """
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    position = _WHITESPACE.match(text, 0).end()
+    if not text.startswith("[", position):
+        return None
+    position = _WHITESPACE.match(text, position + 1).end()
+    index = 0
+    while True:
+        try:
+            _, position = decoder.raw_decode(text, position)
+        except (ValueError, RecursionError):
+            return index
+        position = _WHITESPACE.match(text, position).end()
+        if not text.startswith(",", position):
+            return index  # a missing comma or bracket, right after this row
+        position = _WHITESPACE.match(text, position + 1).end()
+        index += 1
+
+
+def parse_rows(body: bytes) -> list[dict[str, Any]]:
+    """A JSON list of objects, or a 400 naming the row and field at fault."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, NOT_UTF8) from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        message = JSON_SYNTAX.format(error=exc.msg, line=exc.lineno, column=exc.colno)
+        raise ApiError(400, message, [row_error(syntax_error_row(text), "row", message)]) from None
+    except (ValueError, RecursionError) as exc:
+        # NaN/Infinity, integers beyond Python's digit limit, absurd nesting.
+        message = NOT_JSON.format(error=exc if isinstance(exc, ValueError) else "nested too deeply")
+        raise ApiError(400, message, [row_error(syntax_error_row(text), "row", message)]) from None
+    if not isinstance(data, list):
+        raise ApiError(400, NOT_A_LIST, [row_error(None, "body", NOT_A_LIST)])
+    bad = [index for index, row in enumerate(data) if not isinstance(row, dict)]
+    if bad:
+        errors = [row_error(index, "row", NOT_AN_OBJECT) for index in bad[:MAX_LISTED_ERRORS]]
+        raise ApiError(400, ROWS_NOT_OBJECTS.format(count=len(bad)), errors)
+    return data
+
+
+def unstorable_field(value: Any, path: str = "") -> str | None:
+    """The first key or text in ``value`` that jsonb cannot store, as a path; or None."""
+    if isinstance(value, str):
+        bad = "\x00" in value
+        if not bad:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                bad = True
+        return (path or "row") if bad else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            found = unstorable_field(key, where) or unstorable_field(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            if where := unstorable_field(item, f"{path}[{position}]"):
+                return where
+    return None
+
+
+def check_storable(body: bytes, rows: list[dict[str, Any]]) -> None:
+    """400 naming the rows a background job could not store (see NOT_STORABLE)."""
+    if not _UNSTORABLE_ESCAPE.search(body):  # the usual case: one scan of the bytes
+        return
+    errors = []
+    for index, row in enumerate(rows):
+        if field := unstorable_field(row):
+            errors.append(row_error(index, field, UNSTORABLE_TEXT))
+    if errors:
+        raise ApiError(400, NOT_STORABLE, errors[:MAX_LISTED_ERRORS])
+
+
+def fingerprint(request: HttpRequest, body: bytes) -> str:
+    """What makes two requests the same request, for idempotency."""
+    digest = hashlib.sha256()
+    query = urlencode(sorted(request.GET.lists()), doseq=True)
+    for part in (request.method or "", request.path, query):
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\n")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+def run_rows(
+    request: HttpRequest,
+    operation: str,
+    *,
+    background: bool = False,
+    idempotency_key: str | None = None,
+) -> Status:
+    """Read the request's rows and run ``operation`` on them: the status and answer."""
+    body = read_body(request)
+    rows = parse_rows(body)
+    if len(rows) > settings.API_MAX_ROWS:
+        message = TOO_MANY_ROWS.format(count=len(rows), limit=settings.API_MAX_ROWS)
+        raise ApiError(413, message)
+    later = background or len(rows) > settings.API_SYNC_MAX_ROWS
+    if later:
+        check_storable(body, rows)
+
+    def run() -> tuple[int, dict[str, Any]]:
+        if later:
+            return 202, submit(operation, rows, request.auth)
+        return 200, run_now(operation, rows)
+
+    if idempotency_key:
+        status, answer = replay_or_run(
+            user=request.auth, key=idempotency_key, request_hash=fingerprint(request, body), run=run
+        )
+    else:
+        status, answer = run()
+    return Status(status, answer)
+
+
+def run_now(operation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    method: Callable = getattr(OptimizedBulkOperationsService(), SERVICE_METHODS[operation])
+    return method(rows).as_dict()
+
+
+def submit(operation: str, rows: list[dict[str, Any]], user: Any) -> dict[str, Any]:
+    job = submit_job(operation=operation, rows=rows, created_by=user)
+    answer = job.as_dict()
+    answer["status_url"] = reverse("api:job", kwargs={"job_id": job.pk})
+    return answer

@@ -1,0 +1,96 @@
+"""Response shapes shared by the API's routers (they are the OpenAPI schema)."""
+
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from ninja import Field, Header, Query, Schema
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Replaying a request with the same key returns the first answer.",
+    ),
+]
+
+Background = Annotated[
+    bool,
+    Query(
+        description=(
+            "Up to API_SYNC_MAX_ROWS rows run at once and answer 200 with the result; "
+            "more rows, or background=true, answer 202 with a job and its status URL."
+        )
+    ),
+]
+
+
+class RowErrorOut(Schema):
+    index: int | None = Field(description="0-based row in the request, when one is at fault")
+    field: str | None
+    message: str
+
+
+class ErrorOut(Schema):
+    detail: str
+    errors: list[RowErrorOut] = []
+
+
+class BatchRowErrorOut(Schema):
+    index: int
+    field: str
+    message: str
+    code: str
+
+
+class BatchResultOut(Schema):
+    log_id: int
+    operation: str
+    variant: str
+    status: str
+    read: int
+    written: int
+    created: int
+    updated: int
+    skipped: int
+    errors: list[BatchRowErrorOut]
+    query_count: int
+    duration: float
+
+
+class JobOut(Schema):
+    id: UUID
+    operation: str
+    status: str = Field(description="queued, running, completed, partial or failed")
+    rows_done: int
+    rows_total: int
+    result: dict[str, Any] | None = Field(description="the batch result, once finished")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class JobAcceptedOut(JobOut):
+    status_url: str
+
+
+ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 503)}
+BATCH_RESPONSES = {200: BatchResultOut, 202: JobAcceptedOut, **ERRORS}
+
+
+def rows_body(description: str, example: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI for a batch body: a JSON list of objects (the flow parses it itself)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "array", "items": {"type": "object"}},
+                    "example": example,
+                }
+            },
+        }
+    }

@@ -1,0 +1,35 @@
+"""The JSON API: one NinjaAPI, a router per app, one error shape, one auth rule.
+
+Mounted at ``/api/``: the OpenAPI schema is ``/api/openapi.json`` and the
+interactive docs ``/api/docs`` (Swagger UI from ninja's own static files, so
+the page loads nothing from the internet; the online validator is off).
+"""
+
+from ninja import NinjaAPI, Swagger
+
+from api.auth import API_AUTH
+from api.errors import install_error_handlers
+from batching.api import router as batching_router
+from jobs.api import router as jobs_router
+from orders.api import router as orders_router
+from products.api import router as products_router
+
+api = NinjaAPI(
+    title="Shop bulk operations",
+    version="1.0.0",
+    description=(
+        "Batch writes for the shop (product views, recommendation scores, catalogue "
+        "imports, orders), their background jobs, batch run logs and the sales report. "
+        "Every endpoint needs an active staff user: an API token "
+        "(`Authorization: Bearer ...`) or a session with its CSRF token."
+    ),
+    auth=API_AUTH,
+    urls_namespace="api",
+    docs=Swagger(settings={"validatorUrl": None}),
+)
+install_error_handlers(api)
+
+api.add_router("", products_router)
+api.add_router("", orders_router)
+api.add_router("", jobs_router)
+api.add_router("", batching_router)
