@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from batching.models import BatchProcessingLog
+from jobs.models import JobPartition
+from jobs.tasks import run_partition
 from products.models import Product
 from tests.factories import StaffFactory
 
@@ -144,3 +146,30 @@ def test_import_csv_with_bad_lines(page, operator, screenshots, tmp_path, settin
     assert log.rows_created == 3
     assert str(log.pk) in page.url
     snap(page, screenshots, "05-import-log")
+
+
+def test_large_import_shows_progress_until_done(page, operator, screenshots, tmp_path, settings):
+    """Over the sync limit the import is a background job; the page polls it."""
+    settings.ADMIN_IMPORT_DIR = tmp_path / "imports"
+    settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 2
+    settings.JOB_PARTITION_ROWS = 2
+    upload = tmp_path / "catalogue.csv"
+    upload.write_text(CATALOGUE)
+
+    page.goto("/admin/products/product/import/")
+    page.check("input[name=kind][value=products]")
+    page.set_input_files("input[name=file]", str(upload))
+    page.click("#import-upload-submit")
+    page.click("#import-confirm")
+    page.wait_for_selector("#import-progress")
+    assert page.inner_text("#import-progress-text").startswith("0 of 5 rows")
+    snap(page, screenshots, "06-import-progress")
+
+    # A worker's part, done here: run the job's partitions; the page notices.
+    for partition in JobPartition.objects.values_list("pk", flat=True):
+        run_partition.call(partition)
+    page.wait_for_selector("#import-result", timeout=10_000)
+    assert page.inner_text("#result-created") == "3"
+    assert page.locator("#import-bad-lines td.line").all_inner_texts() == ["3", "5"]
+    assert page.locator(".import-log-link").count() == 3  # one run per partition
+    snap(page, screenshots, "07-import-background-result")
