@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from django import forms
 from django.contrib import admin
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from batching.dashboard import MAX_POINTS, build_dashboard
 from batching.models import BatchProcessingLog
 
 # Columns of the row-errors table: (key in a row_errors entry, header).
@@ -51,6 +55,22 @@ class ReadOnlyAdminMixin:
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+# The admin index shows a "Reports" module (the run dashboard, the sales
+# report) above the app list; see templates/admin/reports_index.html.
+admin.site.index_template = "admin/reports_index.html"
+
+DASHBOARD_DEFAULT_DAYS = 30
+DASHBOARD_PERIODS = [(1, "24 hours"), (7, "7 days"), (30, "30 days"), (90, "90 days"), (0, "all")]
+
+
+class DashboardForm(forms.Form):
+    """The dashboard's period: runs started in the last ``days`` days, 0 for all runs."""
+
+    days = forms.IntegerField(
+        min_value=0, max_value=36_500, required=False, help_text="0 shows every run."
+    )
 
 
 def row_error_cells(entries: list[Any]) -> Iterator[tuple[Any, ...]]:
@@ -129,6 +149,41 @@ class BatchProcessingLogAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     # Everything on the detail page is read-only; the computed entries must be
     # listed here for the fieldsets above to name them.
     readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+
+    def get_urls(self) -> list[URLPattern]:
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="batching_batchprocessinglog_dashboard",
+        )
+        return [dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Charts and tables of the runs of a period: see ``batching.dashboard``.
+
+        A fixed number of queries whatever the number of runs. A bad period is
+        answered with the form's error and status 400, never a 500.
+        """
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        form = DashboardForm(request.GET)
+        status, dashboard = 400, None
+        if form.is_valid():
+            days = form.cleaned_data["days"]
+            days = DASHBOARD_DEFAULT_DAYS if days is None else days
+            dashboard, status = build_dashboard(days=days or None), 200
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Batch run dashboard",
+            "opts": self.opts,
+            "form": form,
+            "dashboard": dashboard,
+            "periods": DASHBOARD_PERIODS,
+            "max_points": MAX_POINTS,
+        }
+        return TemplateResponse(
+            request, "admin/batching/batchprocessinglog/dashboard.html", context, status=status
+        )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[BatchProcessingLog]:
         """Leave the error text out of the list; ``get_object`` puts it back.

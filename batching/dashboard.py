@@ -1,0 +1,222 @@
+"""Figures for the batch-run dashboard: three aggregate queries, whatever the number of runs.
+
+1. One row per operation and variant: runs, failed, partial, rows read and
+   skipped, mean rows per second and mean duration (GROUP BY).
+2. The latest ``MAX_POINTS`` finished runs of the period, five columns each,
+   for the charts over time (bounded, so the page stays small however many
+   runs the table holds).
+3. The ``SLOWEST`` slowest runs of the period.
+
+The charts are drawn on the server (``shop.charts``): the page loads nothing
+from anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db.models import Avg, Count, Q, QuerySet, Sum
+from django.utils import timezone
+from django.utils.safestring import SafeString
+
+from batching.models import BatchProcessingLog as Log
+from shop.charts import bar_chart, line_chart
+
+MAX_POINTS = 1000
+SLOWEST = 10
+VARIANTS = [Log.Variant.NAIVE, Log.Variant.OPTIMIZED]
+
+
+@dataclass(frozen=True)
+class OperationSummary:
+    """One operation run by one variant over the period."""
+
+    operation: str
+    operation_label: str
+    variant: str
+    variant_label: str
+    runs: int
+    failed: int
+    partial: int
+    interrupted: int
+    rows_read: int
+    rows_skipped: int
+    mean_rows_per_second: float | None
+    mean_duration: float | None
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.runs if self.runs else 0.0
+
+    @property
+    def skip_rate(self) -> float:
+        return self.rows_skipped / self.rows_read if self.rows_read else 0.0
+
+    @property
+    def failure_percent(self) -> float:
+        return 100 * self.failure_rate
+
+    @property
+    def skip_percent(self) -> float:
+        return 100 * self.skip_rate
+
+
+@dataclass(frozen=True)
+class OperationCharts:
+    operation: str
+    label: str
+    throughput: SafeString
+    duration: SafeString
+
+
+@dataclass
+class Dashboard:
+    days: int | None
+    since: datetime | None
+    summaries: list[OperationSummary] = field(default_factory=list)
+    slowest: list[Log] = field(default_factory=list)
+    points: int = 0
+    points_capped: bool = False
+    throughput_chart: SafeString | None = None
+    duration_chart: SafeString | None = None
+    operation_charts: list[OperationCharts] = field(default_factory=list)
+
+
+def runs_in_period(days: int | None) -> tuple[QuerySet[Log], datetime | None]:
+    since = timezone.now() - timedelta(days=days) if days else None
+    runs = Log.objects.all() if since is None else Log.objects.filter(started_at__gte=since)
+    return runs, since
+
+
+def build_dashboard(*, days: int | None = None) -> Dashboard:
+    """The dashboard of the runs started in the last ``days`` days (None: all runs)."""
+    runs, since = runs_in_period(days)
+    dashboard = Dashboard(days=days, since=since)
+    dashboard.summaries = summarise(runs)
+    dashboard.slowest = list(
+        runs.filter(duration_seconds__isnull=False)
+        .defer("row_errors", "error_summary")
+        .order_by("-duration_seconds", "-id")[:SLOWEST]
+    )
+    points = list(
+        runs.filter(rows_per_second__isnull=False)
+        .order_by("-started_at", "-id")
+        .values_list("operation", "variant", "started_at", "rows_per_second", "duration_seconds")[
+            : MAX_POINTS + 1
+        ]
+    )
+    dashboard.points_capped = len(points) > MAX_POINTS
+    points = points[:MAX_POINTS]
+    dashboard.points = len(points)
+    draw(dashboard, points)
+    return dashboard
+
+
+def summarise(runs: QuerySet[Log]) -> list[OperationSummary]:
+    rows = (
+        runs.order_by()
+        .values("operation", "variant")
+        .annotate(
+            runs=Count("pk"),
+            failed=Count("pk", filter=Q(status=Log.Status.FAILED)),
+            partial=Count("pk", filter=Q(status=Log.Status.PARTIAL)),
+            interrupted=Count("pk", filter=Q(status=Log.Status.INTERRUPTED)),
+            rows_read=Sum("rows_read"),
+            rows_skipped=Sum("rows_skipped"),
+            mean_rows_per_second=Avg("rows_per_second"),
+            mean_duration=Avg("duration_seconds"),
+        )
+    )
+    operations = dict(Log.Operation.choices)
+    variants = dict(Log.Variant.choices)
+    order = {value: index for index, value in enumerate(operations)}
+    summaries = [
+        OperationSummary(
+            operation_label=operations.get(row["operation"], row["operation"]),
+            variant_label=variants.get(row["variant"], row["variant"]),
+            **row,
+        )
+        for row in rows
+    ]
+    return sorted(
+        summaries, key=lambda s: (order.get(s.operation, len(order)), s.operation, s.variant)
+    )
+
+
+def draw(dashboard: Dashboard, points: list[tuple]) -> None:
+    """The summary bar charts and, per operation, rows/s and duration over time."""
+    operations = dict(Log.Operation.choices)
+    seen = {s.operation for s in dashboard.summaries}
+    shown = [op for op in operations if op in seen]
+    shown += sorted(seen - set(operations))
+    by_key = {(s.operation, s.variant): s for s in dashboard.summaries}
+    variant_labels = dict(Log.Variant.choices)
+    groups = [operations.get(op, op) for op in shown]
+
+    def bars(attribute: str) -> dict[str, list[float | None]]:
+        return {
+            variant_labels[v]: [
+                getattr(by_key[(op, v)], attribute) if (op, v) in by_key else None for op in shown
+            ]
+            for v in VARIANTS
+        }
+
+    dashboard.throughput_chart = bar_chart(
+        groups,
+        bars("mean_rows_per_second"),
+        title="Mean rows per second by operation",
+        y_label="rows per second",
+        log_scale=True,
+    )
+    dashboard.duration_chart = bar_chart(
+        groups,
+        bars("mean_duration"),
+        title="Mean duration by operation",
+        y_label="seconds",
+        log_scale=True,
+    )
+
+    over_time: dict[str, dict[str, dict[str, list]]] = defaultdict(
+        lambda: {"throughput": defaultdict(list), "duration": defaultdict(list)}
+    )
+    zone = timezone.get_current_timezone()
+    for operation, variant, started_at, rows_per_second, duration in points:
+        label = variant_labels.get(variant, variant)
+        moment = started_at.astimezone(zone)
+        over_time[operation]["throughput"][label].append((moment, rows_per_second))
+        over_time[operation]["duration"][label].append((moment, duration))
+    for operation in shown:
+        if operation not in over_time:
+            continue
+        name = operations.get(operation, operation)
+        series = over_time[operation]
+        dashboard.operation_charts.append(
+            OperationCharts(
+                operation=operation,
+                label=name,
+                throughput=line_chart(
+                    _in_variant_order(series["throughput"]),
+                    title=f"{name}: rows per second",
+                    y_label="rows per second",
+                    log_scale=True,
+                    width=560,
+                    height=280,
+                ),
+                duration=line_chart(
+                    _in_variant_order(series["duration"]),
+                    title=f"{name}: duration",
+                    y_label="seconds",
+                    log_scale=True,
+                    width=560,
+                    height=280,
+                ),
+            )
+        )
+
+
+def _in_variant_order(series: dict[str, list]) -> dict[str, list]:
+    """Naive first, optimized second, so each variant keeps its colour on every chart."""
+    labels = [label for value, label in Log.Variant.choices]
+    return {label: series.get(label, []) for label in labels} | series

@@ -1,0 +1,112 @@
+"""``manage.py sales_report [--since DATE] [--until DATE] [--csv PATH]``.
+
+Prints the figures of ``orders.reports.sales_report`` (two aggregate queries
+whatever the number of orders) and, with ``--csv``, writes every order line of
+the same range as CSV, streamed line by line (``-`` for standard output, in
+which case the CSV is all that is printed).
+"""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser, ArgumentTypeError
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from orders.reports import SalesReport, iter_order_lines_csv, sales_report
+
+BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
+CANNOT_WRITE = "cannot write {path}: {error}"
+RANGE_REVERSED = "--since {since} is after --until {until}"
+
+
+def iso_date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ArgumentTypeError(BAD_DATE.format(value=value)) from None
+
+
+class Command(BaseCommand):
+    help = (
+        "Sales figures (orders, revenue, average order value, units and revenue per "
+        "product and per day) for a range of days, cancelled orders left out; "
+        "optionally every order line as CSV."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--since",
+            type=iso_date,
+            metavar="DATE",
+            help="First day included, YYYY-MM-DD (default: no limit).",
+        )
+        parser.add_argument(
+            "--until",
+            type=iso_date,
+            metavar="DATE",
+            help="Last day included, YYYY-MM-DD (default: no limit).",
+        )
+        parser.add_argument(
+            "--csv",
+            type=str,
+            metavar="PATH",
+            help="Also write the order lines of the range as CSV to PATH ('-' for standard "
+            "output, instead of the figures).",
+        )
+
+    def handle(self, *args: Any, since: date | None, until: date | None, **options: Any) -> None:
+        if since and until and since > until:
+            raise CommandError(RANGE_REVERSED.format(since=since, until=until))
+        path = options["csv"]
+        if path == "-":
+            for line in iter_order_lines_csv(since=since, until=until):
+                self.stdout.write(line, ending="")
+            return
+        if options["verbosity"] > 0:
+            self.print_report(sales_report(since=since, until=until))
+        if path:
+            lines = self.write_csv(Path(path), since, until)
+            if options["verbosity"] > 0:
+                self.stdout.write(f"Wrote {lines:,} order lines to {path}")
+
+    def write_csv(self, path: Path, since: date | None, until: date | None) -> int:
+        """Write the CSV line by line; returns the number of order lines (header excluded)."""
+        lines = iter_order_lines_csv(since=since, until=until)
+        count = 0
+        try:
+            with path.open("w", newline="", encoding="utf-8") as out:
+                out.write(next(lines))  # the header
+                for line in lines:
+                    out.write(line)
+                    count += 1
+        except OSError as error:
+            raise CommandError(CANNOT_WRITE.format(path=path, error=error.strerror)) from error
+        return count
+
+    def print_report(self, report: SalesReport) -> None:
+        write = self.stdout.write
+        since = report.since.isoformat() if report.since else "the first order"
+        until = report.until.isoformat() if report.until else "the last order"
+        write(self.style.MIGRATE_HEADING(f"Sales from {since} to {until}"))
+        write("(every order except cancelled ones; revenue is the sum of the order lines)")
+        write(f"Orders:              {report.orders:,}")
+        write(f"Revenue:             {report.revenue:,.2f}")
+        write(f"Average order value: {report.average_order_value:,.2f}")
+        write(f"Units:               {report.units:,}")
+        if report.products:
+            write(self.style.MIGRATE_HEADING("\nPer product, by revenue"))
+            sku_width = max(len("sku"), *(len(p.sku) for p in report.products))
+            write(f"{'sku':<{sku_width}}  {'units':>10}  {'revenue':>14}  name")
+            for product in report.products:
+                write(
+                    f"{product.sku:<{sku_width}}  {product.units:>10,}  "
+                    f"{product.revenue:>14,.2f}  {product.name}"
+                )
+        if report.days:
+            write(self.style.MIGRATE_HEADING("\nPer day"))
+            write(f"{'day':<10}  {'orders':>8}  {'revenue':>14}")
+            for day in report.days:
+                write(f"{day.day.isoformat():<10}  {day.orders:>8,}  {day.revenue:>14,.2f}")
