@@ -9,15 +9,19 @@ Each page is saved as a screenshot in the folder printed at the end of the run
 
 import os
 import shutil
+from decimal import Decimal
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 
 from batching.models import BatchProcessingLog
 from jobs.models import JobPartition
 from jobs.tasks import run_partition
 from products.models import Product
-from tests.factories import StaffFactory
+from products.services import OptimizedBulkOperationsService
+from tests.factories import ProductFactory, StaffFactory
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 PASSWORD = "staff-password"  # StaffFactory's
@@ -173,3 +177,46 @@ def test_large_import_shows_progress_until_done(page, operator, screenshots, tmp
     assert page.locator("#import-bad-lines td.line").all_inner_texts() == ["3", "5"]
     assert page.locator(".import-log-link").count() == 3  # one run per partition
     snap(page, screenshots, "07-import-background-result")
+
+
+def test_dashboard_shows_runs_as_charts(page, operator, screenshots):
+    call_command("test_bulk_performance", size=40, stdout=StringIO())
+
+    page.goto("/admin/")
+    page.click("#index-dashboard-link")
+    page.wait_for_selector("h1#dashboard-title")
+    charts = page.locator("#dashboard-charts svg.chart")
+    assert charts.count() >= 2
+    # Both variants of every operation ran: each appears in the over-time charts.
+    over_time = page.inner_text("#dashboard-over-time")
+    assert "naive" in over_time.lower() and "optimized" in over_time.lower()
+    assert page.locator("#dashboard-slowest tbody tr").count() >= 1
+    snap(page, screenshots, "08-dashboard")
+
+
+def test_sales_report_page(page, operator, screenshots):
+    kettle, lamp = ProductFactory(price=Decimal("20.00")), ProductFactory(price=Decimal("5.00"))
+    kettle.stock_quantity = lamp.stock_quantity = 100
+    Product.objects.bulk_update([kettle, lamp], ["stock_quantity"])
+    orders = [
+        {
+            "reference": "B-1",
+            "user_id": operator.pk,
+            "items": [{"product_id": kettle.pk, "quantity": 2}],
+        },
+        {
+            "reference": "B-2",
+            "user_id": operator.pk,
+            "items": [{"product_id": lamp.pk, "quantity": 4}],
+        },
+    ]
+    assert OptimizedBulkOperationsService().process_orders(orders).written == 2
+
+    page.goto("/admin/")
+    page.click("#index-sales-report-link")
+    page.wait_for_selector("h1#sales-report-title")
+    assert page.inner_text("#total-orders") == "2"
+    assert "60.00" in page.inner_text("#total-revenue")
+    assert "30.00" in page.inner_text("#average-order-value")
+    assert page.locator("#sales-report-chart svg.chart").count() == 1
+    snap(page, screenshots, "09-sales-report")
