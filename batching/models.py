@@ -14,6 +14,7 @@ class BatchProcessingLog(models.Model):
         RECOMMENDATION_SCORES = "recommendation_scores", "Recommendation scores"
         ORDERS = "orders", "Orders"
         PRODUCTS = "products", "Product import"
+        PRODUCT_UPDATES = "product_updates", "Price and stock update"
 
     class Variant(models.TextChoices):
         NAIVE = "naive", "Naive (N+1)"

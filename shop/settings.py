@@ -187,6 +187,11 @@ BULK_RETRY_BASE_DELAY = env_float("BULK_RETRY_BASE_DELAY", 0.05)
 BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
 # A running run whose heartbeat is older than this is shown as interrupted.
 BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
+# PostgreSQL fast paths (COPY, array upserts and updates, guarded stock); off
+# runs the portable path every database shares. They pay off in larger chunks,
+# so on PostgreSQL the default chunk is BULK_PG_CHUNK_SIZE instead.
+BULK_PG_FAST_PATHS = env_bool("BULK_PG_FAST_PATHS", True)
+BULK_PG_CHUNK_SIZE = env_int("BULK_PG_CHUNK_SIZE", 10_000)
 
 # JSON API (/api/). Batches of up to API_SYNC_MAX_ROWS rows run during the
 # request; larger ones (up to API_MAX_ROWS) become background jobs.
@@ -196,6 +201,9 @@ API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 16 * 1024 * 1024)
 # Django refuses bodies above this before any view runs (as a 400); the API
 # answers 413 by its own limit, so Django's must not be the lower one.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_BODY_BYTES, 2_621_440)
+# An Idempotency-Key whose request has had no answer for this long is taken
+# to belong to a dead process, and the key is free again.
+IDEMPOTENCY_PENDING_SECONDS = env_int("IDEMPOTENCY_PENDING_SECONDS", 600)
 # /metrics is open unless this is set; then it needs "Authorization: Bearer <token>".
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 

@@ -16,6 +16,7 @@ import pytest
 from django.db import connection, transaction
 
 from batching.models import BatchProcessingLog
+from batching.postgres import fast_paths
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
@@ -45,6 +46,11 @@ def per_chunk(queries: int) -> int:
 
 def on_postgresql() -> bool:
     return connection.vendor == "postgresql"
+
+
+def fast() -> bool:
+    """The PostgreSQL fast paths are on (``BULK_PG_FAST_PATHS``)."""
+    return fast_paths(connection.alias)
 
 
 @pytest.fixture
@@ -178,8 +184,9 @@ def run_both(naive, optimized, method: str, rows: list, **kwargs):
 class TestOptimizedQueryCounts:
     @pytest.mark.parametrize(("count", "chunk_size"), [(20, 1000), (20, 7), (45, 1000), (45, 7)])
     def test_product_views(self, optimized, shop, django_assert_num_queries, count, chunk_size):
-        # users, products (locked), INSERT views, UPDATE view_count.
-        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(4)
+        # users, products (locked), INSERT views, UPDATE view_count; the fast
+        # path locks the products and adds to their counts in one statement.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(3 if fast() else 4)
         with django_assert_num_queries(expected):
             result = optimized.create_product_views(view_rows(shop, count), chunk_size=chunk_size)
         assert result.written == count
@@ -191,7 +198,7 @@ class TestOptimizedQueryCounts:
     ):
         # users, products, one upsert (PostgreSQL tells created from updated
         # in the upsert itself; elsewhere existing keys are read first).
-        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(3 if on_postgresql() else 4)
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(3 if fast() else 4)
         with django_assert_num_queries(expected):
             result = optimized.upsert_recommendation_scores(
                 score_rows(shop, count), chunk_size=chunk_size
@@ -205,7 +212,7 @@ class TestOptimizedQueryCounts:
         for name in ("Imported 0", "Imported 1", "Imported 2"):
             CategoryFactory(name=name)
         # categories, one upsert (+ existing skus, except on PostgreSQL).
-        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(2 if on_postgresql() else 3)
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(2 if fast() else 3)
         with django_assert_num_queries(expected):
             result = optimized.import_products(product_rows(count), chunk_size=chunk_size)
         assert result.created == count
@@ -214,7 +221,7 @@ class TestOptimizedQueryCounts:
         self, optimized, django_assert_num_queries
     ):
         # categories, INSERT missing, read their ids back, upsert (+ existing skus).
-        with django_assert_num_queries(LOG_QUERIES + per_chunk(4 if on_postgresql() else 5)):
+        with django_assert_num_queries(LOG_QUERIES + per_chunk(4 if fast() else 5)):
             result = optimized.import_products(product_rows(30))
         assert result.created == 30
         assert Category.objects.count() == 3
@@ -228,6 +235,19 @@ class TestOptimizedQueryCounts:
             result = optimized.process_orders(order_rows(shop, count), chunk_size=chunk_size)
         assert result.written == count
 
+    @pytest.mark.parametrize(("count", "chunk_size"), [(12, 1000), (12, 5), (36, 5)])
+    def test_update_products(self, optimized, django_assert_num_queries, count, chunk_size):
+        ProductFactory.create_batch(count)
+        rows = [
+            {"sku": sku, "price": "1.50", "stock_quantity": n}
+            for n, sku in enumerate(Product.objects.values_list("sku", flat=True))
+        ]
+        # products by sku (locked), one UPDATE.
+        expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(2)
+        with django_assert_num_queries(expected):
+            result = optimized.update_products(rows, chunk_size=chunk_size)
+        assert result.updated == count
+
     def test_chunk_of_invalid_rows_only_writes_its_checkpoint(
         self, optimized, django_assert_num_queries
     ):
@@ -236,7 +256,10 @@ class TestOptimizedQueryCounts:
         assert result.skipped == 2
 
     def test_querysets_raise_on_lazy_loads(self, optimized, shop, monkeypatch):
-        """FETCH_RAISE: a per-row lazy load in the service fails instead of querying."""
+        """FETCH_RAISE: a per-row lazy load in the service fails instead of querying.
+
+        Orders lock their products through a queryset on every database.
+        """
         from django.core.exceptions import FieldFetchBlocked
 
         from products.services import optimized as module
@@ -252,7 +275,7 @@ class TestOptimizedQueryCounts:
 
         monkeypatch.setattr(module, "strict", strict_then_lazy)
         with pytest.raises(FieldFetchBlocked):
-            optimized.create_product_views(view_rows(shop, 2))
+            optimized.process_orders(order_rows(shop, 2))
 
 
 class TestNaiveQueryCounts:
@@ -262,6 +285,12 @@ class TestNaiveQueryCounts:
         expected = LOG_QUERIES + chunks(count, chunk_size) * per_chunk(0) + 4 * count
         with django_assert_num_queries(expected):
             naive.create_product_views(view_rows(shop, count), chunk_size=chunk_size)
+
+    def test_update_products_costs_two_queries_a_row(self, naive, django_assert_num_queries):
+        skus = [product.sku for product in ProductFactory.create_batch(5)]
+        # Per row: the product by sku, its UPDATE.
+        with django_assert_num_queries(LOG_QUERIES + per_chunk(0) + 2 * 5):
+            naive.update_products([{"sku": sku, "stock_quantity": 1} for sku in skus])
 
     def test_queries_grow_with_rows(self, naive, shop):
         small = naive.upsert_recommendation_scores(score_rows(shop, 6)).query_count
@@ -308,6 +337,25 @@ class TestSameEndState:
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
         assert (o_result.created, o_result.updated) == (10, 10)
+
+    def test_update_products(self, naive, optimized):
+        skus = [product.sku for product in ProductFactory.create_batch(12, stock_quantity=5)]
+        rows = [
+            {"sku": skus[0], "price": "1.25", "stock_quantity": 0},
+            {"sku": skus[1], "price": "2.50"},  # stock stays
+            {"sku": skus[2], "stock_quantity": "7", "price": ""},  # price stays
+            {"sku": "NOT-THERE", "price": "1.00"},
+            {"sku": skus[1], "price": "9.99"},  # duplicate sku
+            *({"sku": sku, "price": f"{n}.{n:02d}"} for n, sku in enumerate(skus[3:])),
+        ]
+        n_result, n_state, o_result, o_state = run_both(
+            naive, optimized, "update_products", rows, chunk_size=4
+        )
+        assert n_state == o_state
+        assert outcome(n_result) == outcome(o_result)
+        assert (o_result.written, o_result.updated, o_result.skipped) == (12, 12, 2)
+        assert o_state["products"][skus[1]][2:4] == [Decimal("2.50"), 5]
+        assert o_state["products"][skus[2]][2:4] == [Decimal("10.00"), 7]
 
     def test_orders(self, naive, optimized, shop):
         rows = order_rows(shop, 20)
@@ -428,6 +476,41 @@ class TestBadRows:
         assert Product.objects.get(sku="J").is_active is False
         assert Product.objects.get(sku="J").price == Decimal("5.00")
 
+    def test_update_products(self, service):
+        product = ProductFactory(sku="A", price=Decimal("3.00"), stock_quantity=4)
+        before = product.updated_at
+        rows = [
+            {"sku": "A", "price": "4.50"},
+            {"sku": "A", "stock_quantity": 1},  # duplicate sku of row 0
+            {"sku": "B", "price": "1.00"},  # unknown sku
+            {"sku": "C"},  # nothing to update
+            {"sku": "D", "price": "", "stock_quantity": None},  # blank is not given
+            {"sku": "E", "price": "-1"},  # negative
+            {"sku": "F", "stock_quantity": "many"},  # ill-typed
+            {"price": "1.00"},  # no sku
+            "A",  # not an object
+        ]
+        result = service.update_products(rows, chunk_size=4)
+        assert errors_by_index(result) == {
+            1: ("sku", "duplicate"),
+            2: ("sku", "not_found"),
+            3: ("row", "invalid"),
+            4: ("row", "invalid"),
+            5: ("price", "invalid"),
+            6: ("stock_quantity", "invalid"),
+            7: ("sku", "invalid"),
+            8: ("row", "invalid"),
+        }
+        messages = {error.index: error.message for error in result.errors}
+        assert messages[2] == r.UNKNOWN_SKU.format(sku="B")
+        assert messages[3] == r.NOTHING_TO_UPDATE
+        product.refresh_from_db()
+        assert (product.price, product.stock_quantity) == (Decimal("4.50"), 4)
+        assert product.updated_at > before
+        assert (result.read, result.written, result.updated) == (9, 1, 1)
+        log = BatchProcessingLog.objects.get(pk=result.log_id)
+        assert log.operation == BatchProcessingLog.Operation.PRODUCT_UPDATES
+
     def test_orders(self, service, shop):
         user, (p1, p2, *_) = shop["users"][0].pk, shop["products"]
         item = {"product_id": p1.pk, "quantity": 1}
@@ -472,6 +555,7 @@ class TestBadRows:
             service.upsert_recommendation_scores,
             service.import_products,
             service.process_orders,
+            service.update_products,
         ):
             result = method([None, 1, "x", [], {}, {"items": None}])
             assert result.skipped == 6

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from batching.engine import BatchOperation, BatchResult, RowError, run_batch
+from batching.engine import BatchOperation, BatchResult, Prepared, RowError, run_batch
 from batching.models import BatchProcessingLog
+from products import cache
 from products.services import rows as r
 
 
@@ -35,6 +36,7 @@ class BulkOperationsService:
     scores_operation: ClassVar[type[BatchOperation]]
     orders_operation: ClassVar[type[BatchOperation]]
     products_operation: ClassVar[type[BatchOperation]]
+    product_updates_operation: ClassVar[type[BatchOperation]]
 
     def __init__(self, *, using: str = "default") -> None:
         self.using = using
@@ -88,12 +90,26 @@ class BulkOperationsService:
         """Create or update products by sku, creating categories as needed."""
         return self._run(self.products_operation, rows, chunk_size, resume)
 
+    def update_products(
+        self,
+        rows: Iterable[Any],
+        *,
+        chunk_size: int | None = None,
+        resume: int | BatchProcessingLog | None = None,
+    ) -> BatchResult:
+        """Set the price, the stock or both of existing products by sku."""
+        return self._run(self.product_updates_operation, rows, chunk_size, resume)
+
 
 class ViewsOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCT_VIEWS
 
     def prepare(self, raw: Any) -> r.ViewRow:
         return r.parse_view(raw)
+
+    def committed(self, rows: list[Prepared]) -> None:
+        # The cards show view_count: drop those of the products viewed.
+        cache.invalidate_products(row.item.product_id for row in rows)
 
 
 class ScoresOperation(BatchOperation):
@@ -106,6 +122,9 @@ class ScoresOperation(BatchOperation):
     def key(self, item: r.ScoreRow) -> tuple[int, int, str]:
         return item.key
 
+    def committed(self, rows: list[Prepared]) -> None:
+        cache.invalidate_recommendations(row.item.user_id for row in rows)
+
 
 class OrdersOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.ORDERS
@@ -117,6 +136,10 @@ class OrdersOperation(BatchOperation):
     def key(self, item: r.OrderRow) -> str:
         return item.reference
 
+    def committed(self, rows: list[Prepared]) -> None:
+        # Stock changed: drop the cards of every product ordered.
+        cache.invalidate_products(line.product_id for row in rows for line in row.item.items)
+
 
 class ProductsOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCTS
@@ -127,6 +150,25 @@ class ProductsOperation(BatchOperation):
 
     def key(self, item: r.ProductRow) -> str:
         return item.sku
+
+    def committed(self, rows: list[Prepared]) -> None:
+        # Rows name products by sku, not id: retire every card (one cache write).
+        cache.invalidate_catalogue()
+
+
+class ProductUpdatesOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.PRODUCT_UPDATES
+    key_field = "sku"
+
+    def prepare(self, raw: Any) -> r.ProductUpdateRow:
+        return r.parse_product_update(raw)
+
+    def key(self, item: r.ProductUpdateRow) -> str:
+        return item.sku
+
+    def committed(self, rows: list[Prepared]) -> None:
+        # Rows name products by sku, not id: retire every card (one cache write).
+        cache.invalidate_catalogue()
 
 
 def order_rejection(

@@ -19,14 +19,16 @@ from decimal import Decimal
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from batching.engine import ChunkOutcome, Prepared
+from batching.engine import ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
+from products.services import rows as r
 from products.services.base import (
     BulkOperationsService,
     OrdersOperation,
     ProductsOperation,
+    ProductUpdatesOperation,
     ScoresOperation,
     ViewsOperation,
     order_rejection,
@@ -128,6 +130,31 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
         return outcome
 
 
+class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
+    variant = VARIANT
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            item = row.item
+            product = Product.objects.using(self.using).filter(sku=item.sku).first()
+            if product is None:
+                message = r.UNKNOWN_SKU.format(sku=item.sku)
+                outcome.errors.append(RowError(row.index, "sku", message, "not_found"))
+                continue
+            changed = ["updated_at"]
+            if item.price is not None:
+                product.price = item.price
+                changed.append("price")
+            if item.stock_quantity is not None:
+                product.stock_quantity = item.stock_quantity
+                changed.append("stock_quantity")
+            product.save(using=self.using, update_fields=changed)
+            outcome.written += 1
+            outcome.updated += 1
+        return outcome
+
+
 class NaiveOrders(NaiveOperationMixin, OrdersOperation):
     variant = VARIANT
 
@@ -187,3 +214,4 @@ class NaiveBulkOperationsService(BulkOperationsService):
     scores_operation = NaiveScores
     orders_operation = NaiveOrders
     products_operation = NaiveProducts
+    product_updates_operation = NaiveProductUpdates
