@@ -17,12 +17,13 @@ Note:
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
@@ -30,17 +31,15 @@ from django.http import HttpRequest, HttpResponse, QueryDict, StreamingHttpRespo
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 
 from batching.admin import ReadOnlyAdminMixin
 from orders.models import Order, OrderItem
-from orders.reports import SalesReport, iter_order_lines_csv, sales_report
+from orders.reports import SalesReport, check_range, iter_order_lines_csv, sales_report
 from shop.charts import line_chart
 
 # Rows of the per-product table on the sales report page; the command and the
 # CSV export have them all.
 REPORT_PRODUCTS_SHOWN = 100
-RANGE_REVERSED = "The first day must not be after the last day."
 
 
 class SalesRangeForm(forms.Form):
@@ -59,9 +58,10 @@ class SalesRangeForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
-        since, until = cleaned.get("since"), cleaned.get("until")
-        if since and until and since > until:
-            raise forms.ValidationError(RANGE_REVERSED, code="reversed")
+        try:
+            check_range(cleaned.get("since"), cleaned.get("until"))
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc), code="reversed") from None
         return cleaned
 
 
@@ -79,28 +79,57 @@ def revenue_per_day(report: SalesReport) -> list[tuple[date, float]]:
     return [(day, revenue.get(day, 0.0)) for day in days]
 
 
+def filter_moment(value: str) -> datetime | None:
+    """A date filter parameter as the aware moment it names; None if it names none.
+
+    A date or a datetime (naive ones in the current time zone), as the
+    admin's date filter takes them, and one the database can be sent in UTC:
+    ``0001-01-01T00:00+05:00`` is a valid datetime with no UTC equivalent.
+    """
+    try:
+        moment = forms.DateTimeField().to_python(value)
+        if moment is not None:
+            moment.astimezone(UTC)  # OverflowError when there is no such moment in UTC
+    except (forms.ValidationError, OverflowError):
+        return None
+    return moment
+
+
+class CreatedAtListFilter(admin.DateFieldListFilter):
+    """The admin's date filter, refusing a moment the database cannot be sent.
+
+    Django's filter leaves that to the query, which then fails while the page
+    renders (OverflowError, a 500); refused here, it is the admin's usual
+    "?e=1" redirect, as for any other bad filter value.
+    """
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        for key in (self.lookup_kwarg_since, self.lookup_kwarg_until):
+            for value in self.used_parameters.get(key, []):
+                if filter_moment(value) is None:
+                    raise IncorrectLookupParameters(f"{key}: {value!r} is not a moment")
+        return super().queryset(request, queryset)
+
+
 def changelist_date_range(query: QueryDict) -> dict[str, str]:
     """The changelist's date filter (``created_at__gte``/``__lt``) as whole days.
 
     The filter's "Today", "Past 7 days", "This month"... links send aware
     datetimes at midnight; ``__lt`` is exclusive, so the last day is the one
-    before it. Anything unparsable is ignored (the whole range is exported).
+    before it. A value ``filter_moment`` refuses leaves its end open (the
+    changelist itself redirects with ``?e=1``), as does an ``__lt`` of the
+    first moment a datetime can hold.
     """
     days: dict[str, str] = {}
-    for key, name, shift in (
-        ("created_at__gte", "since", timedelta()),
-        ("created_at__lt", "until", timedelta(microseconds=-1)),
+    for name, key, shift in (
+        ("since", "created_at__gte", timedelta()),
+        ("until", "created_at__lt", timedelta(microseconds=1)),
     ):
-        value = query.get(key, "")
-        moment: datetime | date | None = parse_datetime(value) or parse_date(value)
-        if isinstance(moment, datetime):
-            if timezone.is_aware(moment):
-                moment = timezone.localtime(moment)
-            moment = (moment + shift).date()
-        elif moment is not None and shift:
-            moment -= timedelta(days=1)
-        if moment is not None:
-            days[name] = moment.isoformat()
+        if moment := filter_moment(query.get(key, "")):
+            try:
+                days[name] = timezone.localdate(moment - shift).isoformat()
+            except OverflowError:
+                continue
     return days
 
 
@@ -129,7 +158,7 @@ class OrderItemInline(ReadOnlyAdminMixin, admin.TabularInline):
 class OrderAdmin(admin.ModelAdmin):
     list_display = ["reference", "user", "status", "total", "item_count", "created_at"]
     list_select_related = ["user"]
-    list_filter = ["status", "created_at"]
+    list_filter = ["status", ("created_at", CreatedAtListFilter)]
     search_fields = ["reference", "user__username"]
     search_help_text = "Order reference or customer username."
     fields = ["reference", "user", "status", "total", "created_at"]

@@ -46,6 +46,9 @@ CSV_HEADER = (
 # A text cell starting with one of these is read as a formula by spreadsheets
 # (CSV injection): such cells are prefixed with an apostrophe.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# The one validation of a report's range; the command, the admin form and the
+# API show these messages as their own errors.
+BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
 RANGE_REVERSED = "since ({since}) is after until ({until})"
 
 LINE_TOTAL = ExpressionWrapper(
@@ -90,6 +93,28 @@ class SalesReport:
         return asdict(self)
 
 
+def parse_day(value: str) -> date:
+    """A ``YYYY-MM-DD`` day.
+
+    Raises:
+        ValueError: with ``BAD_DATE``.
+    """
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(BAD_DATE.format(value=value)) from None
+
+
+def check_range(since: date | None, until: date | None) -> None:
+    """Refuse a reversed range; either end may be None (unbounded).
+
+    Raises:
+        ValueError: with ``RANGE_REVERSED``.
+    """
+    if since and until and since > until:
+        raise ValueError(RANGE_REVERSED.format(since=since, until=until))
+
+
 def _start_of(day: date) -> datetime:
     return timezone.make_aware(datetime.combine(day, time.min))
 
@@ -98,14 +123,15 @@ def _range_filter(since: date | None, until: date | None, prefix: str = "") -> Q
     """Sold orders created from the start of ``since`` to the end of ``until``.
 
     Bounds on ``created_at`` itself (not on its date), so the
-    ``order_created_idx`` index serves them.
+    ``order_created_idx`` index serves them. The first and last days a date
+    can hold are no bound at all: the moment before the first or after the
+    last is not a datetime.
     """
-    if since and until and since > until:
-        raise ValueError(RANGE_REVERSED.format(since=since, until=until))
+    check_range(since, until)
     condition = ~Q(**{f"{prefix}status": Order.Status.CANCELLED})
-    if since is not None:
+    if since is not None and since > date.min:
         condition &= Q(**{f"{prefix}created_at__gte": _start_of(since)})
-    if until is not None:
+    if until is not None and until < date.max:
         condition &= Q(**{f"{prefix}created_at__lt": _start_of(until + timedelta(days=1))})
     return condition
 

@@ -14,15 +14,20 @@ optimized service will do, short of rows only the database refuses.
 
 A confirmed import runs ``OptimizedBulkOperationsService`` in the request up
 to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
-(``jobs.services.submit_job``) beyond that.
+(``jobs.services.submit_job``) beyond that. Confirming first claims the upload
+by creating ``<token>.claim`` exclusively, so of two confirms of one token
+(a double click, two tabs) only one runs.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import re
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -51,10 +56,12 @@ DONE = "done"
 LISTED_ERRORS = 20
 RESULT_ERRORS = 200
 STALE_SECONDS = 24 * 3600
-TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
+TOKEN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
 
 TOO_LARGE = "the file is larger than {limit:,} bytes (settings.ADMIN_IMPORT_MAX_BYTES)"
 NOT_READABLE = "cannot read the file: {error}"
+DAMAGED_GZIP = "cannot read the file: its gzip data is damaged or cut short ({error})"
 
 
 class ImportFileError(ValueError):
@@ -91,8 +98,28 @@ class Staged:
     def meta_path(self) -> Path:
         return Path(settings.ADMIN_IMPORT_DIR) / f"{self.token}.json"
 
+    @property
+    def claim_path(self) -> Path:
+        return Path(settings.ADMIN_IMPORT_DIR) / f"{self.token}.claim"
+
     def save(self) -> None:
-        self.meta_path.write_text(json.dumps(asdict(self)))
+        """Replace the sidecar whole, so a concurrent ``load`` never reads half of it."""
+        partial = self.meta_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(asdict(self)))
+        os.replace(partial, self.meta_path)
+
+    def claim(self) -> bool:
+        """True for exactly one caller, however many confirm at once.
+
+        Creating the claim file is atomic (``O_CREAT | O_EXCL``): a second
+        confirm of the same token (a double click, two tabs) finds it and runs
+        nothing.
+        """
+        try:
+            with open(self.claim_path, "x"):
+                return True
+        except FileExistsError:
+            return False
 
     def stream(self) -> RowStream:
         return RowStream(self.path)
@@ -121,15 +148,19 @@ def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
         suffix=f".{format}" + (".gz" if gzipped else ""),
         created=time.time(),
     )
-    with open(staged.path, "wb") as target:
-        for block in upload.chunks():
-            target.write(block)
     try:
+        with open(staged.path, "wb") as target:
+            for block in upload.chunks():
+                target.write(block)
         staged.preview = preview(staged)
-    except (ReaderError, OSError, EOFError) as exc:
-        discard(staged)
-        raise ImportFileError(NOT_READABLE.format(error=exc)) from exc
-    staged.save()
+        staged.save()
+    except BaseException as exc:
+        discard(staged)  # whatever went wrong, nothing is left behind
+        if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            raise ImportFileError(DAMAGED_GZIP.format(error=exc)) from exc
+        if isinstance(exc, (ReaderError, OSError)):
+            raise ImportFileError(NOT_READABLE.format(error=exc)) from exc
+        raise
     return staged
 
 
@@ -148,19 +179,31 @@ def load(token: str, user_id: int) -> Staged:
 
 
 def discard(staged: Staged) -> None:
-    staged.path.unlink(missing_ok=True)
-    staged.meta_path.unlink(missing_ok=True)
+    for path in (staged.path, staged.meta_path, staged.claim_path):
+        path.unlink(missing_ok=True)
 
 
 def sweep(directory: Path) -> None:
-    """Remove uploads (and their sidecars) older than a day."""
+    """Remove uploads (and their sidecars) older than a day, unless their import is running.
+
+    A running import's job still reads its file (and its result is written to
+    the sidecar when it ends), however long ago the file was uploaded.
+    """
     limit = time.time() - STALE_SECONDS
     for path in directory.iterdir():
         try:
-            if path.stat().st_mtime < limit:
-                path.unlink(missing_ok=True)
+            if path.stat().st_mtime >= limit or _is_running(directory, path.name[:TOKEN_LENGTH]):
+                continue
+            path.unlink(missing_ok=True)
         except OSError:
             continue
+
+
+def _is_running(directory: Path, token: str) -> bool:
+    try:
+        return json.loads((directory / f"{token}.json").read_text()).get("state") == RUNNING
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # -- the preview -------------------------------------------------------------------
@@ -228,20 +271,35 @@ def preview(staged: Staged) -> dict[str, Any]:
 
 
 def run(staged: Staged, user: Any) -> None:
-    """Import the staged file: now if small, else as a background job. Saves ``staged``."""
-    if staged.state != PREVIEW:
-        return  # a second confirm (a double click) does nothing
-    if staged.preview.get("background"):
-        start_job(staged, user)
-    else:
-        service = OptimizedBulkOperationsService()
-        method = (
-            service.import_products if staged.kind == PRODUCTS else service.create_product_views
-        )
-        with staged.stream() as stream:
-            result = method(stream)
-            staged.result = result_of(result, stream.line_of)
-        staged.state = DONE
+    """Import the staged file: now if small, else as a background job. Saves ``staged``.
+
+    Only the request that claims the file runs it; any other confirm of the
+    same token returns at once, and its page shows the first one's progress
+    (the state is "running" from the claim on) and then its result.
+    """
+    if staged.state != PREVIEW or not staged.claim():
+        return
+    staged.state = RUNNING
+    staged.save()
+    try:
+        if staged.preview.get("background"):
+            start_job(staged, user)
+        else:
+            service = OptimizedBulkOperationsService()
+            method = (
+                service.import_products if staged.kind == PRODUCTS else service.create_product_views
+            )
+            with staged.stream() as stream:
+                result = method(stream)
+                staged.result = result_of(result, stream.line_of)
+            staged.state = DONE
+    except BaseException:
+        # The run did not start (or the service itself failed: its log says
+        # what it committed): back to the preview, which can be confirmed again.
+        staged.state = PREVIEW
+        staged.save()
+        staged.claim_path.unlink(missing_ok=True)
+        raise
     staged.save()
 
 
@@ -284,7 +342,6 @@ def start_job(staged: Staged, user: Any) -> None:
         created_by=user,
     )
     staged.job_id = str(job.pk)
-    staged.state = RUNNING
 
 
 def job_status(staged: Staged) -> dict[str, Any] | None:

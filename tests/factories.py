@@ -1,10 +1,12 @@
 """factory-boy factories for the shop's models."""
 
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import factory
 from django.contrib.auth import get_user_model
 
+from batching.models import BatchProcessingLog
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 
@@ -81,3 +83,16 @@ class OrderItemFactory(factory.django.DjangoModelFactory):
     product = factory.SubFactory(ProductFactory)
     quantity = 1
     unit_price = Decimal("10.00")
+
+
+class BatchProcessingLogFactory(factory.django.DjangoModelFactory):
+    """A finished optimized orders run; pass the fields a test is about."""
+
+    class Meta:
+        model = BatchProcessingLog
+
+    operation = BatchProcessingLog.Operation.ORDERS
+    variant = BatchProcessingLog.Variant.OPTIMIZED
+    status = BatchProcessingLog.Status.COMPLETED
+    chunk_size = 1000
+    started_at = datetime(2026, 1, 1, tzinfo=UTC)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import os
+import time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
+from batching.models import BatchProcessingLog
 from jobs.models import Job
 from jobs.tasks import run_partition
 from products import imports
@@ -238,3 +243,104 @@ def test_a_large_file_runs_in_the_background_with_progress(
     ]
     assert (result["created"], result["updated"], result["skipped"]) == (2, 1, 3)
     assert result["log_ids"]
+
+
+def staged_files(settings) -> list[str]:
+    return sorted(path.name for path in Path(settings.ADMIN_IMPORT_DIR).iterdir())
+
+
+def test_two_confirms_of_one_upload_import_it_once(client, staff, existing, settings):
+    token = token_of(detail_url(upload(client, PRODUCTS_CSV)))
+    # Both requests read the upload before either has run it.
+    first, second = imports.load(token, staff.pk), imports.load(token, staff.pk)
+    imports.run(first, staff)
+    imports.run(second, staff)
+    assert BatchProcessingLog.objects.count() == 1
+    assert second.result is None
+    assert imports.load(token, staff.pk).result["created"] == 2
+
+
+def test_a_confirm_while_the_first_runs_shows_its_progress(client, staff, existing, monkeypatch):
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    service = imports.OptimizedBulkOperationsService
+    import_products = service.import_products
+    seen = {}
+
+    def import_while_the_user_clicks_again(self, rows):
+        seen["post"] = client.post(url)
+        seen["page"] = client.get(url)
+        return import_products(self, rows)
+
+    monkeypatch.setattr(service, "import_products", import_while_the_user_clicks_again)
+    assert client.post(url).status_code == 302
+    assert seen["post"].status_code == 302
+    assert seen["page"].context["staged"].state == imports.RUNNING
+    assert 'id="import-progress-bar"' in seen["page"].content.decode()
+    assert BatchProcessingLog.objects.count() == 1
+    assert client.get(url).context["staged"].result["created"] == 2
+
+
+def test_a_failed_run_can_be_confirmed_again(client, staff, existing, monkeypatch):
+    url = detail_url(upload(client, PRODUCTS_CSV))
+    service = imports.OptimizedBulkOperationsService
+
+    def broken(self, rows):
+        raise RuntimeError("the database went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(service, "import_products", broken)
+        with pytest.raises(RuntimeError):
+            client.post(url)
+    assert client.get(url).context["staged"].state == imports.PREVIEW
+    client.post(url)
+    assert client.get(url).context["staged"].result["created"] == 2
+
+
+def gzipped(text: str) -> bytes:
+    return gzip.compress(text.encode(), mtime=0)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        # A flipped byte in the deflate stream: zlib.error.
+        (lambda good: good[:20] + bytes([good[20] ^ 0xFF]) + good[21:], "invalid"),
+        # Cut short: EOFError.
+        (lambda good: good[:-12], "ended before the end-of-stream marker"),
+        # A flipped byte in the data: the CRC fails.
+        (lambda good: good[:-8] + bytes([good[-8] ^ 0xFF]) + good[-7:], "CRC check failed"),
+        # Not gzip at all.
+        (lambda good: b"sku,name\n", "Not a gzipped file"),
+    ],
+)
+def test_a_damaged_gzip_is_a_form_error_and_leaves_nothing(client, staff, settings, data, problem):
+    good = gzipped(PRODUCTS_CSV * 20)
+    file = SimpleUploadedFile("catalogue.csv.gz", data(good))
+    response = client.post(UPLOAD, {"kind": "products", "file": file})
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert "cannot read the file: its gzip data is damaged or cut short" in content
+    assert problem in content
+    assert staged_files(settings) == []
+
+
+def test_a_refused_upload_leaves_nothing(client, staff, settings):
+    assert upload(client, ",\n").status_code == 200
+    assert staged_files(settings) == []
+
+
+def test_sweep_keeps_the_files_of_a_running_import(client, staff, existing, settings):
+    settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 2
+    running = token_of(detail_url(upload(client, PRODUCTS_CSV)))
+    client.post(reverse("admin:products_product_import_detail", args=[running]))
+    previewed = token_of(detail_url(upload(client, PRODUCTS_CSV)))
+    assert imports.load(running, staff.pk).state == imports.RUNNING
+    directory = Path(settings.ADMIN_IMPORT_DIR)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in directory.iterdir():
+        os.utime(path, (two_days_ago, two_days_ago))
+    imports.sweep(directory)
+    assert staged_files(settings) == sorted(
+        [f"{running}.csv", f"{running}.json", f"{running}.claim"]
+    )
+    assert previewed not in "".join(staged_files(settings))

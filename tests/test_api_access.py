@@ -1,6 +1,7 @@
 """Who may call the API: the auth matrix, CSRF on sessions, tokens and their command."""
 
 import hashlib
+import re
 from io import StringIO
 
 import pytest
@@ -162,14 +163,27 @@ class TestTokenCommand:
             self.command("revoke", str(second.pk))
 
     def test_revoke_refuses_unknown_and_ambiguous(self):
-        staff = StaffFactory()
-        ApiToken.objects.create(user=staff, prefix="abcd1111", digest="1")
-        ApiToken.objects.create(user=staff, prefix="abcd2222", digest="2")
-        with pytest.raises(CommandError, match="2 tokens start with 'abcd'"):
-            self.command("revoke", "abcd")
-        with pytest.raises(CommandError, match="no token"):
-            self.command("revoke", "zzzz")
-        assert ApiToken.objects.active().count() == 2
+        staff = StaffFactory(username="ops")
+        first = ApiToken.objects.create(user=staff, prefix="abcd1111", digest="1")
+        second = ApiToken.objects.create(user=staff, prefix="abcd1111", digest="2")
+        ApiToken.objects.create(user=staff, prefix="abcd2222", digest="3")
+        message = (
+            f"2 tokens start with 'abcd1111': #{first.pk} (ops), #{second.pk} (ops); "
+            "give the id of the one to revoke"
+        )
+        with pytest.raises(CommandError, match=re.escape(message)):
+            self.command("revoke", "abcd1111")
+        with pytest.raises(CommandError, match="no token with id or prefix 'zzzzzzzz'"):
+            self.command("revoke", "zzzzzzzz")
+        assert ApiToken.objects.active().count() == 3
+
+    @pytest.mark.parametrize("ident", ["", "a", "abcd222", "99"])
+    def test_revoke_refuses_a_prefix_shorter_than_a_prefix(self, ident):
+        """Every token starts with "": a short prefix must not revoke whatever it matches."""
+        ApiToken.objects.create(user=StaffFactory(), prefix="abcd2222", digest="1")
+        with pytest.raises(CommandError, match="is neither a token id nor a prefix"):
+            self.command("revoke", ident)
+        assert ApiToken.objects.active().count() == 1
 
     def test_help(self, capsys):
         with pytest.raises(SystemExit):

@@ -12,21 +12,11 @@ from api.health import CHECKS
 from batching.models import BatchProcessingLog
 from jobs.models import JobPartition
 from jobs.services import submit_job
+from tests.factories import BatchProcessingLogFactory
 
 pytestmark = pytest.mark.django_db
 
 METRICS_QUERIES = 2  # one grouped aggregate over the logs, one count of jobs by status
-
-
-def log(**fields) -> BatchProcessingLog:
-    defaults = {
-        "operation": "orders",
-        "variant": "optimized",
-        "status": "completed",
-        "chunk_size": 1000,
-        "started_at": datetime(2026, 1, 1, tzinfo=UTC),
-    }
-    return BatchProcessingLog.objects.create(**(defaults | fields))
 
 
 def scrape(client=None, **extra) -> dict[tuple[str, tuple], float]:
@@ -47,8 +37,10 @@ def labels(**pairs) -> tuple:
 class TestMetrics:
     def test_figures_come_from_the_logs(self, django_assert_num_queries):
         finished = datetime(2026, 1, 1, 12, tzinfo=UTC)
-        log(rows_read=10, rows_written=10, duration_seconds=0.2, finished_at=finished)
-        log(
+        BatchProcessingLogFactory(
+            rows_read=10, rows_written=10, duration_seconds=0.2, finished_at=finished
+        )
+        BatchProcessingLogFactory(
             status="partial",
             rows_read=10,
             rows_written=7,
@@ -57,7 +49,7 @@ class TestMetrics:
             finished_at=finished + timedelta(hours=1),
             chunks_rolled_back=2,
         )
-        log(
+        BatchProcessingLogFactory(
             status="failed",
             rows_read=10,
             rows_written=4,
@@ -67,7 +59,7 @@ class TestMetrics:
             duration_seconds=40.0,
             finished_at=finished + timedelta(hours=2),
         )
-        log(operation="products", variant="naive", status="running")
+        BatchProcessingLogFactory(operation="products", variant="naive", status="running")
         for _ in range(4):
             submit_job(operation="orders", rows=[{}])
         with django_assert_num_queries(METRICS_QUERIES):
@@ -107,7 +99,7 @@ class TestMetrics:
     def test_queries_do_not_grow_with_runs(self, django_assert_num_queries):
         for operation in BatchProcessingLog.Operation.values:
             for status in BatchProcessingLog.Status.values:
-                log(operation=operation, status=status)
+                BatchProcessingLogFactory(operation=operation, status=status)
         with django_assert_num_queries(METRICS_QUERIES):
             samples = scrape()
         runs = [value for (name, _), value in samples.items() if name == "shop_batch_runs_total"]

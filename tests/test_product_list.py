@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import pytest
 from django.core.cache import cache
+from django.test import Client
 from django.urls import reverse
 
-from tests.factories import CategoryFactory, ProductFactory, RecommendationScoreFactory
+from tests.factories import (
+    CategoryFactory,
+    ProductFactory,
+    RecommendationScoreFactory,
+    StaffFactory,
+    UserFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
 URL = "/products/"
+SESSION = 2  # the session and its staff user
 COUNT = 1  # the paginator's COUNT(*)
 PAGE = 1  # the page's rows
 
@@ -23,6 +31,13 @@ def _empty_cache():
     cache.clear()
     yield
     cache.clear()
+
+
+@pytest.fixture
+def client(client):
+    """A logged-in staff member: the page is staff only."""
+    client.force_login(StaffFactory())
+    return client
 
 
 @pytest.fixture
@@ -39,11 +54,27 @@ def test_the_url_is_named():
     assert reverse("products:list") == URL
 
 
+@pytest.mark.parametrize("user", [None, UserFactory])
+def test_only_staff_see_the_page(django_assert_num_queries, user):
+    """The naive path is two queries a row: not for anonymous visitors, nor customers."""
+    visitor = Client()
+    if user:
+        visitor.force_login(user())
+    # Nothing of the catalogue is read: no query, or the session's alone.
+    with django_assert_num_queries(SESSION if user else 0):
+        response = visitor.get(URL, {"path": "naive", "per_page": 200})
+    assert response.status_code == 302
+    assert (
+        response["Location"]
+        == f"{reverse('admin:login')}?next={URL}%3Fpath%3Dnaive%26per_page%3D200"
+    )
+
+
 @pytest.mark.parametrize("per_page", [3, 10])
 def test_naive_path_runs_two_queries_per_row(
     client, catalogue, django_assert_num_queries, per_page
 ):
-    with django_assert_num_queries(COUNT + PAGE + 2 * per_page):
+    with django_assert_num_queries(SESSION + COUNT + PAGE + 2 * per_page):
         response = client.get(URL, {"path": "naive", "per_page": per_page})
     assert response.status_code == 200
     assert len(response.context["rows"]) == per_page
@@ -52,10 +83,10 @@ def test_naive_path_runs_two_queries_per_row(
 @pytest.mark.parametrize("per_page", [3, 10])
 def test_optimized_path_is_constant(client, catalogue, django_assert_num_queries, per_page):
     # Cold cache: the cards of the page are loaded in one query.
-    with django_assert_num_queries(COUNT + PAGE + 1):
+    with django_assert_num_queries(SESSION + COUNT + PAGE + 1):
         client.get(URL, {"per_page": per_page})
     # Warm cache: the cards cost no query.
-    with django_assert_num_queries(COUNT + PAGE):
+    with django_assert_num_queries(SESSION + COUNT + PAGE):
         response = client.get(URL, {"path": "optimized", "per_page": per_page})
     assert len(response.context["rows"]) == per_page
 

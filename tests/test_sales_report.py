@@ -160,6 +160,14 @@ def test_reversed_range_is_refused():
         iter_order_lines_csv(since=date(2024, 5, 2), until=date(2024, 5, 1))
 
 
+def test_the_first_and_last_days_a_date_holds_are_open_ends(sales):
+    """The day after date.max is no datetime: the range has no upper bound then."""
+    report = sales_report(since=date.min, until=date.max)
+    assert (report.orders, report.revenue) == (4, Decimal("67.50"))
+    assert len(read_csv("".join(iter_order_lines_csv(since=date.min, until=date.max)))) == 1 + 6
+    assert sales_report(since=date.max).orders == 0
+
+
 def test_report_queries_do_not_depend_on_the_number_of_orders(catalogue, django_assert_num_queries):
     grow(3)
     with django_assert_num_queries(REPORT_QUERIES):
@@ -312,12 +320,20 @@ def test_command_writes_csv_alone_to_stdout(sales):
     [
         (["--since", "2024-13-01"], r"'2024-13-01' is not a date \(expected YYYY-MM-DD\)"),
         (["--until", "yesterday"], "'yesterday' is not a date"),
-        (["--since", "2024-05-02", "--until", "2024-05-01"], "--since 2024-05-02 is after"),
+        (
+            ["--since", "2024-05-02", "--until", "2024-05-01"],
+            r"since \(2024-05-02\) is after until \(2024-05-01\)",
+        ),
     ],
 )
 def test_command_refuses_bad_dates(args, message):
     with pytest.raises(CommandError, match=message):
         run(*args)
+
+
+def test_command_takes_the_last_day_a_date_holds(sales):
+    assert "Orders:              4" in run("--since", "0001-01-01", "--until", "9999-12-31")
+    assert len(read_csv(run("--until", "9999-12-31", "--csv", "-"))) == 1 + 6
 
 
 def test_command_reports_an_unwritable_path(tmp_path):
@@ -385,7 +401,10 @@ def test_admin_page_queries_do_not_depend_on_the_number_of_orders(
     [
         ({"since": "2024-02-30"}, "Enter a valid date."),
         ({"until": "soon"}, "Enter a valid date."),
-        ({"since": "2024-05-02", "until": "2024-05-01"}, "must not be after the last day"),
+        (
+            {"since": "2024-05-02", "until": "2024-05-01"},
+            "since (2024-05-02) is after until (2024-05-01)",
+        ),
     ],
 )
 @pytest.mark.parametrize("url", [SALES_REPORT_URL, EXPORT_URL])
@@ -394,6 +413,16 @@ def test_admin_bad_dates_are_a_clear_400(staff_client, url, query, message):
     assert response.status_code == 400
     assert message in response.content.decode()
     assert response.context["report"] is None
+
+
+@pytest.mark.parametrize("url", [SALES_REPORT_URL, EXPORT_URL])
+def test_admin_takes_the_last_day_a_date_holds(sales, staff_client, url):
+    response = staff_client.get(url, {"since": "0001-01-01", "until": "9999-12-31"})
+    assert response.status_code == 200
+    if url == EXPORT_URL:
+        assert len(read_csv(b"".join(response.streaming_content).decode())) == 1 + 6
+    else:
+        assert response.context["report"].orders == 4
 
 
 def test_admin_export_streams_the_lines(sales, staff_client, django_assert_num_queries):
@@ -435,6 +464,34 @@ def test_changelist_links_honour_the_date_filter(sales, staff_client):
     # Without a date filter, the links cover every order.
     content = staff_client.get(changelist).content.decode()
     assert f'href="{EXPORT_URL}"' in content and f'href="{SALES_REPORT_URL}"' in content
+
+
+@pytest.mark.parametrize(
+    ("query", "suffix"),
+    [
+        # Not a moment (or none in UTC): refused as the admin refuses any bad
+        # filter value, with a redirect to ?e=1.
+        ({"created_at__gte": "2024-02-30"}, None),
+        ({"created_at__lt": "soon"}, None),
+        ({"created_at__gte": "0001-01-01T00:00:00+05:00"}, None),
+        # No day before the first moment: that end is left open.
+        ({"created_at__lt": "0001-01-01"}, ""),
+        (
+            {"created_at__gte": "2024-05-01", "created_at__lt": "9999-12-31 00:00:00+00:00"},
+            "?since=2024-05-01&amp;until=9999-12-30",
+        ),
+    ],
+)
+def test_changelist_date_filter_edge_values_never_fail(sales, staff_client, query, suffix):
+    response = staff_client.get(reverse("admin:orders_order_changelist"), query)
+    if suffix is None:
+        assert response.status_code == 302
+        assert response["Location"].endswith("?e=1")
+        return
+    assert response.status_code == 200
+    content = response.content.decode()
+    assert f'href="{SALES_REPORT_URL}{suffix}"' in content
+    assert f'href="{EXPORT_URL}{suffix}"' in content
 
 
 def test_admin_index_links_to_the_reports(staff_client):

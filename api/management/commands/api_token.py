@@ -10,7 +10,11 @@ from api.models import PREFIX_LENGTH, ApiToken
 NO_USER = "no user named {username!r}"
 NOT_STAFF = "{username} is not an active staff user: the API accepts only those"
 NO_TOKEN = "no token with id or prefix {ident!r}"
-AMBIGUOUS = "{count} tokens start with {ident!r}: give more characters or the id"
+TOO_SHORT = (
+    "{ident!r} is neither a token id nor a prefix: a prefix has {length} characters "
+    "(see `api_token list`)"
+)
+AMBIGUOUS = "{count} tokens start with {prefix!r}: {matches}; give the id of the one to revoke"
 ALREADY_REVOKED = "token #{id} was already revoked"
 
 
@@ -34,7 +38,8 @@ class Command(BaseCommand):
         revoke.add_argument(
             "ident",
             type=str,
-            help=f"The token's id, or its first characters (up to {PREFIX_LENGTH}).",
+            help=f"The token's id, or its prefix (its first {PREFIX_LENGTH} characters, as "
+            "`list` shows them).",
         )
 
     def handle(self, *args, action: str, **options) -> None:
@@ -63,15 +68,21 @@ class Command(BaseCommand):
             )
 
     def handle_revoke(self, *, ident: str, **options) -> None:
-        matches = ApiToken.objects.filter(prefix__startswith=ident[:PREFIX_LENGTH])
-        if ident.isdigit() and ApiToken.objects.filter(pk=int(ident)).exists():
-            matches = ApiToken.objects.filter(pk=int(ident))  # an id wins over a prefix
-        found = list(matches[:2])
-        if not found:
-            raise CommandError(NO_TOKEN.format(ident=ident))
-        if len(found) > 1:
-            raise CommandError(AMBIGUOUS.format(count=matches.count(), ident=ident))
-        token = found[0]
+        tokens = ApiToken.objects.select_related("user").order_by("id")
+        by_id = tokens.filter(pk=int(ident)) if ident.isdigit() else tokens.none()
+        if (token := by_id.first()) is None:  # an id wins over a prefix
+            if len(ident) < PREFIX_LENGTH:
+                raise CommandError(TOO_SHORT.format(ident=ident, length=PREFIX_LENGTH))
+            prefix = ident[:PREFIX_LENGTH]
+            found = list(tokens.filter(prefix=prefix))
+            if not found:
+                raise CommandError(NO_TOKEN.format(ident=ident))
+            if len(found) > 1:
+                matches = ", ".join(f"#{t.pk} ({t.user.get_username()})" for t in found)
+                raise CommandError(
+                    AMBIGUOUS.format(count=len(found), prefix=prefix, matches=matches)
+                )
+            token = found[0]
         if not ApiToken.objects.filter(pk=token.pk).revoke():
             raise CommandError(ALREADY_REVOKED.format(id=token.pk))
         if options["verbosity"] >= 1:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from batching.cli import positive_int
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
 
 # How many resumable runs the listing shows at verbosity 2.
 LISTED_RUNS = 20
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
 
 
 class Command(BaseCommand):

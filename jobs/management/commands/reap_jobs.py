@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from batching.cli import positive_int
 from jobs.tasks import reap_stale_partitions
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
 
 
 class Command(BaseCommand):

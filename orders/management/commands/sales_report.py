@@ -15,18 +15,23 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from orders.reports import SalesReport, iter_order_lines_csv, sales_report
+from orders.reports import (
+    SalesReport,
+    check_range,
+    iter_order_lines_csv,
+    parse_day,
+    sales_report,
+)
 
-BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
 CANNOT_WRITE = "cannot write {path}: {error}"
-RANGE_REVERSED = "--since {since} is after --until {until}"
 
 
 def iso_date(value: str) -> date:
+    """``reports.parse_day`` for argparse, which shows only ArgumentTypeError's message."""
     try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ArgumentTypeError(BAD_DATE.format(value=value)) from None
+        return parse_day(value)
+    except ValueError as exc:
+        raise ArgumentTypeError(str(exc)) from None
 
 
 class Command(BaseCommand):
@@ -58,8 +63,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, since: date | None, until: date | None, **options: Any) -> None:
-        if since and until and since > until:
-            raise CommandError(RANGE_REVERSED.format(since=since, until=until))
+        try:
+            check_range(since, until)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         path = options["csv"]
         if path == "-":
             for line in iter_order_lines_csv(since=since, until=until):

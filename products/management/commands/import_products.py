@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 import zlib
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from django.core.management.base import BaseCommand, CommandError, OutputWrapper
+from django.core.management.base import BaseCommand, CommandError
 
+from batching.cli import Progress, positive_int
 from batching.engine import BatchResult, ResumeError, worker_name
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
@@ -43,79 +44,6 @@ STILL_RUNNING = (
     "resume it only once its process has stopped"
 )
 RUN_FAILED = "run #{log_id} failed: {summary}. Continue it with --resume {log_id}"
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
-class Progress:
-    """A one-line progress bar on a terminal: rows, rows per second, time left.
-
-    ``track`` wraps the row iterator, so the bar follows the rows as the
-    engine consumes them, without any hook in the engine. It redraws at most
-    every ``interval`` seconds; without a total (a gzipped file) it shows the
-    count and the rate only.
-    """
-
-    def __init__(
-        self, out: OutputWrapper, total: int | None, *, interval: float = 0.2, width: int = 30
-    ) -> None:
-        self.out = out
-        self.total = total
-        self.interval = interval
-        self.width = width
-        self.label = ""
-        self.count = 0
-        self.started = time.monotonic()
-        self._next_draw = self.started + interval
-        self._drawn = 0
-
-    def track(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
-        for row in rows:
-            self.count += 1
-            now = time.monotonic()
-            if now >= self._next_draw:
-                self._next_draw = now + self.interval
-                self.draw(now)
-            yield row
-
-    def line(self, now: float) -> str:
-        rate = self.count / max(now - self.started, 1e-6)
-        counts = f"{self.count:,} rows  {rate:,.0f} rows/s"
-        if not self.total:
-            return f"{self.label}{counts}"
-        total = max(self.total, self.count)  # the total is an estimate
-        done = self.count / total
-        filled = int(self.width * done)
-        bar = "#" * filled + "." * (self.width - filled)
-        left = format_seconds((total - self.count) / rate) if rate else "?"
-        return (
-            f"{self.label}[{bar}] {done:4.0%}  {self.count:,}/{total:,} rows  "
-            f"{rate:,.0f} rows/s  {left} left"
-        )
-
-    def draw(self, now: float) -> None:
-        text = self.line(now)
-        # Pad with spaces to wipe the rest of a longer previous line.
-        self.out.write("\r" + text.ljust(self._drawn), ending="")
-        self.out.flush()
-        self._drawn = len(text)
-
-    def finish(self) -> None:
-        if self.count:
-            self.draw(time.monotonic())
-            self.out.write("")
 
 
 class ImportCommand(BaseCommand):

@@ -14,8 +14,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from batching.cli import Progress, positive_int
 from products import cache
-from products.management.commands.import_products import Progress, positive_int
 from products.models import Product, RecommendationScore
 
 DEFAULT_CHUNK_SIZE = 1000
