@@ -50,7 +50,7 @@ def screenshots(tmp_path_factory, request) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
     _require_browser()
     from playwright.sync_api import sync_playwright
@@ -58,6 +58,7 @@ def chromium():
     # Playwright's sync API keeps an event loop running in this thread, which
     # Django's async-safety check takes for async code; the ORM calls made by
     # the tests here are synchronous (Django's documented escape hatch).
+    # Module-scoped, so the escape hatch is closed again before other modules run.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
