@@ -32,7 +32,11 @@ bench: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py test_bulk_performance --size 1000 --markdown > BENCHMARKS.md.new
-	mv BENCHMARKS.md.new BENCHMARKS.md
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_scale --sizes 10000,100000,1000000 \
+		--markdown BENCHMARKS.scale.md --json docs/bench-scale.json \
+		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
+	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; } > BENCHMARKS.md
+	rm BENCHMARKS.md.new BENCHMARKS.scale.md
 	@cat BENCHMARKS.md
 
 lint: venv

@@ -1,0 +1,182 @@
+"""``bench_scale``: argument errors, PostgreSQL only, equal end states, well-formed outputs.
+
+No test asserts a time: the figures are checked for presence and shape, the
+database for what every strategy left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from decimal import Decimal
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from products import scale_bench as bench
+from products.models import Product
+
+postgres_only = pytest.mark.skipif(
+    connection.vendor != "postgresql",
+    reason="bench_scale measures COPY and django-pgbulk: PostgreSQL only",
+)
+SIZE = 200
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command("bench_scale", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sizes", "0"], "--sizes must be comma-separated whole numbers of at least 1"),
+        (["--sizes", "10,x"], "not '10,x'"),
+        (["--sizes", ""], "--sizes must be"),
+        (["--workloads", "views,nope"], "unknown workload 'nope' in --workloads"),
+        (["--chunk-size", "0"], "--chunk-size must be at least 1, not 0"),
+        (["--peer-budget", "0"], "--peer-budget must be more than 0 seconds"),
+        (["--strategy", "raw"], "--strategy is only for --one"),
+        (["--one", "views"], "--one runs one strategy at one size"),
+        (["--one", "views", "--strategy", "raw", "--sizes", "10,20"], "--one runs one"),
+        (["--one", "sales", "--strategy", "raw", "--sizes", "10"], "unknown workload 'sales'"),
+        (["--work-dir", "/nonexistent/bench"], "--work-dir /nonexistent/bench is not a directory"),
+    ],
+)
+def test_bad_arguments_are_command_errors(args, message):
+    with pytest.raises(CommandError, match=message.replace("(", r"\(")):
+        run(*args)
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="checks the refusal on SQLite")
+def test_refuses_sqlite():
+    with pytest.raises(CommandError, match="need PostgreSQL; this database is sqlite"):
+        run("--sizes", "10", "--workloads", "views", "--in-process")
+
+
+@postgres_only
+def test_unknown_strategy_for_one():
+    with pytest.raises(CommandError, match="views has no strategy 'bulk': choose one of"):
+        run("--one", "views", "--strategy", "bulk", "--sizes", "10")
+
+
+def workload(name: str, tmp_path: Path) -> bench.Workload:
+    return bench.WORKLOADS[name](SIZE, chunk_size=64, work_dir=tmp_path)
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("name", list(bench.WORKLOADS))
+def test_every_strategy_leaves_the_same_state(name, tmp_path):
+    """Each strategy from a fresh base state; their end states are equal and complete."""
+    job = workload(name, tmp_path)
+    snapshots = {}
+    for strategy in job.strategies:
+        job.setup()
+        bench.run_strategy(job, strategy.key, measure_memory=False)
+        snapshots[strategy.key] = job.snapshot()
+    first = snapshots[bench.OPTIMIZED]
+    main = next(iter(first))
+    assert len(first[main]) == SIZE
+    assert {key: snapshot == first for key, snapshot in snapshots.items()} == {
+        strategy.key: True for strategy in job.strategies
+    }
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_updates_write_the_input_values(tmp_path):
+    """The shared end state is the input's, not an agreement on doing nothing."""
+    job = workload("updates", tmp_path)
+    job.setup()
+    bench.run_strategy(job, bench.RAW, measure_memory=False)
+    expected = sorted(
+        (row["sku"], Decimal(row["price"]), row["stock_quantity"]) for row in job.rows()
+    )
+    assert job.snapshot()["products"] == expected
+    assert Product.objects.filter(sku__startswith="BENCH-", price=Decimal("10.00")).count() < 5
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_strategy_that_writes_nothing_is_a_problem(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench.ViewsWorkload, "run_django", lambda self: None)
+    report = bench.run_scale_bench(["views"], [SIZE], isolate=False, work_dir=tmp_path)
+    assert report.problems == [
+        f"views at {SIZE} rows: bulk_create left 0 rows, expected {SIZE}",
+        f"views at {SIZE} rows: bulk_create ended in a different state than "
+        "optimized create_product_views",
+    ]
+    with pytest.raises(CommandError, match="bulk_create left 0 rows"):
+        run("--sizes", str(SIZE), "--workloads", "views", "--in-process", "--verbosity", "0")
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_peers_over_budget_are_not_run(tmp_path):
+    report = bench.run_scale_bench(
+        ["scores"], [SIZE // 2, SIZE], isolate=False, work_dir=tmp_path, peer_budget=1e-9
+    )
+    ran = {(m.strategy, m.size) for m in report.measurements if m.seconds is not None}
+    assert ran == {
+        (key, size) for key in ("optimized", "raw", "pgbulk", "django") for size in [SIZE // 2]
+    } | {("optimized", SIZE), ("raw", SIZE)}
+    skipped = report.find("scores", bench.PGBULK, SIZE)
+    assert skipped is not None and skipped.note.startswith("not run: ")
+    assert "over the 0 s budget per peer run" in skipped.note
+    assert report.problems == []
+    assert Product.objects.filter(sku__startswith="BENCH-").count() == 0  # namespace removed
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_command_writes_well_formed_outputs(tmp_path):
+    """Child processes (one per strategy) measure time and memory; files parse."""
+    markdown, data = tmp_path / "scale.md", tmp_path / "scale.json"
+    chart, memory = tmp_path / "docs" / "throughput.svg", tmp_path / "docs" / "memory.svg"
+    out = run(
+        "--sizes",
+        str(SIZE),
+        "--workloads",
+        "views,orders",
+        "--markdown",
+        str(markdown),
+        "--json",
+        str(data),
+        "--chart",
+        str(chart),
+        "--memory-chart",
+        str(memory),
+    )
+    figures = json.loads(data.read_text())
+    assert figures["problems"] == []
+    measured = {(m["workload"], m["strategy"]): m for m in figures["measurements"]}
+    assert set(measured) == {("views", key) for key in ("optimized", "raw", "pgbulk", "django")} | {
+        ("orders", "optimized"),
+        ("orders", "naive"),
+    }
+    for m in measured.values():
+        assert m["size"] == SIZE
+        assert m["seconds"] > 0
+        assert m["rows_per_second"] == pytest.approx(SIZE / m["seconds"])
+        assert m["peak_growth_mb"] >= 0
+    assert f"views {SIZE:,} raw COPY: " in out
+
+    text = markdown.read_text()
+    assert text.startswith("## At scale: ")
+    assert "Command: `python manage.py bench_scale --sizes 200 --workloads views,orders" in text
+    assert "Database: postgresql (PostgreSQL " in text
+    assert "![Throughput by strategy and size](docs/throughput.svg)" in text
+    assert "![Peak memory growth by strategy and size](docs/memory.svg)" in text
+    assert f"| raw COPY | {SIZE} | " in text
+    assert f"| naive process_orders | {SIZE} | " in text
+    for svg in (chart, memory):
+        root = ET.fromstring(svg.read_text())
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 6
