@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/shop)
+BENCH_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/6)
 
 .PHONY: venv demo test bench lint format clean
 
@@ -35,8 +36,9 @@ bench: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_scale --sizes 10000,100000,1000000 \
 		--markdown BENCHMARKS.scale.md --json docs/bench-scale.json \
 		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
-	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; } > BENCHMARKS.md
-	rm BENCHMARKS.md.new BENCHMARKS.scale.md
+	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.cache.md
+	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; echo; cat BENCHMARKS.cache.md; } > BENCHMARKS.md
+	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md
 	@cat BENCHMARKS.md
 
 lint: venv
