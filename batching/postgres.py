@@ -10,8 +10,10 @@ statement writes it:
     ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b
     RETURNING (xmax = 0)
 
-    UPDATE t SET b = v.b FROM unnest(%s::bigint[], %s::type_b[]) AS v (id, b)
-    WHERE t.id = v.id
+    WITH v AS (SELECT * FROM unnest(%s::type_a[], %s::type_b[]) AS v (a, b)),
+    locked AS (SELECT id, a FROM t WHERE a = ANY(...) ORDER BY id FOR NO KEY UPDATE),
+    changed AS (UPDATE t SET b = v.b FROM locked JOIN v ... WHERE t.id = locked.id)
+    SELECT ARRAY(the keys of v that were not found)
 
     COPY t (a, b) FROM STDIN
 
@@ -206,45 +208,62 @@ def upsert(
 
 def update(
     model: type[models.Model],
+    key: str,
     fields: Sequence[str],
     rows: Sequence[Sequence[Any]],
     *,
     using: str,
     constants: Mapping[str, Any] | None = None,
-) -> int:
-    """Update existing rows by primary key in one statement; return how many.
+) -> set[Any]:
+    """Lock and update existing rows found by a unique ``key``; return the keys with no row.
 
-    ``rows`` are tuples ``(pk, *values)`` in ``fields`` order; a ``None``
+    ``rows`` are tuples ``(key, *values)`` in ``fields`` order; a ``None``
     value keeps the column as it is (for NOT NULL columns, where ``None``
     cannot mean NULL). ``constants`` sets the same value on every row
-    (``updated_at``, say). Rows are sent in primary-key order.
+    (``updated_at``, say). One statement locks the rows in primary-key order
+    (``FOR NO KEY UPDATE``: one global order, so concurrent runs queue instead
+    of deadlocking), updates them, and lists the keys it did not find.
 
     Note:
         Like ``bulk_update``, this skips ``Model.save()`` and signals, and
         ``auto_now`` fields are not filled in: pass them in ``constants``.
     """
     if not rows:
-        return 0
+        return set()
     connection = connections[using]
     constants = dict(constants or {})
-    pk = model._meta.pk.name
+    pk = column(model, model._meta.pk.name)
+    key_column = column(model, key)
     assignments = [
         sql.SQL("{0} = COALESCE(v.{0}, t.{0})").format(column(model, name)) for name in fields
-    ] + [sql.SQL("{} = {}").format(column(model, name), sql.Placeholder()) for name in constants]
+    ] + [
+        sql.SQL("{} = {}").format(column(model, name), sql.Placeholder(format=PyFormat.AUTO))
+        for name in constants
+    ]
     statement = sql.SQL(
-        "UPDATE {table} AS t SET {assignments} FROM {source} AS v ({names}) WHERE t.{pk} = v.{pk}"
+        "WITH v AS MATERIALIZED (SELECT * FROM {source} AS v ({names})), "
+        "locked AS MATERIALIZED ("
+        "SELECT {pk}, {key} FROM {table} WHERE {key} = ANY(ARRAY(SELECT v.{key} FROM v)) "
+        "ORDER BY {pk} FOR NO KEY UPDATE"
+        "), "
+        "changed AS ("
+        "UPDATE {table} AS t SET {assignments} FROM locked JOIN v ON v.{key} = locked.{key} "
+        "WHERE t.{pk} = locked.{pk}"
+        ") "
+        "SELECT ARRAY(SELECT v.{key} FROM v WHERE NOT EXISTS "
+        "(SELECT FROM locked WHERE locked.{key} = v.{key}))"
     ).format(
         table=sql.Identifier(model._meta.db_table),
         assignments=sql.SQL(", ").join(assignments),
-        source=unnest(model, [pk, *fields], connection),
-        names=sql.SQL(", ").join(column(model, name) for name in [pk, *fields]),
-        pk=column(model, pk),
+        source=unnest(model, [key, *fields], connection),
+        names=sql.SQL(", ").join(column(model, name) for name in [key, *fields]),
+        pk=pk,
+        key=key_column,
     )
-    ordered = sorted(rows, key=lambda row: row[0])
-    # The constants' placeholders come first: SET precedes FROM in the text.
-    params = [*constants.values(), *columns_of(ordered, 1 + len(fields))]
-    rowcount, _ = execute(using, statement, params)
-    return rowcount
+    # The arrays' placeholders come first: the CTE precedes SET.
+    params = [*columns_of(rows, 1 + len(fields)), *constants.values()]
+    _, (missing,) = execute(using, statement, params)
+    return set(missing)
 
 
 def add_to(

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from decimal import Decimal
+from operator import attrgetter
 
 from django.contrib.auth import get_user_model
 from django.db import models
@@ -45,6 +46,7 @@ from products.services.base import (
 
 VARIANT = BatchProcessingLog.Variant.OPTIMIZED
 SCORE_KEY = ["user", "product", "algorithm"]
+SCORE_ORDER = attrgetter("user_id", "product_id", "algorithm")  # ScoreRow.key
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
 # What a catalogue row sets, on insert and on update (in this order).
 PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
@@ -180,7 +182,7 @@ class OptimizedScores(ScoresOperation):
         if not valid:
             return outcome
         # Sorted by key: concurrent upserts take their row locks in one order.
-        valid.sort(key=lambda item: item.key)
+        valid.sort(key=SCORE_ORDER)
         now = timezone.now()
         if fast_paths(self.using):
             created, updated = upsert(
@@ -365,20 +367,20 @@ class OptimizedOrders(OrdersOperation):
 
 
 class OptimizedProductUpdates(ProductUpdatesOperation):
-    """Prices and stock by sku: the products are locked, then updated in one statement."""
+    """Prices and stock by sku: the products are locked in primary-key order, then updated."""
 
     variant = VARIANT
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
-        fast = fast_paths(self.using)
+        if fast_paths(self.using):
+            return self.write_fast(rows)
         # The portable path writes every field of every row, so it reads the
         # current values of the fields a row leaves as they are.
-        fields = ("pk",) if fast else ("pk", "price", "stock_quantity")
         found = {
             sku: values
             for sku, *values in locked_products(
                 self.using, sku__in={row.item.sku for row in rows}
-            ).values_list("sku", *fields)
+            ).values_list("sku", "pk", "price", "stock_quantity")
         }
         outcome = ChunkOutcome()
         valid: list[tuple[list, r.ProductUpdateRow]] = []
@@ -387,36 +389,42 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
             if item.sku in found:
                 valid.append((found[item.sku], item))
             else:
-                message = r.UNKNOWN_SKU.format(sku=item.sku)
-                outcome.errors.append(RowError(row.index, "sku", message, "not_found"))
+                outcome.errors.append(unknown_sku(row))
         if not valid:
             return outcome
         now = timezone.now()
-        if fast:
-            update(
-                Product,
-                ["price", "stock_quantity"],
-                [(pk, item.price, item.stock_quantity) for (pk,), item in valid],
-                constants={"updated_at": now},
-                using=self.using,
-            )
-        else:
-            Product.objects.using(self.using).bulk_update(
-                [
-                    Product(
-                        pk=pk,
-                        price=price if item.price is None else item.price,
-                        stock_quantity=stock
-                        if item.stock_quantity is None
-                        else item.stock_quantity,
-                        updated_at=now,
-                    )
-                    for (pk, price, stock), item in valid
-                ],
-                ["price", "stock_quantity", "updated_at"],
-            )
+        Product.objects.using(self.using).bulk_update(
+            [
+                Product(
+                    pk=pk,
+                    price=price if item.price is None else item.price,
+                    stock_quantity=stock if item.stock_quantity is None else item.stock_quantity,
+                    updated_at=now,
+                )
+                for (pk, price, stock), item in valid
+            ],
+            ["price", "stock_quantity", "updated_at"],
+        )
         outcome.written = outcome.updated = len(valid)
         return outcome
+
+    def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
+        """PostgreSQL: one statement locks the products by sku, updates them, lists the unknown."""
+        missing = update(
+            Product,
+            "sku",
+            ["price", "stock_quantity"],
+            [(row.item.sku, row.item.price, row.item.stock_quantity) for row in rows],
+            constants={"updated_at": timezone.now()},
+            using=self.using,
+        )
+        errors = [unknown_sku(row) for row in rows if row.item.sku in missing] if missing else []
+        written = len(rows) - len(errors)
+        return ChunkOutcome(written=written, updated=written, errors=errors)
+
+
+def unknown_sku(row: Prepared) -> RowError:
+    return RowError(row.index, "sku", r.UNKNOWN_SKU.format(sku=row.item.sku), "not_found")
 
 
 class OptimizedBulkOperationsService(BulkOperationsService):

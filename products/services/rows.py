@@ -138,6 +138,9 @@ def text(row: Mapping[str, Any], name: str, *, limit: int) -> str:
 
 
 def unit_score(row: Mapping[str, Any], name: str) -> float:
+    value = row.get(name)
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value  # the common case (NaN and infinities fail the range)
     value = present(row, name)
     if isinstance(value, bool):
         raise RowInvalid(name, NOT_NUMBER)
