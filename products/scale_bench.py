@@ -291,6 +291,10 @@ def reset_namespace(using: str = DEFAULT_DB_ALIAS) -> None:
     products go through one ``DELETE ... LIKE`` because Django's collector
     would load every product to cascade. Orders, categories and users are few.
     """
+    # Fresh statistics first: just after a strategy wrote its rows the planner
+    # still expects empty tables and picks nested loops that run for minutes.
+    for model in (ProductView, RecommendationScore, Product):
+        execute(using, sql.SQL("ANALYZE {}").format(table(model)))
     User = get_user_model()
     bench_users = Q(user__username__startswith=USER_PREFIX)
     bench_products = Q(product__sku__startswith=SKU_PREFIX)
