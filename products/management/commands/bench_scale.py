@@ -88,7 +88,7 @@ class Command(BaseCommand):
             type=int,
             default=None,
             help="Rows per chunk for the service and the chunked peers "
-            "(default: settings.BULK_CHUNK_SIZE).",
+            "(default: the service's own on PostgreSQL, settings.BULK_PG_CHUNK_SIZE).",
         )
         parser.add_argument(
             "--seed",
@@ -135,7 +135,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         sizes = parse_sizes(options["sizes"])
-        chunk_size: int = options["chunk_size"] or settings.BULK_CHUNK_SIZE
+        chunk_size: int = options["chunk_size"] or settings.BULK_PG_CHUNK_SIZE
         if options["chunk_size"] is not None and options["chunk_size"] < 1:
             raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=options["chunk_size"]))
         if options["peer_budget"] <= 0:
