@@ -207,6 +207,11 @@ def order_rejection(
     return None
 
 
+def unknown_sku(row: Prepared) -> RowError:
+    """A price and stock update for a sku the catalogue does not have (both services)."""
+    return RowError(row.index, "sku", r.UNKNOWN_SKU.format(sku=row.item.sku), "not_found")
+
+
 def reference_error(index: int, item: Any, users: set[int], products: set[int]) -> RowError | None:
     """The row's user or product is unknown (views and scores), or None."""
     if item.user_id not in users:

@@ -19,11 +19,10 @@ from decimal import Decimal
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from batching.engine import ChunkOutcome, Prepared, RowError
+from batching.engine import ChunkOutcome, Prepared
 from batching.models import BatchProcessingLog
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
-from products.services import rows as r
 from products.services.base import (
     BulkOperationsService,
     OrdersOperation,
@@ -33,6 +32,7 @@ from products.services.base import (
     ViewsOperation,
     order_rejection,
     reference_error,
+    unknown_sku,
 )
 
 VARIANT = BatchProcessingLog.Variant.NAIVE
@@ -139,8 +139,7 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
             item = row.item
             product = Product.objects.using(self.using).filter(sku=item.sku).first()
             if product is None:
-                message = r.UNKNOWN_SKU.format(sku=item.sku)
-                outcome.errors.append(RowError(row.index, "sku", message, "not_found"))
+                outcome.errors.append(unknown_sku(row))
                 continue
             changed = ["updated_at"]
             if item.price is not None:

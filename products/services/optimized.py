@@ -27,7 +27,7 @@ from django.db import models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from batching.engine import ChunkOutcome, Prepared, RowError
+from batching.engine import ChunkOutcome, Prepared
 from batching.models import BatchProcessingLog
 from batching.postgres import add_to, copy_rows, fast_paths, pg_chunk_size, update, upsert
 from orders.models import Order, OrderItem
@@ -42,6 +42,7 @@ from products.services.base import (
     ViewsOperation,
     order_rejection,
     reference_error,
+    unknown_sku,
 )
 
 VARIANT = BatchProcessingLog.Variant.OPTIMIZED
@@ -421,10 +422,6 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
         errors = [unknown_sku(row) for row in rows if row.item.sku in missing] if missing else []
         written = len(rows) - len(errors)
         return ChunkOutcome(written=written, updated=written, errors=errors)
-
-
-def unknown_sku(row: Prepared) -> RowError:
-    return RowError(row.index, "sku", r.UNKNOWN_SKU.format(sku=row.item.sku), "not_found")
 
 
 class OptimizedBulkOperationsService(BulkOperationsService):
