@@ -40,7 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, ClassVar
 
 from django.conf import settings
@@ -208,6 +208,24 @@ class BatchOperation(ABC):
     @abstractmethod
     def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
 
+    def streams(self) -> bool:
+        """Whether whole chunks go through ``write_stream`` first (see there)."""
+        return False
+
+    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
+        """Write a whole chunk as its rows are read and prepared, trusting the database.
+
+        The optimistic first attempt of an operation whose ``streams()`` is
+        true: ``rows`` yields each valid row as soon as it is prepared, so the
+        database can work on the first rows (a ``COPY`` receiving them) while
+        the later ones are parsed. References are left to the database's own
+        constraints (foreign keys); when it refuses the chunk, the engine rolls
+        it back and writes it again with ``write``, whose checks name each bad
+        row. The common case saves the checks' queries and overlaps parsing
+        with the database's work.
+        """
+        raise NotImplementedError
+
     def committed(self, rows: list[Prepared]) -> None:
         """Called once the transaction that wrote ``rows`` has committed.
 
@@ -277,6 +295,42 @@ def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 class TransientFailure(Exception):
     """A chunk still failed transiently after every retry."""
+
+
+_END = object()
+
+
+class ChunkStream:
+    """One chunk's input, prepared as ``write_stream`` reads it.
+
+    Iterating yields the valid rows; invalid ones go to the run's errors as
+    they are met. ``prepared`` collects the valid rows and ``end`` is the
+    input position after the last row read; ``drain`` reads whatever the
+    write left, so both are complete afterwards.
+    """
+
+    def __init__(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> None:
+        self.prepared: list[Prepared] = []
+        self.start = self.end = start
+        self._rows = self._read(run, start, chunk)
+
+    def _counted(self, chunk: Iterator[Any]) -> Iterator[Any]:
+        for raw in chunk:
+            self.end += 1
+            yield raw
+
+    def _read(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> Iterator[Prepared]:
+        append = self.prepared.append
+        for row in run._prepare_rows(start, self._counted(chunk), run.errors):
+            append(row)
+            yield row
+
+    def __iter__(self) -> Iterator[Prepared]:
+        return self._rows
+
+    def drain(self) -> None:
+        for _ in self._rows:
+            pass
 
 
 class BatchRun:
@@ -363,23 +417,61 @@ class BatchRun:
             for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
                 self._prepare_chunk(position, chunk, errors=[])
                 position += len(chunk)
-        for chunk in chunked(rows, self.chunk_size):
-            start, end = position, position + len(chunk)
-            position = end
-            self.read += len(chunk)
-            prepared = self._prepare_chunk(start, chunk, errors=self.errors)
+        streams = self.op.streams()
+        while (first_row := next(rows, _END)) is not _END:
+            chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
+            start = position
+            if streams:
+                stream = ChunkStream(self, start, chunk)
+                committed = self._commit_stream(log, stream)
+                position = stream.end
+                self.read += position - start
+                if committed:
+                    continue
+                # The database refused the trusting attempt: the checked write.
+                prepared = stream.prepared
+            else:
+                rows_of_chunk = list(chunk)
+                position += len(rows_of_chunk)
+                self.read += len(rows_of_chunk)
+                prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
             completed = self._write_isolating(
-                log, prepared, checkpoint=end, first=start, final=True
+                log, prepared, checkpoint=position, first=start, final=True
             )
             if not completed:
                 # The chunk's last piece was not committed (all rows invalid or
                 # rejected): record its counters and checkpoint on their own.
-                self._commit_with_retries(log, [], checkpoint=end, first=start, final=True)
+                self._commit_with_retries(log, [], checkpoint=position, first=start, final=True)
+
+    def _commit_stream(self, log: BatchProcessingLog, stream: ChunkStream) -> bool:
+        """Commit a chunk through ``write_stream``; False if the database refused it.
+
+        The stream is the first attempt: a transient failure is retried as
+        usual, with ``write``. Either way the stream is read to its end, so
+        ``stream.prepared`` holds every valid row and the run's errors every
+        invalid one.
+        """
+        try:
+            self._commit_with_retries(
+                log, [], checkpoint=stream.start, first=stream.start, final=True, stream=stream
+            )
+            return True
+        except (IntegrityError, DataError):
+            log.chunks_rolled_back += 1
+            log.chunks_rerun += 1
+            stream.drain()
+            return False
 
     def _prepare_chunk(
         self, start: int, chunk: list[Any], *, errors: list[RowError]
     ) -> list[Prepared]:
-        """The chunk's valid rows; each invalid or repeated row is added to ``errors``.
+        """The chunk's valid rows; each invalid or repeated row is added to ``errors``."""
+        return list(self._prepare_rows(start, chunk, errors))
+
+    def _prepare_rows(
+        self, start: int, chunk: Iterable[Any], errors: list[RowError]
+    ) -> Iterator[Prepared]:
+        """Each valid row of ``chunk`` as it is prepared; invalid or repeated ones go to ``errors``.
 
         Every input row goes through this loop, so what it looks up once per
         row is looked up once per chunk instead.
@@ -388,8 +480,6 @@ class BatchRun:
         # The base class has no key: skip a call per row that returns None.
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
         seen = self.seen
-        prepared: list[Prepared] = []
-        append = prepared.append
         for index, raw in enumerate(chunk, start):
             try:
                 item = prepare(raw)
@@ -402,8 +492,7 @@ class BatchRun:
                     message = DUPLICATE_IN_INPUT.format(field=self.op.key_field, first=first)
                     errors.append(RowError(index, self.op.key_field or "row", message, "duplicate"))
                     continue
-            append(Prepared(index, item))
-        return prepared
+            yield Prepared(index, item)
 
     def _write_isolating(
         self,
@@ -449,11 +538,16 @@ class BatchRun:
         checkpoint: int,
         first: int,
         final: bool,
+        stream: ChunkStream | None = None,
     ) -> None:
         attempts = settings.BULK_RETRY_ATTEMPTS
         for attempt in range(1, attempts + 1):
+            if stream is not None and attempt > 1:
+                # The streaming attempt failed: the retries take the checked write.
+                stream.drain()
+                rows, checkpoint, stream = stream.prepared, stream.end, None
             try:
-                self._commit(log, rows, checkpoint=checkpoint, final=final)
+                self._commit(log, rows, checkpoint=checkpoint, final=final, stream=stream)
                 return
             except (IntegrityError, DataError):
                 raise
@@ -477,10 +571,21 @@ class BatchRun:
                 time.sleep(delay)
 
     def _commit(
-        self, log: BatchProcessingLog, rows: list[Prepared], *, checkpoint: int, final: bool
+        self,
+        log: BatchProcessingLog,
+        rows: list[Prepared],
+        *,
+        checkpoint: int,
+        final: bool,
+        stream: ChunkStream | None = None,
     ) -> None:
         with transaction.atomic(using=self.op.using):
-            outcome = self.op.write(rows) if rows else ChunkOutcome()
+            if stream is not None:
+                outcome = self.op.write_stream(iter(stream))
+                stream.drain()
+                rows, checkpoint = stream.prepared, stream.end
+            else:
+                outcome = self.op.write(rows) if rows else ChunkOutcome()
             if rows:
                 transaction.on_commit(partial(self.op.committed, rows), using=self.op.using)
             totals = ChunkOutcome(

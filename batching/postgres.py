@@ -266,6 +266,30 @@ def update(
     return set(missing)
 
 
+def existing_ids(
+    using: str, wanted: Sequence[tuple[type[models.Model], Iterable[int]]]
+) -> list[set[int]]:
+    """Which of the given primary keys exist, per model, in one statement.
+
+    One array parameter per model (bound on the server, whatever its size),
+    where ``pk__in`` would put each id into the SQL text.
+    """
+    connection = connections[using]
+    statement = sql.SQL("SELECT {}").format(
+        sql.SQL(", ").join(
+            sql.SQL("ARRAY(SELECT {pk} FROM {table} WHERE {pk} = ANY({ids}::{type}[]))").format(
+                pk=column(model, model._meta.pk.name),
+                table=sql.Identifier(model._meta.db_table),
+                ids=BINARY,
+                type=sql.SQL(array_type(model._meta.pk, connection)),
+            )
+            for model, _ in wanted
+        )
+    )
+    _, found = execute(using, statement, [sorted(set(ids)) for _, ids in wanted])
+    return [set(ids) for ids in found]
+
+
 def add_to(
     model: type[models.Model],
     field: str,

@@ -353,18 +353,24 @@ class TestProgressQueries:
 
 
 def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -> None:
-    """Make the partitions' ``write`` raise ``exc`` on its ``chunk``-th call (1-based)."""
+    """Make the partitions' writes raise ``exc`` on the ``chunk``-th call (1-based).
+
+    ``write`` and ``write_stream`` (an operation that streams) share the count.
+    """
     cls = tasks.PARTITION_OPERATIONS[operation]
-    original = cls.write
     calls = []
 
-    def write(self, rows):
-        calls.append(1)
-        if len(calls) == chunk:
-            raise exc
-        return original(self, rows)
+    def failing(original):
+        def write(self, rows):
+            calls.append(1)
+            if len(calls) == chunk:
+                raise exc
+            return original(self, rows)
 
-    monkeypatch.setattr(cls, "write", write)
+        return write
+
+    monkeypatch.setattr(cls, "write", failing(cls.write))
+    monkeypatch.setattr(cls, "write_stream", failing(cls.write_stream))
 
 
 @pytest.mark.django_db

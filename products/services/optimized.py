@@ -18,18 +18,27 @@ the portable path: ``bulk_create``, ``bulk_update`` and ``F()`` with ``Case``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
+from itertools import chain
 from operator import attrgetter
 
 from django.contrib.auth import get_user_model
-from django.db import models
+from django.db import IntegrityError, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from batching.engine import ChunkOutcome, Prepared
 from batching.models import BatchProcessingLog
-from batching.postgres import add_to, copy_rows, fast_paths, pg_chunk_size, update, upsert
+from batching.postgres import (
+    add_to,
+    copy_rows,
+    existing_ids,
+    fast_paths,
+    pg_chunk_size,
+    update,
+    upsert,
+)
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
@@ -165,14 +174,55 @@ class OptimizedViews(ViewsOperation):
         outcome.written = outcome.created = len(views)
         return outcome
 
+    def streams(self) -> bool:
+        return fast_paths(self.using)
+
+    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
+        """PostgreSQL: COPY the views as they are parsed, then check and count (3 queries).
+
+        The views reach the server while later rows are still being parsed;
+        the checks follow in the same transaction: the users, then the
+        counter statement, which locks the products and says which exist. If
+        a user or a product is missing, the chunk is rolled back and written
+        again through ``write``, which names each bad row.
+        """
+        first = next(rows, None)
+        if first is None:
+            return ChunkOutcome()  # every row of the chunk was invalid
+        counts: Counter[int] = Counter()
+        user_ids: set[int] = set()
+
+        def values() -> Iterator[tuple]:
+            for row in chain((first,), rows):
+                v = row.item
+                counts[v.product_id] += 1
+                user_ids.add(v.user_id)
+                yield (v.user_id, v.product_id, v.session_id, v.interaction_type, v.created_at)
+
+        written = copy_rows(ProductView, VIEW_FIELDS, values(), using=self.using)
+        if len(existing_user_ids(self.using, user_ids)) != len(user_ids):
+            raise IntegrityError(r.UNKNOWN_REFERENCE)
+        if len(add_to(Product, "view_count", counts, using=self.using)) != len(counts):
+            raise IntegrityError(r.UNKNOWN_REFERENCE)
+        return ChunkOutcome(written=written, created=written)
+
 
 class OptimizedScores(ScoresOperation):
     variant = VARIANT
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         items = [row.item for row in rows]
-        users = existing_user_ids(self.using, (item.user_id for item in items))
-        products = existing_product_ids(self.using, (item.product_id for item in items))
+        if fast_paths(self.using):
+            users, products = existing_ids(
+                self.using,
+                [
+                    (get_user_model(), (item.user_id for item in items)),
+                    (Product, (item.product_id for item in items)),
+                ],
+            )
+        else:
+            users = existing_user_ids(self.using, (item.user_id for item in items))
+            products = existing_product_ids(self.using, (item.product_id for item in items))
         outcome = ChunkOutcome()
         valid: list[r.ScoreRow] = []
         for row in rows:

@@ -1,0 +1,126 @@
+"""The engine's streaming first attempt (``write_stream``), on any database.
+
+A toy operation creates categories by name. Its streaming write trusts the
+table's unique constraint; its checked write reports the names that exist.
+"""
+
+from collections.abc import Iterator
+
+import pytest
+from django.db import InterfaceError
+
+from batching.engine import BatchOperation, ChunkOutcome, Prepared, RowError, RowInvalid, run_batch
+from batching.models import BatchProcessingLog
+from products.models import Category
+from tests.concurrency_helpers import inject_faults, record_sleeps
+
+pytestmark = pytest.mark.django_db
+
+NAME_TAKEN = "category {name} exists"
+
+
+class StreamedCategories(BatchOperation):
+    operation = BatchProcessingLog.Operation.PRODUCTS
+    variant = BatchProcessingLog.Variant.OPTIMIZED
+
+    def __init__(self, using: str = "default") -> None:
+        super().__init__(using)
+        self.events: list[tuple[str, int]] = []
+
+    def prepare(self, raw):
+        if not isinstance(raw, str):
+            raise RowInvalid("row", "must be a name")
+        return raw
+
+    def streams(self) -> bool:
+        return True
+
+    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
+        written = 0
+        for row in rows:
+            self.events.append(("write", row.index))
+            Category.objects.create(name=row.item)  # a taken name: IntegrityError
+            written += 1
+        return ChunkOutcome(written=written, created=written)
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        self.events.append(("checked", len(rows)))
+        taken = set(
+            Category.objects.filter(name__in=[row.item for row in rows]).values_list(
+                "name", flat=True
+            )
+        )
+        outcome = ChunkOutcome()
+        fresh = []
+        for row in rows:
+            if row.item in taken:
+                message = NAME_TAKEN.format(name=row.item)
+                outcome.errors.append(RowError(row.index, "row", message, "duplicate"))
+            else:
+                fresh.append(Category(name=row.item))
+        Category.objects.bulk_create(fresh)
+        outcome.written = outcome.created = len(fresh)
+        return outcome
+
+
+def recorded(names: list, events: list) -> Iterator:
+    for index, name in enumerate(names):
+        events.append(("read", index))
+        yield name
+
+
+def test_each_row_is_written_before_the_next_is_read():
+    operation = StreamedCategories()
+    result = run_batch(
+        operation, recorded(["a", "b", "c", "d", "e"], operation.events), chunk_size=3
+    )
+    assert (result.status, result.written) == ("completed", 5)
+    assert operation.events == [(kind, index) for index in range(5) for kind in ("read", "write")]
+    assert result.log.chunks_committed == 2
+    assert result.log.checkpoint_position == 5
+
+
+def test_a_refused_chunk_is_written_again_by_the_checked_write():
+    Category.objects.create(name="taken")
+    operation = StreamedCategories()
+    names = ["a", "b", 7, "taken", "c", "d", 8]
+
+    result = run_batch(operation, iter(names), chunk_size=3)
+
+    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "d", "taken"]
+    assert [(e.index, e.message) for e in result.errors] == [
+        (2, "must be a name"),  # prepared once, reported once
+        (3, NAME_TAKEN.format(name="taken")),
+        (6, "must be a name"),
+    ]
+    assert (result.read, result.written, result.skipped) == (7, 4, 3)
+    # The second chunk: streamed, refused at "taken", rolled back, then checked.
+    assert ("checked", 3) in operation.events
+    log = BatchProcessingLog.objects.get(pk=result.log_id)
+    assert (log.chunks_committed, log.chunks_rolled_back, log.chunks_rerun) == (3, 1, 1)
+    assert (log.rows_written, log.rows_skipped, log.checkpoint_position) == (4, 3, 7)
+
+
+@pytest.mark.django_db(transaction=True)  # retries need the chunk to own its transaction
+def test_a_transient_failure_of_the_stream_is_retried_with_the_checked_write(monkeypatch):
+    delays = record_sleeps(monkeypatch)
+    inject_faults(
+        monkeypatch,
+        StreamedCategories,
+        lambda call: InterfaceError("connection already closed") if call == 2 else None,
+    )
+    result = run_batch(StreamedCategories(), iter(["a", "b", "c", "d"]), chunk_size=2)
+
+    assert (result.status, result.written) == ("completed", 4)
+    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "d"]
+    log = BatchProcessingLog.objects.get(pk=result.log_id)
+    assert (log.chunks_committed, log.chunks_retried, log.chunks_rolled_back) == (2, 1, 1)
+    assert len(delays) == 1
+
+
+def test_an_input_of_only_invalid_rows_commits_its_checkpoint():
+    operation = StreamedCategories()
+    result = run_batch(operation, iter([1, 2, 3]), chunk_size=2)
+    assert (result.status, result.read, result.skipped) == ("partial", 3, 3)
+    assert operation.events == []
+    assert result.log.checkpoint_position == 3
