@@ -195,9 +195,16 @@ class BatchOperation(ABC):
     operation: ClassVar[str]
     variant: ClassVar[str]
     key_field: ClassVar[str | None] = None
+    # True when ``write`` recognises a key written by an earlier chunk of the
+    # run itself (from a mark the run leaves on the rows it writes, with
+    # ``log_id``): the engine then compares keys within a chunk only and
+    # remembers none across chunks, so its memory stays flat at any size.
+    keys_in_database: ClassVar[bool] = False
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
+        # The run's BatchProcessingLog id, set by the engine before any write.
+        self.log_id: int | None = None
 
     @abstractmethod
     def prepare(self, raw: Any) -> Any: ...
@@ -207,6 +214,11 @@ class BatchOperation(ABC):
 
     @abstractmethod
     def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
+
+    def repeated(self, index: int, first: int) -> RowError:
+        """The error of row ``index``, whose key row ``first`` already had."""
+        message = DUPLICATE_IN_INPUT.format(field=self.key_field, first=first)
+        return RowError(index, self.key_field or "row", message, "duplicate")
 
     def streams(self) -> bool:
         """Whether whole chunks go through ``write_stream`` first (see there)."""
@@ -387,6 +399,7 @@ class BatchRun:
         started = self.started = time.perf_counter()
         with self.connection.execute_wrapper(self.counter):
             log = self._start_log()
+            self.op.log_id = log.pk
             failure: BaseException | None = None
             try:
                 self._run_chunks(log, iter(rows))
@@ -411,7 +424,10 @@ class BatchRun:
 
     def _run_chunks(self, log: BatchProcessingLog, rows: Iterator[Any]) -> None:
         position = 0
-        if self.resume_log is not None:
+        if self.resume_log is not None and self.op.keys_in_database:
+            # The committed prefix's keys are marked in the database: skip it.
+            position = sum(1 for _ in islice(rows, log.checkpoint_position))
+        elif self.resume_log is not None:
             # Re-read the committed prefix only to remember its keys, so a
             # duplicate after the checkpoint is still recognised as one.
             for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
@@ -479,6 +495,8 @@ class BatchRun:
         prepare = self.op.prepare
         # The base class has no key: skip a call per row that returns None.
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
+        if self.op.keys_in_database:
+            self.seen = {}  # this chunk's keys only: earlier ones are the write's to find
         seen = self.seen
         for index, raw in enumerate(chunk, start):
             try:
@@ -489,8 +507,7 @@ class BatchRun:
             if key_of is not None and (key := key_of(item)) is not None:
                 first = seen.setdefault(key, index)
                 if first != index:
-                    message = DUPLICATE_IN_INPUT.format(field=self.op.key_field, first=first)
-                    errors.append(RowError(index, self.op.key_field or "row", message, "duplicate"))
+                    errors.append(self.op.repeated(index, first))
                     continue
             yield Prepared(index, item)
 

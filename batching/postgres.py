@@ -165,11 +165,14 @@ def upsert(
     update_fields: Sequence[str],
     using: str,
     constants: Mapping[str, Any] | None = None,
+    only_if_distinct: Sequence[str] = (),
 ) -> tuple[int, int]:
     """Insert or update ``rows`` (tuples in ``fields`` order); return (created, updated).
 
     ``constants`` gives the same value to every row (``updated_at``, say): one
-    parameter instead of an array of copies.
+    parameter instead of an array of copies. With ``only_if_distinct``, an
+    existing row is updated only if one of these columns differs from the new
+    row's; the others are left as they are and counted in neither figure.
 
     Note:
         Like ``bulk_create``, this skips ``Model.save()`` and signals, and
@@ -183,7 +186,7 @@ def upsert(
     statement = sql.SQL(
         "WITH written AS ("
         "INSERT INTO {table} ({columns}) SELECT {values} FROM {source} AS v ({names}) "
-        "ON CONFLICT ({unique}) DO UPDATE SET {updates} "
+        "ON CONFLICT ({unique}) DO UPDATE SET {updates}{where} "
         "RETURNING (xmax = 0) AS inserted"
         ") SELECT count(*) FILTER (WHERE inserted), count(*) FROM written"
     ).format(
@@ -199,6 +202,16 @@ def upsert(
         updates=sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(column(model, name)) for name in update_fields
         ),
+        where=sql.SQL(" WHERE {}").format(
+            sql.SQL(" OR ").join(
+                sql.SQL("{table}.{0} IS DISTINCT FROM EXCLUDED.{0}").format(
+                    column(model, name), table=sql.Identifier(model._meta.db_table)
+                )
+                for name in only_if_distinct
+            )
+        )
+        if only_if_distinct
+        else sql.SQL(""),
     )
     # The constants' placeholders come first: SELECT's list precedes FROM.
     params = [*constants.values(), *columns_of(rows, len(fields))]

@@ -24,6 +24,21 @@ class Product(models.Model):
     view_count = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The catalogue import that last wrote the product and the input row it
+    # came from: how a million-row import recognises a sku it has already
+    # written without remembering every sku in memory. No constraint and no
+    # index: each import row would pay for them.
+    last_import = models.ForeignKey(
+        "batching.BatchProcessingLog",
+        null=True,
+        blank=True,
+        editable=False,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
+    last_import_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["sku"]

@@ -144,6 +144,8 @@ class OrdersOperation(BatchOperation):
 class ProductsOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCTS
     key_field = "sku"
+    # A sku an earlier chunk wrote is found by the product's last_import mark.
+    keys_in_database = True
 
     def prepare(self, raw: Any) -> r.ProductRow:
         return r.parse_product(raw)

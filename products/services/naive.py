@@ -111,11 +111,16 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
-            category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
             product = Product.objects.using(self.using).filter(sku=item.sku).first()
             created = product is None
             if created:
                 product = Product(sku=item.sku)
+            elif product.last_import_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, product.last_import_row))
+                continue
+            category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
+            product.last_import_id = self.log_id
+            product.last_import_row = row.index
             product.name = item.name
             product.category = category
             product.price = item.price

@@ -28,7 +28,7 @@ from django.db import IntegrityError, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from batching.engine import ChunkOutcome, Prepared
+from batching.engine import ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
 from batching.postgres import (
     add_to,
@@ -60,6 +60,9 @@ SCORE_ORDER = attrgetter("user_id", "product_id", "algorithm")  # ScoreRow.key
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
 # What a catalogue row sets, on insert and on update (in this order).
 PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
+# An import also marks the products it writes with its run and input row.
+IMPORT_UPDATE_FIELDS = [*PRODUCT_UPDATE_FIELDS, "last_import", "last_import_row"]
+PRODUCT_COLUMNS = ["sku", "name", "category", "price", "stock_quantity", "is_active"]
 
 
 def strict(queryset: models.QuerySet) -> models.QuerySet:
@@ -281,11 +284,26 @@ class OptimizedScores(ScoresOperation):
 class OptimizedProducts(ProductsOperation):
     variant = VARIANT
 
-    def category_ids(self, names: set[str]) -> dict[str, int]:
-        """Ids of the named categories, creating the missing ones (2 more queries)."""
+    def category_ids(self, rows: list[Prepared]) -> tuple[dict[str, int], list[RowError]]:
+        """Ids of the rows' categories, creating the missing ones, and the rows repeated.
+
+        One query when every category exists. Otherwise three more: the rows
+        that need a new category are first checked for skus this run already
+        wrote (such a row must not create anything), then the categories are
+        created and their ids read back.
+        """
         categories = Category.objects.using(self.using)
-        ids = dict(strict(categories.filter(name__in=names)).values_list("name", "pk"))
-        missing = names - ids.keys()
+        ids = dict(
+            strict(categories.filter(name__in={row.item.category for row in rows})).values_list(
+                "name", "pk"
+            )
+        )
+        new = [row for row in rows if row.item.category not in ids]
+        if not new:
+            return ids, []
+        repeated = self.repeats(new)
+        skipped = {error.index for error in repeated}
+        missing = {row.item.category for row in new if row.index not in skipped}
         if missing:
             # ignore_conflicts: a concurrent import may create the same names;
             # the ids are read back rather than trusted from bulk_create.
@@ -293,59 +311,108 @@ class OptimizedProducts(ProductsOperation):
                 [Category(name=name) for name in sorted(missing)], ignore_conflicts=True
             )
             ids.update(strict(categories.filter(name__in=missing)).values_list("name", "pk"))
-        return ids
+        return ids, repeated
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         # Sorted by sku: concurrent imports take their row locks in one order.
-        items = sorted((row.item for row in rows), key=lambda item: item.sku)
-        category_ids = self.category_ids({item.category for item in items})
+        rows = sorted(rows, key=lambda row: row.item.sku)
+        category_ids, repeated = self.category_ids(rows)
+        if repeated:
+            skipped = {error.index for error in repeated}
+            rows = [row for row in rows if row.index not in skipped]
         now = timezone.now()
         if fast_paths(self.using):
-            created, updated = upsert(
-                Product,
-                ["sku", "name", "category", "price", "stock_quantity", "is_active"],
-                [
-                    (
-                        item.sku,
-                        item.name,
-                        category_ids[item.category],
-                        item.price,
-                        item.stock_quantity,
-                        item.is_active,
-                    )
-                    for item in items
-                ],
-                unique_fields=["sku"],
-                update_fields=PRODUCT_UPDATE_FIELDS,
-                constants={"updated_at": now, "view_count": 0, "created_at": now},
-                using=self.using,
-            )
-            return ChunkOutcome(written=len(items), created=created, updated=updated)
-        existing = set(
-            strict(
-                Product.objects.using(self.using).filter(sku__in=[item.sku for item in items])
-            ).values_list("sku", flat=True)
-        )
+            outcome = self.write_fast(rows, category_ids, now)
+            outcome.errors[:0] = repeated
+            return outcome
+        # Existing skus tell created from updated, and which this run wrote.
+        existing = {
+            sku: (log_id, first)
+            for sku, log_id, first in strict(
+                Product.objects.using(self.using).filter(sku__in=[row.item.sku for row in rows])
+            ).values_list("sku", "last_import_id", "last_import_row")
+        }
+        outcome = ChunkOutcome(errors=repeated)
+        fresh = []
+        for row in rows:
+            log_id, first = existing.get(row.item.sku, (None, None))
+            if log_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, first))
+            else:
+                fresh.append(row)
         Product.objects.using(self.using).bulk_create(
             [
                 Product(
-                    sku=item.sku,
-                    name=item.name,
-                    category_id=category_ids[item.category],
-                    price=item.price,
-                    stock_quantity=item.stock_quantity,
-                    is_active=item.is_active,
+                    sku=row.item.sku,
+                    name=row.item.name,
+                    category_id=category_ids[row.item.category],
+                    price=row.item.price,
+                    stock_quantity=row.item.stock_quantity,
+                    is_active=row.item.is_active,
                     created_at=now,
                     updated_at=now,
+                    last_import_id=self.log_id,
+                    last_import_row=row.index,
                 )
-                for item in items
+                for row in fresh
             ],
             update_conflicts=True,
             unique_fields=["sku"],
-            update_fields=PRODUCT_UPDATE_FIELDS,
+            update_fields=IMPORT_UPDATE_FIELDS,
         )
-        updated = sum(1 for item in items if item.sku in existing)
-        return ChunkOutcome(written=len(items), created=len(items) - updated, updated=updated)
+        outcome.written = len(fresh)
+        outcome.updated = sum(1 for row in fresh if row.item.sku in existing)
+        outcome.created = outcome.written - outcome.updated
+        return outcome
+
+    def write_fast(self, rows: list[Prepared], category_ids: dict[str, int], now) -> ChunkOutcome:
+        """PostgreSQL: one upsert that leaves alone the skus this run already wrote."""
+        created, updated = upsert(
+            Product,
+            [*PRODUCT_COLUMNS, "last_import_row"],
+            [
+                (
+                    row.item.sku,
+                    row.item.name,
+                    category_ids[row.item.category],
+                    row.item.price,
+                    row.item.stock_quantity,
+                    row.item.is_active,
+                    row.index,
+                )
+                for row in rows
+            ],
+            unique_fields=["sku"],
+            update_fields=IMPORT_UPDATE_FIELDS,
+            constants={
+                "updated_at": now,
+                "view_count": 0,
+                "created_at": now,
+                "last_import": self.log_id,
+            },
+            only_if_distinct=["last_import"],
+            using=self.using,
+        )
+        # Rows left out: skus an earlier chunk of this run wrote (one more query).
+        errors = self.repeats(rows) if created + updated < len(rows) else []
+        return ChunkOutcome(
+            written=created + updated, created=created, updated=updated, errors=errors
+        )
+
+    def repeats(self, rows: list[Prepared]) -> list[RowError]:
+        """The rows whose sku an earlier row of this run wrote, with that row."""
+        first = dict(
+            strict(
+                Product.objects.using(self.using).filter(
+                    sku__in=[row.item.sku for row in rows], last_import_id=self.log_id
+                )
+            ).values_list("sku", "last_import_row")
+        )
+        return [
+            self.repeated(row.index, first[row.item.sku])
+            for row in rows
+            if first.get(row.item.sku, row.index) != row.index
+        ]
 
 
 class OptimizedOrders(OrdersOperation):
