@@ -94,7 +94,8 @@ class ProductAdmin(admin.ModelAdmin):
     autocomplete_fields = ["category"]
     # view_count is the running total of ProductView rows, kept by
     # create_product_views; a hand edit would make it disagree with them.
-    readonly_fields = ["view_count", "created_at", "updated_at"]
+    # The import run (and its input row) that last wrote the product.
+    readonly_fields = ["view_count", "created_at", "updated_at", "last_import", "last_import_row"]
 
     # A product saved or deleted here drops its cached card once committed.
     def save_model(self, request: HttpRequest, obj: Product, form, change: bool) -> None:

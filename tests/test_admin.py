@@ -556,3 +556,25 @@ def test_orders_and_interactions_cannot_be_added_in_the_admin(staff_client):
     view = ProductViewFactory()
     assert staff_client.post(admin_url(ProductView, "delete", view.pk)).status_code == 403
     assert ProductView.objects.filter(pk=view.pk).exists()
+
+
+def test_product_change_page_shows_the_import_that_last_wrote_it(staff_client, optimized):
+    CategoryFactory(name="Tools")
+    rows = [
+        {"sku": "IMP-1", "name": "n", "category": "Tools", "price": "1.00", "stock_quantity": 1}
+    ]
+    result = optimized.import_products([*rows, {**rows[0], "sku": "IMP-2"}])
+    product = Product.objects.get(sku="IMP-2")
+    response = staff_client.get(admin_url(Product, "change", product.pk))
+    assert response.status_code == 200
+    fields = {
+        field.field["name"]: field.contents()
+        for fieldset in response.context["adminform"]
+        for line in fieldset
+        for field in line
+        if field.is_readonly
+    }
+    # A link to the run's log page.
+    log_url = reverse("admin:batching_batchprocessinglog_change", args=[result.log_id])
+    assert fields["last_import"] == f'<a href="{log_url}">{result.log}</a>'
+    assert fields["last_import_row"] == "1"
