@@ -24,6 +24,17 @@ locked SQLite database) are retried per chunk with exponential backoff and
 jitter, up to ``settings.BULK_RETRY_ATTEMPTS`` times; then the run ends as
 failed. Chunks committed before keep their work.
 
+An operation can take a chunk as a stream instead (``write_stream``): its rows
+are prepared as the write reads them, so a ``COPY`` is fed while the later rows
+are parsed, and its checks run after the write. If the chunk is refused, it is
+rolled back and written again by ``write`` as above.
+
+Duplicate keys are found across the whole input from a dict of every key seen,
+unless the operation finds keys written by earlier chunks itself
+(``keys_in_database``: the catalogue import marks each product it writes with
+its run); then the engine compares keys within a chunk only, and a run's memory
+does not grow with its input.
+
 The log row is created before the first chunk and finished after the last one,
 outside any chunk transaction: a failing chunk cannot roll back the trace of
 its own failure.
@@ -225,16 +236,16 @@ class BatchOperation(ABC):
         return False
 
     def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
-        """Write a whole chunk as its rows are read and prepared, trusting the database.
+        """Write a whole chunk as its rows are read and prepared, checking afterwards.
 
         The optimistic first attempt of an operation whose ``streams()`` is
         true: ``rows`` yields each valid row as soon as it is prepared, so the
         database can work on the first rows (a ``COPY`` receiving them) while
-        the later ones are parsed. References are left to the database's own
-        constraints (foreign keys); when it refuses the chunk, the engine rolls
-        it back and writes it again with ``write``, whose checks name each bad
-        row. The common case saves the checks' queries and overlaps parsing
-        with the database's work.
+        the later ones are parsed. The checks that need the whole chunk (do
+        its references exist?) run after the write, in the same transaction;
+        one that fails raises ``IntegrityError``. When a check or the
+        database refuses the chunk, the engine rolls it back and writes it
+        again with ``write``, whose checks name each bad row.
         """
         raise NotImplementedError
 
