@@ -42,6 +42,7 @@ def run(*args: str) -> str:
         (["--workloads", "views,nope"], "unknown workload 'nope' in --workloads"),
         (["--chunk-size", "0"], "--chunk-size must be at least 1, not 0"),
         (["--peer-budget", "0"], "--peer-budget must be more than 0 seconds"),
+        (["--repeat", "0"], "--repeat must be at least 1, not 0"),
         (["--strategy", "raw"], "--strategy is only for --one"),
         (["--one", "views"], "--one runs one strategy at one size"),
         (["--one", "views", "--strategy", "raw", "--sizes", "10,20"], "--one runs one"),
@@ -132,6 +133,35 @@ def test_peers_over_budget_are_not_run(tmp_path):
     assert "over the 0 s budget per peer run" in skipped.note
     assert report.problems == []
     assert Product.objects.filter(sku__startswith="BENCH-").count() == 0  # namespace removed
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_repeats_keep_the_fastest_run_within_the_budget(monkeypatch, tmp_path):
+    times = iter([3.0, 1.0, 2.0, 25.0, 10.0, 40.0])
+
+    def timed(workload, key, *, measure_memory):
+        workload.prepare()
+        workload.run(key)
+        return bench.Timing(next(times))
+
+    monkeypatch.setattr(bench, "run_strategy", timed)
+    job = workload("views", tmp_path)
+    report = bench.ScaleReport([SIZE], ["views"], [], [])
+    fast, slow, slower = (
+        bench.measure(job, job.strategy(key), isolate=False, report=report, repeat=3)
+        for key in (bench.OPTIMIZED, bench.RAW, bench.DJANGO)
+    )
+    # 3 runs, the fastest counts; 25 + 10 s reach the 30 s budget after two
+    # runs; a first run of 40 s is the only one.
+    assert (fast.seconds, fast.runs) == (1.0, 3)
+    assert (slow.seconds, slow.runs) == (10.0, 2)
+    assert (slower.seconds, slower.runs) == (40.0, 1)
+    assert "| 3 |" in "\n".join(bench.workload_section(report_of(job, fast), "views"))
+
+
+def report_of(job: bench.Workload, measurement: bench.Measurement) -> bench.ScaleReport:
+    return bench.ScaleReport([job.size], [job.name], [measurement], [])
 
 
 @postgres_only

@@ -32,6 +32,7 @@ BAD_SIZES = "--sizes must be comma-separated whole numbers of at least 1, not {v
 BAD_WORKLOADS = "unknown workload {name!r} in --workloads: choose from {choices} or all"
 CHUNK_SIZE_TOO_SMALL = "--chunk-size must be at least 1, not {value}"
 BUDGET_NOT_POSITIVE = "--peer-budget must be more than 0 seconds, not {value}"
+REPEAT_TOO_SMALL = "--repeat must be at least 1, not {value}"
 STRATEGY_WITHOUT_ONE = "--strategy is only for --one"
 ONE_NEEDS = "--one runs one strategy at one size: give --strategy and a single --sizes value"
 NO_WORK_DIR = "--work-dir {path} is not a directory"
@@ -118,6 +119,14 @@ class Command(BaseCommand):
             f"(default: {bench.DEFAULT_PEER_BUDGET:.0f}).",
         )
         parser.add_argument(
+            "--repeat",
+            type=int,
+            default=1,
+            help="Run each strategy up to this many times, each from the same start, and "
+            f"keep the fastest; a strategy runs again only while its runs took under "
+            f"{bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
+        )
+        parser.add_argument(
             "--in-process",
             action="store_true",
             help="Run every strategy in this process: faster, but no memory figures.",
@@ -140,6 +149,8 @@ class Command(BaseCommand):
             raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=options["chunk_size"]))
         if options["peer_budget"] <= 0:
             raise CommandError(BUDGET_NOT_POSITIVE.format(value=options["peer_budget"]))
+        if options["repeat"] < 1:
+            raise CommandError(REPEAT_TOO_SMALL.format(value=options["repeat"]))
         if options["strategy"] and not options["one"]:
             raise CommandError(STRATEGY_WITHOUT_ONE)
         if options["one"] and (not options["strategy"] or len(sizes) != 1):
@@ -175,12 +186,13 @@ class Command(BaseCommand):
                 work_dir=work_dir or Path(temporary),
                 isolate=not options["in_process"],
                 peer_budget=options["peer_budget"],
+                repeat=options["repeat"],
                 progress=self.stdout.write if options["verbosity"] >= 1 else None,
             )
         command_line = (
             f"python manage.py bench_scale --sizes {','.join(map(str, sizes))} "
             f"--workloads {','.join(workloads)} --chunk-size {chunk_size} --seed {seed} "
-            f"--peer-budget {options['peer_budget']:g}"
+            f"--peer-budget {options['peer_budget']:g} --repeat {options['repeat']}"
         )
         self.write_outputs(report, options, command_line)
         if report.problems:
