@@ -189,9 +189,11 @@ BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
 BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
 # PostgreSQL fast paths (COPY, array upserts and updates, guarded stock); off
 # runs the portable path every database shares. They pay off in larger chunks,
-# so on PostgreSQL the default chunk is BULK_PG_CHUNK_SIZE instead.
+# so on PostgreSQL the default chunk is BULK_PG_CHUNK_SIZE instead. A chunk's
+# rows stay locked until it commits (about a second at 50,000 rows): lower it
+# where other writers must not wait that long.
 BULK_PG_FAST_PATHS = env_bool("BULK_PG_FAST_PATHS", True)
-BULK_PG_CHUNK_SIZE = env_int("BULK_PG_CHUNK_SIZE", 10_000)
+BULK_PG_CHUNK_SIZE = env_int("BULK_PG_CHUNK_SIZE", 50_000)
 
 # JSON API (/api/). Batches of up to API_SYNC_MAX_ROWS rows run during the
 # request; larger ones (up to API_MAX_ROWS) become background jobs.
