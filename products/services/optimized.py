@@ -58,6 +58,8 @@ VARIANT = BatchProcessingLog.Variant.OPTIMIZED
 SCORE_KEY = ["user", "product", "algorithm"]
 SCORE_ORDER = attrgetter("user_id", "product_id", "algorithm")  # ScoreRow.key
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
+# A ViewRow as its COPY row, in VIEW_FIELDS order.
+VIEW_VALUES = attrgetter("user_id", "product_id", "session_id", "interaction_type", "created_at")
 # What a catalogue row sets, on insert and on update (in this order).
 PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
 # An import also marks the products it writes with its run and input row.
@@ -168,10 +170,7 @@ class OptimizedViews(ViewsOperation):
             copy_rows(
                 ProductView,
                 VIEW_FIELDS,
-                (
-                    (v.user_id, v.product_id, v.session_id, v.interaction_type, v.created_at)
-                    for v in views
-                ),
+                map(VIEW_VALUES, views),
                 using=self.using,
             )
         outcome.written = outcome.created = len(views)
@@ -200,7 +199,7 @@ class OptimizedViews(ViewsOperation):
                 v = row.item
                 counts[v.product_id] += 1
                 user_ids.add(v.user_id)
-                yield (v.user_id, v.product_id, v.session_id, v.interaction_type, v.created_at)
+                yield VIEW_VALUES(v)
 
         written = copy_rows(ProductView, VIEW_FIELDS, values(), using=self.using)
         if len(existing_user_ids(self.using, user_ids)) != len(user_ids):
