@@ -11,8 +11,9 @@ class Order(models.Model):
     # The client's idempotency key: an order batch replayed with the same
     # references is not applied twice.
     reference = models.CharField(max_length=64, unique=True)
+    # Indexed by order_user_created_idx, which leads with it.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders"
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders", db_index=False
     )
     status = models.CharField(max_length=16, choices=Status, default=Status.CONFIRMED)
     total = models.DecimalField(max_digits=14, decimal_places=2)
@@ -38,8 +39,9 @@ class Order(models.Model):
 
 class OrderItem(models.Model):
     order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="items")
+    # Indexed by orderitem_product_order_idx, which leads with it.
     product = models.ForeignKey(
-        "products.Product", on_delete=models.PROTECT, related_name="order_items"
+        "products.Product", on_delete=models.PROTECT, related_name="order_items", db_index=False
     )
     quantity = models.PositiveIntegerField()
     unit_price = models.DecimalField(max_digits=12, decimal_places=2)

@@ -17,7 +17,10 @@ class Category(models.Model):
 class Product(models.Model):
     sku = models.CharField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
-    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="products")
+    # Indexed by product_category_active_idx, which leads with it.
+    category = models.ForeignKey(
+        Category, on_delete=models.PROTECT, related_name="products", db_index=False
+    )
     price = models.DecimalField(max_digits=12, decimal_places=2)
     stock_quantity = models.IntegerField(default=0)
     is_active = models.BooleanField(default=True)
@@ -67,10 +70,17 @@ class ProductView(models.Model):
         ADD_TO_CART = "add_to_cart", "Add to cart"
         PURCHASE = "purchase", "Purchase"
 
+    # Both indexed by the composite indexes below, which lead with them: a
+    # single-column index of its own would only cost every insert.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="product_views"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="product_views",
+        db_index=False,
     )
-    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="views")
+    product = models.ForeignKey(
+        Product, on_delete=models.CASCADE, related_name="views", db_index=False
+    )
     session_id = models.CharField(max_length=64)
     interaction_type = models.CharField(
         max_length=16, choices=InteractionType, default=InteractionType.VIEW
@@ -90,8 +100,12 @@ class ProductView(models.Model):
 
 
 class RecommendationScore(models.Model):
+    # Indexed by the unique key and the rank index, which both lead with it.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="recommendation_scores"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="recommendation_scores",
+        db_index=False,
     )
     product = models.ForeignKey(
         Product, on_delete=models.CASCADE, related_name="recommendation_scores"
