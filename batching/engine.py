@@ -211,6 +211,9 @@ class BatchOperation(ABC):
     # ``log_id``): the engine then compares keys within a chunk only and
     # remembers none across chunks, so its memory stays flat at any size.
     keys_in_database: ClassVar[bool] = False
+    # The setting that holds its default chunk on PostgreSQL's fast paths
+    # (``batching.postgres.pg_chunk_size``).
+    pg_chunk_setting: ClassVar[str] = "BULK_PG_CHUNK_SIZE"
 
     def __init__(self, using: str = "default") -> None:
         self.using = using

@@ -57,9 +57,9 @@ def fast_paths(using: str) -> bool:
     return is_postgresql(using) and settings.BULK_PG_FAST_PATHS
 
 
-def pg_chunk_size() -> int:
-    """The default chunk of the fast paths (``BULK_PG_CHUNK_SIZE``)."""
-    return settings.BULK_PG_CHUNK_SIZE
+def pg_chunk_size(setting: str = "BULK_PG_CHUNK_SIZE") -> int:
+    """The default chunk of the fast paths: ``BULK_PG_CHUNK_SIZE``, or an operation's own."""
+    return getattr(settings, setting)
 
 
 def array_type(field: models.Field, connection) -> str:
@@ -227,15 +227,18 @@ def update(
     *,
     using: str,
     constants: Mapping[str, Any] | None = None,
+    only_if_distinct: Sequence[str] = (),
 ) -> set[Any]:
-    """Lock and update existing rows found by a unique ``key``; return the keys with no row.
+    """Lock and update existing rows found by a unique ``key``; return the keys not updated.
 
     ``rows`` are tuples ``(key, *values)`` in ``fields`` order; a ``None``
     value keeps the column as it is (for NOT NULL columns, where ``None``
     cannot mean NULL). ``constants`` sets the same value on every row
     (``updated_at``, say). One statement locks the rows in primary-key order
     (``FOR NO KEY UPDATE``: one global order, so concurrent runs queue instead
-    of deadlocking), updates them, and lists the keys it did not find.
+    of deadlocking), updates them, and lists the keys it did not update: those
+    with no row and, with ``only_if_distinct`` (constants), those whose row
+    already holds the same values in all of these columns.
 
     Note:
         Like ``bulk_update``, this skips ``Model.save()`` and signals, and
@@ -261,20 +264,34 @@ def update(
         "), "
         "changed AS ("
         "UPDATE {table} AS t SET {assignments} FROM locked JOIN v ON v.{key} = locked.{key} "
-        "WHERE t.{pk} = locked.{pk}"
+        "WHERE t.{pk} = locked.{pk}{distinct} RETURNING t.{key}"
         ") "
         "SELECT ARRAY(SELECT v.{key} FROM v WHERE NOT EXISTS "
-        "(SELECT FROM locked WHERE locked.{key} = v.{key}))"
+        "(SELECT FROM changed WHERE changed.{key} = v.{key}))"
     ).format(
         table=sql.Identifier(model._meta.db_table),
         assignments=sql.SQL(", ").join(assignments),
+        distinct=sql.SQL(" AND ({})").format(
+            sql.SQL(" OR ").join(
+                sql.SQL("t.{} IS DISTINCT FROM {}").format(
+                    column(model, name), sql.Placeholder(format=PyFormat.AUTO)
+                )
+                for name in only_if_distinct
+            )
+        )
+        if only_if_distinct
+        else sql.SQL(""),
         source=unnest(model, [key, *fields], connection),
         names=sql.SQL(", ").join(column(model, name) for name in [key, *fields]),
         pk=pk,
         key=key_column,
     )
     # The arrays' placeholders come first: the CTE precedes SET.
-    params = [*columns_of(rows, 1 + len(fields)), *constants.values()]
+    params = [
+        *columns_of(rows, 1 + len(fields)),
+        *constants.values(),
+        *(constants[name] for name in only_if_distinct),
+    ]
     _, (missing,) = execute(using, statement, params)
     return set(missing)
 

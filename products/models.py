@@ -27,10 +27,11 @@ class Product(models.Model):
     view_count = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
-    # The catalogue import that last wrote the product and the input row it
-    # came from: how a million-row import recognises a sku it has already
-    # written without remembering every sku in memory. No constraint and no
-    # index: each import row would pay for them.
+    # The batch run that last wrote the product (a catalogue import or a
+    # price and stock update) and the input row it came from: how a
+    # million-row run recognises a sku it has already written without
+    # remembering every sku in memory. No constraint and no index: each row
+    # written would pay for them.
     last_import = models.ForeignKey(
         "batching.BatchProcessingLog",
         null=True,
@@ -113,6 +114,20 @@ class RecommendationScore(models.Model):
     algorithm = models.CharField(max_length=64)
     score = models.FloatField()
     updated_at = models.DateTimeField(auto_now=True)
+    # The score refresh that last wrote the score and the input row it came
+    # from: as with Product.last_import, how a million-row refresh recognises
+    # a key it has already written without keeping every key in memory.
+    last_run = models.ForeignKey(
+        "batching.BatchProcessingLog",
+        null=True,
+        blank=True,
+        editable=False,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
+    last_run_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         constraints = [

@@ -68,7 +68,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from itertools import islice
@@ -423,13 +423,15 @@ class Workload(ABC):
     tables: ClassVar[tuple[type[models.Model], ...]]
     max_size: ClassVar[int | None] = None
     cap_reason: ClassVar[str] = ""
+    # The setting of the service's own chunk for this operation on PostgreSQL.
+    chunk_setting: ClassVar[str] = "BULK_PG_CHUNK_SIZE"
 
     def __init__(
         self,
         size: int,
         *,
         seed: int = DEFAULT_SEED,
-        chunk_size: int = 1000,
+        chunk_size: int | None = None,
         using: str = DEFAULT_DB_ALIAS,
         work_dir: Path | None = None,
     ) -> None:
@@ -437,7 +439,8 @@ class Workload(ABC):
             raise ValueError("size must be at least 1")
         self.size = size
         self.seed = seed
-        self.chunk_size = chunk_size
+        # By default, the chunk the service itself takes on PostgreSQL.
+        self.chunk_size = chunk_size or getattr(settings, self.chunk_setting)
         self.using = using
         self.work_dir = work_dir or Path(settings.BASE_DIR)
 
@@ -904,6 +907,7 @@ class ImportWorkload(Workload):
     title = "Product import from a CSV file"
     tables = (Product, Category)
     base_categories = 4
+    chunk_setting = "BULK_PG_IMPORT_CHUNK_SIZE"
     strategies = (
         Strategy(
             OPTIMIZED,
@@ -1149,6 +1153,8 @@ class ScaleReport:
     workloads: list[str]
     measurements: list[Measurement]
     problems: list[str]
+    # Rows per chunk of each workload's service and chunked peers.
+    chunk_sizes: dict[str, int] = field(default_factory=dict)
 
     def find(self, workload: str, strategy: str, size: int) -> Measurement | None:
         for measurement in self.measurements:
@@ -1176,6 +1182,7 @@ class ScaleReport:
             "workloads": self.workloads,
             "measurements": [m.as_dict() for m in self.measurements],
             "problems": self.problems,
+            "chunk_sizes": self.chunk_sizes,
         }
 
 
@@ -1184,7 +1191,7 @@ def run_scale_bench(
     sizes: Sequence[int],
     *,
     seed: int = DEFAULT_SEED,
-    chunk_size: int = 1000,
+    chunk_size: int | None = None,
     using: str = DEFAULT_DB_ALIAS,
     work_dir: Path,
     isolate: bool = True,
@@ -1212,6 +1219,7 @@ def run_scale_bench(
                 )
                 continue
             workload = cls(size, seed=seed, chunk_size=chunk_size, using=using, work_dir=work_dir)
+            report.chunk_sizes[name] = workload.chunk_size
             first: tuple[str, dict[str, tuple[int, int]]] | None = None
             for strategy in cls.strategies:
                 previous = last.get(strategy.key)
@@ -1426,6 +1434,8 @@ def workload_section(report: ScaleReport, name: str) -> list[str]:
     cls = WORKLOADS[name]
     lines = [f"### {cls.title} (`{name}`)", ""]
     lines += [f"- **{s.label}** ({s.kind}): {s.description}." for s in cls.strategies]
+    if name in report.chunk_sizes:
+        lines.append(f"- Chunks of {report.chunk_sizes[name]:,} rows.")
     lines.append("")
     rows = []
     for size in report.sizes:

@@ -662,11 +662,15 @@ def model_scores(cases: list[Case], base: Base) -> ScoresModel:
             continue
         p = case.parsed
         key = (p["user_id"], p["product_id"], p["algorithm"])
+        # A key repeated after a refused row: in the same chunk the engine
+        # calls it a repeat; in a later one nothing of the first row is in the
+        # database, so it is refused for the same reason as the first.
+        reason = reference_reason(p, base.users, base.products)
         if key in seen:
-            expected[index] = duplicate(ScoresOperation.key_field, seen[key])
+            expected[index] = duplicate(ScoresOperation.key_field, seen[key]) | (reason or set())
             continue
         seen[key] = index
-        if reason := reference_reason(p, base.users, base.products):
+        if reason:
             expected[index] = reason
             continue
         created, updated = (created, updated + 1) if key in scores else (created + 1, updated)

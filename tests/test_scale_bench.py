@@ -67,6 +67,13 @@ def test_unknown_strategy_for_one():
         run("--one", "views", "--strategy", "bulk", "--sizes", "10")
 
 
+def test_each_workload_chunks_as_its_service_does(settings, tmp_path):
+    settings.BULK_PG_CHUNK_SIZE, settings.BULK_PG_IMPORT_CHUNK_SIZE = 30, 20
+    chunks = {name: cls(10, work_dir=tmp_path).chunk_size for name, cls in bench.WORKLOADS.items()}
+    assert chunks == {"views": 30, "scores": 30, "updates": 30, "orders": 30, "import": 20}
+    assert bench.WORKLOADS["views"](10, chunk_size=64, work_dir=tmp_path).chunk_size == 64
+
+
 def workload(name: str, tmp_path: Path) -> bench.Workload:
     return bench.WORKLOADS[name](SIZE, chunk_size=64, work_dir=tmp_path)
 
@@ -206,6 +213,8 @@ def test_command_writes_well_formed_outputs(tmp_path):
     assert "![Peak memory growth by strategy and size](docs/memory.svg)" in text
     assert f"| raw COPY | {SIZE} | " in text
     assert f"| naive process_orders | {SIZE} | " in text
+    assert figures["chunk_sizes"] == {"views": 50_000, "orders": 50_000}
+    assert "- Chunks of 50,000 rows." in text
     for svg in (chart, memory):
         root = ET.fromstring(svg.read_text())
         assert root.tag == "{http://www.w3.org/2000/svg}svg"

@@ -115,6 +115,8 @@ class ViewsOperation(BatchOperation):
 class ScoresOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.RECOMMENDATION_SCORES
     key_field = "user_id, product_id, algorithm"
+    # A key an earlier chunk wrote is found by the score's last_run mark.
+    keys_in_database = True
 
     def prepare(self, raw: Any) -> r.ScoreRow:
         return r.parse_score(raw)
@@ -161,6 +163,8 @@ class ProductsOperation(BatchOperation):
 class ProductUpdatesOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCT_UPDATES
     key_field = "sku"
+    # A sku an earlier chunk updated is found by the product's last_import mark.
+    keys_in_database = True
 
     def prepare(self, raw: Any) -> r.ProductUpdateRow:
         return r.parse_product_update(raw)

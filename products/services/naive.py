@@ -90,12 +90,21 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
             if error := reference_error(row.index, item, users, products):
                 outcome.errors.append(error)
                 continue
-            _, created = RecommendationScore.objects.using(self.using).update_or_create(
-                user=user,
-                product=product,
-                algorithm=item.algorithm,
-                defaults={"score": item.score},
+            score = (
+                RecommendationScore.objects.using(self.using)
+                .filter(user=user, product=product, algorithm=item.algorithm)
+                .first()
             )
+            created = score is None
+            if created:
+                score = RecommendationScore(user=user, product=product, algorithm=item.algorithm)
+            elif score.last_run_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, score.last_run_row))
+                continue
+            score.score = item.score
+            score.last_run_id = self.log_id
+            score.last_run_row = row.index
+            score.save(using=self.using)
             outcome.written += 1
             if created:
                 outcome.created += 1
@@ -146,7 +155,12 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
             if product is None:
                 outcome.errors.append(unknown_sku(row))
                 continue
-            changed = ["updated_at"]
+            if product.last_import_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, product.last_import_row))
+                continue
+            product.last_import_id = self.log_id
+            product.last_import_row = row.index
+            changed = ["updated_at", "last_import", "last_import_row"]
             if item.price is not None:
                 product.price = item.price
                 changed.append("price")

@@ -56,7 +56,9 @@ from products.services.base import (
 
 VARIANT = BatchProcessingLog.Variant.OPTIMIZED
 SCORE_KEY = ["user", "product", "algorithm"]
-SCORE_ORDER = attrgetter("user_id", "product_id", "algorithm")  # ScoreRow.key
+# ScoreRow.key, of a Prepared row.
+SCORE_ROW_ORDER = attrgetter("item.user_id", "item.product_id", "item.algorithm")
+SCORE_UPDATE_FIELDS = ["score", "updated_at", "last_run", "last_run_row"]
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
 # A ViewRow as its COPY row, in VIEW_FIELDS order.
 VIEW_VALUES = attrgetter("user_id", "product_id", "session_id", "interaction_type", "created_at")
@@ -64,6 +66,9 @@ VIEW_VALUES = attrgetter("user_id", "product_id", "session_id", "interaction_typ
 PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
 # An import also marks the products it writes with its run and input row.
 IMPORT_UPDATE_FIELDS = [*PRODUCT_UPDATE_FIELDS, "last_import", "last_import_row"]
+# What the portable price update reads of each product: its key, its id, the
+# values a row may leave as they are, and the run's mark.
+UPDATE_READ = ["sku", "pk", "price", "stock_quantity", "last_import_id", "last_import_row"]
 PRODUCT_COLUMNS = ["sku", "name", "category", "price", "stock_quantity", "is_active"]
 
 
@@ -83,6 +88,28 @@ def existing_product_ids(using: str, ids: Iterable[int]) -> set[int]:
     return set(
         strict(Product.objects.using(using).filter(pk__in=set(ids))).values_list("pk", flat=True)
     )
+
+
+def repeated_skus(
+    op: ProductsOperation | ProductUpdatesOperation, rows: list[Prepared]
+) -> list[RowError]:
+    """The rows whose sku an earlier row of this run wrote, with that row.
+
+    Found by the product's ``last_import`` mark, which both the catalogue
+    import and the price update leave on each product they write.
+    """
+    first = dict(
+        strict(
+            Product.objects.using(op.using).filter(
+                sku__in=[row.item.sku for row in rows], last_import_id=op.log_id
+            )
+        ).values_list("sku", "last_import_row")
+    )
+    return [
+        op.repeated(row.index, first[row.item.sku])
+        for row in rows
+        if first.get(row.item.sku, row.index) != row.index
+    ]
 
 
 def locked_products(using: str, **lookup) -> models.QuerySet:
@@ -226,39 +253,47 @@ class OptimizedScores(ScoresOperation):
             users = existing_user_ids(self.using, (item.user_id for item in items))
             products = existing_product_ids(self.using, (item.product_id for item in items))
         outcome = ChunkOutcome()
-        valid: list[r.ScoreRow] = []
+        valid: list[Prepared] = []
         for row in rows:
             if error := reference_error(row.index, row.item, users, products):
                 outcome.errors.append(error)
             else:
-                valid.append(row.item)
+                valid.append(row)
         if not valid:
             return outcome
         # Sorted by key: concurrent upserts take their row locks in one order.
-        valid.sort(key=SCORE_ORDER)
+        valid.sort(key=SCORE_ROW_ORDER)
         now = timezone.now()
         if fast_paths(self.using):
             created, updated = upsert(
                 RecommendationScore,
-                ["user", "product", "algorithm", "score"],
-                [(i.user_id, i.product_id, i.algorithm, i.score) for i in valid],
+                ["user", "product", "algorithm", "score", "last_run_row"],
+                [
+                    (i.user_id, i.product_id, i.algorithm, i.score, row.index)
+                    for row in valid
+                    for i in [row.item]
+                ],
                 unique_fields=SCORE_KEY,
-                update_fields=["score", "updated_at"],
-                constants={"updated_at": now},
+                update_fields=SCORE_UPDATE_FIELDS,
+                constants={"updated_at": now, "last_run": self.log_id},
+                only_if_distinct=["last_run"],
                 using=self.using,
             )
+            # Rows left out: keys an earlier chunk of this run wrote (one more query).
+            if created + updated < len(valid):
+                outcome.errors.extend(self.repeats(valid))
             return ChunkOutcome(
-                written=len(valid), created=created, updated=updated, errors=outcome.errors
+                written=created + updated, created=created, updated=updated, errors=outcome.errors
             )
-        existing = set(
-            strict(
-                RecommendationScore.objects.using(self.using).filter(
-                    user_id__in={item.user_id for item in valid},
-                    product_id__in={item.product_id for item in valid},
-                    algorithm__in={item.algorithm for item in valid},
-                )
-            ).values_list("user_id", "product_id", "algorithm")
-        )
+        # Existing keys tell created from updated, and which this run wrote.
+        existing = self.marks(valid)
+        fresh: list[Prepared] = []
+        for row in valid:
+            log_id, first = existing.get(row.item.key, (None, None))
+            if log_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, first))
+            else:
+                fresh.append(row)
         RecommendationScore.objects.using(self.using).bulk_create(
             [
                 RecommendationScore(
@@ -267,21 +302,51 @@ class OptimizedScores(ScoresOperation):
                     algorithm=item.algorithm,
                     score=item.score,
                     updated_at=now,
+                    last_run_id=self.log_id,
+                    last_run_row=row.index,
                 )
-                for item in valid
+                for row in fresh
+                for item in [row.item]
             ],
             update_conflicts=True,
             unique_fields=SCORE_KEY,
-            update_fields=["score", "updated_at"],
+            update_fields=SCORE_UPDATE_FIELDS,
         )
-        outcome.written = len(valid)
-        outcome.updated = sum(1 for item in valid if item.key in existing)
+        outcome.written = len(fresh)
+        outcome.updated = sum(1 for row in fresh if row.item.key in existing)
         outcome.created = outcome.written - outcome.updated
         return outcome
+
+    def marks(self, rows: list[Prepared]) -> dict[tuple[int, int, str], tuple[int | None, int]]:
+        """The rows' existing scores: key -> (the run that last wrote it, its row there)."""
+        return {
+            (user_id, product_id, algorithm): (log_id, first)
+            for user_id, product_id, algorithm, log_id, first in strict(
+                RecommendationScore.objects.using(self.using).filter(
+                    user_id__in={row.item.user_id for row in rows},
+                    product_id__in={row.item.product_id for row in rows},
+                    algorithm__in={row.item.algorithm for row in rows},
+                )
+            ).values_list("user_id", "product_id", "algorithm", "last_run_id", "last_run_row")
+        }
+
+    def repeats(self, rows: list[Prepared]) -> list[RowError]:
+        """The rows whose key an earlier row of this run wrote, with that row."""
+        marks = self.marks(rows)
+        return [
+            self.repeated(row.index, first)
+            for row in rows
+            for log_id, first in [marks.get(row.item.key, (None, row.index))]
+            if log_id == self.log_id and first != row.index
+        ]
 
 
 class OptimizedProducts(ProductsOperation):
     variant = VARIANT
+    # A catalogue row weighs more than a view or a score (its CSV record, a
+    # Decimal, several strings), and a file import must stay small: at
+    # 50,000 rows a chunk one chunk held about 64 MB.
+    pg_chunk_setting = "BULK_PG_IMPORT_CHUNK_SIZE"
 
     def category_ids(self, rows: list[Prepared]) -> tuple[dict[str, int], list[RowError]]:
         """Ids of the rows' categories, creating the missing ones, and the rows repeated.
@@ -399,19 +464,7 @@ class OptimizedProducts(ProductsOperation):
         )
 
     def repeats(self, rows: list[Prepared]) -> list[RowError]:
-        """The rows whose sku an earlier row of this run wrote, with that row."""
-        first = dict(
-            strict(
-                Product.objects.using(self.using).filter(
-                    sku__in=[row.item.sku for row in rows], last_import_id=self.log_id
-                )
-            ).values_list("sku", "last_import_row")
-        )
-        return [
-            self.repeated(row.index, first[row.item.sku])
-            for row in rows
-            if first.get(row.item.sku, row.index) != row.index
-        ]
+        return repeated_skus(self, rows)
 
 
 class OptimizedOrders(OrdersOperation):
@@ -497,16 +550,17 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
             sku: values
             for sku, *values in locked_products(
                 self.using, sku__in={row.item.sku for row in rows}
-            ).values_list("sku", "pk", "price", "stock_quantity")
+            ).values_list(*UPDATE_READ)
         }
         outcome = ChunkOutcome()
-        valid: list[tuple[list, r.ProductUpdateRow]] = []
+        valid: list[tuple[list, Prepared]] = []
         for row in rows:
-            item = row.item
-            if item.sku in found:
-                valid.append((found[item.sku], item))
-            else:
+            if row.item.sku not in found:
                 outcome.errors.append(unknown_sku(row))
+            elif (values := found[row.item.sku])[3] == self.log_id:
+                outcome.errors.append(self.repeated(row.index, values[4]))
+            else:
+                valid.append((values, row))
         if not valid:
             return outcome
         now = timezone.now()
@@ -517,25 +571,39 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
                     price=price if item.price is None else item.price,
                     stock_quantity=stock if item.stock_quantity is None else item.stock_quantity,
                     updated_at=now,
+                    last_import_id=self.log_id,
+                    last_import_row=row.index,
                 )
-                for (pk, price, stock), item in valid
+                for (pk, price, stock, *_), row in valid
+                for item in [row.item]
             ],
-            ["price", "stock_quantity", "updated_at"],
+            ["price", "stock_quantity", "updated_at", "last_import", "last_import_row"],
         )
         outcome.written = outcome.updated = len(valid)
         return outcome
 
     def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
-        """PostgreSQL: one statement locks the products by sku, updates them, lists the unknown."""
-        missing = update(
+        """PostgreSQL: one statement locks the products by sku, updates them, lists the rest.
+
+        A product this run already updated (its mark is this run's) is left
+        alone; one more query, only then, tells those rows from unknown skus.
+        """
+        left = update(
             Product,
             "sku",
-            ["price", "stock_quantity"],
-            [(row.item.sku, row.item.price, row.item.stock_quantity) for row in rows],
-            constants={"updated_at": timezone.now()},
+            ["price", "stock_quantity", "last_import_row"],
+            [(row.item.sku, row.item.price, row.item.stock_quantity, row.index) for row in rows],
+            constants={"updated_at": timezone.now(), "last_import": self.log_id},
+            only_if_distinct=["last_import"],
             using=self.using,
         )
-        errors = [unknown_sku(row) for row in rows if row.item.sku in missing] if missing else []
+        errors: list[RowError] = []
+        if left:
+            rest = [row for row in rows if row.item.sku in left]
+            errors = repeated_skus(self, rest)
+            repeated = {error.index for error in errors}
+            errors += [unknown_sku(row) for row in rest if row.index not in repeated]
+            errors.sort(key=attrgetter("index"))
         written = len(rows) - len(errors)
         return ChunkOutcome(written=written, updated=written, errors=errors)
 
@@ -553,7 +621,7 @@ class OptimizedBulkOperationsService(BulkOperationsService):
 
     def _run(self, operation, rows, chunk_size, resume):
         if chunk_size is None and resume is None and fast_paths(self.using):
-            chunk_size = pg_chunk_size()
+            chunk_size = pg_chunk_size(operation.pg_chunk_setting)
         return super()._run(operation, rows, chunk_size, resume)
 
     views_operation = OptimizedViews

@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
@@ -89,7 +88,8 @@ class Command(BaseCommand):
             type=int,
             default=None,
             help="Rows per chunk for the service and the chunked peers "
-            "(default: the service's own on PostgreSQL, settings.BULK_PG_CHUNK_SIZE).",
+            "(default: the service's own on PostgreSQL: settings.BULK_PG_CHUNK_SIZE, and "
+            "BULK_PG_IMPORT_CHUNK_SIZE for the import).",
         )
         parser.add_argument(
             "--seed",
@@ -144,7 +144,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         sizes = parse_sizes(options["sizes"])
-        chunk_size: int = options["chunk_size"] or settings.BULK_PG_CHUNK_SIZE
+        chunk_size: int | None = options["chunk_size"]
         if options["chunk_size"] is not None and options["chunk_size"] < 1:
             raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=options["chunk_size"]))
         if options["peer_budget"] <= 0:
@@ -191,7 +191,9 @@ class Command(BaseCommand):
             )
         command_line = (
             f"python manage.py bench_scale --sizes {','.join(map(str, sizes))} "
-            f"--workloads {','.join(workloads)} --chunk-size {chunk_size} --seed {seed} "
+            f"--workloads {','.join(workloads)} "
+            + (f"--chunk-size {chunk_size} " if chunk_size else "")
+            + f"--seed {seed} "
             f"--peer-budget {options['peer_budget']:g} --repeat {options['repeat']}"
         )
         self.write_outputs(report, options, command_line)

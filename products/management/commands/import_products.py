@@ -83,8 +83,9 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help="Rows per transaction (default: settings.BULK_CHUNK_SIZE, or the resumed "
-            "run's chunk size).",
+            help="Rows per transaction (default: the service's own: on PostgreSQL "
+            "settings.BULK_PG_IMPORT_CHUNK_SIZE for products and BULK_PG_CHUNK_SIZE for views, "
+            "elsewhere BULK_CHUNK_SIZE; a resumed run keeps its chunk size).",
         )
         parser.add_argument(
             "--resume",
