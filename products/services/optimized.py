@@ -317,8 +317,14 @@ class OptimizedScores(ScoresOperation):
         outcome.created = outcome.written - outcome.updated
         return outcome
 
-    def marks(self, rows: list[Prepared]) -> dict[tuple[int, int, str], tuple[int | None, int]]:
-        """The rows' existing scores: key -> (the run that last wrote it, its row there)."""
+    def marks(
+        self, rows: list[Prepared], **only
+    ) -> dict[tuple[int, int, str], tuple[int | None, int]]:
+        """The rows' existing scores: key -> (the run that last wrote it, its row there).
+
+        Filtered by the rows' users, products and algorithms (a superset of
+        their keys) and by ``only``.
+        """
         return {
             (user_id, product_id, algorithm): (log_id, first)
             for user_id, product_id, algorithm, log_id, first in strict(
@@ -326,18 +332,18 @@ class OptimizedScores(ScoresOperation):
                     user_id__in={row.item.user_id for row in rows},
                     product_id__in={row.item.product_id for row in rows},
                     algorithm__in={row.item.algorithm for row in rows},
+                    **only,
                 )
             ).values_list("user_id", "product_id", "algorithm", "last_run_id", "last_run_row")
         }
 
     def repeats(self, rows: list[Prepared]) -> list[RowError]:
         """The rows whose key an earlier row of this run wrote, with that row."""
-        marks = self.marks(rows)
+        marks = self.marks(rows, last_run_id=self.log_id)
         return [
-            self.repeated(row.index, first)
+            self.repeated(row.index, marks[row.item.key][1])
             for row in rows
-            for log_id, first in [marks.get(row.item.key, (None, row.index))]
-            if log_id == self.log_id and first != row.index
+            if marks.get(row.item.key, (None, row.index))[1] != row.index
         ]
 
 
@@ -553,14 +559,16 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
             ).values_list(*UPDATE_READ)
         }
         outcome = ChunkOutcome()
-        valid: list[tuple[list, Prepared]] = []
+        valid: list[tuple[int, Decimal, int, Prepared]] = []
         for row in rows:
             if row.item.sku not in found:
                 outcome.errors.append(unknown_sku(row))
-            elif (values := found[row.item.sku])[3] == self.log_id:
-                outcome.errors.append(self.repeated(row.index, values[4]))
+                continue
+            pk, price, stock, log_id, first = found[row.item.sku]
+            if log_id == self.log_id:
+                outcome.errors.append(self.repeated(row.index, first))
             else:
-                valid.append((values, row))
+                valid.append((pk, price, stock, row))
         if not valid:
             return outcome
         now = timezone.now()
@@ -574,7 +582,7 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
                     last_import_id=self.log_id,
                     last_import_row=row.index,
                 )
-                for (pk, price, stock, *_), row in valid
+                for pk, price, stock, row in valid
                 for item in [row.item]
             ],
             ["price", "stock_quantity", "updated_at", "last_import", "last_import_row"],
