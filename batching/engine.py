@@ -48,7 +48,7 @@ import random
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, islice
@@ -219,6 +219,8 @@ class BatchOperation(ABC):
         self.using = using
         # The run's BatchProcessingLog id, set by the engine before any write.
         self.log_id: int | None = None
+        # The chunk's repeated rows so far: row -> the row its key first came in.
+        self.first_rows: dict[int, int] = {}
 
     @abstractmethod
     def prepare(self, raw: Any) -> Any: ...
@@ -231,8 +233,30 @@ class BatchOperation(ABC):
 
     def repeated(self, index: int, first: int) -> RowError:
         """The error of row ``index``, whose key row ``first`` already had."""
+        self.first_rows[index] = first
         message = DUPLICATE_IN_INPUT.format(field=self.key_field, first=first)
         return RowError(index, self.key_field or "row", message, "duplicate")
+
+    def not_written_yet(
+        self,
+        rows: list[Prepared],
+        key: Callable[[Prepared], Hashable],
+        marks: Mapping[Hashable, tuple[int | None, int | None]],
+        errors: list[RowError],
+    ) -> list[Prepared]:
+        """The rows whose key this run has not written yet; the others go to ``errors``.
+
+        ``marks`` maps a key found in the database to the run that last wrote
+        it and that run's input row (see ``keys_in_database``).
+        """
+        fresh = []
+        for row in rows:
+            log_id, first = marks.get(key(row), (None, None))
+            if log_id == self.log_id:
+                errors.append(self.repeated(row.index, first))
+            else:
+                fresh.append(row)
+        return fresh
 
     def streams(self) -> bool:
         """Whether whole chunks go through ``write_stream`` first (see there)."""
@@ -382,6 +406,7 @@ class BatchRun:
         self.totals = ChunkOutcome()
         self.read = 0
         self.seen: dict[Hashable, int] = {}
+        self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -511,6 +536,8 @@ class BatchRun:
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
         if self.op.keys_in_database:
             self.seen = {}  # this chunk's keys only: earlier ones are the write's to find
+            self.op.first_rows = {}
+            self.chunk_errors_from = len(errors)
         seen = self.seen
         for index, raw in enumerate(chunk, start):
             try:
@@ -617,6 +644,8 @@ class BatchRun:
                 rows, checkpoint = stream.prepared, stream.end
             else:
                 outcome = self.op.write(rows) if rows else ChunkOutcome()
+            if self.op.keys_in_database:
+                self._name_first_rows()
             if rows:
                 transaction.on_commit(partial(self.op.committed, rows), using=self.op.using)
             totals = ChunkOutcome(
@@ -631,6 +660,21 @@ class BatchRun:
         self.errors.extend(outcome.errors)
         log.checkpoint_position = checkpoint
         log.chunks_committed += int(final)
+
+    def _name_first_rows(self) -> None:
+        """Make a repeat within the chunk name its key's first row in the whole run.
+
+        The engine compares keys within a chunk: when rows j and i of a chunk
+        share a key, i is reported as a repeat of j. If the write then finds
+        j's key written by an earlier chunk (row f), j is a repeat of f, and
+        so is i.
+        """
+        first_rows = self.op.first_rows
+        for position in range(self.chunk_errors_from, len(self.errors)):
+            error = self.errors[position]
+            first = first_rows.get(error.index)
+            if first is not None and first in first_rows:
+                self.errors[position] = self.op.repeated(error.index, first_rows[first])
 
     # -- the log row ---------------------------------------------------------
 

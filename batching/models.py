@@ -83,3 +83,22 @@ class BatchProcessingLog(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.operation} ({self.variant}) {self.status}"
+
+
+def run_mark() -> models.ForeignKey:
+    """A row's mark of the batch run that last wrote it (with ``keys_in_database``).
+
+    Paired with the input row it came from, it lets a run recognise a key an
+    earlier chunk of its own wrote, without keeping keys in memory. No
+    constraint and no index: each row written would pay for them.
+    """
+    return models.ForeignKey(
+        BatchProcessingLog,
+        null=True,
+        blank=True,
+        editable=False,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )

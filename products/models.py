@@ -2,6 +2,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from batching.models import run_mark
+
 
 class Category(models.Model):
     name = models.CharField(max_length=100, unique=True)
@@ -32,16 +34,7 @@ class Product(models.Model):
     # million-row run recognises a sku it has already written without
     # remembering every sku in memory. No constraint and no index: each row
     # written would pay for them.
-    last_import = models.ForeignKey(
-        "batching.BatchProcessingLog",
-        null=True,
-        blank=True,
-        editable=False,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        db_index=False,
-        related_name="+",
-    )
+    last_import = run_mark()
     last_import_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
@@ -117,16 +110,7 @@ class RecommendationScore(models.Model):
     # The score refresh that last wrote the score and the input row it came
     # from: as with Product.last_import, how a million-row refresh recognises
     # a key it has already written without keeping every key in memory.
-    last_run = models.ForeignKey(
-        "batching.BatchProcessingLog",
-        null=True,
-        blank=True,
-        editable=False,
-        on_delete=models.DO_NOTHING,
-        db_constraint=False,
-        db_index=False,
-        related_name="+",
-    )
+    last_run = run_mark()
     last_run_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
     class Meta:

@@ -215,3 +215,20 @@ def test_a_score_repeat_costs_one_more_query_in_its_chunk_only(
     with django_assert_num_queries(expected):
         result = optimized.upsert_recommendation_scores(rows, chunk_size=2)
     assert [e.index for e in result.errors] == [3]
+
+
+def test_a_repeat_within_a_chunk_names_the_first_row_of_the_whole_run(service, pairs):
+    # Row 2 repeats row 1 (found by the mark); row 3 repeats row 2 in its own
+    # chunk, so its key's first row is row 1 as well.
+    result = service.import_products([row("A"), row("S"), row("S"), row("S")], chunk_size=2)
+    assert sorted((e.index, e.message) for e in result.errors) == [
+        (2, REPEATED.format(first=1)),
+        (3, REPEATED.format(first=1)),
+    ]
+    scores = [score(pairs[0], 0.1), score(pairs[1], 0.2), score(pairs[1], 0.3)]
+    scores.append(score(pairs[1], 0.4))
+    result = service.upsert_recommendation_scores(scores, chunk_size=2)
+    assert sorted((e.index, e.message) for e in result.errors) == [
+        (2, REPEATED_SCORE.format(first=1)),
+        (3, REPEATED_SCORE.format(first=1)),
+    ]

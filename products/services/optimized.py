@@ -59,6 +59,8 @@ SCORE_KEY = ["user", "product", "algorithm"]
 # ScoreRow.key, of a Prepared row.
 SCORE_ROW_ORDER = attrgetter("item.user_id", "item.product_id", "item.algorithm")
 SCORE_UPDATE_FIELDS = ["score", "updated_at", "last_run", "last_run_row"]
+SCORE_KEY_OF = attrgetter("item.key")  # of a Prepared score row
+SKU_OF = attrgetter("item.sku")  # of a Prepared product row
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
 # A ViewRow as its COPY row, in VIEW_FIELDS order.
 VIEW_VALUES = attrgetter("user_id", "product_id", "session_id", "interaction_type", "created_at")
@@ -287,13 +289,7 @@ class OptimizedScores(ScoresOperation):
             )
         # Existing keys tell created from updated, and which this run wrote.
         existing = self.marks(valid)
-        fresh: list[Prepared] = []
-        for row in valid:
-            log_id, first = existing.get(row.item.key, (None, None))
-            if log_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, first))
-            else:
-                fresh.append(row)
+        fresh = self.not_written_yet(valid, SCORE_KEY_OF, existing, outcome.errors)
         RecommendationScore.objects.using(self.using).bulk_create(
             [
                 RecommendationScore(
@@ -403,13 +399,7 @@ class OptimizedProducts(ProductsOperation):
             ).values_list("sku", "last_import_id", "last_import_row")
         }
         outcome = ChunkOutcome(errors=repeated)
-        fresh = []
-        for row in rows:
-            log_id, first = existing.get(row.item.sku, (None, None))
-            if log_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, first))
-            else:
-                fresh.append(row)
+        fresh = self.not_written_yet(rows, SKU_OF, existing, outcome.errors)
         Product.objects.using(self.using).bulk_create(
             [
                 Product(
