@@ -31,9 +31,10 @@ rolled back and written again by ``write`` as above.
 
 Duplicate keys are found across the whole input from a dict of every key seen,
 unless the operation finds keys written by earlier chunks itself
-(``keys_in_database``: the catalogue import marks each product it writes with
-its run); then the engine compares keys within a chunk only, and a run's memory
-does not grow with its input.
+(``keys_in_database``: the catalogue import, the price update and the score
+refresh mark each row they write with their run and input row); then the
+engine compares keys within a chunk only, and a run's memory does not grow
+with its input.
 
 The log row is created before the first chunk and finished after the last one,
 outside any chunk transaction: a failing chunk cannot roll back the trace of
@@ -257,6 +258,24 @@ class BatchOperation(ABC):
             else:
                 fresh.append(row)
         return fresh
+
+    def repeats_in(
+        self,
+        rows: list[Prepared],
+        key: Callable[[Prepared], Hashable],
+        first_rows: Mapping[Hashable, int],
+    ) -> list[RowError]:
+        """The errors of the rows whose key an earlier row of this run wrote.
+
+        ``first_rows`` maps each key this run has written (as its marks say)
+        to the input row that wrote it; a row that wrote its key itself is
+        not a repeat.
+        """
+        return [
+            self.repeated(row.index, first_rows[row_key])
+            for row in rows
+            if first_rows.get(row_key := key(row), row.index) != row.index
+        ]
 
     def streams(self) -> bool:
         """Whether whole chunks go through ``write_stream`` first (see there)."""

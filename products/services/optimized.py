@@ -107,11 +107,7 @@ def repeated_skus(
             )
         ).values_list("sku", "last_import_row")
     )
-    return [
-        op.repeated(row.index, first[row.item.sku])
-        for row in rows
-        if first.get(row.item.sku, row.index) != row.index
-    ]
+    return op.repeats_in(rows, SKU_OF, first)
 
 
 def locked_products(using: str, **lookup) -> models.QuerySet:
@@ -336,11 +332,7 @@ class OptimizedScores(ScoresOperation):
     def repeats(self, rows: list[Prepared]) -> list[RowError]:
         """The rows whose key an earlier row of this run wrote, with that row."""
         marks = self.marks(rows, last_run_id=self.log_id)
-        return [
-            self.repeated(row.index, marks[row.item.key][1])
-            for row in rows
-            if marks.get(row.item.key, (None, row.index))[1] != row.index
-        ]
+        return self.repeats_in(rows, SCORE_KEY_OF, {key: row for key, (_, row) in marks.items()})
 
 
 class OptimizedProducts(ProductsOperation):
