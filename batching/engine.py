@@ -3,9 +3,10 @@
 Transaction design
 ------------------
 A run reads its input lazily, ``chunk_size`` rows at a time, and never holds
-more than one chunk. Each row first goes through the operation's ``prepare``
-(pure Python: shape, types, ranges, duplicate keys within the input); rows that
-fail are reported by index and never reach the database.
+more than one chunk (two when it reads ahead, below). Each row first goes
+through the operation's ``prepare`` (pure Python: shape, types, ranges,
+duplicate keys within the input); rows that fail are reported by index and
+never reach the database.
 
 The prepared rows of a chunk are written by the operation's ``write`` inside
 one ``transaction.atomic()``. The same transaction records the chunk's
@@ -27,7 +28,12 @@ failed. Chunks committed before keep their work.
 An operation can take a chunk as a stream instead (``write_stream``): its rows
 are prepared as the write reads them, so a ``COPY`` is fed while the later rows
 are parsed, and its checks run after the write. If the chunk is refused, it is
-rolled back and written again by ``write`` as above.
+rolled back and written again by ``write`` as above. Such a run then reads
+ahead: while a chunk commits (on PostgreSQL, the commit runs the foreign-key
+checks of every row the ``COPY`` wrote), a helper thread prepares the next
+chunk, which ``write`` then takes whole (see ``ReadAhead``). Only an operation
+without keys reads ahead, and only the input and ``prepare`` run in the
+helper; the database is used from the run's thread alone.
 
 Duplicate keys are found across the whole input from a dict of every key seen,
 unless the operation finds keys written by earlier chunks itself
@@ -47,6 +53,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -372,14 +379,19 @@ _END = object()
 class ChunkStream:
     """One chunk's input, prepared as ``write_stream`` reads it.
 
-    Iterating yields the valid rows; invalid ones go to the run's errors as
-    they are met. ``prepared`` collects the valid rows and ``end`` is the
-    input position after the last row read; ``drain`` reads whatever the
-    write left, so both are complete afterwards.
+    Iterating yields the valid rows; invalid ones go to ``errors`` (the run's,
+    or a read-ahead's own list) as they are met. ``prepared`` collects the
+    valid rows and ``end`` is the input position after the last row read;
+    ``drain`` reads whatever the write left, so both are complete afterwards
+    (``complete``).
     """
 
-    def __init__(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> None:
+    def __init__(
+        self, run: BatchRun, start: int, chunk: Iterator[Any], errors: list[RowError]
+    ) -> None:
         self.prepared: list[Prepared] = []
+        self.errors = errors
+        self.complete = False
         self.start = self.end = start
         self._rows = self._read(run, start, chunk)
 
@@ -390,16 +402,70 @@ class ChunkStream:
 
     def _read(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> Iterator[Prepared]:
         append = self.prepared.append
-        for row in run._prepare_rows(start, self._counted(chunk), run.errors):
+        for row in run._prepare_rows(start, self._counted(chunk), self.errors):
             append(row)
             yield row
+        self.complete = True
 
     def __iter__(self) -> Iterator[Prepared]:
-        return self._rows
+        # A stream read to its end (read ahead) yields what it prepared.
+        return iter(self.prepared) if self.complete else self._rows
 
     def drain(self) -> None:
         for _ in self._rows:
             pass
+
+
+class ReadAhead:
+    """The next chunk of a streaming run, prepared in a helper thread.
+
+    It starts once the current chunk's rows are all read and written, so the
+    two never read the input at the same time; then the current chunk commits.
+    That commit waits on the database (a ``COPY``'s foreign-key checks run
+    there) with the GIL released, and the helper uses that time to parse and
+    validate the next chunk. Only the input and ``prepare`` run in the helper:
+    the database is used by the run's own thread alone. The rows' errors wait
+    in the stream's own list until ``take`` hands the chunk to the run, so
+    they are reported in input order.
+    """
+
+    def __init__(self, run: BatchRun, rows: Iterator[Any], start: int) -> None:
+        self.run = run
+        self.stream: ChunkStream | None = None
+        self.failure: BaseException | None = None
+        self.stopped = False
+        self.thread = threading.Thread(
+            target=self._prepare, args=(rows, start), name="batch-read-ahead", daemon=True
+        )
+        self.thread.start()
+
+    def _prepare(self, rows: Iterator[Any], start: int) -> None:
+        try:
+            chunk = self.run._next_chunk(rows)
+            if chunk is None:
+                return  # the input has ended
+            stream = ChunkStream(self.run, start, chunk, errors=[])
+            for _ in stream:
+                if self.stopped:
+                    return
+            self.stream = stream
+        except BaseException as exc:  # raised again in the run's thread by take()
+            self.failure = exc
+
+    def take(self) -> ChunkStream | None:
+        """The prepared chunk, its errors now the run's; None at the end of the input."""
+        self.thread.join()
+        if self.failure is not None:
+            raise self.failure
+        stream = self.stream
+        if stream is not None:
+            self.run.errors.extend(stream.errors)
+        return stream
+
+    def stop(self) -> None:
+        """Let the helper end after its current row (the run is failing)."""
+        self.stopped = True
+        self.thread.join()
 
 
 class BatchRun:
@@ -426,6 +492,12 @@ class BatchRun:
         self.read = 0
         self.seen: dict[Hashable, int] = {}
         self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
+        # A streaming run's input, and its next chunk when read ahead (see
+        # ReadAhead). A keyed operation compares each row's key with the
+        # run's as it is prepared: only an operation without keys reads ahead.
+        self.input: Iterator[Any] = iter(())
+        self.read_ahead: ReadAhead | None = None
+        self.reads_ahead = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -491,31 +563,58 @@ class BatchRun:
             for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
                 self._prepare_chunk(position, chunk, errors=[])
                 position += len(chunk)
-        streams = self.op.streams()
-        while (first_row := next(rows, _END)) is not _END:
-            chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
+        if self.op.streams():
+            self._run_streams(log, rows, position)
+            return
+        while (chunk := self._next_chunk(rows)) is not None:
+            rows_of_chunk = list(chunk)
             start = position
-            if streams:
-                stream = ChunkStream(self, start, chunk)
-                committed = self._commit_stream(log, stream)
+            position += len(rows_of_chunk)
+            self.read += len(rows_of_chunk)
+            prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
+            self._write_chunk(log, prepared, start=start, end=position)
+
+    def _next_chunk(self, rows: Iterator[Any]) -> Iterator[Any] | None:
+        """The input's next ``chunk_size`` rows, read lazily; None once it has ended."""
+        first_row = next(rows, _END)
+        if first_row is _END:
+            return None
+        return chain((first_row,), islice(rows, self.chunk_size - 1))
+
+    def _run_streams(self, log: BatchProcessingLog, rows: Iterator[Any], position: int) -> None:
+        """Each chunk through ``write_stream``; the next one is read ahead as it commits."""
+        self.input = rows
+        self.reads_ahead = type(self.op).key is BatchOperation.key
+        try:
+            while (stream := self._next_stream(position)) is not None:
+                start = position
+                # A chunk read ahead is prepared already: the checked write takes it.
+                committed = not stream.complete and self._commit_stream(log, stream)
                 position = stream.end
                 self.read += position - start
-                if committed:
-                    continue
-                # The database refused the trusting attempt: the checked write.
-                prepared = stream.prepared
-            else:
-                rows_of_chunk = list(chunk)
-                position += len(rows_of_chunk)
-                self.read += len(rows_of_chunk)
-                prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
-            completed = self._write_isolating(
-                log, prepared, checkpoint=position, first=start, final=True
-            )
-            if not completed:
-                # The chunk's last piece was not committed (all rows invalid or
-                # rejected): record its counters and checkpoint on their own.
-                self._commit_with_retries(log, [], checkpoint=position, first=start, final=True)
+                if not committed:
+                    # The database refused the trusting attempt: the checked write.
+                    self._write_chunk(log, stream.prepared, start=start, end=position)
+        finally:
+            if self.read_ahead is not None:
+                self.read_ahead.stop()
+
+    def _next_stream(self, start: int) -> ChunkStream | None:
+        if self.read_ahead is not None:
+            stream = self.read_ahead.take()
+            self.read_ahead = None
+            return stream
+        chunk = self._next_chunk(self.input)
+        return None if chunk is None else ChunkStream(self, start, chunk, errors=self.errors)
+
+    def _write_chunk(
+        self, log: BatchProcessingLog, prepared: list[Prepared], *, start: int, end: int
+    ) -> None:
+        completed = self._write_isolating(log, prepared, checkpoint=end, first=start, final=True)
+        if not completed:
+            # The chunk's last piece was not committed (all rows invalid or
+            # rejected): record its counters and checkpoint on their own.
+            self._commit_with_retries(log, [], checkpoint=end, first=start, final=True)
 
     def _commit_stream(self, log: BatchProcessingLog, stream: ChunkStream) -> bool:
         """Commit a chunk through ``write_stream``; False if the database refused it.
@@ -674,6 +773,9 @@ class BatchRun:
             )
             errors = self.errors + outcome.errors
             self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
+            if final and self.read_ahead is None and self.reads_ahead:
+                # All that is left of the chunk is its commit: read the next meanwhile.
+                self.read_ahead = ReadAhead(self, self.input, checkpoint)
         # Only now, after the commit, does the run own what the chunk did.
         self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
         self.errors.extend(outcome.errors)

@@ -4,6 +4,7 @@ A toy operation creates categories by name. Its streaming write trusts the
 table's unique constraint; its checked write reports the names that exist.
 """
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -69,13 +70,24 @@ def recorded(names: list, events: list) -> Iterator:
         yield name
 
 
-def test_each_row_is_written_before_the_next_is_read():
+def test_the_first_chunk_is_written_as_it_is_read_and_the_next_read_ahead():
     operation = StreamedCategories()
-    result = run_batch(
-        operation, recorded(["a", "b", "c", "d", "e"], operation.events), chunk_size=3
-    )
+    readers: list[str] = []
+
+    def names() -> Iterator[str]:
+        for name in recorded(["a", "b", "c", "d", "e"], operation.events):
+            readers.append(threading.current_thread().name)
+            yield name
+
+    result = run_batch(operation, names(), chunk_size=3)
+
     assert (result.status, result.written) == ("completed", 5)
-    assert operation.events == [(kind, index) for index in range(5) for kind in ("read", "write")]
+    # Each row of the first chunk is written before the next is read; the
+    # second chunk is read while the first commits, and written as a whole.
+    first_chunk = [(kind, index) for index in range(3) for kind in ("read", "write")]
+    assert operation.events == [*first_chunk, ("read", 3), ("read", 4), ("checked", 2)]
+    main = threading.current_thread().name
+    assert readers == [main] * 3 + ["batch-read-ahead"] * 2
     assert result.log.chunks_committed == 2
     assert result.log.checkpoint_position == 5
 
@@ -83,22 +95,83 @@ def test_each_row_is_written_before_the_next_is_read():
 def test_a_refused_chunk_is_written_again_by_the_checked_write():
     Category.objects.create(name="taken")
     operation = StreamedCategories()
-    names = ["a", "b", 7, "taken", "c", "d", 8]
+    names = ["a", "taken", 7, "b", "c", "d", 8]
 
     result = run_batch(operation, iter(names), chunk_size=3)
 
     assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "d", "taken"]
     assert [(e.index, e.message) for e in result.errors] == [
         (2, "must be a name"),  # prepared once, reported once
-        (3, NAME_TAKEN.format(name="taken")),
+        (1, NAME_TAKEN.format(name="taken")),
         (6, "must be a name"),
     ]
     assert (result.read, result.written, result.skipped) == (7, 4, 3)
-    # The second chunk: streamed, refused at "taken", rolled back, then checked.
-    assert ("checked", 3) in operation.events
+    # The first chunk: streamed, refused at "taken", rolled back, then checked.
+    # The second is read ahead and checked.
+    assert [event for event in operation.events if event[0] == "checked"] == [
+        ("checked", 2),
+        ("checked", 3),
+    ]
     log = BatchProcessingLog.objects.get(pk=result.log_id)
     assert (log.chunks_committed, log.chunks_rolled_back, log.chunks_rerun) == (3, 1, 1)
     assert (log.rows_written, log.rows_skipped, log.checkpoint_position) == (4, 3, 7)
+
+
+def test_a_chunk_read_ahead_names_its_refused_rows_without_a_rollback():
+    Category.objects.create(name="taken")
+    operation = StreamedCategories()
+
+    result = run_batch(operation, iter(["a", "b", 1, "taken", "c", 2]), chunk_size=3)
+
+    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "taken"]
+    # In input order, though the second chunk's rows were prepared by the
+    # helper while the first chunk committed.
+    assert [(e.index, e.message) for e in result.errors] == [
+        (2, "must be a name"),
+        (5, "must be a name"),
+        (3, NAME_TAKEN.format(name="taken")),
+    ]
+    assert (result.log.chunks_committed, result.log.chunks_rolled_back) == (2, 0)
+
+
+def test_an_input_that_fails_while_read_ahead_fails_the_run_after_the_chunk_before():
+    def names() -> Iterator[str]:
+        yield from ["a", "b"]
+        raise OSError("the file went away")
+
+    with pytest.raises(OSError, match="went away"):
+        run_batch(StreamedCategories(), names(), chunk_size=2)
+
+    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b"]
+    log = BatchProcessingLog.objects.get()
+    assert (log.status, log.checkpoint_position, log.rows_written) == ("failed", 2, 2)
+
+
+class FailingAfterCommit(StreamedCategories):
+    def committed(self, rows: list[Prepared]) -> None:
+        raise RuntimeError("after the commit")
+
+
+@pytest.mark.django_db(transaction=True)  # on_commit callbacks run only on a real commit
+def test_a_failing_run_stops_its_read_ahead_before_it_returns():
+    resume = threading.Event()
+    read: list[str] = []
+
+    def names() -> Iterator[str]:
+        for name in ["a", "b", "c", "d", "e", "f"]:
+            if name == "c":
+                # The helper reads here while the run fails; it goes on
+                # only once the run has asked it to stop.
+                resume.wait(timeout=0.5)
+            read.append(name)
+            yield name
+
+    with pytest.raises(RuntimeError, match="after the commit"):
+        run_batch(FailingAfterCommit(), names(), chunk_size=2)
+
+    assert not [t for t in threading.enumerate() if t.name == "batch-read-ahead"]
+    # It stopped after its current row instead of reading its whole chunk.
+    assert read == ["a", "b", "c"]
 
 
 @pytest.mark.django_db(transaction=True)  # retries need the chunk to own its transaction
@@ -107,7 +180,7 @@ def test_a_transient_failure_of_the_stream_is_retried_with_the_checked_write(mon
     inject_faults(
         monkeypatch,
         StreamedCategories,
-        lambda call: InterfaceError("connection already closed") if call == 2 else None,
+        lambda call: InterfaceError("connection already closed") if call == 1 else None,
     )
     result = run_batch(StreamedCategories(), iter(["a", "b", "c", "d"]), chunk_size=2)
 
