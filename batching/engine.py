@@ -582,7 +582,7 @@ class BatchRun:
         return chain((first_row,), islice(rows, self.chunk_size - 1))
 
     def _run_streams(self, log: BatchProcessingLog, rows: Iterator[Any], position: int) -> None:
-        """Each chunk through ``write_stream``; the next one is read ahead as it commits."""
+        """Each chunk through ``write_stream``, or whole through ``write`` if read ahead."""
         self.input = rows
         self.reads_ahead = type(self.op).key is BatchOperation.key
         try:

@@ -57,7 +57,13 @@ class BulkOperationsService:
         chunk_size: int | None = None,
         resume: int | BatchProcessingLog | None = None,
     ) -> BatchResult:
-        """Record product views; each product's view_count grows by its new views."""
+        """Record product views; each product's view_count grows by its new views.
+
+        Note:
+            On PostgreSQL the optimized service reads ``rows`` for the next
+            chunk from a helper thread while a chunk commits: an iterator
+            that queries the database must be read into a list first.
+        """
         return self._run(self.views_operation, rows, chunk_size, resume)
 
     def upsert_recommendation_scores(
