@@ -25,15 +25,18 @@ locked SQLite database) are retried per chunk with exponential backoff and
 jitter, up to ``settings.BULK_RETRY_ATTEMPTS`` times; then the run ends as
 failed. Chunks committed before keep their work.
 
-An operation can take a chunk as a stream instead (``write_stream``): its rows
-are prepared as the write reads them, so a ``COPY`` is fed while the later rows
-are parsed, and its checks run after the write. If the chunk is refused, it is
-rolled back and written again by ``write`` as above. Such a run then reads
-ahead: while a chunk commits (on PostgreSQL, the commit runs the foreign-key
-checks of every row the ``COPY`` wrote), a helper thread prepares the next
-chunk, which ``write`` then takes whole (see ``ReadAhead``). Only an operation
-without keys reads ahead, and only the input and ``prepare`` run in the
-helper; the database is used from the run's thread alone.
+Every chunk after the first is read ahead: while a chunk commits (on
+PostgreSQL the commit runs the foreign-key checks of every row written, and
+the run's thread only waits), a helper thread reads the next chunk and runs
+``prepare`` on its rows (see ``ReadAhead``). Only the input and ``prepare``
+run in the helper; duplicate keys, errors and the database stay with the
+run's thread.
+
+An operation can take its first chunk as a stream instead (``write_stream``):
+its rows are prepared as the write reads them, so a ``COPY`` is fed while the
+later rows are parsed, and its checks run after the write. If the chunk is
+refused, it is rolled back and written again by ``write`` as above. A chunk
+read ahead is parsed already and goes to ``write`` whole.
 
 Duplicate keys are found across the whole input from a dict of every key seen,
 unless the operation finds keys written by earlier chunks itself
@@ -285,7 +288,10 @@ class BatchOperation(ABC):
         ]
 
     def streams(self) -> bool:
-        """Whether whole chunks go through ``write_stream`` first (see there)."""
+        """Whether a run's first chunk goes through ``write_stream`` first (see there).
+
+        The later chunks are read ahead, parsed whole, and go to ``write``.
+        """
         return False
 
     def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
@@ -379,19 +385,14 @@ _END = object()
 class ChunkStream:
     """One chunk's input, prepared as ``write_stream`` reads it.
 
-    Iterating yields the valid rows; invalid ones go to ``errors`` (the run's,
-    or a read-ahead's own list) as they are met. ``prepared`` collects the
-    valid rows and ``end`` is the input position after the last row read;
-    ``drain`` reads whatever the write left, so both are complete afterwards
-    (``complete``).
+    Iterating yields the valid rows; invalid ones go to the run's errors as
+    they are met. ``prepared`` collects the valid rows and ``end`` is the
+    input position after the last row read; ``drain`` reads whatever the
+    write left, so both are complete afterwards.
     """
 
-    def __init__(
-        self, run: BatchRun, start: int, chunk: Iterator[Any], errors: list[RowError]
-    ) -> None:
+    def __init__(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> None:
         self.prepared: list[Prepared] = []
-        self.errors = errors
-        self.complete = False
         self.start = self.end = start
         self._rows = self._read(run, start, chunk)
 
@@ -402,68 +403,69 @@ class ChunkStream:
 
     def _read(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> Iterator[Prepared]:
         append = self.prepared.append
-        for row in run._prepare_rows(start, self._counted(chunk), self.errors):
+        for row in run._prepare_rows(start, self._counted(chunk), run.errors):
             append(row)
             yield row
-        self.complete = True
 
     def __iter__(self) -> Iterator[Prepared]:
-        # A stream read to its end (read ahead) yields what it prepared.
-        return iter(self.prepared) if self.complete else self._rows
+        return self._rows
 
     def drain(self) -> None:
         for _ in self._rows:
             pass
 
 
+def parsed_already(item: Any) -> Any:
+    """``prepare`` for a row a ``ReadAhead`` parsed: its item, or its error raised again."""
+    if isinstance(item, RowInvalid):
+        raise item
+    return item
+
+
 class ReadAhead:
-    """The next chunk of a streaming run, prepared in a helper thread.
+    """The input's next chunk, read and parsed in a helper thread while a chunk commits.
 
     It starts once the current chunk's rows are all read and written, so the
     two never read the input at the same time; then the current chunk commits.
-    That commit waits on the database (a ``COPY``'s foreign-key checks run
-    there) with the GIL released, and the helper uses that time to parse and
-    validate the next chunk. Only the input and ``prepare`` run in the helper:
-    the database is used by the run's own thread alone. The rows' errors wait
-    in the stream's own list until ``take`` hands the chunk to the run, so
-    they are reported in input order.
+    That commit waits on the database (on PostgreSQL the foreign-key checks
+    of every row written run there) with the GIL released, and the helper
+    uses that time to run the operation's ``prepare`` on each row of the next
+    chunk. Only the input and ``prepare`` (pure Python) run in the helper:
+    the database, duplicate keys and errors stay with the run's thread,
+    which takes each parsed row (an item or its ``RowInvalid``) in order.
     """
 
-    def __init__(self, run: BatchRun, rows: Iterator[Any], start: int) -> None:
-        self.run = run
-        self.stream: ChunkStream | None = None
+    def __init__(self, rows: Iterator[Any], prepare: Callable[[Any], Any], size: int) -> None:
+        self.parsed: list[Any] = []
         self.failure: BaseException | None = None
         self.stopped = False
         self.thread = threading.Thread(
-            target=self._prepare, args=(rows, start), name="batch-read-ahead", daemon=True
+            target=self._read, args=(rows, prepare, size), name="batch-read-ahead", daemon=True
         )
         self.thread.start()
 
-    def _prepare(self, rows: Iterator[Any], start: int) -> None:
+    def _read(self, rows: Iterator[Any], prepare: Callable[[Any], Any], size: int) -> None:
+        append = self.parsed.append
         try:
-            chunk = self.run._next_chunk(rows)
-            if chunk is None:
-                return  # the input has ended
-            stream = ChunkStream(self.run, start, chunk, errors=[])
-            for _ in stream:
+            for raw in islice(rows, size):
                 if self.stopped:
                     return
-            self.stream = stream
+                try:
+                    append(prepare(raw))
+                except RowInvalid as exc:
+                    append(exc)
         except BaseException as exc:  # raised again in the run's thread by take()
             self.failure = exc
 
-    def take(self) -> ChunkStream | None:
-        """The prepared chunk, its errors now the run's; None at the end of the input."""
+    def take(self) -> list[Any]:
+        """The chunk's parsed rows, in input order; empty at the end of the input."""
         self.thread.join()
         if self.failure is not None:
             raise self.failure
-        stream = self.stream
-        if stream is not None:
-            self.run.errors.extend(stream.errors)
-        return stream
+        return self.parsed
 
     def stop(self) -> None:
-        """Let the helper end after its current row (the run is failing)."""
+        """Let the helper end before its next row (the run is failing)."""
         self.stopped = True
         self.thread.join()
 
@@ -492,12 +494,9 @@ class BatchRun:
         self.read = 0
         self.seen: dict[Hashable, int] = {}
         self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
-        # A streaming run's input, and its next chunk when read ahead (see
-        # ReadAhead). A keyed operation compares each row's key with the
-        # run's as it is prepared: only an operation without keys reads ahead.
+        # The run's input, and its next chunk while it is read ahead.
         self.input: Iterator[Any] = iter(())
         self.read_ahead: ReadAhead | None = None
-        self.reads_ahead = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -563,49 +562,46 @@ class BatchRun:
             for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
                 self._prepare_chunk(position, chunk, errors=[])
                 position += len(chunk)
-        if self.op.streams():
-            self._run_streams(log, rows, position)
-            return
-        while (chunk := self._next_chunk(rows)) is not None:
-            rows_of_chunk = list(chunk)
-            start = position
-            position += len(rows_of_chunk)
-            self.read += len(rows_of_chunk)
-            prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
-            self._write_chunk(log, prepared, start=start, end=position)
-
-    def _next_chunk(self, rows: Iterator[Any]) -> Iterator[Any] | None:
-        """The input's next ``chunk_size`` rows, read lazily; None once it has ended."""
-        first_row = next(rows, _END)
-        if first_row is _END:
-            return None
-        return chain((first_row,), islice(rows, self.chunk_size - 1))
-
-    def _run_streams(self, log: BatchProcessingLog, rows: Iterator[Any], position: int) -> None:
-        """Each chunk through ``write_stream``, or whole through ``write`` if read ahead."""
         self.input = rows
-        self.reads_ahead = type(self.op).key is BatchOperation.key
+        streams = self.op.streams()
         try:
-            while (stream := self._next_stream(position)) is not None:
+            while True:
                 start = position
-                # A chunk read ahead is prepared already: the checked write takes it.
-                committed = not stream.complete and self._commit_stream(log, stream)
-                position = stream.end
-                self.read += position - start
-                if not committed:
+                if self.read_ahead is not None:
+                    # Read and parsed while the chunk before committed.
+                    parsed = self.read_ahead.take()
+                    self.read_ahead = None
+                    if not parsed:
+                        return
+                    position += len(parsed)
+                    self.read += len(parsed)
+                    prepared = self._prepare_chunk(
+                        start, parsed, errors=self.errors, prepare=parsed_already
+                    )
+                    self._write_chunk(log, prepared, start=start, end=position)
+                    continue
+                first_row = next(rows, _END)
+                if first_row is _END:
+                    return
+                chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
+                if streams:
+                    stream = ChunkStream(self, start, chunk)
+                    committed = self._commit_stream(log, stream)
+                    position = stream.end
+                    self.read += position - start
+                    if committed:
+                        continue
                     # The database refused the trusting attempt: the checked write.
-                    self._write_chunk(log, stream.prepared, start=start, end=position)
+                    prepared = stream.prepared
+                else:
+                    rows_of_chunk = list(chunk)
+                    position += len(rows_of_chunk)
+                    self.read += len(rows_of_chunk)
+                    prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
+                self._write_chunk(log, prepared, start=start, end=position)
         finally:
             if self.read_ahead is not None:
                 self.read_ahead.stop()
-
-    def _next_stream(self, start: int) -> ChunkStream | None:
-        if self.read_ahead is not None:
-            stream = self.read_ahead.take()
-            self.read_ahead = None
-            return stream
-        chunk = self._next_chunk(self.input)
-        return None if chunk is None else ChunkStream(self, start, chunk, errors=self.errors)
 
     def _write_chunk(
         self, log: BatchProcessingLog, prepared: list[Prepared], *, start: int, end: int
@@ -636,20 +632,30 @@ class BatchRun:
             return False
 
     def _prepare_chunk(
-        self, start: int, chunk: list[Any], *, errors: list[RowError]
+        self,
+        start: int,
+        chunk: list[Any],
+        *,
+        errors: list[RowError],
+        prepare: Callable[[Any], Any] | None = None,
     ) -> list[Prepared]:
         """The chunk's valid rows; each invalid or repeated row is added to ``errors``."""
-        return list(self._prepare_rows(start, chunk, errors))
+        return list(self._prepare_rows(start, chunk, errors, prepare))
 
     def _prepare_rows(
-        self, start: int, chunk: Iterable[Any], errors: list[RowError]
+        self,
+        start: int,
+        chunk: Iterable[Any],
+        errors: list[RowError],
+        prepare: Callable[[Any], Any] | None = None,
     ) -> Iterator[Prepared]:
         """Each valid row of ``chunk`` as it is prepared; invalid or repeated ones go to ``errors``.
 
         Every input row goes through this loop, so what it looks up once per
-        row is looked up once per chunk instead.
+        row is looked up once per chunk instead. ``prepare`` replaces the
+        operation's (``parsed_already``, for a chunk a ``ReadAhead`` parsed).
         """
-        prepare = self.op.prepare
+        prepare = prepare or self.op.prepare
         # The base class has no key: skip a call per row that returns None.
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
         if self.op.keys_in_database:
@@ -773,9 +779,9 @@ class BatchRun:
             )
             errors = self.errors + outcome.errors
             self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
-            if final and self.read_ahead is None and self.reads_ahead:
+            if final and self.read_ahead is None:
                 # All that is left of the chunk is its commit: read the next meanwhile.
-                self.read_ahead = ReadAhead(self, self.input, checkpoint)
+                self.read_ahead = ReadAhead(self.input, self.op.prepare, self.chunk_size)
         # Only now, after the commit, does the run own what the chunk did.
         self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
         self.errors.extend(outcome.errors)

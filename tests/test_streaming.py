@@ -1,7 +1,8 @@
-"""The engine's streaming first attempt (``write_stream``), on any database.
+"""The engine's streaming first attempt (``write_stream``) and its read-ahead, on any database.
 
 A toy operation creates categories by name. Its streaming write trusts the
 table's unique constraint; its checked write reports the names that exist.
+A keyed one shows that the read-ahead leaves the keys to the run's thread.
 """
 
 import threading
@@ -197,3 +198,39 @@ def test_an_input_of_only_invalid_rows_commits_its_checkpoint():
     assert (result.status, result.read, result.skipped) == ("partial", 3, 3)
     assert operation.events == []
     assert result.log.checkpoint_position == 3
+
+
+class KeyedCategories(BatchOperation):
+    """Categories by name, written whole (no stream); a repeated name is refused."""
+
+    operation = BatchProcessingLog.Operation.PRODUCTS
+    variant = BatchProcessingLog.Variant.OPTIMIZED
+
+    def __init__(self, using: str = "default") -> None:
+        super().__init__(using)
+        self.prepared_in: list[tuple[str, str]] = []
+
+    def prepare(self, raw):
+        self.prepared_in.append((raw, threading.current_thread().name))
+        return raw
+
+    def key(self, item):
+        return item
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        Category.objects.bulk_create([Category(name=row.item) for row in rows])
+        return ChunkOutcome(written=len(rows), created=len(rows))
+
+
+def test_a_keyed_operation_is_read_ahead_and_its_keys_compared_across_chunks():
+    operation = KeyedCategories()
+
+    result = run_batch(operation, iter(["a", "b", "a", "c", "b"]), chunk_size=2)
+
+    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c"]
+    assert [(e.index, e.code) for e in result.errors] == [(2, "duplicate"), (4, "duplicate")]
+    assert "first seen at row 1" in result.errors[1].message
+    main = threading.current_thread().name
+    # The first chunk is parsed by the run's thread, the later ones by the helper.
+    assert [thread for _, thread in operation.prepared_in] == [main] * 2 + ["batch-read-ahead"] * 3
+    assert result.log.chunks_committed == 3

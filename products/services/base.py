@@ -28,7 +28,9 @@ class BulkOperationsService:
 
     Note:
         Bulk writes skip ``Model.save()`` and model signals in the optimized
-        service.
+        service. The rows of every chunk after the first are read from a
+        helper thread while the chunk before commits: an iterator that
+        queries the database must be read into a list first.
     """
 
     variant: ClassVar[str]
@@ -57,13 +59,7 @@ class BulkOperationsService:
         chunk_size: int | None = None,
         resume: int | BatchProcessingLog | None = None,
     ) -> BatchResult:
-        """Record product views; each product's view_count grows by its new views.
-
-        Note:
-            On PostgreSQL the optimized service reads ``rows`` for the next
-            chunk from a helper thread while a chunk commits: an iterator
-            that queries the database must be read into a list first.
-        """
+        """Record product views; each product's view_count grows by its new views."""
         return self._run(self.views_operation, rows, chunk_size, resume)
 
     def upsert_recommendation_scores(
