@@ -3,10 +3,10 @@
 Transaction design
 ------------------
 A run reads its input lazily, ``chunk_size`` rows at a time, and never holds
-more than one chunk (two when it reads ahead, below). Each row first goes
-through the operation's ``prepare`` (pure Python: shape, types, ranges,
-duplicate keys within the input); rows that fail are reported by index and
-never reach the database.
+more than two chunks: the one it writes and the next, read ahead (below).
+Each row first goes through the operation's ``prepare`` (pure Python: shape,
+types, ranges, duplicate keys within the input); rows that fail are reported
+by index and never reach the database.
 
 The prepared rows of a chunk are written by the operation's ``write`` inside
 one ``transaction.atomic()``. The same transaction records the chunk's
