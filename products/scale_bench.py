@@ -1220,40 +1220,28 @@ def run_scale_bench(
                 continue
             workload = cls(size, seed=seed, chunk_size=chunk_size, using=using, work_dir=work_dir)
             report.chunk_sizes[name] = workload.chunk_size
-            first: tuple[str, dict[str, tuple[int, int]]] | None = None
+            skipped: dict[str, Measurement] = {}
             for strategy in cls.strategies:
                 previous = last.get(strategy.key)
                 if strategy.key in PEERS and (note := over_budget(previous, size, peer_budget)):
-                    measurement = Measurement(name, strategy.key, strategy.label, size, note=note)
-                else:
-                    measurement = measure(
-                        workload, strategy, isolate=isolate, report=report, repeat=repeat
+                    skipped[strategy.key] = Measurement(
+                        name, strategy.key, strategy.label, size, note=note
                     )
+            measured = measure(
+                workload,
+                [s for s in cls.strategies if s.key not in skipped],
+                isolate=isolate,
+                report=report,
+                repeat=repeat,
+                after_first_run=EndStates(workload, report),
+            )
+            for strategy in cls.strategies:
+                measurement = skipped.get(strategy.key) or measured[strategy.key]
                 report.measurements.append(measurement)
                 if measurement.seconds is None:
                     if progress is not None:
                         progress(f"{name} {size:,} {strategy.label}: {measurement.note}")
                     continue
-                prints = workload.fingerprints()
-                found = next(iter(prints.values()))[0]
-                if found != size:
-                    report.problems.append(
-                        ROWS_MISSING.format(
-                            workload=name,
-                            size=size,
-                            strategy=strategy.label,
-                            found=found,
-                            expected=size,
-                        )
-                    )
-                if first is None:
-                    first = (strategy.label, prints)
-                elif prints != first[1]:
-                    report.problems.append(
-                        STATES_DIFFER.format(
-                            workload=name, size=size, strategy=strategy.label, first=first[0]
-                        )
-                    )
                 last[strategy.key] = measurement
                 if progress is not None:
                     best = f" (best of {measurement.runs})" if measurement.runs > 1 else ""
@@ -1270,6 +1258,41 @@ def run_scale_bench(
     return report
 
 
+class EndStates:
+    """Checks each strategy's end state after its first run: every row there, all alike."""
+
+    def __init__(self, workload: Workload, report: ScaleReport) -> None:
+        self.workload = workload
+        self.report = report
+        self.first: tuple[str, dict[str, tuple[int, int]]] | None = None
+
+    def __call__(self, strategy: Strategy) -> None:
+        workload, problems = self.workload, self.report.problems
+        prints = workload.fingerprints()
+        found = next(iter(prints.values()))[0]
+        if found != workload.size:
+            problems.append(
+                ROWS_MISSING.format(
+                    workload=workload.name,
+                    size=workload.size,
+                    strategy=strategy.label,
+                    found=found,
+                    expected=workload.size,
+                )
+            )
+        if self.first is None:
+            self.first = (strategy.label, prints)
+        elif prints != self.first[1]:
+            problems.append(
+                STATES_DIFFER.format(
+                    workload=workload.name,
+                    size=workload.size,
+                    strategy=strategy.label,
+                    first=self.first[0],
+                )
+            )
+
+
 def over_budget(previous: Measurement | None, size: int, budget: float) -> str:
     """Why a peer is not run at ``size``, or "" when its projected time fits the budget."""
     if previous is None or previous.seconds is None:
@@ -1283,37 +1306,63 @@ def over_budget(previous: Measurement | None, size: int, budget: float) -> str:
 
 
 def measure(
-    workload: Workload, strategy: Strategy, *, isolate: bool, report: ScaleReport, repeat: int = 1
-) -> Measurement:
-    """Run ``strategy`` from a fresh start, up to ``repeat`` times; the fastest run counts.
+    workload: Workload,
+    strategies: Sequence[Strategy],
+    *,
+    isolate: bool,
+    report: ScaleReport,
+    repeat: int = 1,
+    after_first_run: Callable[[Strategy], None] | None = None,
+) -> dict[str, Measurement]:
+    """Run each strategy from a fresh start, up to ``repeat`` times; the fastest run counts.
 
-    A strategy is run again only while its runs so far took less than
-    ``REPEAT_BUDGET`` seconds in all, so repeats steady the short runs, which
-    a busy machine sways most, without multiplying the long ones. Every
-    strategy follows the same rule. Memory is the largest growth of any run.
+    The runs take turns: every strategy runs once, then every strategy
+    again, so a slow minute on a shared machine falls on all of them
+    rather than on one strategy's every run. A strategy is run again only
+    while its runs so far took less than ``REPEAT_BUDGET`` seconds in all, so
+    repeats steady the short runs, which a busy machine sways most, without
+    multiplying the long ones. Every strategy follows the same rule. Memory
+    is the largest growth of any run. ``after_first_run`` is called after
+    each strategy's first run, before the next setup (to check its state).
     """
     name, size = workload.name, workload.size
-    timings: list[Timing] = []
-    while len(timings) < repeat and sum(t.seconds for t in timings) < REPEAT_BUDGET:
-        workload.setup()
-        try:
-            if isolate:
-                timings.append(run_in_child(workload, strategy.key))
-            else:
-                timings.append(run_strategy(workload, strategy.key, measure_memory=False))
-        except BenchError as exc:
-            report.problems.append(str(exc))
-            return Measurement(name, strategy.key, strategy.label, size, note=f"failed: {exc}")
-    growths = [t.peak_growth_mb for t in timings if t.peak_growth_mb is not None]
-    return Measurement(
-        name,
-        strategy.key,
-        strategy.label,
-        size,
-        min(t.seconds for t in timings),
-        max(growths) if growths else None,
-        runs=len(timings),
-    )
+    timings: dict[str, list[Timing]] = {s.key: [] for s in strategies}
+    failed: dict[str, Measurement] = {}
+    for _ in range(repeat):
+        for strategy in strategies:
+            runs = timings[strategy.key]
+            if strategy.key in failed or sum(t.seconds for t in runs) >= REPEAT_BUDGET:
+                continue
+            workload.setup()
+            try:
+                if isolate:
+                    runs.append(run_in_child(workload, strategy.key))
+                else:
+                    runs.append(run_strategy(workload, strategy.key, measure_memory=False))
+            except BenchError as exc:
+                report.problems.append(str(exc))
+                failed[strategy.key] = Measurement(
+                    name, strategy.key, strategy.label, size, note=f"failed: {exc}"
+                )
+                continue
+            if len(runs) == 1 and after_first_run is not None:
+                after_first_run(strategy)
+    measurements = dict(failed)
+    for strategy in strategies:
+        runs = timings[strategy.key]
+        if strategy.key in failed:
+            continue
+        growths = [t.peak_growth_mb for t in runs if t.peak_growth_mb is not None]
+        measurements[strategy.key] = Measurement(
+            name,
+            strategy.key,
+            strategy.label,
+            size,
+            min(t.seconds for t in runs),
+            max(growths) if growths else None,
+            runs=len(runs),
+        )
+    return measurements
 
 
 # -- reports -------------------------------------------------------------------------
@@ -1497,7 +1546,8 @@ def markdown_report(
         "same starting state, and must leave the same end state. Time is the wall-clock time "
         "of the strategy's call; generating the input rows is part of it for every strategy, "
         "setup and checks are not. *Runs*: how often the strategy ran, each time from the "
-        "same start; the fastest run counts (a strategy runs again only while its runs took "
+        "same start, the strategies of a size taking turns; the fastest run counts (a "
+        "strategy runs again only while its runs took "
         f"under {REPEAT_BUDGET:.0f} s in all). *Optimized ÷ this* is the optimized service's "
         "rows/s divided by this strategy's at the same size (above 1: the service is "
         "faster). *Peak memory growth* is the process's peak resident size during the call "

@@ -144,26 +144,38 @@ def test_peers_over_budget_are_not_run(tmp_path):
 
 @postgres_only
 @pytest.mark.django_db(transaction=True)
-def test_repeats_keep_the_fastest_run_within_the_budget(monkeypatch, tmp_path):
-    times = iter([3.0, 1.0, 2.0, 25.0, 10.0, 40.0])
+def test_repeats_take_turns_and_keep_the_fastest_run_within_the_budget(monkeypatch, tmp_path):
+    times = iter([3.0, 25.0, 40.0, 1.0, 10.0, 2.0])
+    order: list[str] = []
 
     def timed(workload, key, *, measure_memory):
         workload.prepare()
         workload.run(key)
+        order.append(key)
         return bench.Timing(next(times))
 
     monkeypatch.setattr(bench, "run_strategy", timed)
     job = workload("views", tmp_path)
     report = bench.ScaleReport([SIZE], ["views"], [], [])
-    fast, slow, slower = (
-        bench.measure(job, job.strategy(key), isolate=False, report=report, repeat=3)
-        for key in (bench.OPTIMIZED, bench.RAW, bench.DJANGO)
+    checked: list[str] = []
+    keys = (bench.OPTIMIZED, bench.RAW, bench.DJANGO)
+    measured = bench.measure(
+        job,
+        [job.strategy(key) for key in keys],
+        isolate=False,
+        report=report,
+        repeat=3,
+        after_first_run=lambda strategy: checked.append(strategy.key),
     )
-    # 3 runs, the fastest counts; 25 + 10 s reach the 30 s budget after two
-    # runs; a first run of 40 s is the only one.
+    fast, slow, slower = (measured[key] for key in keys)
+    # Round by round: a first run of 40 s is the only one; 25 + 10 s reach
+    # the 30 s budget after two runs; 3 runs for the rest, the fastest counts.
+    assert order == [*keys, bench.OPTIMIZED, bench.RAW, bench.OPTIMIZED]
+    assert checked == list(keys)
     assert (fast.seconds, fast.runs) == (1.0, 3)
     assert (slow.seconds, slow.runs) == (10.0, 2)
     assert (slower.seconds, slower.runs) == (40.0, 1)
+    assert report.problems == []
     assert "| 3 |" in "\n".join(bench.workload_section(report_of(job, fast), "views"))
 
 

@@ -122,8 +122,9 @@ class Command(BaseCommand):
             "--repeat",
             type=int,
             default=1,
-            help="Run each strategy up to this many times, each from the same start, and "
-            f"keep the fastest; a strategy runs again only while its runs took under "
+            help="Run each strategy up to this many times, each from the same start, the "
+            "strategies taking turns, and keep the fastest; a strategy runs again only while "
+            "its runs took under "
             f"{bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
         )
         parser.add_argument(
