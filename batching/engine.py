@@ -567,37 +567,33 @@ class BatchRun:
         try:
             while True:
                 start = position
+                prepare: Callable[[Any], Any] | None = None
                 if self.read_ahead is not None:
                     # Read and parsed while the chunk before committed.
-                    parsed = self.read_ahead.take()
+                    rows_of_chunk, prepare = self.read_ahead.take(), parsed_already
                     self.read_ahead = None
-                    if not parsed:
+                    if not rows_of_chunk:
                         return
-                    position += len(parsed)
-                    self.read += len(parsed)
-                    prepared = self._prepare_chunk(
-                        start, parsed, errors=self.errors, prepare=parsed_already
-                    )
-                    self._write_chunk(log, prepared, start=start, end=position)
-                    continue
-                first_row = next(rows, _END)
-                if first_row is _END:
-                    return
-                chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
-                if streams:
-                    stream = ChunkStream(self, start, chunk)
-                    committed = self._commit_stream(log, stream)
-                    position = stream.end
-                    self.read += position - start
-                    if committed:
-                        continue
-                    # The database refused the trusting attempt: the checked write.
-                    prepared = stream.prepared
                 else:
+                    first_row = next(rows, _END)
+                    if first_row is _END:
+                        return
+                    chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
+                    if streams:
+                        stream = ChunkStream(self, start, chunk)
+                        committed = self._commit_stream(log, stream)
+                        position = stream.end
+                        self.read += position - start
+                        if not committed:
+                            # The database refused the trusting attempt: the checked write.
+                            self._write_chunk(log, stream.prepared, start=start, end=position)
+                        continue
                     rows_of_chunk = list(chunk)
-                    position += len(rows_of_chunk)
-                    self.read += len(rows_of_chunk)
-                    prepared = self._prepare_chunk(start, rows_of_chunk, errors=self.errors)
+                position += len(rows_of_chunk)
+                self.read += len(rows_of_chunk)
+                prepared = self._prepare_chunk(
+                    start, rows_of_chunk, errors=self.errors, prepare=prepare
+                )
                 self._write_chunk(log, prepared, start=start, end=position)
         finally:
             if self.read_ahead is not None:

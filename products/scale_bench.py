@@ -1349,9 +1349,9 @@ def measure(
                 after_first_run(strategy)
     measurements = dict(failed)
     for strategy in strategies:
-        runs = timings[strategy.key]
         if strategy.key in failed:
             continue
+        runs = timings[strategy.key]
         growths = [t.peak_growth_mb for t in runs if t.peak_growth_mb is not None]
         measurements[strategy.key] = Measurement(
             name,
