@@ -10,8 +10,11 @@ second time:
   gets 409;
 * the first is still running: 409, retry later.
 
-If the run fails with an exception, its record is deleted so the client can
-retry with the same key; the engine's own log keeps what was committed. If the
+If the run fails with an exception before committing anything, its record is
+deleted so the client can retry with the same key. If it fails after some of
+its chunks committed, the record is kept with a 500 answer naming the run and
+what it committed, and that answer is what a retry gets: sending the batch
+again would apply the committed rows twice. If the
 process dies instead, nothing deletes it: a record still without an answer
 after ``settings.IDEMPOTENCY_PENDING_SECONDS`` is taken as abandoned, and the
 next request with the key deletes it and takes the key (the delete and the
@@ -21,6 +24,7 @@ insert go through the unique constraint, so of two such retries one runs).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -29,11 +33,18 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from api.errors import ApiError
+from api.errors import ApiError, error_body
 from api.models import IdempotencyRecord
+from batching.engine import run_log_of
+
+logger = logging.getLogger(__name__)
 
 KEY_REUSED = "this Idempotency-Key was already used with a different request"
 KEY_IN_PROGRESS = "a request with this Idempotency-Key is still running; retry later"
+FAILED_AFTER_COMMIT = (
+    "batch run #{log_id} failed after committing {rows} of its rows ({written} written); "
+    "they stay committed, so do not send this batch again: {error}"
+)
 
 
 def replay_or_run(
@@ -54,12 +65,35 @@ def replay_or_run(
             raise ApiError(409, KEY_IN_PROGRESS)
     try:
         status, answer = run()
-    except BaseException:
-        record.delete()
-        raise
+    except BaseException as exc:
+        log = run_log_of(exc)
+        if log is None or not log.checkpoint_position:
+            record.delete()
+            raise
+        status, answer = 500, failed_after_commit(log)
+        _answer(record, status, answer)
+        if not isinstance(exc, Exception):  # an interrupt goes on up, its answer kept
+            raise
+        logger.exception("batch run #%s failed after committing rows", log.pk)
+        return status, answer
+    _answer(record, status, answer)
+    return status, answer
+
+
+def _answer(record: IdempotencyRecord, status: int, answer: dict[str, Any]) -> None:
     # An UPDATE of no row if the record was taken for abandoned meanwhile.
     IdempotencyRecord.objects.filter(pk=record.pk).update(status_code=status, response=answer)
-    return status, answer
+
+
+def failed_after_commit(log: Any) -> dict[str, Any]:
+    """The answer kept for a run that raised after some of its chunks committed."""
+    message = FAILED_AFTER_COMMIT.format(
+        log_id=log.pk,
+        rows=log.checkpoint_position,
+        written=log.rows_written,
+        error=log.error_summary,
+    )
+    return {**error_body(message), "log_id": log.pk}
 
 
 def _reserve(user: Any, key: str, request_hash: str) -> IdempotencyRecord | None:

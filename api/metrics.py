@@ -79,6 +79,7 @@ class BatchCollector(Collector):
                 ),
                 rolled_back=Sum("chunks_rolled_back"),
                 retried=Sum("chunks_retried"),
+                after_commit_failures=Sum("after_commit_failures"),
                 finished_runs=Count("id", filter=finished),
                 duration_sum=Sum("duration_seconds", filter=finished),
                 last_success=Max("finished_at", filter=Q(status__in=SUCCEEDED)),
@@ -106,6 +107,12 @@ class BatchCollector(Collector):
             "Chunks retried after a transient failure.",
             labels=["operation", "variant"],
         )
+        after_commit_failures = CounterMetricFamily(
+            "shop_batch_after_commit_failures",
+            "Side effects of committed chunks (cache invalidation) that failed; "
+            "the chunks stayed committed.",
+            labels=["operation", "variant"],
+        )
         duration = HistogramMetricFamily(
             "shop_batch_run_duration_seconds",
             "Duration of finished batch runs.",
@@ -130,6 +137,7 @@ class BatchCollector(Collector):
                 "failed",
                 "rolled_back",
                 "retried",
+                "after_commit_failures",
                 "finished_runs",
                 "duration_sum",
                 *buckets,
@@ -143,6 +151,7 @@ class BatchCollector(Collector):
                 rows.add_metric([operation, variant, outcome], totals[outcome])
             rolled_back.add_metric([operation, variant], totals["rolled_back"])
             retried.add_metric([operation, variant], totals["retried"])
+            after_commit_failures.add_metric([operation, variant], totals["after_commit_failures"])
             cumulative = [
                 (str(bound), totals[_bucket_name(i)]) for i, bound in enumerate(DURATION_BUCKETS)
             ]
@@ -150,7 +159,7 @@ class BatchCollector(Collector):
             duration.add_metric([operation, variant], cumulative, totals["duration_sum"])
         for operation, stamp in sorted(latest.items()):
             last_success.add_metric([operation], stamp)
-        yield from (runs, rows, rolled_back, retried, duration, last_success)
+        yield from (runs, rows, rolled_back, retried, after_commit_failures, duration, last_success)
 
     def _jobs(self) -> Metric:
         jobs = GaugeMetricFamily(

@@ -76,8 +76,13 @@ class JobAcceptedOut(JobOut):
     status_url: str
 
 
+class FailedAfterCommitOut(ErrorOut):
+    log_id: int = Field(description="the batch run whose committed chunks stay")
+
+
 ERRORS = {code: ErrorOut for code in (400, 401, 403, 404, 409, 413, 503)}
-BATCH_RESPONSES = {200: BatchResultOut, 202: JobAcceptedOut, **ERRORS}
+# 500: a run that raised after committing some chunks (kept for its Idempotency-Key).
+BATCH_RESPONSES = {200: BatchResultOut, 202: JobAcceptedOut, 500: FailedAfterCommitOut, **ERRORS}
 
 
 def rows_body(description: str, example: list[dict[str, Any]]) -> dict[str, Any]:

@@ -47,7 +47,20 @@ with its input.
 
 The log row is created before the first chunk and finished after the last one,
 outside any chunk transaction: a failing chunk cannot roll back the trace of
-its own failure.
+its own failure. Its counters, errors and checkpoint are only ever those of
+committed chunks: a run that fails midway is finished with the figures its
+last checkpoint wrote, never with the rows it read but did not commit.
+
+Side effects of a committed chunk (``committed``: cache invalidation) run
+after its COMMIT and can never fail the run: an error there is logged and
+counted on the log row (``after_commit_failures``), and the chunk stays
+committed. A stale cache entry it leaves behind lives at most
+``CACHE_TIMEOUT``.
+
+A run that raises (an unexpected error, an interrupt) hands its log row to
+the caller on the exception (``run_log_of``), so a caller that must not run
+the same input twice (an idempotent API request, a confirmed import) can tell
+whether anything was committed.
 """
 
 from __future__ import annotations
@@ -94,6 +107,22 @@ TRANSIENT_SQLSTATES = frozenset(
         "08006",  # connection_failure
     }
 )
+
+# What the end of a run writes on its log row; the figures of the committed
+# work (rows, errors, checkpoint) are written by each chunk's checkpoint.
+ENDING_FIELDS = [
+    "status",
+    "error_summary",
+    "finished_at",
+    "heartbeat_at",
+    "duration_seconds",
+    "rows_per_second",
+    "query_count",
+    "chunks_rolled_back",
+    "chunks_retried",
+    "chunks_rerun",
+    "after_commit_failures",
+]
 
 DUPLICATE_IN_INPUT = "duplicate {field} in this input (first seen at row {first})"
 RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {error}"
@@ -491,7 +520,8 @@ class BatchRun:
         self.counter = QueryCounter()
         self.errors: list[RowError] = []
         self.totals = ChunkOutcome()
-        self.read = 0
+        # How many of ``errors`` belong to committed chunks (the rest may be rolled back).
+        self.committed_errors = 0
         self.seen: dict[Hashable, int] = {}
         self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
         # The run's input, and its next chunk while it is read ahead.
@@ -537,16 +567,19 @@ class BatchRun:
                 logger.warning("batch run #%s failed: %s", log.pk, exc)
             except BaseException as exc:
                 self._finish_log(log, started, failure=exc)
+                exc.batch_log = log  # type: ignore[attr-defined]  # see run_log_of
                 raise
             self._finish_log(log, started, failure=failure)
+        # The committed figures: after a failure, the rows of the chunk that
+        # failed are neither read nor skipped (a resume reads them again).
         return BatchResult(
             log=log,
-            read=self.read,
-            written=self.totals.written,
-            created=self.totals.created,
-            updated=self.totals.updated,
-            skipped=self._resumed_skipped + len(self.errors),
-            errors=self.errors,
+            read=log.rows_read,
+            written=log.rows_written,
+            created=log.rows_created,
+            updated=log.rows_updated,
+            skipped=log.rows_skipped,
+            errors=self.errors[: self.committed_errors],
             query_count=self.counter.count,
             duration=log.duration_seconds or 0.0,
         )
@@ -583,14 +616,12 @@ class BatchRun:
                         stream = ChunkStream(self, start, chunk)
                         committed = self._commit_stream(log, stream)
                         position = stream.end
-                        self.read += position - start
                         if not committed:
                             # The database refused the trusting attempt: the checked write.
                             self._write_chunk(log, stream.prepared, start=start, end=position)
                         continue
                     rows_of_chunk = list(chunk)
                 position += len(rows_of_chunk)
-                self.read += len(rows_of_chunk)
                 prepared = self._prepare_chunk(
                     start, rows_of_chunk, errors=self.errors, prepare=prepare
                 )
@@ -767,22 +798,44 @@ class BatchRun:
             if self.op.keys_in_database:
                 self._name_first_rows()
             if rows:
-                transaction.on_commit(partial(self.op.committed, rows), using=self.op.using)
+                transaction.on_commit(partial(self._after_commit, log, rows), using=self.op.using)
             totals = ChunkOutcome(
                 written=self.totals.written + outcome.written,
                 created=self.totals.created + outcome.created,
                 updated=self.totals.updated + outcome.updated,
             )
             errors = self.errors + outcome.errors
-            self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
+            if not final:
+                # A piece of a split chunk: the rows after it are not committed yet.
+                errors = [error for error in errors if error.index < checkpoint]
+            saved = self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
             if final and self.read_ahead is None:
                 # All that is left of the chunk is its commit: read the next meanwhile.
                 self.read_ahead = ReadAhead(self.input, self.op.prepare, self.chunk_size)
         # Only now, after the commit, does the run own what the chunk did.
         self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
         self.errors.extend(outcome.errors)
-        log.checkpoint_position = checkpoint
-        log.chunks_committed += int(final)
+        self.committed_errors = len(errors)
+        for name, value in saved.items():
+            setattr(log, name, value)
+
+    def _after_commit(self, log: BatchProcessingLog, rows: list[Prepared]) -> None:
+        """The operation's side effects of a committed chunk; they never fail the run.
+
+        The chunk is committed whatever happens here: an error (a cache that
+        is down) is logged and counted on the log row, saved with the next
+        checkpoint or the end of the run.
+        """
+        try:
+            self.op.committed(rows)
+        except Exception:
+            log.after_commit_failures += 1
+            logger.exception(
+                "batch run #%s: a side effect after the commit of rows %s-%s failed",
+                log.pk,
+                rows[0].index,
+                rows[-1].index,
+            )
 
     def _name_first_rows(self) -> None:
         """Make a repeat within the chunk name its key's first row in the whole run.
@@ -806,7 +859,6 @@ class BatchRun:
         worker = worker_name()
         if self.resume_log is not None:
             log = self.resume_log
-            self.read = log.checkpoint_position
             self.totals = ChunkOutcome(log.rows_written, log.rows_created, log.rows_updated)
             self._resumed_skipped = log.rows_skipped
             # Cost and time of the earlier attempts, as their checkpoints left them.
@@ -849,37 +901,43 @@ class BatchRun:
         checkpoint: int,
         *,
         committed: int,
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Record the chunk's checkpoint and the run's figures in its transaction.
+
+        Returns the figures that describe committed work, which the log
+        object takes once the transaction has committed.
+        """
+        figures = {
+            "checkpoint_position": checkpoint,
+            "rows_read": checkpoint,
+            "rows_written": totals.written,
+            "rows_created": totals.created,
+            "rows_updated": totals.updated,
+            "rows_skipped": self._resumed_skipped + len(errors),
+            "row_errors": self._capped_errors(log, errors),
+            "chunks_committed": log.chunks_committed + committed,
+        }
         BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk).update(
-            checkpoint_position=checkpoint,
-            rows_read=checkpoint,
-            rows_written=totals.written,
-            rows_created=totals.created,
-            rows_updated=totals.updated,
-            rows_skipped=self._resumed_skipped + len(errors),
-            row_errors=self._capped_errors(log, errors),
-            chunks_committed=log.chunks_committed + committed,
+            **figures,
             chunks_rolled_back=log.chunks_rolled_back,
             chunks_retried=log.chunks_retried,
             chunks_rerun=log.chunks_rerun,
+            after_commit_failures=log.after_commit_failures,
             # So far, this checkpoint's own UPDATE included: a killed run's
             # cost and time still count when it is resumed.
             query_count=self._earlier_queries + self.counter.count + 1,
             duration_seconds=self._earlier_duration + (time.perf_counter() - self.started),
             heartbeat_at=timezone.now(),
         )
+        return figures
 
     def _finish_log(
         self, log: BatchProcessingLog, started: float, *, failure: BaseException | None
     ) -> None:
+        # The row's figures are those its last checkpoint committed (see
+        # _commit); only how the run ended is added here.
         finished = timezone.now()
         elapsed = time.perf_counter() - started
-        log.rows_read = self.read
-        log.rows_written = self.totals.written
-        log.rows_created = self.totals.created
-        log.rows_updated = self.totals.updated
-        log.rows_skipped = self._resumed_skipped + len(self.errors)
-        log.row_errors = self._capped_errors(log, self.errors)
         log.finished_at = finished
         log.heartbeat_at = finished
         # A resumed run's duration adds this attempt to the earlier ones.
@@ -893,7 +951,7 @@ class BatchRun:
             log.error_summary = f"{type(failure).__name__}: {failure}"[:2000]
         elif log.rows_skipped:
             log.status = BatchProcessingLog.Status.PARTIAL
-            log.error_summary = summarize(self.errors)
+            log.error_summary = summarize(self.errors[: self.committed_errors])
         else:
             log.status = BatchProcessingLog.Status.COMPLETED
             log.error_summary = ""
@@ -904,11 +962,21 @@ class BatchRun:
             # log with it, so nothing more can be written through it here.
             return
         try:
-            log.save(using=self.op.using)
+            # Not the figures: the checkpoints wrote them with the chunks.
+            log.save(using=self.op.using, update_fields=ENDING_FIELDS)
         except Error:
             # The database is unreachable: the run's outcome cannot be stored,
             # but must not hide the failure that brought us here.
             logger.exception("could not record the end of batch run #%s", log.pk)
+
+
+def run_log_of(exc: BaseException) -> BatchProcessingLog | None:
+    """The log row of the batch run that ``exc`` ended, if a run raised it.
+
+    Its figures are those of the committed chunks: ``checkpoint_position``
+    beyond where the run started means some of its input is in the database.
+    """
+    return getattr(exc, "batch_log", None)
 
 
 def worker_name() -> str:

@@ -44,6 +44,9 @@ class BatchProcessingLog(models.Model):
     # Re-runs of the halves of a rolled-back chunk while isolating bad rows.
     chunks_rerun = models.PositiveIntegerField(default=0)
     query_count = models.PositiveBigIntegerField(default=0)
+    # Side effects of committed chunks (cache invalidation) that failed: logged
+    # and counted, never allowed to fail the run (the chunks stay committed).
+    after_commit_failures = models.PositiveIntegerField(default=0)
 
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -86,7 +86,9 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
         )
         if partitions:
             ids = [partition.pk for partition in partitions]
-            transaction.on_commit(lambda: _enqueue(job.pk, ids))
+            # robust: a queue that refuses the job cannot undo its commit (logged;
+            # /health then reports the queued work no worker took).
+            transaction.on_commit(lambda: _enqueue(job.pk, ids), robust=True)
     return job
 
 

@@ -302,7 +302,7 @@ def requeue(partition_id: int, attempts: int, log_id: int | None, reason: str) -
         BatchProcessingLog.objects.filter(pk=log_id, status=LogStatus.RUNNING).update(
             status=LogStatus.INTERRUPTED, error_summary=reason
         )
-        transaction.on_commit(partial(enqueue_partition, partition_id))
+        transaction.on_commit(partial(enqueue_partition, partition_id), robust=True)
     return True
 
 

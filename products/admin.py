@@ -58,7 +58,7 @@ class CategoryAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Category, form, change: bool) -> None:
         super().save_model(request, obj, form, change)
         # Cards show the category's name; a rename retires them all, once committed.
-        transaction.on_commit(cache.invalidate_catalogue)
+        transaction.on_commit(cache.invalidate_catalogue, robust=True)
 
 
 # What each kind of import writes, as the permissions it needs.
@@ -100,17 +100,17 @@ class ProductAdmin(admin.ModelAdmin):
     # A product saved or deleted here drops its cached card once committed.
     def save_model(self, request: HttpRequest, obj: Product, form, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        transaction.on_commit(partial(cache.invalidate_products, [obj.pk]))
+        transaction.on_commit(partial(cache.invalidate_products, [obj.pk]), robust=True)
 
     def delete_model(self, request: HttpRequest, obj: Product) -> None:
         pk = obj.pk
         super().delete_model(request, obj)
-        transaction.on_commit(partial(cache.invalidate_products, [pk]))
+        transaction.on_commit(partial(cache.invalidate_products, [pk]), robust=True)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Product]) -> None:
         ids = list(queryset.values_list("pk", flat=True))
         super().delete_queryset(request, queryset)
-        transaction.on_commit(partial(cache.invalidate_products, ids))
+        transaction.on_commit(partial(cache.invalidate_products, ids), robust=True)
 
     # -- CSV / JSON Lines imports ---------------------------------------------------
 

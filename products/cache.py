@@ -28,6 +28,17 @@ The admin drops the card of a product it saves or deletes. A reader that
 misses, reads the old row and stores it just after a writer's invalidation can
 still leave a stale entry behind; ``CACHE_TIMEOUT`` bounds how long it lives.
 
+A cache that is down
+--------------------
+The cache is never the record. Reads that cannot reach it are misses: the
+rows come from the database and are not stored (the page costs its one query).
+An invalidation that cannot reach it raises to its caller, which runs it
+after the COMMIT and only logs and counts the failure (the engine's
+``after_commit_failures``, the admin's robust ``on_commit``): the write stays
+committed, and the stale entries it could not drop expire within
+``CACHE_TIMEOUT`` like any other (every card and recommendation is stored with
+that timeout).
+
 Recommendations are cached as (product id, algorithm, score) only, never with
 product data: a price change then touches one card, not every user who was
 recommended the product. Callers join them to ``get_product_cards``.
@@ -35,8 +46,9 @@ recommended the product. Callers join them to ``get_product_cards``.
 
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -51,6 +63,8 @@ CARD_PREFIX = "product-card:v1:"
 GENERATION_KEY = "product-card:v1:generation"
 RECOMMENDATIONS_PREFIX = "recommendations:v1:"
 LIMIT_TOO_LARGE = "limit must be between 1 and {maximum} (settings.CACHE_RECOMMENDATIONS)"
+
+logger = logging.getLogger(__name__)
 
 Card = dict[str, Any]
 Recommendation = dict[str, Any]
@@ -83,6 +97,15 @@ def card_rows(queryset: QuerySet[Product]) -> Iterator[Card]:
             "is_active": is_active,
             "view_count": view_count,
         }
+
+
+def quietly(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)`` for a read path: None, logged, when the cache cannot be reached."""
+    try:
+        return call(*args)
+    except Exception:
+        logger.warning("cache unreachable in %s: serving from the database", call.__name__)
+        return None
 
 
 def new_generation() -> str:
@@ -119,13 +142,17 @@ def get_product_cards(ids: Iterable[int]) -> dict[int, Card]:
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
-    found = cache.get_many([GENERATION_KEY, *(card_key(pk) for pk in wanted)])
-    generation = found.pop(GENERATION_KEY, None) or new_generation()
-    cards = {card["id"]: card for stored_in, card in found.values() if stored_in == generation}
+    found = quietly(cache.get_many, [GENERATION_KEY, *(card_key(pk) for pk in wanted)])
+    cards: dict[int, Card] = {}
+    generation = None
+    if found is not None:
+        generation = found.pop(GENERATION_KEY, None) or quietly(new_generation)
+        cards = {card["id"]: card for stored_in, card in found.values() if stored_in == generation}
     misses = [pk for pk in wanted if pk not in cards]
     if misses:
         loaded = list(card_rows(Product.objects.filter(pk__in=misses).order_by()))
-        store_cards(loaded, generation)
+        if generation is not None:
+            quietly(store_cards, loaded, generation)
         cards.update((card["id"], card) for card in loaded)
     return {pk: cards[pk] for pk in wanted if pk in cards}
 
@@ -204,11 +231,13 @@ def get_top_recommendations(
     if not wanted:
         return {}
     keys = {recommendations_key(pk): pk for pk in wanted}
-    found = {keys[key]: items for key, items in cache.get_many(list(keys)).items()}
+    cached = quietly(cache.get_many, list(keys))
+    found = {keys[key]: items for key, items in (cached or {}).items()}
     misses = [pk for pk in wanted if pk not in found]
     if misses:
         loaded = load_recommendations(misses)
-        store_recommendations(loaded)
+        if cached is not None:
+            quietly(store_recommendations, loaded)
         found.update(loaded)
     return {pk: found[pk][:limit] for pk in wanted}
 

@@ -16,13 +16,17 @@ A confirmed import runs ``OptimizedBulkOperationsService`` in the request up
 to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
 (``jobs.services.submit_job``) beyond that. Confirming first claims the upload
 by creating ``<token>.claim`` exclusively, so of two confirms of one token
-(a double click, two tabs) only one runs.
+(a double click, two tabs) only one runs. The claim is released when a run
+fails before committing anything, so the import can be confirmed again; once
+any chunk is committed it is kept, and the page shows what the run's log says
+(a second confirm would import the committed rows twice).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import secrets
@@ -38,13 +42,16 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.http import Http404
 
-from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid
+from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid, run_log_of
+from batching.models import BatchProcessingLog
 from products.models import Product
 from products.readers import BadLine, ReaderError, RowStream, detect_format
 from products.services import OptimizedBulkOperationsService
 from products.services import rows as r
 from products.services.base import reference_error
 from products.services.optimized import existing_product_ids, existing_user_ids
+
+logger = logging.getLogger(__name__)
 
 PRODUCTS = "products"
 PRODUCT_VIEWS = "product_views"
@@ -293,13 +300,22 @@ def run(staged: Staged, user: Any) -> None:
                 result = method(stream)
                 staged.result = result_of(result, stream.line_of)
             staged.state = DONE
-    except BaseException:
-        # The run did not start (or the service itself failed: its log says
-        # what it committed): back to the preview, which can be confirmed again.
-        staged.state = PREVIEW
+    except BaseException as exc:
+        log = run_log_of(exc)
+        if log is None or not log.checkpoint_position:
+            # Nothing was committed: back to the preview, which can be confirmed again.
+            staged.state = PREVIEW
+            staged.save()
+            staged.claim_path.unlink(missing_ok=True)
+            raise
+        # Rows were committed: the claim stays, and the page shows the run's log.
+        staged.result = logged_result(log)
+        staged.state = DONE
         staged.save()
-        staged.claim_path.unlink(missing_ok=True)
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        logger.exception("import %s failed after committing rows (run #%s)", staged.token, log.pk)
+        return
     staged.save()
 
 
@@ -317,6 +333,21 @@ def result_of(result: BatchResult, line_of: Callable[[int], int]) -> dict[str, A
             for error in errors[:RESULT_ERRORS]
         ],
         "more_errors": max(len(errors) - RESULT_ERRORS, 0),
+    }
+
+
+def logged_result(log: BatchProcessingLog) -> dict[str, Any]:
+    """The result of a run that raised, as its log row recorded the committed chunks."""
+    return {
+        "status": log.status,
+        "read": log.rows_read,
+        "created": log.rows_created,
+        "updated": log.rows_updated,
+        "skipped": log.rows_skipped,
+        "log_ids": [log.pk],
+        "detail": log.error_summary,
+        "errors": [],
+        "more_errors": log.rows_skipped,
     }
 
 
