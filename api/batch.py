@@ -11,8 +11,9 @@ What the API checks and what it leaves to the services:
   messages of ``products.services.rows``. A row that fails there is reported
   in the 200 result by index and field, and the good rows are written.
 
-Up to ``API_SYNC_MAX_ROWS`` rows run at once; more, or ``?background=1``,
-become a background job (202 with its status URL).
+Up to ``API_SYNC_MAX_ROWS`` rows run at once (an order counts its lines, as
+it does in a chunk); more, or ``?background=1``, become a background job (202
+with its status URL).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from api.idempotency import replay_or_run
 from batching.models import BatchProcessingLog
 from jobs.services import submit_job
 from products.services import OptimizedBulkOperationsService
-from products.services.rows import NOT_AN_OBJECT
+from products.services.rows import NOT_AN_OBJECT, order_lines
 
 Operation = BatchProcessingLog.Operation
 
@@ -199,7 +200,8 @@ def run_rows(
     if len(rows) > settings.API_MAX_ROWS:
         message = TOO_MANY_ROWS.format(count=len(rows), limit=settings.API_MAX_ROWS)
         raise ApiError(413, message)
-    later = background or len(rows) > settings.API_SYNC_MAX_ROWS
+    weight = sum(map(order_lines, rows)) if operation == Operation.ORDERS else len(rows)
+    later = background or weight > settings.API_SYNC_MAX_ROWS
     if later:
         check_storable(body, rows)
 

@@ -21,8 +21,9 @@ Background = Annotated[
     bool,
     Query(
         description=(
-            "Up to API_SYNC_MAX_ROWS rows run at once and answer 200 with the result; "
-            "more rows, or background=true, answer 202 with a job and its status URL."
+            "Up to API_SYNC_MAX_ROWS rows (order lines, for orders) run at once and answer "
+            "200 with the result; more rows, or background=true, answer 202 with a job and "
+            "its status URL."
         )
     ),
 ]

@@ -75,7 +75,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, islice
+from itertools import islice
 from typing import Any, ClassVar
 
 from django.conf import settings
@@ -92,6 +92,7 @@ from django.db import (
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
+from batching.postgres import begin_chunk, is_postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,15 @@ class RowInvalid(Exception):
         self.field = field
         self.message = message
         self.code = code
+
+
+class ChunkConflict(Exception):
+    """A chunk's write found its decisions overtaken by a concurrent writer.
+
+    Raised by ``write`` (inside the chunk's transaction, which then rolls
+    back); the engine retries the chunk like a transient failure, with
+    backoff, and the operation decides afresh.
+    """
 
 
 class ResumeError(ValueError):
@@ -251,9 +261,6 @@ class BatchOperation(ABC):
     # ``log_id``): the engine then compares keys within a chunk only and
     # remembers none across chunks, so its memory stays flat at any size.
     keys_in_database: ClassVar[bool] = False
-    # The setting that holds its default chunk on PostgreSQL's fast paths
-    # (``batching.postgres.pg_chunk_size``).
-    pg_chunk_setting: ClassVar[str] = "BULK_PG_CHUNK_SIZE"
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
@@ -264,6 +271,10 @@ class BatchOperation(ABC):
 
     @abstractmethod
     def prepare(self, raw: Any) -> Any: ...
+
+    def weight(self, raw: Any) -> int:
+        """How much of a chunk's ``chunk_size`` one raw row takes: 1, or an order's lines."""
+        return 1
 
     def key(self, item: Any) -> Hashable | None:
         return None
@@ -364,8 +375,8 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Deadlocks, serialization failures, lost connections, a locked SQLite file."""
-    if sqlstate_of(exc) in TRANSIENT_SQLSTATES:
+    """Deadlocks, serialization failures, lost connections, a locked SQLite file, conflicts."""
+    if isinstance(exc, ChunkConflict) or sqlstate_of(exc) in TRANSIENT_SQLSTATES:
         return True
     if isinstance(exc, InterfaceError):
         return True  # the connection is gone: a new one may work
@@ -404,11 +415,50 @@ def chunked(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+def one_chunk(rows: Iterator[Any], size: int, weight: Callable[[Any], int]) -> Iterator[Any]:
+    """The next rows of ``rows`` until their weights reach ``size``; reads no row beyond."""
+    total = 0
+    for raw in rows:
+        yield raw
+        total += weight(raw)
+        if total >= size:
+            return
+
+
+class Lookahead:
+    """The run's input, which can tell whether another row follows by reading it ahead.
+
+    An error the input raises while a row is read ahead is raised by the
+    next ``next()``, where the run would have met it anyway.
+    """
+
+    def __init__(self, rows: Iterator[Any]) -> None:
+        self.rows = rows
+        self.ahead: list[Any] = []
+        self.failure: Exception | None = None
+
+    def __iter__(self) -> Lookahead:
+        return self
+
+    def __next__(self) -> Any:
+        if self.ahead:
+            return self.ahead.pop()
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        return next(self.rows)
+
+    def exhausted(self) -> bool:
+        if not self.ahead and self.failure is None:
+            try:
+                self.ahead.extend(islice(self.rows, 1))
+            except Exception as exc:
+                self.failure = exc
+        return not self.ahead and self.failure is None
+
+
 class TransientFailure(Exception):
     """A chunk still failed transiently after every retry."""
-
-
-_END = object()
 
 
 class ChunkStream:
@@ -464,19 +514,19 @@ class ReadAhead:
     which takes each parsed row (an item or its ``RowInvalid``) in order.
     """
 
-    def __init__(self, rows: Iterator[Any], prepare: Callable[[Any], Any], size: int) -> None:
+    def __init__(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
         self.parsed: list[Any] = []
         self.failure: BaseException | None = None
         self.stopped = False
         self.thread = threading.Thread(
-            target=self._read, args=(rows, prepare, size), name="batch-read-ahead", daemon=True
+            target=self._read, args=(chunk, prepare), name="batch-read-ahead", daemon=True
         )
         self.thread.start()
 
-    def _read(self, rows: Iterator[Any], prepare: Callable[[Any], Any], size: int) -> None:
+    def _read(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
         append = self.parsed.append
         try:
-            for raw in islice(rows, size):
+            for raw in chunk:
                 if self.stopped:
                     return
                 try:
@@ -525,8 +575,10 @@ class BatchRun:
         self.seen: dict[Hashable, int] = {}
         self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
         # The run's input, and its next chunk while it is read ahead.
-        self.input: Iterator[Any] = iter(())
+        self.input = Lookahead(iter(()))
         self.read_ahead: ReadAhead | None = None
+        # The last chunk's checkpoint also finished the log row.
+        self.finished = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -580,9 +632,17 @@ class BatchRun:
             updated=log.rows_updated,
             skipped=log.rows_skipped,
             errors=self.errors[: self.committed_errors],
-            query_count=self.counter.count,
+            # As the log recorded it: a caller's transaction's RELEASE of the
+            # last chunk's savepoint is not the run's.
+            query_count=log.query_count - self._earlier_queries,
             duration=log.duration_seconds or 0.0,
         )
+
+    def _chunk_of(self, rows: Iterator[Any]) -> Iterator[Any]:
+        """The next chunk's raw rows, read lazily: ``chunk_size`` rows, or weight."""
+        if type(self.op).weight is BatchOperation.weight:
+            return islice(rows, self.chunk_size)
+        return one_chunk(rows, self.chunk_size, self.op.weight)
 
     def _run_chunks(self, log: BatchProcessingLog, rows: Iterator[Any]) -> None:
         position = 0
@@ -595,7 +655,7 @@ class BatchRun:
             for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
                 self._prepare_chunk(position, chunk, errors=[])
                 position += len(chunk)
-        self.input = rows
+        rows = self.input = Lookahead(rows)
         streams = self.op.streams()
         try:
             while True:
@@ -608,10 +668,9 @@ class BatchRun:
                     if not rows_of_chunk:
                         return
                 else:
-                    first_row = next(rows, _END)
-                    if first_row is _END:
+                    if rows.exhausted():
                         return
-                    chunk = chain((first_row,), islice(rows, self.chunk_size - 1))
+                    chunk = self._chunk_of(rows)
                     if streams:
                         stream = ChunkStream(self, start, chunk)
                         committed = self._commit_stream(log, stream)
@@ -760,7 +819,7 @@ class BatchRun:
                 return
             except (IntegrityError, DataError):
                 raise
-            except (DatabaseError, InterfaceError) as exc:
+            except (DatabaseError, InterfaceError, ChunkConflict) as exc:
                 # InterfaceError (the connection is gone) is not a DatabaseError.
                 if not is_transient(exc):
                     raise
@@ -788,7 +847,45 @@ class BatchRun:
         final: bool,
         stream: ChunkStream | None = None,
     ) -> None:
+        creates_log = log.pk is None
+        failures = log.after_commit_failures
+        try:
+            saved, outcome, errors = self._commit_chunk(
+                log, rows, checkpoint=checkpoint, final=final, stream=stream
+            )
+        except BaseException:
+            if creates_log:  # its INSERT was rolled back with the chunk
+                log.pk = self.op.log_id = None
+                log._state.adding = True
+            raise
+        # Only now, after the commit, does the run own what the chunk did.
+        self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
+        self.errors.extend(outcome.errors)
+        self.committed_errors = len(errors)
+        for name, value in saved.items():
+            setattr(log, name, value)
+        self.finished = "status" in saved
+        if self.finished and log.after_commit_failures != failures:
+            # The run's last side effects failed after its final checkpoint: one more UPDATE.
+            self._save_quietly(log, ["after_commit_failures"])
+
+    def _commit_chunk(
+        self,
+        log: BatchProcessingLog,
+        rows: list[Prepared],
+        *,
+        checkpoint: int,
+        final: bool,
+        stream: ChunkStream | None,
+    ) -> tuple[dict[str, Any], ChunkOutcome, list[RowError]]:
+        """One chunk's transaction; see the module docstring for its lock timeline."""
         with transaction.atomic(using=self.op.using):
+            if is_postgresql(self.op.using):
+                begin_chunk(self.op.using)
+            if log.pk is None:
+                # A new run's row is created by its first chunk: one commit less.
+                log.save(using=self.op.using)
+                self.op.log_id = log.pk
             if stream is not None:
                 outcome = self.op.write_stream(iter(stream))
                 stream.drain()
@@ -808,16 +905,15 @@ class BatchRun:
             if not final:
                 # A piece of a split chunk: the rows after it are not committed yet.
                 errors = [error for error in errors if error.index < checkpoint]
-            saved = self._save_checkpoint(log, totals, errors, checkpoint, committed=int(final))
-            if final and self.read_ahead is None:
+            # The last chunk's checkpoint also finishes the run: one commit less.
+            last = final and self.input.exhausted()
+            saved = self._save_checkpoint(
+                log, totals, errors, checkpoint, committed=int(final), last=last
+            )
+            if final and not last and self.read_ahead is None:
                 # All that is left of the chunk is its commit: read the next meanwhile.
-                self.read_ahead = ReadAhead(self.input, self.op.prepare, self.chunk_size)
-        # Only now, after the commit, does the run own what the chunk did.
-        self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
-        self.errors.extend(outcome.errors)
-        self.committed_errors = len(errors)
-        for name, value in saved.items():
-            setattr(log, name, value)
+                self.read_ahead = ReadAhead(self._chunk_of(self.input), self.op.prepare)
+        return saved, outcome, errors
 
     def _after_commit(self, log: BatchProcessingLog, rows: list[Prepared]) -> None:
         """The operation's side effects of a committed chunk; they never fail the run.
@@ -876,7 +972,9 @@ class BatchRun:
         self._resumed_skipped = 0
         self._earlier_queries = 0
         self._earlier_duration = 0.0
-        return BatchProcessingLog.objects.using(self.op.using).create(
+        # Saved by the first chunk's transaction, or by the end of a run that
+        # commits none (see _commit_chunk).
+        return BatchProcessingLog(
             operation=self.op.operation,
             variant=self.op.variant,
             chunk_size=self.chunk_size,
@@ -901,11 +999,13 @@ class BatchRun:
         checkpoint: int,
         *,
         committed: int,
+        last: bool,
     ) -> dict[str, Any]:
         """Record the chunk's checkpoint and the run's figures in its transaction.
 
         Returns the figures that describe committed work, which the log
-        object takes once the transaction has committed.
+        object takes once the transaction has committed; for the ``last``
+        chunk of the input, also how the run ended.
         """
         figures = {
             "checkpoint_position": checkpoint,
@@ -917,53 +1017,81 @@ class BatchRun:
             "row_errors": self._capped_errors(log, errors),
             "chunks_committed": log.chunks_committed + committed,
         }
-        BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk).update(
-            **figures,
-            chunks_rolled_back=log.chunks_rolled_back,
-            chunks_retried=log.chunks_retried,
-            chunks_rerun=log.chunks_rerun,
-            after_commit_failures=log.after_commit_failures,
+        if last:
+            figures.update(self._ending(figures, errors, failure=None))
+        progress = {
+            "chunks_rolled_back": log.chunks_rolled_back,
+            "chunks_retried": log.chunks_retried,
+            "chunks_rerun": log.chunks_rerun,
+            "after_commit_failures": log.after_commit_failures,
             # So far, this checkpoint's own UPDATE included: a killed run's
             # cost and time still count when it is resumed.
-            query_count=self._earlier_queries + self.counter.count + 1,
-            duration_seconds=self._earlier_duration + (time.perf_counter() - self.started),
-            heartbeat_at=timezone.now(),
+            "query_count": self._earlier_queries + self.counter.count + 1,
+            "duration_seconds": self._earlier_duration + (time.perf_counter() - self.started),
+            "heartbeat_at": timezone.now(),
+        }
+        BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk).update(
+            **(progress | figures)
         )
-        return figures
+        # Not the chunk counters: the log object holds them, and a side effect
+        # after this COMMIT may still count its failure there.
+        return {name: progress[name] for name in ("query_count", "duration_seconds")} | figures
+
+    def _ending(
+        self, figures: Mapping[str, Any], errors: list[RowError], *, failure: BaseException | None
+    ) -> dict[str, Any]:
+        """How the run ended: its status, summary, end time and speed."""
+        finished = timezone.now()
+        duration = self._earlier_duration + (time.perf_counter() - self.started)
+        if isinstance(failure, KeyboardInterrupt | SystemExit):
+            status = BatchProcessingLog.Status.INTERRUPTED
+            summary = f"interrupted by {type(failure).__name__}; resume with its id"
+        elif failure is not None:
+            status = BatchProcessingLog.Status.FAILED
+            summary = f"{type(failure).__name__}: {failure}"[:2000]
+        elif figures["rows_skipped"]:
+            status = BatchProcessingLog.Status.PARTIAL
+            summary = summarize(errors)
+        else:
+            status = BatchProcessingLog.Status.COMPLETED
+            summary = ""
+        return {
+            "status": status,
+            "error_summary": summary,
+            "finished_at": finished,
+            "heartbeat_at": finished,
+            "duration_seconds": duration,
+            "rows_per_second": figures["rows_read"] / duration if duration else None,
+        }
 
     def _finish_log(
         self, log: BatchProcessingLog, started: float, *, failure: BaseException | None
     ) -> None:
-        # The row's figures are those its last checkpoint committed (see
-        # _commit); only how the run ended is added here.
-        finished = timezone.now()
-        elapsed = time.perf_counter() - started
-        log.finished_at = finished
-        log.heartbeat_at = finished
-        # A resumed run's duration adds this attempt to the earlier ones.
-        log.duration_seconds = self._earlier_duration + elapsed
-        log.rows_per_second = log.rows_read / log.duration_seconds if log.duration_seconds else None
-        if isinstance(failure, KeyboardInterrupt | SystemExit):
-            log.status = BatchProcessingLog.Status.INTERRUPTED
-            log.error_summary = f"interrupted by {type(failure).__name__}; resume with its id"
-        elif failure is not None:
-            log.status = BatchProcessingLog.Status.FAILED
-            log.error_summary = f"{type(failure).__name__}: {failure}"[:2000]
-        elif log.rows_skipped:
-            log.status = BatchProcessingLog.Status.PARTIAL
-            log.error_summary = summarize(self.errors[: self.committed_errors])
-        else:
-            log.status = BatchProcessingLog.Status.COMPLETED
-            log.error_summary = ""
+        """Record how the run ended, unless its last chunk's checkpoint did.
+
+        The row's figures are those its last checkpoint committed (see
+        ``_commit``); only how the run ended is added here.
+        """
+        if self.finished:
+            return
+        figures = {"rows_read": log.rows_read, "rows_skipped": log.rows_skipped}
+        for name, value in self._ending(
+            figures, self.errors[: self.committed_errors], failure=failure
+        ).items():
+            setattr(log, name, value)
         # The final save counts itself, so query_count covers the whole run.
         log.query_count = self._earlier_queries + self.counter.count + 1
         if self.connection.in_atomic_block and self.connection.needs_rollback:
             # The caller's transaction is broken: its rollback would take the
             # log with it, so nothing more can be written through it here.
             return
+        # No chunk committed: the row is created now, with how the run ended.
+        # Otherwise not the figures: the checkpoints wrote them with the chunks.
+        self._save_quietly(log, ENDING_FIELDS if log.pk is not None else None)
+
+    def _save_quietly(self, log: BatchProcessingLog, fields: list[str] | None) -> None:
         try:
-            # Not the figures: the checkpoints wrote them with the chunks.
-            log.save(using=self.op.using, update_fields=ENDING_FIELDS)
+            log.save(using=self.op.using, update_fields=fields)
         except Error:
             # The database is unreachable: the run's outcome cannot be stored,
             # but must not hide the failure that brought us here.

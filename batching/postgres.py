@@ -57,9 +57,28 @@ def fast_paths(using: str) -> bool:
     return is_postgresql(using) and settings.BULK_PG_FAST_PATHS
 
 
-def pg_chunk_size(setting: str = "BULK_PG_CHUNK_SIZE") -> int:
-    """The default chunk of the fast paths: ``BULK_PG_CHUNK_SIZE``, or an operation's own."""
-    return getattr(settings, setting)
+def begin_chunk(using: str) -> None:
+    """The first statement of every chunk transaction on PostgreSQL (one round trip).
+
+    ``SET CONSTRAINTS ALL IMMEDIATE``: Django creates foreign keys
+    ``DEFERRABLE INITIALLY DEFERRED``, so their checks would all run inside
+    COMMIT, while the chunk holds its locks on the rows live traffic writes;
+    immediate, each statement checks its own rows as it writes them, before
+    those locks are taken, and COMMIT has nothing left to check.
+
+    ``lock_timeout`` (``settings.BULK_LOCK_TIMEOUT_MS``): a statement that
+    waits longer than this for a row lock held by a live transaction gives up
+    with ``55P03``, which the engine retries with backoff, so live
+    transactions never queue behind a waiting chunk. Both last until the
+    chunk's COMMIT or ROLLBACK.
+    """
+    statement = sql.SQL("SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL lock_timeout = {}").format(
+        sql.Literal(int(settings.BULK_LOCK_TIMEOUT_MS))
+    )
+    connection = connections[using]
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute(statement.as_string(connection.connection))
 
 
 def array_type(field: models.Field, connection) -> str:

@@ -175,8 +175,12 @@ SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
-# Bulk operations.
+# Bulk operations. Every service method's chunk is BULK_CHUNK_SIZE rows (an
+# order counts its lines) unless the caller passes chunk_size.
 BULK_CHUNK_SIZE = env_int("BULK_CHUNK_SIZE", 1000)
+# PostgreSQL: how long a chunk's statement waits for a row lock held by a live
+# transaction before it gives up and the chunk is retried with backoff.
+BULK_LOCK_TIMEOUT_MS = env_int("BULK_LOCK_TIMEOUT_MS", 50)
 # How many per-row errors a BatchProcessingLog row keeps (the result keeps all).
 BULK_LOG_MAX_ROW_ERRORS = env_int("BULK_LOG_MAX_ROW_ERRORS", 100)
 # Transient failures (deadlock, serialization failure, lost connection) are
@@ -188,15 +192,8 @@ BULK_RETRY_MAX_DELAY = env_float("BULK_RETRY_MAX_DELAY", 2.0)
 # A running run whose heartbeat is older than this is shown as interrupted.
 BULK_STALE_RUN_SECONDS = env_int("BULK_STALE_RUN_SECONDS", 900)
 # PostgreSQL fast paths (COPY, array upserts and updates, guarded stock); off
-# runs the portable path every database shares. They pay off in larger chunks,
-# so on PostgreSQL the default chunk is BULK_PG_CHUNK_SIZE instead. A chunk's
-# rows stay locked until it commits (about a second at 50,000 rows): lower it
-# where other writers must not wait that long.
+# runs the portable path every database shares.
 BULK_PG_FAST_PATHS = env_bool("BULK_PG_FAST_PATHS", True)
-BULK_PG_CHUNK_SIZE = env_int("BULK_PG_CHUNK_SIZE", 50_000)
-# The catalogue import's own: its rows weigh more, and a file import must run
-# in flat, small memory (about 30 MB at 20,000 rows a chunk, at any file size).
-BULK_PG_IMPORT_CHUNK_SIZE = env_int("BULK_PG_IMPORT_CHUNK_SIZE", 20_000)
 
 # JSON API (/api/). Batches of up to API_SYNC_MAX_ROWS rows run during the
 # request; larger ones (up to API_MAX_ROWS) become background jobs.

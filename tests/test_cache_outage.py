@@ -104,7 +104,8 @@ def test_every_write_commits_and_counts_the_failed_invalidation(
     rows = rows_for(operation, shop)
     result = getattr(service, METHODS[operation])(rows, chunk_size=3)
 
-    chunks = -(-len(rows) // 3)
+    # An order of 3 lines fills a chunk of 3 on its own.
+    chunks = len(rows) if operation == "orders" else -(-len(rows) // 3)
     assert (result.status, result.written, result.skipped) == ("completed", len(rows), 0)
     log = BatchProcessingLog.objects.get()
     assert (log.status, log.rows_written, log.checkpoint_position) == (
@@ -176,7 +177,7 @@ def test_health_reports_the_cache_and_metrics_count_the_failures(redis_down, sho
 def test_a_key_is_kept_once_a_failing_run_committed_rows(shop, api, settings, monkeypatch):
     """A retry must not write the committed chunk again: it gets the first answer."""
     failing_in_chunk_2(monkeypatch, OptimizedViews)
-    settings.BULK_CHUNK_SIZE = settings.BULK_PG_CHUNK_SIZE = 4
+    settings.BULK_CHUNK_SIZE = 4
     rows = view_rows(shop, 10)
 
     first = post_views(api, rows, HTTP_IDEMPOTENCY_KEY="half")
@@ -195,7 +196,7 @@ def test_an_import_that_failed_after_committing_rows_keeps_its_claim(
     admin_client, settings, monkeypatch
 ):
     failing_in_chunk_2(monkeypatch, OptimizedProducts)
-    settings.BULK_CHUNK_SIZE = settings.BULK_PG_IMPORT_CHUNK_SIZE = 2
+    settings.BULK_CHUNK_SIZE = 2
     url = detail_url(upload(admin_client, PRODUCTS_CSV))
 
     assert admin_client.post(url).status_code == 302

@@ -60,12 +60,18 @@ def sold_by_product() -> dict[int, int]:
     )
 
 
-def assert_finished_cleanly(results: list[BatchResult]) -> None:
-    """Every run finished (completed or partial) and none needed a retry: no deadlock."""
+def assert_finished_cleanly(results: list[BatchResult], *, conflicts: bool = False) -> None:
+    """Every run finished (completed or partial) and none needed a retry: no deadlock.
+
+    With ``conflicts``, a chunk overtaken by a concurrent run (orders decide
+    before they lock) may be rolled back and retried once per run: after a
+    conflict a run locks first, so it never conflicts again.
+    """
     for result in results:
         log = BatchProcessingLog.objects.get(pk=result.log_id)
         assert log.status in FINISHED, log.error_summary
-        assert (log.chunks_retried, log.chunks_rolled_back) == (0, 0), log.error_summary
+        retried = (log.chunks_retried, log.chunks_rolled_back)
+        assert retried in ({(0, 0), (1, 1)} if conflicts else {(0, 0)}), log.error_summary
 
 
 # -- 1. orders competing for scarce stock --------------------------------------------
@@ -132,7 +138,7 @@ def test_concurrent_orders_never_oversell():
         f"({min(final.values())} lowest), oversell {oversell}"
     )
 
-    assert_finished_cleanly(results)
+    assert_finished_cleanly(results, conflicts=True)
     assert min(final.values()) >= 0
     assert oversell == 0
     assert {pk: initial[pk] - final[pk] for pk in initial} == {
@@ -330,7 +336,7 @@ def test_concurrent_replay_of_the_same_orders_applies_each_once(monkeypatch, for
         ]
     )
 
-    assert_finished_cleanly(results)
+    assert_finished_cleanly(results, conflicts=True)
     for result in results:
         assert result.written + len(result.errors) == REPLAYED
         assert {error.code for error in result.errors} <= {"duplicate"}

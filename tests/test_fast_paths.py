@@ -17,7 +17,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 
 from batching.models import BatchProcessingLog
-from batching.postgres import add_to, pg_chunk_size
+from batching.postgres import add_to
 from products.models import Product
 from products.services import rows as r
 from tests.factories import ProductFactory, RecommendationScoreFactory
@@ -67,12 +67,14 @@ class TestSameStateAsThePortablePath:
         assert after == before
         assert outcome(fast) == outcome(portable)
         assert sum(p[-1] for p in after["products"].values()) == 30
-        # Four chunks write, each one query fewer: the lock and the counts are
-        # one statement. The first chunk, with the unknown user and product, is
-        # first streamed (SAVEPOINT, COPY, users, ROLLBACK TO and RELEASE
-        # SAVEPOINT), then written by the checked path. The later chunks are
-        # read ahead while the one before commits, and take the checked path.
-        assert fast.query_count == portable.query_count - 4 + 5
+        # Four chunks write, each one query fewer: users and products are read
+        # in one statement. The first chunk, with the unknown user and product,
+        # is first streamed (SAVEPOINT, its opening statement, the log's INSERT,
+        # the COPY that the immediate foreign keys refuse, ROLLBACK TO and
+        # RELEASE SAVEPOINT), then written by the checked path. The later
+        # chunks are read ahead while the one before commits, and take the
+        # checked path.
+        assert fast.query_count == portable.query_count - 4 + 6
         assert fast.log.chunks_rerun == 1
 
     def test_product_views_read_ahead_with_an_unknown_reference(
@@ -91,9 +93,11 @@ class TestSameStateAsThePortablePath:
         )
         assert after == before
         assert outcome(fast) == outcome(portable)
-        # The second chunk, read ahead, takes the checked write: it names the
-        # row at once and is never rolled back.
-        assert fast.query_count == portable.query_count - 2
+        # The first chunk streams (COPY, count: two queries against four); the
+        # second, read ahead, takes the checked write (users and products in
+        # one statement, COPY, count: three): it names the row at once and is
+        # never rolled back.
+        assert fast.query_count == portable.query_count - 3
         assert (fast.log.chunks_rerun, fast.log.chunks_rolled_back) == (0, 0)
 
     def test_recommendation_scores(self, optimized, settings, shop):  # noqa: F811
@@ -183,16 +187,18 @@ class TestFastPathDetails:
         assert result.written == 9
         assert sum(Product.objects.values_list("view_count", flat=True)) == 9
 
-    def test_default_chunk_is_the_fast_paths_own(self, optimized, settings, shop):  # noqa: F811
-        settings.BULK_PG_CHUNK_SIZE = 7
-        settings.BULK_PG_IMPORT_CHUNK_SIZE = 5
-        assert (pg_chunk_size(), pg_chunk_size("BULK_PG_IMPORT_CHUNK_SIZE")) == (7, 5)
-        assert optimized.create_product_views(view_rows(shop, 3)).log.chunk_size == 7
-        # The catalogue import has its own (its rows weigh more).
-        assert optimized.import_products(product_rows(3)).log.chunk_size == 5
+    def test_default_chunk_is_the_missions_on_every_path(
+        self,
+        optimized,
+        settings,
+        shop,  # noqa: F811
+    ):
+        """1,000 rows a chunk, as the product's specification fixes, fast paths or not."""
+        assert settings.BULK_CHUNK_SIZE == 1000
+        assert optimized.create_product_views(view_rows(shop, 3)).log.chunk_size == 1000
+        assert optimized.import_products(product_rows(3)).log.chunk_size == 1000
         settings.BULK_PG_FAST_PATHS = False
-        result = optimized.import_products(product_rows(3))
-        assert result.log.chunk_size == settings.BULK_CHUNK_SIZE
+        assert optimized.import_products(product_rows(3, prefix="P")).log.chunk_size == 1000
 
 
 # -- memory ------------------------------------------------------------------------

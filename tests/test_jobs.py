@@ -302,8 +302,9 @@ class TestRun:
         # reap: 1 SELECT. claim: SAVEPOINT, partition FOR UPDATE, INSERT log,
         # UPDATE partition, UPDATE job, RELEASE. The log to resume (before the
         # engine counts). finish: SAVEPOINT, UPDATE partition, job FOR UPDATE,
-        # its statuses, UPDATE job, RELEASE.
-        overhead = 1 + 6 + 1 + 6
+        # its statuses, UPDATE job, RELEASE. The log's count is recorded by the
+        # last checkpoint: the RELEASE of that chunk's savepoint follows it.
+        overhead = 1 + 6 + 1 + 6 + 1
         sql = "\n".join(query["sql"] for query in queries.captured_queries)
         assert len(queries) == overhead + partition.log.query_count, sql
 

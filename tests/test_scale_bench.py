@@ -67,10 +67,15 @@ def test_unknown_strategy_for_one():
         run("--one", "views", "--strategy", "bulk", "--sizes", "10")
 
 
-def test_each_workload_chunks_as_its_service_does(settings, tmp_path):
-    settings.BULK_PG_CHUNK_SIZE, settings.BULK_PG_IMPORT_CHUNK_SIZE = 30, 20
+def test_each_workload_chunks_at_the_scale_figures_sizes(tmp_path):
     chunks = {name: cls(10, work_dir=tmp_path).chunk_size for name, cls in bench.WORKLOADS.items()}
-    assert chunks == {"views": 30, "scores": 30, "updates": 30, "orders": 30, "import": 20}
+    assert chunks == {
+        "views": 50_000,
+        "scores": 50_000,
+        "updates": 50_000,
+        "orders": 50_000,
+        "import": 20_000,
+    }
     assert bench.WORKLOADS["views"](10, chunk_size=64, work_dir=tmp_path).chunk_size == 64
 
 

@@ -84,11 +84,13 @@ def test_the_first_chunk_is_written_as_it_is_read_and_the_next_read_ahead():
 
     assert (result.status, result.written) == ("completed", 5)
     # Each row of the first chunk is written before the next is read; the
-    # second chunk is read while the first commits, and written as a whole.
+    # run reads the next row before its checkpoint (is this chunk the last?);
+    # the rest of the second chunk is read while the first commits, and
+    # written as a whole.
     first_chunk = [(kind, index) for index in range(3) for kind in ("read", "write")]
     assert operation.events == [*first_chunk, ("read", 3), ("read", 4), ("checked", 2)]
     main = threading.current_thread().name
-    assert readers == [main] * 3 + ["batch-read-ahead"] * 2
+    assert readers == [main] * 4 + ["batch-read-ahead"]
     assert result.log.chunks_committed == 2
     assert result.log.checkpoint_position == 5
 
@@ -162,7 +164,7 @@ def test_a_failing_run_stops_its_read_ahead_before_it_returns():
 
     def names() -> Iterator[str]:
         for name in ["a", "b", "c", "d", "e", "f"]:
-            if name == "c":
+            if name == "d":
                 # The helper reads here while the run fails; it goes on
                 # only once the run has asked it to stop.
                 resume.wait(timeout=0.5)
@@ -173,8 +175,9 @@ def test_a_failing_run_stops_its_read_ahead_before_it_returns():
         run_batch(InterruptedAfterCommit(), names(), chunk_size=2)
 
     assert not [t for t in threading.enumerate() if t.name == "batch-read-ahead"]
-    # It stopped after its current row instead of reading its whole chunk.
-    assert read == ["a", "b", "c"]
+    # It stopped after its current row instead of reading its whole chunk
+    # ("c" was read by the run, to know whether the first chunk was the last).
+    assert read == ["a", "b", "c", "d"]
 
 
 @pytest.mark.django_db(transaction=True)  # retries need the chunk to own its transaction

@@ -137,6 +137,10 @@ class OrdersOperation(BatchOperation):
     def prepare(self, raw: Any) -> r.OrderRow:
         return r.parse_order(raw)
 
+    def weight(self, raw: Any) -> int:
+        # An order weighs its lines: chunk_size bounds the lines a chunk writes.
+        return r.order_lines(raw)
+
     def key(self, item: r.OrderRow) -> str:
         return item.reference
 

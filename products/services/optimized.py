@@ -3,10 +3,29 @@
 Each chunk prefetches what it references with one query per related table,
 writes with one bulk statement per table, and changes counters and stock in
 the database (``view_count = view_count + n``), inside the one transaction the
-engine opens for it. Products whose counters, stock or prices change are
-locked first, in primary-key order, so concurrent runs queue on them instead
-of deadlocking or losing updates. Querysets run with ``FETCH_RAISE``: a lazy
-load that slips in fails loudly instead of adding a query per row.
+engine opens for it. Querysets run with ``FETCH_RAISE``: a lazy load that
+slips in fails loudly instead of adding a query per row.
+
+Locks late and short. Products are the rows the live shop writes (checkouts
+take stock, staff save prices), so a chunk reads what it references without
+locking, writes its own rows (views, orders and their lines), and only then
+changes the products' counters, stock or prices: in one statement that locks
+them in primary-key order (one global order: concurrent runs queue instead of
+deadlocking) and adds to the values in the database, so no update is lost.
+COMMIT follows at once. On PostgreSQL the foreign keys are checked by each
+statement (``batching.postgres.begin_chunk``), not inside COMMIT. Each chunk:
+
+- views: users and products read; COPY (or INSERT) the views; UPDATE
+  view_count (locks products);
+- orders: products, references and users read; INSERT orders and lines;
+  UPDATE stock, guarded (locks products; refused below zero, so a checkout
+  that took the stock meanwhile makes the chunk re-run in halves, each
+  deciding afresh);
+- scores: users and products read; upsert scores (no product locked);
+- catalogue import: categories read (created if missing); upsert products
+  (locks the rows it updates, in sku order);
+- price update: one UPDATE that locks the products by sku in primary-key
+  order and updates them.
 
 Each write has two forms with the same queries and the same outcome. On
 PostgreSQL it takes the fast paths of ``batching.postgres``: views arrive by
@@ -28,14 +47,13 @@ from django.db import IntegrityError, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from batching.engine import ChunkOutcome, Prepared, RowError
+from batching.engine import ChunkConflict, ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
 from batching.postgres import (
     add_to,
     copy_rows,
     existing_ids,
     fast_paths,
-    pg_chunk_size,
     update,
     upsert,
 )
@@ -72,6 +90,7 @@ IMPORT_UPDATE_FIELDS = [*PRODUCT_UPDATE_FIELDS, "last_import", "last_import_row"
 # values a row may leave as they are, and the run's mark.
 UPDATE_READ = ["sku", "pk", "price", "stock_quantity", "last_import_id", "last_import_row"]
 PRODUCT_COLUMNS = ["sku", "name", "category", "price", "stock_quantity", "is_active"]
+CONFLICT = "a concurrent writer overtook the chunk ({error}); retrying it with the products locked"
 
 
 def strict(queryset: models.QuerySet) -> models.QuerySet:
@@ -146,12 +165,7 @@ class OptimizedViews(ViewsOperation):
         if fast_paths(self.using):
             return self.write_fast(rows)
         users = existing_user_ids(self.using, (row.item.user_id for row in rows))
-        # Lock the products whose counters grow, in one global order.
-        products = set(
-            locked_products(self.using, pk__in={row.item.product_id for row in rows}).values_list(
-                "pk", flat=True
-            )
-        )
+        products = existing_product_ids(self.using, (row.item.product_id for row in rows))
         outcome = ChunkOutcome()
         views = []
         for row in rows:
@@ -169,20 +183,24 @@ class OptimizedViews(ViewsOperation):
                     )
                 )
         ProductView.objects.using(self.using).bulk_create(views)
+        # Last: the counters, locking the products in primary-key order.
         add_to_each(self.using, "view_count", Counter(view.product_id for view in views))
         outcome.written = outcome.created = len(views)
         return outcome
 
     def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
-        """PostgreSQL: users; lock and count in one statement; COPY the views (3 queries).
+        """PostgreSQL: users and products read; COPY the views; count them (3 queries).
 
-        The counter statement locks the products in primary-key order and tells
-        which exist, so views of a missing product are neither counted (it has
-        no row) nor written.
+        The counter statement comes last: it locks the products in primary-key
+        order just before the chunk commits.
         """
-        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
-        counts = Counter(row.item.product_id for row in rows if row.item.user_id in users)
-        products = add_to(Product, "view_count", counts, using=self.using)
+        users, products = existing_ids(
+            self.using,
+            [
+                (get_user_model(), (row.item.user_id for row in rows)),
+                (Product, (row.item.product_id for row in rows)),
+            ],
+        )
         outcome = ChunkOutcome()
         views: list[r.ViewRow] = []
         for row in rows:
@@ -198,6 +216,11 @@ class OptimizedViews(ViewsOperation):
                 map(VIEW_VALUES, views),
                 using=self.using,
             )
+            counted = add_to(
+                Product, "view_count", Counter(view.product_id for view in views), using=self.using
+            )
+            if len(counted) != len(products & {view.product_id for view in views}):
+                raise IntegrityError(r.UNKNOWN_REFERENCE)  # deleted meanwhile: re-run in halves
         outcome.written = outcome.created = len(views)
         return outcome
 
@@ -205,30 +228,27 @@ class OptimizedViews(ViewsOperation):
         return fast_paths(self.using)
 
     def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
-        """PostgreSQL: COPY the views as they are parsed, then check and count (3 queries).
+        """PostgreSQL: COPY the views as they are parsed, then count them (2 queries).
 
         The views reach the server while later rows are still being parsed;
-        the checks follow in the same transaction: the users, then the
-        counter statement, which locks the products and says which exist. If
-        a user or a product is missing, the chunk is rolled back and written
-        again through ``write``, which names each bad row.
+        the immediate foreign keys check their users and products as they
+        arrive. The counter statement comes last: it locks the products just
+        before the chunk commits. If a user or a product is missing, the chunk
+        is rolled back and written again through ``write``, which names each
+        bad row.
         """
         first = next(rows, None)
         if first is None:
             return ChunkOutcome()  # every row of the chunk was invalid
         counts: Counter[int] = Counter()
-        user_ids: set[int] = set()
 
         def values() -> Iterator[tuple]:
             for row in chain((first,), rows):
                 v = row.item
                 counts[v.product_id] += 1
-                user_ids.add(v.user_id)
                 yield VIEW_VALUES(v)
 
         written = copy_rows(ProductView, VIEW_FIELDS, values(), using=self.using)
-        if len(existing_user_ids(self.using, user_ids)) != len(user_ids):
-            raise IntegrityError(r.UNKNOWN_REFERENCE)
         if len(add_to(Product, "view_count", counts, using=self.using)) != len(counts):
             raise IntegrityError(r.UNKNOWN_REFERENCE)
         return ChunkOutcome(written=written, created=written)
@@ -337,10 +357,6 @@ class OptimizedScores(ScoresOperation):
 
 class OptimizedProducts(ProductsOperation):
     variant = VARIANT
-    # A catalogue row weighs more than a view or a score (its CSV record, a
-    # Decimal, several strings), and a file import must stay small: at
-    # 50,000 rows a chunk one chunk held about 64 MB.
-    pg_chunk_setting = "BULK_PG_IMPORT_CHUNK_SIZE"
 
     def category_ids(self, rows: list[Prepared]) -> tuple[dict[str, int], list[RowError]]:
         """Ids of the rows' categories, creating the missing ones, and the rows repeated.
@@ -456,23 +472,49 @@ class OptimizedProducts(ProductsOperation):
 
 
 class OptimizedOrders(OrdersOperation):
-    """Orders in input order; stock checked against products locked for the chunk."""
+    """Orders in input order, decided against the stock read; the stock taken last.
+
+    Nothing is locked while the chunk decides and writes its orders: the
+    guarded stock UPDATE at the end locks the products (primary-key order)
+    and refuses to take any below zero. If a concurrent writer overtook the
+    chunk (a checkout took the stock meanwhile, or another run inserted the
+    same references), the chunk raises ``ChunkConflict``: the engine rolls it
+    back and retries it, and from then on this run locks the products before
+    it decides, as before a conflict nothing needs to (contention is there).
+    """
 
     variant = VARIANT
 
+    def __init__(self, using: str = "default") -> None:
+        super().__init__(using)
+        self.lock_first = False
+
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        if self.lock_first:
+            return self.decide_and_write(rows)
+        try:
+            return self.decide_and_write(rows)
+        except IntegrityError as exc:
+            # The stock guard or a reference's unique index refused: overtaken.
+            self.lock_first = True
+            raise ChunkConflict(CONFLICT.format(error=exc)) from exc
+
+    def decide_and_write(self, rows: list[Prepared]) -> ChunkOutcome:
         orders_qs = Order.objects.using(self.using)
         product_ids = {line.product_id for row in rows for line in row.item.items}
-        # Lock every product the chunk orders, in primary-key order, then
-        # decide against the locked stock: no other run can sell it meanwhile.
+        # After a conflict: lock in primary-key order, then decide; a
+        # concurrent replay waits there and then reads its references as taken.
+        products = (
+            locked_products(self.using, pk__in=product_ids)
+            if self.lock_first
+            else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
+        )
         catalogue = {
             pk: (price, stock, active)
-            for pk, price, stock, active in locked_products(
-                self.using, pk__in=product_ids
-            ).values_list("pk", "price", "stock_quantity", "is_active")
+            for pk, price, stock, active in products.values_list(
+                "pk", "price", "stock_quantity", "is_active"
+            )
         }
-        # References are read after the locks: a concurrent replay of the same
-        # orders waited for them, so it now sees those orders as duplicates.
         references = {row.item.reference for row in rows}
         known = set(
             strict(orders_qs.filter(reference__in=references)).values_list("reference", flat=True)
@@ -512,8 +554,8 @@ class OptimizedOrders(OrdersOperation):
                 line.order_id = order.pk
                 items.append(line)
         OrderItem.objects.using(self.using).bulk_create(items)
-        # Quantities summed per product; on PostgreSQL one guarded UPDATE that
-        # refuses to take any stock below zero, whatever was decided above.
+        # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
+        # that locks them and refuses to take any stock below zero.
         add_to_each(
             self.using,
             "stock_quantity",
@@ -599,20 +641,9 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
 
 
 class OptimizedBulkOperationsService(BulkOperationsService):
-    """The optimized service; on PostgreSQL its default chunk is ``BULK_PG_CHUNK_SIZE``.
-
-    The fast paths' cost per chunk is mostly fixed (a commit, a few round
-    trips, a COPY or statement to fill and drain), so larger chunks pay off
-    there: at 100,000 views, 50,000 rows a chunk ran about 1.25 times as fast
-    as 10,000 (README, "PostgreSQL fast paths").
-    """
+    """The optimized service: a constant number of queries per chunk (see the module)."""
 
     variant = VARIANT
-
-    def _run(self, operation, rows, chunk_size, resume):
-        if chunk_size is None and resume is None and fast_paths(self.using):
-            chunk_size = pg_chunk_size(operation.pg_chunk_setting)
-        return super()._run(operation, rows, chunk_size, resume)
 
     views_operation = OptimizedViews
     scores_operation = OptimizedScores

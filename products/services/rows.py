@@ -331,6 +331,12 @@ class OrderRow:
         return wanted
 
 
+def order_lines(raw: Any) -> int:
+    """How many lines a raw order has (at least 1): its weight in a chunk or a request."""
+    items = raw.get("items") if isinstance(raw, Mapping) else None
+    return max(len(items), 1) if isinstance(items, list | tuple) else 1
+
+
 def parse_order(raw: Any) -> OrderRow:
     row = as_mapping(raw)
     reference = text(row, "reference", limit=64)

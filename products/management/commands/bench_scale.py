@@ -88,8 +88,7 @@ class Command(BaseCommand):
             type=int,
             default=None,
             help="Rows per chunk for the service and the chunked peers "
-            "(default: the service's own on PostgreSQL: settings.BULK_PG_CHUNK_SIZE, and "
-            "BULK_PG_IMPORT_CHUNK_SIZE for the import).",
+            "(default: 50,000, and 20,000 for the import: the scale figures' chunks).",
         )
         parser.add_argument(
             "--seed",

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from django.core.management.base import BaseCommand, CommandError
 
 from batching.cli import Progress, positive_int
-from batching.engine import BatchResult, ResumeError, worker_name
+from batching.engine import BatchResult, ResumeError, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
 from products.readers import FORMATS, ReaderError, RowStream
@@ -43,6 +43,7 @@ STILL_RUNNING = (
     "run #{log_id} is still running (worker {worker}, last heartbeat {heartbeat}): "
     "resume it only once its process has stopped"
 )
+INTERRUPTED = "interrupted: continue run #{log_id} with --resume {log_id}"
 RUN_FAILED = "run #{log_id} failed: {summary}. Continue it with --resume {log_id}"
 
 
@@ -83,9 +84,8 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help="Rows per transaction (default: the service's own: on PostgreSQL "
-            "settings.BULK_PG_IMPORT_CHUNK_SIZE for products and BULK_PG_CHUNK_SIZE for views, "
-            "elsewhere BULK_CHUNK_SIZE; a resumed run keeps its chunk size).",
+            help="Rows per transaction (default: settings.BULK_CHUNK_SIZE, 1,000, so the live "
+            "shop never waits on a long chunk; a resumed run keeps its chunk size).",
         )
         parser.add_argument(
             "--resume",
@@ -123,10 +123,16 @@ class ImportCommand(BaseCommand):
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
+            except KeyboardInterrupt as exc:
+                log = run_log_of(exc)
+                if log is not None and log.pk is not None:
+                    self.stderr.write(INTERRUPTED.format(log_id=log.pk))
+                raise
             except (OSError, EOFError, zlib.error) as exc:
                 # A file broken half-way (a truncated gzip, a disk error): the
                 # engine has marked the run failed and kept its checkpoint.
-                log_id = self.log_id or self.find_log_id()
+                log = run_log_of(exc)
+                log_id = log.pk if log is not None else None
                 raise CommandError(
                     READ_FAILED.format(
                         path=path, row=stream.rows_yielded, error=exc, log_id=log_id or "ID"
@@ -186,28 +192,17 @@ class ImportCommand(BaseCommand):
     ) -> Iterator[Mapping[str, Any]]:
         """The rows as the engine reads them, announcing the run on the first one.
 
-        The engine creates the run's log before it reads the first row, so
-        that is when its id can be shown: the id a killed run is resumed
-        with. Finding it costs one query (counted in the run's query_count);
-        a resumed run's id is known and costs none.
+        A new run's log row is created by its first chunk's transaction, so
+        its id is told at the end, or by the error that stops it (the id a
+        failed or interrupted run is resumed with); a resumed run's is known.
         """
         rows: Iterable[Mapping[str, Any]] = progress.track(stream) if progress else stream
         for position, row in enumerate(rows):
             if position == 0 and announce:
-                self.log_id = self.log_id or self.find_log_id()
                 action = "Resuming" if self.resuming else "Importing"
-                self.stdout.write(f"{action} {self.noun} from {stream.path} as run #{self.log_id}")
-                if progress is not None:
-                    progress.label = f"#{self.log_id} "
+                run = f" as run #{self.log_id}" if self.resuming else ""
+                self.stdout.write(f"{action} {self.noun} from {stream.path}{run}")
             yield row
-
-    def find_log_id(self) -> int | None:
-        return (
-            BatchProcessingLog.objects.filter(worker=worker_name())
-            .order_by("-pk")
-            .values_list("pk", flat=True)
-            .first()
-        )
 
     # -- after the run -------------------------------------------------------
 
