@@ -1,9 +1,17 @@
-"""Who may call the API: active staff, through a session (with CSRF) or a token.
+"""Who may call the API: active staff with the model permissions an endpoint declares.
 
-Both ways end at the same rule, so revoking a user's staff status also
-disarms their tokens. Without credentials the answer is 401; with credentials
-of a user who is not active staff, 403. Reads need the same as writes: batch
-logs carry rows' error details and the sales report is business data.
+Every endpoint declares its permissions with ``needs(...)`` as its ``auth``,
+the same Django model permissions the admin asks for the same work (add and
+change product for the import, view order for the sales report...). A token
+and a session end at the same rule, so revoking a user's staff status or a
+permission also disarms their tokens. Without credentials the answer is 401;
+with credentials of a user who is not active staff, or who lacks a
+permission, 403. An endpoint that declares nothing is refused to everyone
+(the API's default auth): a forgotten declaration fails closed.
+
+Permissions are read from the request's user object, so Django's per-object
+cache makes them cost two queries a request (the user's and their groups'),
+none for a superuser.
 
 A session is ambient (the browser sends its cookie to any request), so a
 session's unsafe requests must carry the CSRF token; a bearer token is sent
@@ -12,6 +20,7 @@ deliberately and needs none.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -23,6 +32,8 @@ from ninja.utils import check_csrf
 from api.models import ApiToken, token_digest
 
 FORBIDDEN = "this API is for active staff users only"
+MISSING_PERMISSIONS = "this endpoint needs the permissions {missing}"
+UNDECLARED = "this endpoint declares no permissions, so it is refused to everyone"
 CSRF_FAILED = "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header"
 
 
@@ -30,8 +41,39 @@ def allowed(user: Any) -> bool:
     return bool(user.is_active and user.is_staff)
 
 
+def missing_permissions(user: Any, permissions: Iterable[str]) -> list[str]:
+    """The ``app_label.codename`` permissions of ``permissions`` that ``user`` lacks.
+
+    The admin's rule (``ModelAdmin.has_view_permission``): the change
+    permission also grants the view permission of its model.
+    """
+    missing = []
+    for permission in permissions:
+        granted = user.has_perm(permission)
+        app_label, _, codename = permission.partition(".")
+        if not granted and codename.startswith("view_"):
+            granted = user.has_perm(f"{app_label}.change_{codename.removeprefix('view_')}")
+        if not granted:
+            missing.append(permission)
+    return missing
+
+
+def check(user: Any, permissions: tuple[str, ...] | None) -> None:
+    """Raise the 403 for a user who may not call an endpoint needing ``permissions``."""
+    if permissions is None:
+        raise AuthorizationError(message=UNDECLARED)
+    if not allowed(user):
+        raise AuthorizationError(message=FORBIDDEN)
+    if missing := missing_permissions(user, permissions):
+        raise AuthorizationError(message=MISSING_PERMISSIONS.format(missing=", ".join(missing)))
+
+
 class TokenAuth(HttpBearer):
     """``Authorization: Bearer <secret>``: one query (token and user together)."""
+
+    def __init__(self, permissions: tuple[str, ...] | None) -> None:
+        super().__init__()
+        self.permissions = permissions
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
         if not token:
@@ -44,8 +86,7 @@ class TokenAuth(HttpBearer):
         )
         if found is None:
             return None
-        if not allowed(found.user):
-            raise AuthorizationError(message=FORBIDDEN)
+        check(found.user, self.permissions)
         request.api_token = found
         return found.user
 
@@ -55,8 +96,9 @@ class StaffSessionAuth(APIKeyCookie):
 
     param_name = settings.SESSION_COOKIE_NAME
 
-    def __init__(self) -> None:
+    def __init__(self, permissions: tuple[str, ...] | None) -> None:
         super().__init__(csrf=True)
+        self.permissions = permissions
 
     def __call__(self, request: HttpRequest) -> Any:
         # ninja checks CSRF before it looks at the cookie; an anonymous
@@ -66,13 +108,20 @@ class StaffSessionAuth(APIKeyCookie):
             return None
         if check_csrf(request) is not None:
             raise AuthorizationError(message=CSRF_FAILED)
-        if not allowed(user):
-            raise AuthorizationError(message=FORBIDDEN)
+        check(user, self.permissions)
         return user
 
     def authenticate(self, request: HttpRequest, key: str | None) -> Any:
         return None  # unused: __call__ decides
 
 
-# Tried in order: a request with a valid token never needs a session.
-API_AUTH = [TokenAuth(), StaffSessionAuth()]
+def needs(*permissions: str) -> list[Any]:
+    """An endpoint's ``auth``: active staff holding every one of ``permissions``.
+
+    Tried in order: a request with a valid token never needs a session.
+    """
+    return [TokenAuth(permissions), StaffSessionAuth(permissions)]
+
+
+# The API's default: refuses every endpoint that has not declared ``needs(...)``.
+UNDECLARED_AUTH = [TokenAuth(None), StaffSessionAuth(None)]

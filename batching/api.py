@@ -8,6 +8,7 @@ from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from ninja.pagination import PageNumberPagination, paginate
 
+from api.auth import needs
 from api.errors import ApiError, row_error
 from api.schemas import ERRORS
 from batching.models import BatchProcessingLog
@@ -83,7 +84,15 @@ def as_utc(moment: datetime, field: str) -> datetime:
         raise ApiError(400, OUT_OF_RANGE, [row_error(None, field, OUT_OF_RANGE)]) from None
 
 
-@router.get("/batch-logs", response={200: list[BatchLogOut], **ERRORS}, summary="Batch runs")
+VIEW_LOGS = needs("batching.view_batchprocessinglog")
+
+
+@router.get(
+    "/batch-logs",
+    auth=VIEW_LOGS,
+    response={200: list[BatchLogOut], **ERRORS},
+    summary="Batch runs",
+)
 @paginate(Pages, page_size=50, max_page_size=MAX_PAGE_SIZE)
 def batch_logs(request: HttpRequest, filters: Query[BatchLogFilters]):
     """Newest first; two queries: the count and the page (row errors are not loaded)."""
@@ -99,6 +108,7 @@ def batch_logs(request: HttpRequest, filters: Query[BatchLogFilters]):
 
 @router.get(
     "/batch-logs/{log_id}",
+    auth=VIEW_LOGS,
     response={200: BatchLogDetailOut, **ERRORS},
     summary="One batch run with its row errors",
 )

@@ -5,6 +5,7 @@ from uuid import UUID
 from django.http import HttpRequest
 from ninja import Router
 
+from api.auth import needs
 from api.errors import ApiError
 from api.schemas import ERRORS, JobOut
 from jobs.models import Job
@@ -16,6 +17,7 @@ JOB_NOT_FOUND = "no job {job_id}"
 
 @router.get(
     "/jobs/{job_id}",
+    auth=needs("jobs.view_job"),
     response={200: JobOut, **ERRORS},
     url_name="job",
     summary="A background job: status, rows done of rows total, result when finished",

@@ -7,6 +7,7 @@ from typing import Annotated
 from django.http import HttpRequest
 from ninja import Query, Router, Schema
 
+from api.auth import needs
 from api.batch import run_rows
 from api.errors import ApiError, row_error
 from api.schemas import BATCH_RESPONSES, ERRORS, Background, IdempotencyKey, rows_body
@@ -18,6 +19,7 @@ router = Router()
 
 @router.post(
     "/orders/batch",
+    auth=needs("orders.add_order"),
     response=BATCH_RESPONSES,
     summary="Process a batch of orders",
     tags=["batches"],
@@ -67,6 +69,7 @@ class SalesReportOut(Schema):
 
 @router.get(
     "/reports/sales",
+    auth=needs("orders.view_order"),
     response={200: SalesReportOut, **ERRORS},
     summary="Sales totals, per product and per day",
     tags=["reports"],

@@ -3,6 +3,7 @@
 from django.http import HttpRequest
 from ninja import Router
 
+from api.auth import needs
 from api.batch import run_rows
 from api.schemas import BATCH_RESPONSES, Background, IdempotencyKey, rows_body
 from batching.models import BatchProcessingLog
@@ -13,6 +14,7 @@ router = Router(tags=["batches"])
 
 @router.post(
     "/product-views/bulk",
+    auth=needs("products.add_productview"),
     response=BATCH_RESPONSES,
     summary="Record product views",
     openapi_extra=rows_body(
@@ -33,6 +35,7 @@ def product_views_bulk(
 
 @router.post(
     "/recommendation-scores/bulk",
+    auth=needs("products.add_recommendationscore", "products.change_recommendationscore"),
     response=BATCH_RESPONSES,
     summary="Create or update recommendation scores",
     openapi_extra=rows_body(
@@ -53,6 +56,7 @@ def recommendation_scores_bulk(
 
 @router.post(
     "/products/import",
+    auth=needs("products.add_product", "products.change_product"),
     response=BATCH_RESPONSES,
     summary="Create or update products by sku",
     openapi_extra=rows_body(

@@ -8,8 +8,11 @@ a join over the whole score table) and takes everything else from the cached
 product cards (``products.cache``: one ``get_many``, at most one query for the
 misses). With ``DEBUG=1`` django-debug-toolbar shows the difference.
 
-Staff only: the naive path costs two queries per row by design (about 400 a
-request at 200 rows a page), not something to hand to anonymous visitors.
+Staff only, with the view (or change) permission on products, the admin's rule
+for its product list, which shows the same columns: this is not a shop window
+but a back-office page (stock, view counts), and its naive path costs two
+queries per row by design (about 400 a request at 200 rows a page), not
+something to hand to anonymous visitors.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from api.auth import missing_permissions
 from products import cache
 from products.models import Product, RecommendationScore
 
@@ -31,6 +36,7 @@ OPTIMIZED = "optimized"
 PATHS = (NAIVE, OPTIMIZED)
 PER_PAGE = 50
 MAX_PER_PAGE = 200
+VIEW_PRODUCTS = ("products.view_product",)
 
 
 def recommendation_counts() -> Coalesce:
@@ -82,6 +88,8 @@ def page_size(request: HttpRequest) -> int:
 
 @staff_member_required
 def product_list(request: HttpRequest) -> HttpResponse:
+    if missing_permissions(request.user, VIEW_PRODUCTS):
+        raise PermissionDenied
     path = request.GET.get("path", OPTIMIZED)
     if path not in PATHS:
         path = OPTIMIZED

@@ -7,7 +7,7 @@ the page loads nothing from the internet; the online validator is off).
 
 from ninja import NinjaAPI, Swagger
 
-from api.auth import API_AUTH
+from api.auth import UNDECLARED_AUTH
 from api.errors import install_error_handlers
 from batching.api import router as batching_router
 from jobs.api import router as jobs_router
@@ -20,10 +20,11 @@ api = NinjaAPI(
     description=(
         "Batch writes for the shop (product views, recommendation scores, catalogue "
         "imports, orders), their background jobs, batch run logs and the sales report. "
-        "Every endpoint needs an active staff user: an API token "
-        "(`Authorization: Bearer ...`) or a session with its CSRF token."
+        "Every endpoint needs an active staff user with the model permissions the admin "
+        "asks for the same work: an API token (`Authorization: Bearer ...`) or a session "
+        "with its CSRF token."
     ),
-    auth=API_AUTH,
+    auth=UNDECLARED_AUTH,  # each endpoint declares its own: api.auth.needs
     urls_namespace="api",
     docs=Swagger(settings={"validatorUrl": None}),
 )

@@ -1,19 +1,25 @@
-"""Who may call the API: the auth matrix, CSRF on sessions, tokens and their command."""
+"""Who may call the API: the access matrix, CSRF on sessions, tokens and their command."""
 
 import hashlib
 import re
 from io import StringIO
 
 import pytest
+from django.contrib.auth.models import Group, Permission
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.urls import URLResolver, get_resolver, reverse
+from ninja.errors import AuthorizationError
 
-from api.auth import CSRF_FAILED, FORBIDDEN
+from api.auth import CSRF_FAILED, FORBIDDEN, MISSING_PERMISSIONS, UNDECLARED, check
 from api.errors import UNAUTHORIZED
 from api.models import ApiToken, IdempotencyRecord
-from tests.factories import StaffFactory, UserFactory
+from batching.models import BatchProcessingLog
+from jobs.models import Job
+from shop.api import api
+from tests.factories import BatchProcessingLogFactory, StaffFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -35,6 +41,212 @@ def session_with_csrf(user) -> tuple[Client, str]:
     client.force_login(user)
     assert client.get("/api/docs").status_code == 200
     return client, client.cookies["csrftoken"].value
+
+
+# -- the access matrix: every endpoint and page, every kind of caller ----------
+
+# The model permissions each endpoint needs: the admin's for the same work.
+NEEDS = {
+    ("POST", "/api/product-views/bulk"): ("products.add_productview",),
+    ("POST", "/api/recommendation-scores/bulk"): (
+        "products.add_recommendationscore",
+        "products.change_recommendationscore",
+    ),
+    ("POST", "/api/products/import"): ("products.add_product", "products.change_product"),
+    ("POST", "/api/orders/batch"): ("orders.add_order",),
+    ("GET", "/api/reports/sales"): ("orders.view_order",),
+    ("GET", "/api/jobs/{job_id}"): ("jobs.view_job",),
+    ("GET", "/api/batch-logs"): ("batching.view_batchprocessinglog",),
+    ("GET", "/api/batch-logs/{log_id}"): ("batching.view_batchprocessinglog",),
+    ("GET", "/products/"): ("products.view_product",),  # a page: staff and the admin's rule
+}
+# Open to anyone: they describe the API, or are probed by machines (README).
+OPEN = {
+    ("GET", "/api/"),
+    ("GET", "/api/docs"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/metrics"),
+    ("GET", "/health"),
+}
+PAGES = {("GET", "/products/")}  # Django views, where a token is no credential
+TOKEN, SESSION, PERMISSIONS = 1, 2, 2  # queries: token with user; session, user; perms, groups
+
+
+def _routes(patterns, prefix=""):
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            yield from _routes(pattern.url_patterns, prefix + str(pattern.pattern))
+        else:
+            yield "/" + re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", prefix + str(pattern.pattern))
+
+
+def served_routes() -> set[tuple[str, str]]:
+    """(method, path) of every API operation and every other page, outside the admin."""
+    operations = {
+        (method.upper(), path)
+        for path, methods in api.get_openapi_schema()["paths"].items()
+        for method in methods
+    }
+    paths = {path for _, path in operations}
+    pages = {
+        ("GET", path)
+        for path in _routes(get_resolver().url_patterns)
+        if path not in paths and not path.startswith(("/admin/", "/__debug__/"))
+    }
+    return operations | pages
+
+
+def named(permissions) -> list[Permission]:
+    return [
+        Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        for app_label, codename in (permission.split(".") for permission in permissions)
+    ]
+
+
+def grant(user, permissions):
+    user.user_permissions.add(*named(permissions))
+    return user
+
+
+def staff_with(permissions=()):
+    return grant(UserFactory(is_staff=True), permissions)
+
+
+def session(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def token(user) -> Client:
+    return bearer(ApiToken.issue(user)[1])
+
+
+def send(client, method, path):
+    if method == "POST":
+        return client.post(path, data="[]", content_type="application/json")
+    return client.get(path)
+
+
+@pytest.fixture
+def ids():
+    """The path parameters: a job and a log that exist."""
+    job = Job.objects.create(operation=BatchProcessingLog.Operation.ORDERS, partition_size=1)
+    return {"job_id": job.pk, "log_id": BatchProcessingLogFactory().pk}
+
+
+def test_every_endpoint_and_page_is_in_the_matrix():
+    """A new endpoint or page fails here until its permissions are written in NEEDS."""
+    assert served_routes() == set(NEEDS) | OPEN
+
+
+class TestMatrix:
+    """Each endpoint that needs permissions, for each kind of caller."""
+
+    routes = pytest.mark.parametrize(("method", "path"), sorted(NEEDS))
+
+    def refused(self, response, method, path, status, detail):
+        """The API's JSON answer; a page sends who is not staff to the admin's login."""
+        if (method, path) not in PAGES:
+            assert response.status_code == status
+            assert response.json() == {"detail": detail, "errors": []}
+        elif status == 403 and detail != FORBIDDEN:
+            assert response.status_code == 403
+        else:
+            assert response.status_code == 302
+            assert response["Location"].startswith(reverse("admin:login"))
+
+    @routes
+    def test_anonymous_is_401(self, method, path, ids, django_assert_num_queries):
+        with django_assert_num_queries(0):
+            response = send(Client(), method, path.format(**ids))
+        self.refused(response, method, path, 401, UNAUTHORIZED)
+
+    @routes
+    @pytest.mark.parametrize("login", [session, token])
+    def test_user_who_is_not_staff_is_403_whatever_their_permissions(
+        self, method, path, login, ids
+    ):
+        client = login(grant(UserFactory(), NEEDS[method, path]))
+        response = send(client, method, path.format(**ids))
+        status = 401 if (method, path) in PAGES and login is token else 403
+        self.refused(response, method, path, status, FORBIDDEN)
+
+    @routes
+    @pytest.mark.parametrize(("login", "auth"), [(session, SESSION), (token, TOKEN)])
+    def test_staff_without_permissions_is_403_before_anything_runs(
+        self, method, path, login, auth, ids, django_assert_num_queries
+    ):
+        client = login(staff_with())
+        if (method, path) in PAGES and login is token:
+            auth, status = 0, 401  # no credential for a page: the login page
+        else:
+            auth, status = auth + PERMISSIONS, 403
+        needs = NEEDS[method, path]
+        with django_assert_num_queries(auth):  # the credentials and permissions, nothing else
+            response = send(client, method, path.format(**ids))
+        self.refused(
+            response, method, path, status, MISSING_PERMISSIONS.format(missing=", ".join(needs))
+        )
+
+    @pytest.mark.parametrize(
+        ("method", "path", "left_out"),
+        [(*route, permission) for route in sorted(NEEDS) for permission in NEEDS[route]],
+    )
+    def test_each_permission_is_needed(self, method, path, left_out, ids):
+        kept = [permission for permission in NEEDS[method, path] if permission != left_out]
+        response = send(session(staff_with(kept)), method, path.format(**ids))
+        self.refused(response, method, path, 403, MISSING_PERMISSIONS.format(missing=left_out))
+
+    @pytest.mark.parametrize(
+        ("method", "path", "login"),
+        [
+            (*route, login)
+            for route in sorted(NEEDS)
+            for login in ([session] if route in PAGES else [session, token])
+        ],
+    )
+    def test_staff_with_exactly_the_permissions_is_served(self, method, path, login, ids):
+        response = send(login(staff_with(NEEDS[method, path])), method, path.format(**ids))
+        assert response.status_code == 200
+
+    @routes
+    def test_permissions_through_a_group_count(self, method, path, ids):
+        group = Group.objects.create(name="operators")
+        group.permissions.add(*named(NEEDS[method, path]))
+        user = staff_with()
+        user.groups.add(group)
+        assert send(session(user), method, path.format(**ids)).status_code == 200
+
+    @pytest.mark.parametrize(
+        ("method", "path"),
+        [route for route in sorted(NEEDS) if all(".view_" in p for p in NEEDS[route])],
+    )
+    def test_change_permission_grants_view_as_in_the_admin(self, method, path, ids):
+        changes = [permission.replace(".view_", ".change_") for permission in NEEDS[method, path]]
+        assert send(session(staff_with(changes)), method, path.format(**ids)).status_code == 200
+
+    def test_permissions_cost_two_queries_a_request(self, django_assert_num_queries):
+        client = token(staff_with(NEEDS["GET", "/api/batch-logs"]))
+        with django_assert_num_queries(TOKEN + PERMISSIONS + 2):  # count, page
+            assert client.get("/api/batch-logs").status_code == 200
+        client = session(staff_with(NEEDS["GET", "/api/batch-logs"]))
+        with django_assert_num_queries(SESSION + PERMISSIONS + 2):
+            assert client.get("/api/batch-logs").status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(OPEN))
+@pytest.mark.parametrize(
+    "caller", [Client, lambda: session(UserFactory()), lambda: session(staff_with())]
+)
+def test_open_pages_need_no_credentials(method, path, caller, settings):
+    settings.METRICS_TOKEN = ""
+    assert send(caller(), method, path).status_code not in (302, 401, 403)
+
+
+def test_an_endpoint_that_declares_no_permissions_is_refused_even_to_a_superuser():
+    with pytest.raises(AuthorizationError, match=UNDECLARED):
+        check(StaffFactory(), None)
 
 
 class TestAnonymous:
