@@ -123,9 +123,10 @@ class ImportCommand(BaseCommand):
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
-            except (OSError, EOFError, zlib.error) as exc:
-                # A file broken half-way (a truncated gzip, a disk error): the
-                # engine has marked the run failed and kept its checkpoint.
+            except (OSError, EOFError, zlib.error, ReaderError) as exc:
+                # A file broken half-way (a truncated gzip, a disk error, more
+                # than IMPORT_MAX_DECOMPRESSED_BYTES inflated): the engine has
+                # marked the run failed and kept its checkpoint.
                 log_id = self.log_id or self.find_log_id()
                 raise CommandError(
                     READ_FAILED.format(
