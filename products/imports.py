@@ -6,11 +6,16 @@ its preview and, later, its job and result). The token is random and is the
 only thing the browser sends back: no client-sent path is ever opened, and a
 token is honoured only for the user who uploaded it.
 
-The preview reads the file once with ``RowStream``, validates each row with
-the services' own parsers (``products.services.rows``) and asks the database
-what the run would find, one query per chunk per table (existing skus for
-products; users and products for views), so its counts match what the
-optimized service will do, short of rows only the database refuses.
+The preview reads the file once with ``RowStream``. Its first
+``settings.ADMIN_IMPORT_PREVIEW_ROWS`` rows are validated with the services'
+own parsers (``products.services.rows``) and the database is asked what the
+run would find, one query per chunk per table (existing skus for products;
+users and products for views), so its counts match what the optimized service
+will do with those rows, short of rows only the database refuses. The rest of
+the file is only inflated and its lines counted: the request stays short and
+small whatever the file, and the reader's limits (decompressed size, line
+length; see ``products.readers``) refuse a bad file here, as a form error,
+rather than half-way through its import.
 
 A confirmed import runs ``OptimizedBulkOperationsService`` in the request up
 to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
@@ -45,7 +50,7 @@ from django.http import Http404
 from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid, run_log_of
 from batching.models import BatchProcessingLog
 from products.models import Product
-from products.readers import BadLine, ReaderError, RowStream, detect_format
+from products.readers import BadLine, InputTooLarge, ReaderError, RowStream, detect_format
 from products.services import OptimizedBulkOperationsService
 from products.services import rows as r
 from products.services.base import reference_error
@@ -129,7 +134,7 @@ class Staged:
             return False
 
     def stream(self) -> RowStream:
-        return RowStream(self.path)
+        return RowStream(self.path, name=self.original_name)
 
 
 def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
@@ -165,6 +170,8 @@ def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
         discard(staged)  # whatever went wrong, nothing is left behind
         if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
             raise ImportFileError(DAMAGED_GZIP.format(error=exc)) from exc
+        if isinstance(exc, InputTooLarge):
+            raise ImportFileError(str(exc)) from exc
         if isinstance(exc, (ReaderError, OSError)):
             raise ImportFileError(NOT_READABLE.format(error=exc)) from exc
         raise
@@ -217,7 +224,12 @@ def _is_running(directory: Path, token: str) -> bool:
 
 
 def preview(staged: Staged) -> dict[str, Any]:
-    """What the import would do, without writing: counts and the first bad lines."""
+    """What the import would do, without writing: counts and the first bad lines.
+
+    The counts are those of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` rows
+    ("rows"); "rows_total" is exact when the preview read them all
+    ("truncated" false), else counted from the line breaks of the rest.
+    """
     parse: Callable[[Any], Any] = r.parse_product if staged.kind == PRODUCTS else r.parse_view
     created = updated = 0
     errors: list[BadRow] = []
@@ -230,8 +242,9 @@ def preview(staged: Staged) -> dict[str, Any]:
         if len(errors) < LISTED_ERRORS:
             errors.append(BadRow(line, field, message))
 
+    limit = settings.ADMIN_IMPORT_PREVIEW_ROWS
     with staged.stream() as stream:
-        rows = enumerate(stream)
+        rows = enumerate(islice(stream, limit))
         while chunk := list(islice(rows, settings.BULK_CHUNK_SIZE)):
             good: list[tuple[int, Any]] = []
             for index, raw in chunk:
@@ -262,9 +275,14 @@ def preview(staged: Staged) -> dict[str, Any]:
                     reject(stream.line_of(index), error.field, error.message)
                 else:
                     created += 1
-        total = stream.rows_yielded
+        previewed = stream.rows_yielded
+        # Fewer rows than the limit: the whole file has been read already.
+        rest = stream.count_rest() if previewed == limit else 0
+    total = previewed + rest
     return {
-        "rows": total,
+        "rows": previewed,
+        "rows_total": total,
+        "truncated": rest > 0,
         "created": created,
         "updated": updated,
         "skipped": error_count,

@@ -10,6 +10,22 @@ a CSV record with the wrong number of fields, bytes that are not UTF-8) is
 yielded as a ``BadLine``; the service rejects it like any invalid row, with the
 reader's reason, and goes on with the next line.
 
+Limits
+------
+Whatever the file holds, a stream holds at most one bounded line in memory
+and inflates a bounded number of bytes; every import (the admin's, the
+commands', the benchmark's) reads through here, so they share these limits:
+
+- A line longer than ``settings.IMPORT_MAX_LINE_LENGTH`` characters (a CSV
+  record: all its lines together, line breaks included) is a ``BadLine``. It
+  is read in bounded pieces and dropped, never held whole: a gigabyte with no
+  line break costs a megabyte, not a gigabyte.
+- A gzipped file is refused with ``InputTooLarge`` (a ``ReaderError``) once it
+  has inflated to more than ``settings.IMPORT_MAX_DECOMPRESSED_BYTES``, which
+  stops a "gzip bomb" (a small file of gigabytes of zeros) where it starts.
+  A plain file is not capped here: its size on disk is what it is (the admin
+  caps uploads with ``ADMIN_IMPORT_MAX_BYTES``).
+
 Row indexes and line numbers
 ----------------------------
 The services report rows by their 0-based index in the stream. Blank lines
@@ -28,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import re
 from bisect import bisect_right
@@ -35,6 +52,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
+
+from django.conf import settings
 
 from batching.engine import RowInvalid
 
@@ -55,6 +74,16 @@ WRONG_FIELD_COUNT = "expected {expected} fields as in the header, found {found}"
 NOT_CSV = "not valid CSV: {error}"
 NOT_JSON = "not valid JSON: {error} (column {column})"
 NOT_UTF8 = "not valid UTF-8 text"
+LINE_TOO_LONG = (
+    "longer than {limit:,} characters (settings.IMPORT_MAX_LINE_LENGTH); the line is skipped"
+)
+HEADER_TOO_LONG = (
+    "{name}: the header is longer than {limit:,} characters (settings.IMPORT_MAX_LINE_LENGTH)"
+)
+TOO_LARGE_DECOMPRESSED = (
+    "{name} is larger than {limit:,} bytes once decompressed "
+    "(settings.IMPORT_MAX_DECOMPRESSED_BYTES)"
+)
 
 # Bytes that are not UTF-8 are decoded with "surrogateescape" into lone
 # surrogates rather than raising: one bad line must not end the stream.
@@ -65,6 +94,14 @@ BLOCK_SIZE = 1 << 20
 
 class ReaderError(ValueError):
     """The file cannot be read as a whole (unknown format, no header row)."""
+
+
+class InputTooLarge(ReaderError):
+    """A gzipped file inflates to more than ``settings.IMPORT_MAX_DECOMPRESSED_BYTES``."""
+
+
+class LineTooLong(Exception):
+    """Raised by ``Lines`` for a line over the bound; the reader turns it into a ``BadLine``."""
 
 
 class BadLine(Mapping[str, Any]):
@@ -112,6 +149,76 @@ def detect_format(path: Path, format: str | None = None) -> tuple[str, bool]:
     return EXTENSIONS[base], gzipped
 
 
+class Inflated(io.RawIOBase):
+    """The decompressed bytes of a gzip file (``gzip.open``), refused past ``limit``.
+
+    Counted as they are read, so the file is never inflated further than the
+    limit (plus one block): the cap costs nothing and needs no first pass.
+    """
+
+    def __init__(self, file: IO[bytes], limit: int, name: str) -> None:
+        self._gzip = file
+        self.limit = limit
+        self.name = name
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._gzip.readinto(buffer)
+        self.total += count
+        if self.total > self.limit:
+            raise InputTooLarge(TOO_LARGE_DECOMPRESSED.format(name=self.name, limit=self.limit))
+        return count
+
+    def close(self) -> None:
+        self._gzip.close()
+        super().close()
+
+
+class Lines(Iterator[str]):
+    """The physical lines of a text file, each read in at most ``limit`` characters.
+
+    ``limit`` bounds a record, not only a line: the reader calls
+    ``new_record()`` before each row, and the lines of a multi-line CSV record
+    share one budget. A line over the budget raises ``LineTooLong``; the next
+    call first reads past the rest of that line in bounded pieces and drops
+    them. The iterator stays usable after raising (a class, not a generator,
+    for that), so the csv module's reader goes on with the next line.
+    """
+
+    def __init__(self, file: IO[str], limit: int) -> None:
+        self._file = file
+        self.limit = limit
+        self.number = 0  # physical lines read so far, the dropped ones too
+        self._budget = limit
+        self._skipping = False
+
+    def new_record(self) -> None:
+        self._budget = self.limit
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> str:
+        if self._skipping:
+            self._skipping = False
+            while (rest := self._file.readline(BLOCK_SIZE)) and not rest.endswith(("\n", "\r")):
+                pass
+        line = self._file.readline(self._budget + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if len(line) > self._budget:
+            # A whole line of exactly budget + 1 characters ends with its break.
+            self._skipping = not line.endswith(("\n", "\r"))
+            self._budget = self.limit
+            raise LineTooLong(self.number)
+        self._budget -= len(line)
+        return line
+
+
 class RowStream(Iterator[Mapping[str, Any]]):
     """Rows of one CSV or JSON Lines file, read lazily; see the module docstring.
 
@@ -119,14 +226,22 @@ class RowStream(Iterator[Mapping[str, Any]]):
     file or a bad header fails before any run starts. Use it as a context
     manager to close the file.
 
+    Reading it may raise ``InputTooLarge`` (see Limits above), and for a
+    damaged gzip file ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
+
     Raises:
         OSError: the file cannot be opened.
         ReaderError: unknown format or a CSV file without a usable header.
     """
 
-    def __init__(self, path: str | Path, *, format: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, format: str | None = None, name: str | None = None
+    ) -> None:
         self.path = Path(path)
+        # How messages name the file: the admin's copy is named by its token.
+        self.name = name or self.path.name
         self.format, self.gzipped = detect_format(self.path, format)
+        self.max_line = settings.IMPORT_MAX_LINE_LENGTH
         self.rows_yielded = 0
         # line_of(): line = index + _offsets[i] for indexes from _starts[i] on.
         self._starts: list[int] = []
@@ -147,7 +262,9 @@ class RowStream(Iterator[Mapping[str, Any]]):
             "newline": "",
         }
         if self.gzipped:
-            return gzip.open(self.path, "rt", **options)
+            gz = gzip.open(self.path, "rb")  # noqa: SIM115 - closed with the text file
+            inflated = Inflated(gz, settings.IMPORT_MAX_DECOMPRESSED_BYTES, self.name)
+            return io.TextIOWrapper(io.BufferedReader(inflated), **options)
         return open(self.path, **options)
 
     # -- iteration -------------------------------------------------------------
@@ -168,39 +285,46 @@ class RowStream(Iterator[Mapping[str, Any]]):
 
     def _csv_rows(self) -> Iterator[Mapping[str, Any]]:
         """Read the header now; return a generator of the records after it."""
-        reader = csv.reader(self._file)
+        lines = Lines(self._file, self.max_line)
+        reader = csv.reader(lines)
         try:
             header = next(reader, None)
         except csv.Error as exc:
-            raise ReaderError(f"{self.path.name}: {NOT_CSV.format(error=exc)}") from exc
+            raise ReaderError(f"{self.name}: {NOT_CSV.format(error=exc)}") from exc
+        except LineTooLong as exc:
+            message = HEADER_TOO_LONG.format(name=self.name, limit=self.max_line)
+            raise ReaderError(message) from exc
         if not header or not any(name.strip() for name in header):
-            raise ReaderError(NO_HEADER.format(name=self.path.name))
+            raise ReaderError(NO_HEADER.format(name=self.name))
         names = [name.strip() for name in header]
         seen: set[str] = set()
         for position, name in enumerate(names, start=1):
             if not name:
-                raise ReaderError(BLANK_COLUMN.format(name=self.path.name, position=position))
+                raise ReaderError(BLANK_COLUMN.format(name=self.name, position=position))
             if name in seen:
-                raise ReaderError(DUPLICATE_COLUMN.format(name=self.path.name, column=name))
+                raise ReaderError(DUPLICATE_COLUMN.format(name=self.name, column=name))
             seen.add(name)
         if any(UNDECODABLE.search(name) for name in names):
-            raise ReaderError(f"{self.path.name}: the header is {NOT_UTF8}")
+            raise ReaderError(f"{self.name}: the header is {NOT_UTF8}")
 
         def records() -> Iterator[Mapping[str, Any]]:
-            # reader.line_num counts physical lines read so far, so a record
-            # starts on the line after the previous record ended.
-            previous_end = reader.line_num
+            # lines.number counts physical lines read so far (reader.line_num
+            # leaves out a line dropped as too long), so a record starts on the
+            # line after the previous record ended.
             while True:
-                start = previous_end + 1
+                start = lines.number + 1
+                lines.new_record()
                 try:
                     record = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    previous_end = reader.line_num
                     yield self._emit(start, BadLine(start, NOT_CSV.format(error=exc)))
                     continue
-                previous_end = reader.line_num
+                except LineTooLong:
+                    reason = LINE_TOO_LONG.format(limit=self.max_line)
+                    yield self._emit(start, BadLine(start, reason))
+                    continue
                 if not record:
                     continue  # a blank line
                 if UNDECODABLE.search("".join(record)):
@@ -216,7 +340,18 @@ class RowStream(Iterator[Mapping[str, Any]]):
     def _jsonl_rows(self) -> Iterator[Mapping[str, Any]]:
         # A JSON value that is not an object is yielded as it is: the row
         # parser rejects it with its own "row must be an object" message.
-        for number, line in enumerate(self._file, start=1):
+        lines = Lines(self._file, self.max_line)
+        while True:
+            lines.new_record()
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except LineTooLong:
+                reason = LINE_TOO_LONG.format(limit=self.max_line)
+                yield self._emit(lines.number, BadLine(lines.number, reason))
+                continue
+            number = lines.number
             if not line.strip():
                 continue  # a blank line, typically the last one
             if UNDECODABLE.search(line):
@@ -238,6 +373,21 @@ class RowStream(Iterator[Mapping[str, Any]]):
         if position < 0:
             raise IndexError(f"row {index} has not been read")
         return index + self._offsets[position]
+
+    def count_rest(self) -> int:
+        """Read the rest of the file without parsing it; the number of lines in it.
+
+        Inflating the rest enforces the decompressed cap on the whole file
+        (``InputTooLarge``) at the cost of the decompression alone; its lines
+        are about the rows left (see ``estimate_total``). The stream is
+        exhausted afterwards.
+        """
+        lines = 0
+        last = "\n"
+        while block := self._file.read(BLOCK_SIZE):
+            lines += block.count("\n")
+            last = block[-1]
+        return lines if last == "\n" else lines + 1
 
     def estimate_total(self) -> int | None:
         """About how many rows the file holds, from a fast count of its line breaks.

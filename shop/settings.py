@@ -253,6 +253,14 @@ CACHE_RECOMMENDATIONS = env_int("CACHE_RECOMMENDATIONS", 20)
 ADMIN_IMPORT_DIR = Path(os.environ.get("ADMIN_IMPORT_DIR") or BASE_DIR / "var" / "imports")
 ADMIN_IMPORT_SYNC_MAX_ROWS = env_int("ADMIN_IMPORT_SYNC_MAX_ROWS", 5000)
 ADMIN_IMPORT_MAX_BYTES = env_int("ADMIN_IMPORT_MAX_BYTES", 200 * 1024 * 1024)
+# The preview validates the first rows only (the confirm imports them all);
+# the rest is inflated and counted, so an oversized file is refused at upload.
+ADMIN_IMPORT_PREVIEW_ROWS = env_int("ADMIN_IMPORT_PREVIEW_ROWS", 10_000)
+# Every import file reader (admin, import commands): a gzipped file that
+# inflates to more is refused; a line (a CSV record) longer than this many
+# characters, its line break included, is a bad line, read in pieces and dropped.
+IMPORT_MAX_DECOMPRESSED_BYTES = env_int("IMPORT_MAX_DECOMPRESSED_BYTES", 512 * 1024 * 1024)
+IMPORT_MAX_LINE_LENGTH = env_int("IMPORT_MAX_LINE_LENGTH", 1024 * 1024)
 
 LOGGING = {
     "version": 1,

@@ -1,5 +1,7 @@
-"""factory-boy factories for the shop's models."""
+"""factory-boy factories for the shop's models, and import files made in memory."""
 
+import gzip
+import io
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -96,3 +98,19 @@ class BatchProcessingLogFactory(factory.django.DjangoModelFactory):
     status = BatchProcessingLog.Status.COMPLETED
     chunk_size = 1000
     started_at = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def gzip_bomb(zeros: int, *, before: str = "") -> bytes:
+    """``before`` then ``zeros`` zero bytes with no line break, gzipped.
+
+    About a thousandth of ``zeros`` in memory and on disk: the zeros are
+    compressed a mebibyte at a time, never held whole.
+    """
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as file:
+        file.write(before.encode())
+        block = bytes(1 << 20)
+        for _ in range(zeros >> 20):
+            file.write(block)
+        file.write(bytes(zeros & ((1 << 20) - 1)))
+    return out.getvalue()

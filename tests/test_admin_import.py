@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+import tracemalloc
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,7 +21,13 @@ from jobs.models import Job
 from jobs.tasks import run_partition
 from products import imports
 from products.models import Product, ProductView
-from tests.factories import CategoryFactory, ProductFactory, StaffFactory, UserFactory
+from tests.factories import (
+    CategoryFactory,
+    ProductFactory,
+    StaffFactory,
+    UserFactory,
+    gzip_bomb,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -344,3 +351,111 @@ def test_sweep_keeps_the_files_of_a_running_import(client, staff, existing, sett
         [f"{running}.csv", f"{running}.json", f"{running}.claim"]
     )
     assert previewed not in "".join(staged_files(settings))
+
+
+# -- limits: decompressed size, line length, preview rows ---------------------------
+
+HEADER = "sku,name,category,price,stock_quantity\n"
+DECOMPRESSED_LIMIT = (
+    "catalogue.csv.gz is larger than 262,144 bytes once decompressed "
+    "(settings.IMPORT_MAX_DECOMPRESSED_BYTES)"
+)
+
+
+def product_lines(count: int, start: int = 0) -> str:
+    return "".join(f"S-{index},n,c,1,1\n" for index in range(start, start + count))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # The zeros are the header: the first line is already too long.
+        (
+            lambda: gzip_bomb(16 << 20),
+            "cannot read the file: catalogue.csv.gz: the header is longer than 65,536 "
+            "characters (settings.IMPORT_MAX_LINE_LENGTH)",
+        ),
+        # After a good row: one long bad line, dropped until the cap is reached.
+        (lambda: gzip_bomb(16 << 20, before=HEADER + product_lines(1)), DECOMPRESSED_LIMIT),
+        # Good short rows past the previewed ones: inflated and counted all the same.
+        (lambda: gzipped(HEADER + product_lines(30_000)), DECOMPRESSED_LIMIT),
+    ],
+    ids=["zeros-as-header", "zeros-after-a-row", "rows-past-the-preview"],
+)
+def test_a_gzip_bomb_is_a_form_error_naming_the_limit(client, staff, settings, data, message):
+    settings.IMPORT_MAX_DECOMPRESSED_BYTES = 256 * 1024
+    settings.IMPORT_MAX_LINE_LENGTH = 64 * 1024
+    settings.ADMIN_IMPORT_PREVIEW_ROWS = 10
+    file = SimpleUploadedFile("catalogue.csv.gz", data())
+    response = client.post(UPLOAD, {"kind": "products", "file": file})
+    assert response.status_code == 200
+    assert response.context["form"].errors["file"] == [message]
+    assert staged_files(settings) == []
+    assert Product.objects.count() == 0
+
+
+def test_a_gzip_bomb_upload_stays_small_in_memory(client, staff, settings):
+    """24 MiB of zeros in one line, under the decompressed cap: a bad line, never held whole."""
+    file = SimpleUploadedFile("catalogue.csv.gz", gzip_bomb(24 << 20, before=HEADER))
+    tracemalloc.start()
+    try:
+        response = client.post(UPLOAD, {"kind": "products", "file": file})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes allocated at the peak"
+    preview = client.get(detail_url(response)).context["staged"].preview
+    assert preview["errors"][0]["message"].startswith("longer than 1,048,576 characters")
+
+
+def test_a_line_over_the_bound_is_a_bad_line_and_the_rest_imports(client, staff, settings):
+    settings.IMPORT_MAX_LINE_LENGTH = 100
+    text = HEADER + product_lines(1) + f"LONG,{'x' * 5000},c,1,1\n" + product_lines(2, start=1)
+    url = detail_url(upload(client, text))
+    preview = client.get(url).context["staged"].preview
+    too_long = "longer than 100 characters (settings.IMPORT_MAX_LINE_LENGTH); the line is skipped"
+    assert preview["errors"] == [{"line": 3, "field": "row", "message": too_long}]
+    assert (preview["rows"], preview["created"], preview["skipped"]) == (4, 3, 1)
+    client.post(url)
+    assert sorted(Product.objects.values_list("sku", flat=True)) == ["S-0", "S-1", "S-2"]
+    result = client.get(url).context["staged"].result
+    assert result["errors"] == [{"line": 3, "field": "row", "message": too_long}]
+
+
+def test_the_preview_reads_a_bounded_number_of_rows_and_says_so(
+    client, staff, settings, django_assert_num_queries
+):
+    settings.ADMIN_IMPORT_PREVIEW_ROWS = 3
+    settings.BULK_CHUNK_SIZE = 2
+    # A bad price on line 10, past the rows the preview reads.
+    text = HEADER + product_lines(8) + "BAD,n,c,abc,1\n" + product_lines(2, start=8)
+    upload_file = SimpleUploadedFile("c.csv", text.encode())
+    # One query per chunk of the previewed rows only.
+    with django_assert_num_queries(math.ceil(3 / 2)):
+        staged = imports.stage(upload_file, imports.PRODUCTS, staff.pk)
+    preview = staged.preview
+    assert {key: preview[key] for key in ("rows", "rows_total", "truncated", "created")} == {
+        "rows": 3,
+        "rows_total": 11,
+        "truncated": True,
+        "created": 3,
+    }
+    assert preview["errors"] == []
+    url = reverse("admin:products_product_import_detail", args=[staged.token])
+    html = client.get(url).content.decode()
+    assert "The preview read the first 3 of about 11 rows" in html
+    # The confirm imports the whole file, and finds the bad line the preview did not read.
+    client.post(url)
+    assert Product.objects.count() == 10
+    result = client.get(url).context["staged"].result
+    assert (result["read"], result["created"], result["skipped"]) == (11, 10, 1)
+    assert [(error["line"], error["field"]) for error in result["errors"]] == [(10, "price")]
+
+
+def test_a_preview_of_the_whole_file_says_nothing_of_a_bound(client, staff, settings):
+    settings.ADMIN_IMPORT_PREVIEW_ROWS = 3
+    url = detail_url(upload(client, HEADER + product_lines(3)))
+    page = client.get(url)
+    preview = page.context["staged"].preview
+    assert (preview["rows"], preview["rows_total"], preview["truncated"]) == (3, 3, False)
+    assert 'id="preview-truncated"' not in page.content.decode()

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tracemalloc
 from decimal import Decimal
 from io import StringIO
 from pathlib import Path
@@ -32,7 +33,7 @@ from products.models import Product, ProductView
 from products.readers import BadLine, ReaderError, RowStream, detect_format
 from products.services import rows as r
 from products.services.optimized import OptimizedProducts
-from tests.factories import CategoryFactory, ProductFactory, UserFactory
+from tests.factories import CategoryFactory, ProductFactory, UserFactory, gzip_bomb
 from tests.test_services import LOG_QUERIES, per_chunk
 
 pytestmark = pytest.mark.django_db
@@ -281,6 +282,23 @@ class TestBadLines:
         assert "line 2: row: not valid UTF-8 text" in out
         assert list(Product.objects.values_list("sku", flat=True)) == ["IMP-00001"]
 
+    @pytest.mark.parametrize("name", ["products.csv", "products.jsonl.gz"])
+    def test_a_line_over_the_bound_is_a_bad_line(self, tmp_path, settings, name):
+        settings.IMPORT_MAX_LINE_LENGTH = 200
+        rows = [product_row(1), product_row(2, name="x" * 5000), product_row(3, price="abc")]
+        rows.append(product_row(4))
+        if name.endswith(".csv"):
+            path = write_csv(tmp_path / name, rows)
+            lines = (3, 4)  # line 1 is the header
+        else:
+            path = write_lines(tmp_path / name, [json.dumps(row) for row in rows])
+            lines = (2, 3)
+        out = run("import_products", path)
+        too_long = "longer than 200 characters (settings.IMPORT_MAX_LINE_LENGTH)"
+        assert f"line {lines[0]}: row: {too_long}; the line is skipped" in out
+        assert f"line {lines[1]}: price: must be a decimal number" in out
+        assert sorted(products_by_sku()) == ["IMP-00001", "IMP-00004"]
+
     def test_at_most_20_are_printed(self, tmp_path):
         rows = [product_row(i, price="x") for i in range(25)] + [product_row(99)]
         out = run("import_products", write_csv(tmp_path / "products.csv", rows))
@@ -333,6 +351,33 @@ class TestErrors:
         log = only_log()
         assert log.status == BatchProcessingLog.Status.FAILED
         assert Product.objects.count() == log.rows_created == log.checkpoint_position > 0
+
+    def test_gzip_bomb_after_good_rows_fails_the_run_naming_the_limit(self, tmp_path, settings):
+        settings.IMPORT_MAX_DECOMPRESSED_BYTES = 256 * 1024
+        settings.IMPORT_MAX_LINE_LENGTH = 64 * 1024
+        rows = "".join(",".join(product_row(i).values()) + "\n" for i in range(3))
+        path = tmp_path / "products.csv.gz"
+        path.write_bytes(gzip_bomb(16 << 20, before=",".join(HEADER) + "\n" + rows))
+        message = (
+            r"cannot read .*products\.csv\.gz after row 4: products\.csv\.gz is larger than "
+            r"262,144 bytes once decompressed \(settings\.IMPORT_MAX_DECOMPRESSED_BYTES\)"
+        )
+        with pytest.raises(CommandError, match=message):
+            run("import_products", path, chunk_size=2, verbosity=0)
+        log = only_log()
+        assert log.status == BatchProcessingLog.Status.FAILED
+        # Rows 0-3 (three products, then the bomb's first piece as a bad line)
+        # were committed; dropping the rest of that line reached the cap.
+        assert (Product.objects.count(), log.checkpoint_position) == (3, 4)
+
+    def test_gzip_bomb_as_the_header_is_a_command_error(self, tmp_path, settings):
+        settings.IMPORT_MAX_LINE_LENGTH = 64 * 1024
+        path = tmp_path / "products.csv.gz"
+        path.write_bytes(gzip_bomb(16 << 20))
+        message = r"products\.csv\.gz: the header is longer than 65,536 characters"
+        with pytest.raises(CommandError, match=message):
+            run("import_products", path)
+        assert not BatchProcessingLog.objects.exists()
 
     @pytest.mark.django_db(transaction=True)
     def test_failed_run_is_a_command_error_naming_the_run(self, tmp_path, monkeypatch, settings):
@@ -480,6 +525,42 @@ class TestReaders:
             with pytest.raises(OSError, match="Not a gzipped file"):
                 for _ in stream:
                     pass
+
+    def test_a_line_without_end_is_read_in_bounded_pieces(self, tmp_path):
+        """24 MiB with no line break: a bad line, never held whole, and the next row is read."""
+        path = tmp_path / "rows.csv.gz"
+        path.write_bytes(gzip_bomb(24 << 20, before="a,b\n1,2\n") + gzip.compress(b"\n3,4\n"))
+        tracemalloc.start()
+        try:
+            with RowStream(path) as stream:
+                rows = list(stream)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, f"{peak:,} bytes allocated at the peak"
+        assert rows[0] == {"a": "1", "b": "2"}
+        assert isinstance(rows[1], BadLine)
+        assert (rows[1].line, rows[1].reason) == (
+            3,
+            "longer than 1,048,576 characters (settings.IMPORT_MAX_LINE_LENGTH); "
+            "the line is skipped",
+        )
+        assert rows[2] == {"a": "3", "b": "4"}
+        assert stream.line_of(2) == 4
+
+    def test_a_multi_line_record_shares_one_bound(self, settings, tmp_path):
+        settings.IMPORT_MAX_LINE_LENGTH = 20
+        path = tmp_path / "rows.csv"
+        quoted = "\n".join(["x" * 8] * 4)  # four short lines, 35 characters in all
+        path.write_text(f'a,b\n1,"{quoted}"\n2,ok\n', encoding="utf-8")
+        with RowStream(path) as stream:
+            rows = list(stream)
+        assert isinstance(rows[0], BadLine)
+        assert rows[0].line == 2
+        # The record's last lines are read as records of their own (bad ones):
+        # the reader recovers at the next record boundary it can see.
+        assert rows[-1] == {"a": "2", "b": "ok"}
+        assert stream.line_of(len(rows) - 1) == 6
 
     def test_line_numbers(self, tmp_path):
         path = tmp_path / "rows.csv"

@@ -128,9 +128,10 @@ class ImportCommand(BaseCommand):
                 if log is not None and log.pk is not None:
                     self.stderr.write(INTERRUPTED.format(log_id=log.pk))
                 raise
-            except (OSError, EOFError, zlib.error) as exc:
-                # A file broken half-way (a truncated gzip, a disk error): the
-                # engine has marked the run failed and kept its checkpoint.
+            except (OSError, EOFError, zlib.error, ReaderError) as exc:
+                # A file broken half-way (a truncated gzip, a disk error, more
+                # than IMPORT_MAX_DECOMPRESSED_BYTES inflated): the engine has
+                # marked the run failed and kept its checkpoint.
                 log = run_log_of(exc)
                 log_id = log.pk if log is not None else None
                 raise CommandError(
