@@ -119,13 +119,19 @@ def database_from_env() -> dict:
     config = dj_database_url.parse(url)
     options = config.setdefault("OPTIONS", {})
     if config["ENGINE"] == "django.db.backends.postgresql":
+        from psycopg_pool import ConnectionPool
+
         # Django's native pool (psycopg_pool). CONN_MAX_AGE must stay 0 with it.
+        # ``check`` tries each connection before lending it (one empty query):
+        # after a database restart or failover the pool's connections are all
+        # dead, and without it each would fail one request before being dropped.
         options.setdefault(
             "pool",
             {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 2),
                 "max_size": env_int("DB_POOL_MAX_SIZE", 10),
                 "timeout": env_int("DB_POOL_TIMEOUT", 10),
+                "check": ConnectionPool.check_connection,
             },
         )
         config["CONN_MAX_AGE"] = 0
