@@ -121,25 +121,40 @@ WSGI_APPLICATION = "shop.wsgi.application"
 ASGI_APPLICATION = "shop.asgi.application"
 
 
+def check_pooled_connection(connection) -> None:
+    """The pool's ``check``: a connection is tried (one empty query) before it is lent.
+
+    A dead connection is rarely alone: a database restart or failover ends
+    every backend. psycopg_pool would try the idle ones one at a time, waiting
+    1, 2, 4... seconds between tries, and a request would time out behind a
+    few of them; so the first dead one has the pool check every idle one at
+    once (``ConnectionPool.check``), and the request waits for a new one only.
+    """
+    from psycopg_pool import ConnectionPool
+
+    try:
+        ConnectionPool.check_connection(connection)
+    except Exception:
+        connection._pool.check()  # the pool lending it (psycopg sets it, as Django reads it)
+        raise
+
+
 def database_from_env() -> dict:
     """The default database: DATABASE_URL, or an SQLite file beside manage.py."""
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     config = dj_database_url.parse(url)
     options = config.setdefault("OPTIONS", {})
     if config["ENGINE"] == "django.db.backends.postgresql":
-        from psycopg_pool import ConnectionPool
-
         # Django's native pool (psycopg_pool). CONN_MAX_AGE must stay 0 with it.
-        # ``check`` tries each connection before lending it (one empty query):
-        # after a database restart or failover the pool's connections are all
-        # dead, and without it each would fail one request before being dropped.
+        # ``check``: after a database restart or failover the pool's connections
+        # are all dead; unchecked, each would fail one request before being dropped.
         options.setdefault(
             "pool",
             {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 2),
                 "max_size": env_int("DB_POOL_MAX_SIZE", 10),
                 "timeout": env_int("DB_POOL_TIMEOUT", 10),
-                "check": ConnectionPool.check_connection,
+                "check": check_pooled_connection,
             },
         )
         config["CONN_MAX_AGE"] = 0

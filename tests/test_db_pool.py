@@ -3,7 +3,7 @@
 A restart or a failover ends every backend; the pool still holds their
 connections and would hand them out dead, one failed request (a 500) each until
 the pool has cycled them all. The pool checks a connection before handing it
-out (``check``) and replaces a dead one instead.
+out (``check``), and at the first dead one replaces every dead idle one.
 """
 
 import psycopg
@@ -12,18 +12,16 @@ from django.db import connection
 from django.test import Client
 from psycopg import sql
 
-from shop.settings import database_from_env
+from shop.settings import check_pooled_connection, database_from_env
 from tests.factories import ProductFactory, StaffFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_postgresql_pool_checks_connections_before_use(monkeypatch):
-    from psycopg_pool import ConnectionPool
-
     monkeypatch.setenv("DATABASE_URL", "postgres://shop@db.example/shop")
     pool = database_from_env()["OPTIONS"]["pool"]
-    assert pool["check"] is ConnectionPool.check_connection
+    assert pool["check"] is check_pooled_connection
 
 
 def terminate_other_backends() -> int:
@@ -59,12 +57,16 @@ def test_requests_after_the_pooled_backends_were_terminated():
     # The test client keeps the request's connection; a server returns it to
     # the pool when the request ends (CONN_MAX_AGE is 0 with the pool).
     connection.close()
-    assert connection.pool.get_stats()["pool_available"] >= 1
+    # A busy pool: every connection it may hold open and idle.
+    pool = connection.pool
+    lent = [pool.getconn() for _ in range(pool.max_size)]
+    for conn in lent:
+        pool.putconn(conn)
+    assert pool.get_stats()["pool_available"] == pool.max_size
 
-    assert terminate_other_backends() >= 1
+    assert terminate_other_backends() >= pool.max_size
 
-    pool_size = connection.pool.max_size
-    for _ in range(pool_size + 1):  # more requests than the pool holds connections
+    for _ in range(pool.max_size + 1):  # more requests than the pool holds connections
         response = client.get("/products/")
         assert response.status_code == 200
         assert product.sku in response.content.decode()
