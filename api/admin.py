@@ -1,10 +1,11 @@
 from django.contrib import admin
 
 from api.models import ApiToken, IdempotencyRecord
+from batching.admin import DeclaredFiltersMixin
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     """Tokens are created with `manage.py api_token create` (the secret is shown once)."""
 
     list_display = ["id", "prefix", "name", "user", "created_at", "revoked_at"]
@@ -25,7 +26,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(IdempotencyRecord)
-class IdempotencyRecordAdmin(admin.ModelAdmin):
+class IdempotencyRecordAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     """Read-only; delete a record to free its key (for example after a crash mid-request)."""
 
     list_display = ["key", "user", "status_code", "created_at"]

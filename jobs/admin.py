@@ -12,7 +12,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from batching.admin import ReadOnlyAdminMixin
+from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from jobs.models import Job, JobPartition
 
 
@@ -33,7 +33,7 @@ class JobPartitionInline(ReadOnlyAdminMixin, admin.TabularInline):
 
 
 @admin.register(Job)
-class JobAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "operation",

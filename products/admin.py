@@ -23,13 +23,13 @@ from django.urls import path, reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET, require_http_methods
 
-from batching.admin import ReadOnlyAdminMixin
+from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from products import cache, imports
 from products.models import Category, Product, ProductView, RecommendationScore
 
 
 @admin.register(Category)
-class CategoryAdmin(admin.ModelAdmin):
+class CategoryAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     list_display = ["name", "product_count"]
     # Also what the Product form's category autocomplete searches.
     search_fields = ["name"]
@@ -78,7 +78,7 @@ class ImportForm(forms.Form):
 
 
 @admin.register(Product)
-class ProductAdmin(admin.ModelAdmin):
+class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     list_display = [
         "sku",
         "name",
@@ -204,7 +204,7 @@ class ProductAdmin(admin.ModelAdmin):
 
 
 @admin.register(ProductView)
-class ProductViewAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class ProductViewAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     """Interactions are bulk-loaded by create_product_views; here they are only read.
 
     The table is the largest in the shop, so the list avoids what scales with
@@ -223,7 +223,7 @@ class ProductViewAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(RecommendationScore)
-class RecommendationScoreAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+class RecommendationScoreAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     """Scores are upserted by upsert_recommendation_scores; here they are only read."""
 
     list_display = ["id", "user", "product", "algorithm", "score", "updated_at"]

@@ -178,7 +178,7 @@ def _svg(width: int, height: int, title: str, desc: str, body: Iterable[str]) ->
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
         f'aria-label="{label}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" style="max-width:100%;height:auto" '
+        f'viewBox="0 0 {width} {height}" '
         f'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" '
         f'font-size="{FONT_SIZE}" fill="currentColor">',
         f"<title>{label}</title>",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
+    "api.middleware.NoStoreMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -89,7 +92,10 @@ MIDDLEWARE = [
 DEBUG_TOOLBAR = DEBUG and env_bool("DEBUG_TOOLBAR", True)
 if DEBUG_TOOLBAR:
     INSTALLED_APPS.append("debug_toolbar")
-    MIDDLEWARE.insert(0, "debug_toolbar.middleware.DebugToolbarMiddleware")
+    # Inside the CSP middleware, so that the policy it sends names the nonce
+    # the toolbar's script and style are given.
+    csp = MIDDLEWARE.index("django.middleware.csp.ContentSecurityPolicyMiddleware")
+    MIDDLEWARE.insert(csp + 1, "debug_toolbar.middleware.DebugToolbarMiddleware")
     INTERNAL_IPS = ["127.0.0.1", "::1"]
 
 ROOT_URLCONF = "shop.urls"
@@ -104,6 +110,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                # csp_nonce, for {% csp_nonce_attr %} on inline <script> and <style>.
+                "django.template.context_processors.csp",
             ],
         },
     },
@@ -113,6 +121,24 @@ WSGI_APPLICATION = "shop.wsgi.application"
 ASGI_APPLICATION = "shop.asgi.application"
 
 
+def check_pooled_connection(connection) -> None:
+    """The pool's ``check``: a connection is tried (one empty query) before it is lent.
+
+    A dead connection is rarely alone: a database restart or failover ends
+    every backend. psycopg_pool would try the idle ones one at a time, waiting
+    1, 2, 4... seconds between tries, and a request would time out behind a
+    few of them; so the first dead one has the pool check every idle one at
+    once (``ConnectionPool.check``), and the request waits for a new one only.
+    """
+    from psycopg_pool import ConnectionPool
+
+    try:
+        ConnectionPool.check_connection(connection)
+    except Exception:
+        connection._pool.check()  # the pool lending it (psycopg sets it, as Django reads it)
+        raise
+
+
 def database_from_env() -> dict:
     """The default database: DATABASE_URL, or an SQLite file beside manage.py."""
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
@@ -120,12 +146,15 @@ def database_from_env() -> dict:
     options = config.setdefault("OPTIONS", {})
     if config["ENGINE"] == "django.db.backends.postgresql":
         # Django's native pool (psycopg_pool). CONN_MAX_AGE must stay 0 with it.
+        # ``check``: after a database restart or failover the pool's connections
+        # are all dead; unchecked, each would fail one request before being dropped.
         options.setdefault(
             "pool",
             {
                 "min_size": env_int("DB_POOL_MIN_SIZE", 2),
                 "max_size": env_int("DB_POOL_MAX_SIZE", 10),
                 "timeout": env_int("DB_POOL_TIMEOUT", 10),
+                "check": check_pooled_connection,
             },
         )
         config["CONN_MAX_AGE"] = 0
@@ -174,6 +203,20 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not 
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy on every page: scripts, styles, images and requests
+# from the shop itself only; an inline <script> or <style> runs only with the
+# request's nonce ({% csp_nonce_attr %}), and inline style attributes not at
+# all. Swagger UI's icons are data: images.
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF, CSP.NONCE],
+    "style-src": [CSP.SELF, CSP.NONCE],
+    "img-src": [CSP.SELF, "data:"],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 
 # Bulk operations. Every service method's chunk is BULK_CHUNK_SIZE rows (an
 # order counts its lines) unless the caller passes chunk_size.
