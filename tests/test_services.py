@@ -14,6 +14,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
@@ -21,6 +22,7 @@ from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from tests.factories import (
+    BatchProcessingLogFactory,
     CategoryFactory,
     OrderFactory,
     ProductFactory,
@@ -371,6 +373,168 @@ class TestSameEndState:
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
         assert o_result.skipped > 0
+
+
+# -- every column an operation touches, and no other ----------------------------------
+
+EARLIER = datetime(2025, 6, 1, tzinfo=UTC)  # when the seeded products were written
+NOW = "written by this run"  # stands for a timestamp taken during the run
+
+
+@pytest.fixture
+def marked():
+    """Six products as an earlier import left them: views counted, its marks, old times."""
+    earlier = BatchProcessingLogFactory(operation=BatchProcessingLog.Operation.PRODUCTS)
+    shelf = CategoryFactory(name="Old shelf")
+    for n in range(6):
+        ProductFactory(
+            sku=f"OLD-{n}",
+            category=shelf,
+            price=Decimal("3.00"),
+            stock_quantity=9,
+            view_count=10 + n,
+            last_import=earlier,
+            last_import_row=100 + n,
+        )
+    # auto_now and auto_now_add fill these on save: set them afterwards.
+    Product.objects.update(created_at=EARLIER, updated_at=EARLIER)
+    return earlier
+
+
+def every_column() -> dict[str, dict]:
+    """Each product by sku, every column of it."""
+    return {row["sku"]: row for row in Product.objects.values()}
+
+
+def written_during(columns: dict[str, dict], started: datetime) -> dict[str, dict]:
+    """``columns`` with each timestamp taken after ``started`` shown as ``NOW``."""
+    return {
+        sku: row
+        | {
+            name: NOW
+            for name in ("created_at", "updated_at")
+            if started <= row[name] <= timezone.now()
+        }
+        for sku, row in columns.items()
+    }
+
+
+class TestEveryColumn:
+    """The exact state of every column afterwards, from seeded non-zero counters and marks.
+
+    A naive-against-optimized comparison misses what both variants do alike
+    (or what the compared columns leave out): these state the values.
+    """
+
+    def test_import_products(self, service, marked):
+        before = every_column()
+        rows = [
+            {"sku": "OLD-1", "name": "One", "category": "New shelf", "price": "1.10",
+             "stock_quantity": 1, "is_active": False},
+            {"sku": "NEW-0", "name": "Fresh", "category": "Old shelf", "price": "5.00",
+             "stock_quantity": 4},
+            {"sku": "OLD-0", "name": "Zero", "category": "Old shelf", "price": "0.50",
+             "stock_quantity": 0},
+            {"sku": "NEW-1", "name": "Fresher", "category": "New shelf", "price": "6.00",
+             "stock_quantity": 5, "is_active": False},
+            {"sku": "OLD-2", "name": "Two", "category": "New shelf", "price": "2.20",
+             "stock_quantity": 2},
+        ]  # fmt: skip
+        started = timezone.now()
+        result = service.import_products(rows, chunk_size=2)
+
+        after = written_during(every_column(), started)
+        assert (result.created, result.updated, result.skipped) == (2, 3, 0)
+        categories = dict(Category.objects.values_list("name", "pk"))
+        expected = {sku: before[sku] for sku in ("OLD-3", "OLD-4", "OLD-5")}
+        for index, row in enumerate(rows):
+            sku = row["sku"]
+            written = {
+                "name": row["name"],
+                "category_id": categories[row["category"]],
+                "price": Decimal(row["price"]),
+                "stock_quantity": row["stock_quantity"],
+                "is_active": row.get("is_active", True),
+                "updated_at": NOW,
+                "last_import_id": result.log_id,
+                "last_import_row": index,
+            }
+            if sku in before:  # updated: its counter and creation time stay
+                expected[sku] = before[sku] | written
+            else:
+                expected[sku] = written | {
+                    "id": after[sku]["id"],
+                    "sku": sku,
+                    "view_count": 0,
+                    "created_at": NOW,
+                }
+        assert after == expected
+
+    def test_update_products(self, service, marked):
+        before = every_column()
+        rows = [
+            {"sku": "OLD-1", "price": "1.10"},
+            {"sku": "OLD-0", "stock_quantity": 0},
+            {"sku": "MISSING", "price": "1.00"},
+            {"sku": "OLD-2", "price": "2.20", "stock_quantity": 2},
+            {"sku": "OLD-1", "stock_quantity": 5},  # repeated: the first row wins
+        ]
+        started = timezone.now()
+        result = service.update_products(rows, chunk_size=2)
+
+        after = written_during(every_column(), started)
+        assert (result.updated, result.skipped) == (3, 2)
+        assert errors_by_index(result) == {2: ("sku", "not_found"), 4: ("sku", "duplicate")}
+        marks = {"updated_at": NOW, "last_import_id": result.log_id}
+        assert after == before | {
+            "OLD-1": before["OLD-1"] | marks | {"price": Decimal("1.10"), "last_import_row": 0},
+            "OLD-0": before["OLD-0"] | marks | {"stock_quantity": 0, "last_import_row": 1},
+            "OLD-2": before["OLD-2"]
+            | marks
+            | {"price": Decimal("2.20"), "stock_quantity": 2, "last_import_row": 3},
+        }
+
+    def test_product_views(self, service, marked):
+        before = every_column()
+        users = UserFactory.create_batch(2)
+        pks = dict(Product.objects.values_list("sku", "pk"))
+        rows = [
+            {"user_id": users[n % 2].pk, "product_id": pks[sku], "session_id": f"v{n}"}
+            for n, sku in enumerate(["OLD-0", "OLD-2", "OLD-0", "OLD-5"])
+        ]
+        result = service.create_product_views(rows, chunk_size=3)
+
+        assert (result.written, result.skipped) == (4, 0)
+        assert every_column() == before | {
+            sku: before[sku] | {"view_count": before[sku]["view_count"] + views}
+            for sku, views in (("OLD-0", 2), ("OLD-2", 1), ("OLD-5", 1))
+        }
+
+    def test_orders(self, service, marked):
+        before = every_column()
+        user = UserFactory()
+        pks = dict(Product.objects.values_list("sku", "pk"))
+        rows = [
+            {"reference": "A", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 4},
+                       {"product_id": pks["OLD-1"], "quantity": 1}]},
+            {"reference": "B", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 6}]},  # 5 left: rejected
+            {"reference": "C", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 5}]},
+        ]  # fmt: skip
+        result = service.process_orders(rows, chunk_size=2)
+
+        assert (result.written, result.skipped) == (2, 1)
+        assert errors_by_index(result) == {1: ("items", "insufficient_stock")}
+        assert every_column() == before | {
+            "OLD-0": before["OLD-0"] | {"stock_quantity": 0},
+            "OLD-1": before["OLD-1"] | {"stock_quantity": 8},
+        }
+        assert dict(Order.objects.values_list("reference", "total")) == {
+            "A": Decimal("15.00"),
+            "C": Decimal("15.00"),
+        }
 
 
 # -- bad rows ---------------------------------------------------------------------
