@@ -12,8 +12,10 @@ import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import factory
 import pytest
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
@@ -36,6 +38,7 @@ LOG_QUERIES = 2  # the log row's INSERT before the first chunk and UPDATE after 
 SAVEPOINTS = 2  # SAVEPOINT + RELEASE per chunk inside the test transaction
 CHECKPOINT = 1  # the log's checkpoint UPDATE inside each chunk's transaction
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+EARLIER = datetime(2025, 6, 1, tzinfo=UTC)  # when an earlier run wrote the seeded rows
 
 
 def chunks(rows: int, chunk_size: int) -> int:
@@ -122,13 +125,49 @@ def order_rows(shop, count: int, prefix: str = "REF") -> list[dict]:
     ]
 
 
+def as_an_earlier_run_left_it() -> None:
+    """Every product and score viewed or scored, marked by an earlier run, written long ago.
+
+    So a run that resets a counter, a mark or a timestamp it should keep (or
+    keeps one it should write) changes the state.
+    """
+    earlier = BatchProcessingLogFactory(operation=BatchProcessingLog.Operation.PRODUCTS)
+    # auto_now and auto_now_add fill the timestamps on save: set them here.
+    Product.objects.update(
+        view_count=F("pk") % 5 + 3,
+        last_import=earlier,
+        last_import_row=F("pk") + 100,
+        created_at=EARLIER,
+        updated_at=EARLIER,
+    )
+    RecommendationScore.objects.update(
+        last_run=earlier, last_run_row=F("pk") + 100, updated_at=EARLIER
+    )
+
+
+THIS_RUN = "this run"  # a timestamp or a mark the last run wrote
+
+
 def state() -> dict:
-    """The shop's data by natural keys, so two runs can be compared."""
+    """The shop's data by natural keys, so two runs can be compared.
+
+    Every column an operation may write is in it. A timestamp or a run mark
+    the last run wrote reads ``THIS_RUN`` (the two runs compared write at
+    different times, under different log ids); older ones read as they are.
+    """
+    run = BatchProcessingLog.objects.order_by("-pk").first()
+
+    def at(moment: datetime) -> datetime | str:
+        return THIS_RUN if run and moment >= run.started_at else moment
+
+    def mark(log_id: int | None) -> int | str | None:
+        return THIS_RUN if run and log_id == run.pk else log_id
+
     return {
         "categories": sorted(Category.objects.values_list("name", flat=True)),
         "products": {
-            sku: rest
-            for sku, *rest in Product.objects.values_list(
+            sku: (*rest, at(created), at(updated), mark(log_id), row)
+            for sku, *rest, created, updated, log_id, row in Product.objects.values_list(
                 "sku",
                 "name",
                 "category__name",
@@ -136,6 +175,10 @@ def state() -> dict:
                 "stock_quantity",
                 "is_active",
                 "view_count",
+                "created_at",
+                "updated_at",
+                "last_import",
+                "last_import_row",
             )
         },
         "views": sorted(
@@ -143,12 +186,18 @@ def state() -> dict:
                 "user_id", "product_id", "session_id", "interaction_type", "created_at"
             )
         ),
-        "scores": dict(
-            ((u, p, a), s)
-            for u, p, a, s in RecommendationScore.objects.values_list(
-                "user_id", "product_id", "algorithm", "score"
+        "scores": {
+            (u, p, a): (score, at(updated), mark(log_id), row)
+            for u, p, a, score, updated, log_id, row in RecommendationScore.objects.values_list(
+                "user_id",
+                "product_id",
+                "algorithm",
+                "score",
+                "updated_at",
+                "last_run",
+                "last_run_row",
             )
-        ),
+        },
         "orders": {
             ref: (user, status, total)
             for ref, user, status, total in Order.objects.values_list(
@@ -308,13 +357,20 @@ class TestNaiveQueryCounts:
 
 class TestSameEndState:
     def test_product_views(self, naive, optimized, shop):
+        as_an_earlier_run_left_it()
+        before = dict(Product.objects.values_list("pk", "view_count"))
         rows = [*view_rows(shop, 30), {"user_id": 999999, "product_id": 1, "session_id": "x"}]
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "create_product_views", rows, chunk_size=8
         )
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
-        assert sum(p[-1] for p in o_state["products"].values()) == 30
+        assert (o_result.written, o_result.skipped) == (30, 1)
+        # 30 views over four products in turn: 8, 8, 7 and 7; none of the inactive one.
+        grown = dict(zip([p.pk for p in shop["products"]], [8, 8, 7, 7], strict=True))
+        assert dict(Product.objects.values_list("pk", "view_count")) == {
+            pk: count + grown.get(pk, 0) for pk, count in before.items()
+        }
 
     def test_recommendation_scores(self, naive, optimized, shop):
         existing = score_rows(shop, 6)
@@ -325,6 +381,7 @@ class TestSameEndState:
                 algorithm=row["algorithm"],
                 score=0.9,
             )
+        as_an_earlier_run_left_it()
         rows = score_rows(shop, 12)
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "upsert_recommendation_scores", rows, chunk_size=5
@@ -336,6 +393,7 @@ class TestSameEndState:
     def test_import_products(self, naive, optimized):
         for row in product_rows(10):
             ProductFactory(sku=row["sku"], price=Decimal("99.00"))
+        as_an_earlier_run_left_it()
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "import_products", product_rows(20), chunk_size=6
         )
@@ -345,6 +403,7 @@ class TestSameEndState:
 
     def test_update_products(self, naive, optimized):
         skus = [product.sku for product in ProductFactory.create_batch(12, stock_quantity=5)]
+        as_an_earlier_run_left_it()
         rows = [
             {"sku": skus[0], "price": "1.25", "stock_quantity": 0},
             {"sku": skus[1], "price": "2.50"},  # stock stays
@@ -359,8 +418,8 @@ class TestSameEndState:
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
         assert (o_result.written, o_result.updated, o_result.skipped) == (12, 12, 2)
-        assert o_state["products"][skus[1]][2:4] == [Decimal("2.50"), 5]
-        assert o_state["products"][skus[2]][2:4] == [Decimal("10.00"), 7]
+        assert o_state["products"][skus[1]][2:4] == (Decimal("2.50"), 5)
+        assert o_state["products"][skus[2]][2:4] == (Decimal("10.00"), 7)
 
     def test_orders(self, naive, optimized, shop):
         rows = order_rows(shop, 20)
@@ -372,33 +431,35 @@ class TestSameEndState:
         )
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
-        assert o_result.skipped > 0
+        # Each order takes one unit of three of the four products (stock 10):
+        # 13 orders take 39 units; from order 13 on, one of its three is gone.
+        short = [3, 13, 14, 16, 17, 18, 19, 20]
+        assert (o_result.written, o_result.skipped) == (13, 9)
+        assert errors_by_index(o_result) == {
+            **dict.fromkeys(short, ("items", "insufficient_stock")),
+            21: ("reference", "duplicate"),
+        }
+        stock = dict(Product.objects.values_list("pk", "stock_quantity"))
+        assert [stock[p.pk] for p in shop["products"]] == [0, 0, 0, 1]
+        assert stock[shop["inactive"].pk] == 10
 
 
 # -- every column an operation touches, and no other ----------------------------------
 
-EARLIER = datetime(2025, 6, 1, tzinfo=UTC)  # when the seeded products were written
 NOW = "written by this run"  # stands for a timestamp taken during the run
 
 
 @pytest.fixture
 def marked():
     """Six products as an earlier import left them: views counted, its marks, old times."""
-    earlier = BatchProcessingLogFactory(operation=BatchProcessingLog.Operation.PRODUCTS)
-    shelf = CategoryFactory(name="Old shelf")
-    for n in range(6):
-        ProductFactory(
-            sku=f"OLD-{n}",
-            category=shelf,
-            price=Decimal("3.00"),
-            stock_quantity=9,
-            view_count=10 + n,
-            last_import=earlier,
-            last_import_row=100 + n,
-        )
-    # auto_now and auto_now_add fill these on save: set them afterwards.
-    Product.objects.update(created_at=EARLIER, updated_at=EARLIER)
-    return earlier
+    ProductFactory.create_batch(
+        6,
+        sku=factory.Iterator(f"OLD-{n}" for n in range(6)),
+        category=CategoryFactory(name="Old shelf"),
+        price=Decimal("3.00"),
+        stock_quantity=9,
+    )
+    as_an_earlier_run_left_it()
 
 
 def every_column() -> dict[str, dict]:
