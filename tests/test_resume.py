@@ -6,10 +6,10 @@ need a database two processes can share, so they run on PostgreSQL only
 (SQLite's test database lives in this process's memory).
 
 The import is safe to repeat by sku, so it cannot show a chunk applied twice:
-views can. ``TestChunkAndCheckpointCommitTogether`` interrupts a views run at
-the exact points where a chunk and its checkpoint could part (after the write,
-at the checkpoint statement, between the halves of a split chunk), on both
-databases, and resumes it.
+views and orders can. ``TestChunkAndCheckpointCommitTogether`` interrupts a
+run at the exact points where a chunk and its checkpoint could part (after the
+write, at the checkpoint statement, between the halves of a split chunk), on
+both databases, and resumes it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from django.utils import timezone
 from batching import liveness
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from orders.models import Order
 from products.models import Category, Product, ProductView
 from tests.factories import ProductFactory, UserFactory
 
@@ -520,6 +521,37 @@ class TestChunkAndCheckpointCommitTogether:
         assert (result.status, result.written, result.skipped) == (Status.COMPLETED, VIEWS, 0)
         assert (log.checkpoint_position, log.rows_written, log.resume_count) == (VIEWS, VIEWS, 1)
         assert_views_stored_once(rows)
+
+    def test_orders_killed_as_chunk_2_records_its_checkpoint(self, service):
+        """Orders: a chunk replayed would report its orders as duplicates, not apply them."""
+        user = UserFactory()
+        products = ProductFactory.create_batch(3, stock_quantity=100)
+        rows = [
+            {
+                "reference": f"RESUME-{n:03d}",
+                "user_id": user.pk,
+                "items": [{"product_id": products[n % 3].pk, "quantity": 1 + n % 2}],
+            }
+            for n in range(VIEWS)
+        ]
+        with killed_at_checkpoint(2), pytest.raises(KeyboardInterrupt):
+            service.process_orders(rows, chunk_size=VIEW_CHUNK)
+        log = BatchProcessingLog.objects.get(operation=BatchProcessingLog.Operation.ORDERS)
+        assert (log.status, log.checkpoint_position) == (Status.INTERRUPTED, VIEW_CHUNK)
+        assert Order.objects.count() == log.rows_written == VIEW_CHUNK
+
+        result = service.process_orders(rows, resume=log.pk)
+
+        assert (result.status, result.written, result.skipped) == (Status.COMPLETED, VIEWS, 0)
+        assert sorted(Order.objects.values_list("reference", flat=True)) == [
+            row["reference"] for row in rows
+        ]
+        taken = Counter()
+        for row in rows:
+            taken[row["items"][0]["product_id"]] += row["items"][0]["quantity"]
+        assert dict(Product.objects.values_list("pk", "stock_quantity")) == {
+            product.pk: 100 - taken[product.pk] for product in products
+        }
 
     def test_killed_between_the_halves_of_a_split_chunk(self, service, monkeypatch):
         """Chunk 2 holds a row the database rejects: the chunk is split in halves.
