@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BENCH_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/shop)
 BENCH_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/6)
 
-.PHONY: venv demo test bench lint format clean
+.PHONY: venv demo test test-portable bench lint format clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ demo: venv
 # The whole suite except the scale checks marked slow (those run in `make bench`).
 test: venv
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The portable path (bulk_create, bulk_update, Case) on PostgreSQL, which the
+# fast paths otherwise take there: the tests of the services, their
+# properties, concurrency, faults and resume, with BULK_PG_FAST_PATHS=0.
+PORTABLE_TESTS := tests/test_services.py tests/test_properties.py tests/test_concurrency.py \
+	tests/test_resume.py tests/test_resilience.py tests/test_repeats.py tests/test_engine.py
+
+test-portable: venv
+	@case "$(DATABASE_URL)" in postgres*) ;; \
+		*) echo "test-portable runs on PostgreSQL: set DATABASE_URL" >&2; exit 1;; esac
+	BULK_PG_FAST_PATHS=0 $(PY) -m pytest -m "not slow" $(PORTABLE_TESTS) $(PYTEST_ARGS)
 
 # Benchmarks on PostgreSQL: the slow scale tests, then the side-by-side figures
 # recorded in BENCHMARKS.md.

@@ -23,6 +23,7 @@ from django.db.models import Count, QuerySet, Sum
 
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
+from batching.postgres import fast_paths
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
@@ -395,12 +396,20 @@ def test_concurrent_replay_of_scores_and_catalogue_ends_as_one_run_would(monkeyp
     )
 
     assert_finished_cleanly(score_runs + catalogue_runs)
-    # Each key was inserted by exactly one run and updated by the other: the
-    # upsert tells them apart row by row (RETURNING xmax = 0), races included.
     for runs, rows in ((score_runs, scores), (catalogue_runs, catalogue)):
         assert [result.written for result in runs] == [len(rows), len(rows)]
-        assert sum(result.created for result in runs) == len(rows)
-        assert sum(result.updated for result in runs) == len(rows)
+        if fast_paths("default"):
+            # Each key was inserted by exactly one run and updated by the other:
+            # the upsert tells them apart row by row (RETURNING xmax = 0), races
+            # included.
+            assert sum(result.created for result in runs) == len(rows)
+            assert sum(result.updated for result in runs) == len(rows)
+        else:
+            # The portable path reads the existing keys before its upsert: a key
+            # both runs found missing is counted as created by both (README,
+            # "PostgreSQL fast paths"). The state below is exact all the same.
+            assert sum(result.created for result in runs) >= len(rows)
+            assert all(result.created + result.updated == len(rows) for result in runs)
     assert {
         (user, product, algorithm): score
         for user, product, algorithm, score in RecommendationScore.objects.values_list(

@@ -13,7 +13,10 @@ model then applies the good rows in input order, and the test checks:
   field, message and code, and no good row is reported;
 * ``read`` is the number of input rows, ``skipped == len(errors)`` and
   ``written + skipped == read``; the BatchProcessingLog row says the same;
-* the database holds exactly the model's state afterwards.
+* the database holds exactly the model's state afterwards; for the catalogue
+  import and the price and stock update, every column of every product
+  (counters, creation time and an earlier run's marks kept, ``updated_at``
+  and this run's marks written), from base products that have views and marks.
 
 A row broken in two fields may be reported for either of them: the tests pin
 *that* a bad row is reported and with which messages, not which of several
@@ -48,6 +51,7 @@ from typing import Any, NamedTuple
 import pytest
 from django.conf import settings as django_settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -61,9 +65,16 @@ from products.services.base import (
     BulkOperationsService,
     OrdersOperation,
     ProductsOperation,
+    ProductUpdatesOperation,
     ScoresOperation,
 )
-from tests.factories import CategoryFactory, OrderFactory, ProductFactory, UserFactory
+from tests.factories import (
+    BatchProcessingLogFactory,
+    CategoryFactory,
+    OrderFactory,
+    ProductFactory,
+    UserFactory,
+)
 
 # 60 examples per test and variant keep the module around 15 s on SQLite and
 # 25 s on PostgreSQL; raise max_examples here for a deeper local run.
@@ -75,6 +86,7 @@ PROPERTY_SETTINGS = settings(
 MAX_ROWS = 14
 CHUNK_SIZES = st.integers(min_value=1, max_value=7)
 UNKNOWN_IDS = (2_000_000_001, 2_147_483_647)  # valid integers, no such row
+EARLIER = datetime(2025, 6, 1, tzinfo=UTC)  # when the base products were last written
 
 
 class _Missing:
@@ -466,6 +478,11 @@ def base(db) -> Base:
             user_id=user_id, product_id=product_id, algorithm=algorithm, score=score
         )
     order = OrderFactory(reference="ORD-EXISTING", user=users[0])
+    # As an earlier import left them: its marks, and timestamps a run would move.
+    earlier = BatchProcessingLogFactory(operation=BatchProcessingLog.Operation.PRODUCTS)
+    Product.objects.update(
+        last_import=earlier, last_import_row=F("pk"), created_at=EARLIER, updated_at=EARLIER
+    )
     return Base(
         users=tuple(user.pk for user in users),
         products={
@@ -701,6 +718,47 @@ def test_upsert_recommendation_scores(
         assert {(u, p, a): s for u, p, a, s in stored} == model.scores
 
 
+# -- every product column ---------------------------------------------------------------
+
+
+def product_columns() -> dict[str, dict[str, Any]]:
+    """Each product by sku, every column of it."""
+    return {row["sku"]: row for row in Product.objects.values()}
+
+
+def assert_products_written(
+    before: dict[str, dict[str, Any]],
+    written: dict[str, dict[str, Any]],
+    result: BatchResult,
+    started: datetime,
+) -> None:
+    """Every product column: ``written`` sets these columns (by sku); all others stay.
+
+    Each product written also gets this run's mark and a new ``updated_at``;
+    a new one gets a new ``created_at`` and no views.
+    """
+    expected = dict(before)
+    for sku, columns in written.items():
+        marked = columns | {"updated_at": NOW, "last_import_id": result.log_id}
+        expected[sku] = (
+            before[sku] | marked
+            if sku in before
+            else marked
+            | {
+                "sku": sku,
+                "view_count": 0,
+                "created_at": NOW,
+            }
+        )
+    after = {
+        sku: row | {name: NOW for name in ("created_at", "updated_at") if row[name] >= started}
+        for sku, row in product_columns().items()
+    }
+    for sku in set(after) - set(before):
+        expected[sku]["id"] = after[sku]["id"]
+    assert after == expected
+
+
 # -- import_products -------------------------------------------------------------------
 
 
@@ -731,12 +789,15 @@ class ProductsModel(NamedTuple):
     catalogue: dict[str, tuple[str, str, Decimal, int, bool]]  # sku -> name, category, ...
     created: int
     updated: int
+    # sku -> the input row that wrote it, then name, category, price, stock, active
+    written: dict[str, tuple[int, str, str, Decimal, int, bool]]
 
 
 def model_products(cases: list[Case], base: Base) -> ProductsModel:
     expected: Expected = {}
     catalogue = base.product_rows()
     seen: dict[str, int] = {}
+    written = {}
     for index, case in enumerate(cases):
         if case.parsed is None:
             expected[index] = validation_errors(case)
@@ -748,8 +809,9 @@ def model_products(cases: list[Case], base: Base) -> ProductsModel:
         seen[p["sku"]] = index
         fields = ("name", "category", "price", "stock_quantity", "is_active")
         catalogue[p["sku"]] = tuple(p[name] for name in fields)  # type: ignore[assignment]
+        written[p["sku"]] = (index, *catalogue[p["sku"]])
     updated = sum(1 for sku in seen if sku in base.product_rows())
-    return ProductsModel(expected, catalogue, len(seen) - updated, updated)
+    return ProductsModel(expected, catalogue, len(seen) - updated, updated, written)
 
 
 @PROPERTY_SETTINGS
@@ -761,16 +823,118 @@ def test_import_products(service: BulkOperationsService, base: Base, data: st.Da
     model = model_products(cases, base)
 
     with rolled_back():
+        before, started = product_columns(), timezone.now()
         result = service.import_products(iter([c.raw for c in cases]), chunk_size=chunk_size)
 
         assert_reported(result, cases, model.expected)
         assert (result.created, result.updated) == (model.created, model.updated)
-        stored = Product.objects.values_list(
-            "sku", "name", "category__name", "price", "stock_quantity", "is_active"
-        )
-        assert {sku: tuple(rest) for sku, *rest in stored} == model.catalogue
         categories = {"Books", "Games"} | {row[1] for row in model.catalogue.values()}
         assert set(Category.objects.values_list("name", flat=True)) == categories
+        category_ids = dict(Category.objects.values_list("name", "pk"))
+        assert_products_written(
+            before,
+            {
+                sku: {
+                    "name": name,
+                    "category_id": category_ids[category],
+                    "price": price,
+                    "stock_quantity": stock,
+                    "is_active": active,
+                    "last_import_row": index,
+                }
+                for sku, (index, name, category, price, stock, active) in model.written.items()
+            },
+            result,
+            started,
+        )
+
+
+# -- update_products ---------------------------------------------------------------------
+
+
+def not_blank(value: Value) -> bool:
+    """A bad value that is not merely blank: a blank optional field is not given."""
+    return value.errors != ((None, r.REQUIRED),)
+
+
+def product_update_cases(base: Base) -> st.SearchStrategy[Case]:
+    skus = [state.sku for state in base.products.values()] + ["NEW-1", "a-1"]
+    not_given = st.sampled_from([MISSING, None, "", "  "]).map(lambda raw: good(raw, None))
+
+    @st.composite
+    def case(draw: st.DrawFn) -> Case:
+        fields = draw_fields(
+            draw,
+            {
+                "sku": (text_field(skus, 64), bad_text(64)),
+                "price": (st.one_of(not_given, price_field()), bad_price().filter(not_blank)),
+                "stock_quantity": (
+                    st.one_of(not_given, int_field(st.integers(0, 50))),
+                    bad_int(0).filter(not_blank),
+                ),
+            },
+        )
+        built = build_case(draw, fields)
+        parsed = built.parsed
+        if parsed is not None and parsed["price"] is None and parsed["stock_quantity"] is None:
+            return Case(built.raw, None, frozenset({("row", r.NOTHING_TO_UPDATE)}))
+        return built
+
+    return case()
+
+
+class ProductUpdatesModel(NamedTuple):
+    expected: Expected
+    written: dict[str, dict[str, Any]]  # sku -> the columns its first row sets
+
+
+def model_product_updates(cases: list[Case], base: Base) -> ProductUpdatesModel:
+    expected: Expected = {}
+    current = {p.sku: p for p in base.products.values()}
+    seen: dict[str, list[int]] = {}  # sku -> the valid rows that gave it so far
+    written: dict[str, dict[str, Any]] = {}
+    for index, case in enumerate(cases):
+        if case.parsed is None:
+            expected[index] = validation_errors(case)
+            continue
+        p = case.parsed
+        sku = p["sku"]
+        earlier = list(seen.get(sku, ()))
+        seen.setdefault(sku, []).append(index)
+        if sku not in current:
+            # Never written, so never marked: a repeat in the same chunk is
+            # named after a row of that chunk, one in a later chunk is unknown.
+            expected[index] = {("sku", r.UNKNOWN_SKU.format(sku=sku), "not_found")}.union(
+                *(duplicate(ProductUpdatesOperation.key_field, first) for first in earlier)
+            )
+            continue
+        if earlier:
+            expected[index] = duplicate(ProductUpdatesOperation.key_field, earlier[0])
+            continue
+        price, stock = p["price"], p["stock_quantity"]
+        written[sku] = {
+            "price": current[sku].price if price is None else price,
+            "stock_quantity": current[sku].stock if stock is None else stock,
+            "last_import_row": index,
+        }
+    return ProductUpdatesModel(expected, written)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_update_products(service: BulkOperationsService, base: Base, data: st.DataObject):
+    """The first row of each known sku sets its price, its stock or both; nothing else moves."""
+    cases = data.draw(rows_of(product_update_cases(base)), label="rows")
+    chunk_size = data.draw(CHUNK_SIZES, label="chunk_size")
+    model = model_product_updates(cases, base)
+
+    with rolled_back():
+        before, started = product_columns(), timezone.now()
+        result = service.update_products(iter([c.raw for c in cases]), chunk_size=chunk_size)
+
+        assert_reported(result, cases, model.expected)
+        assert (result.created, result.updated) == (0, len(model.written))
+        assert_products_written(before, model.written, result, started)
 
 
 # -- process_orders ----------------------------------------------------------------------

@@ -1,9 +1,15 @@
-"""Dead runs are shown as interrupted, and an import killed mid-run resumes exactly.
+"""Dead runs are shown as interrupted, and a run killed mid-run resumes exactly.
 
 The kill-and-resume tests run ``manage.py import_products`` in a child process
 against the test database, SIGKILL it part-way, and resume the same run. They
 need a database two processes can share, so they run on PostgreSQL only
 (SQLite's test database lives in this process's memory).
+
+The import is safe to repeat by sku, so it cannot show a chunk applied twice:
+views and orders can. ``TestChunkAndCheckpointCommitTogether`` interrupts a
+run at the exact points where a chunk and its checkpoint could part (after the
+write, at the checkpoint statement, between the halves of a split chunk), on
+both databases, and resumes it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
@@ -25,13 +34,15 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import IntegrityError, connection
 from django.utils import timezone
 
 from batching import liveness
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, mark_interrupted_runs
 from batching.models import BatchProcessingLog
-from products.models import Category, Product
+from orders.models import Order
+from products.models import Category, Product, ProductView
+from tests.factories import ProductFactory, UserFactory
 
 HOST = socket.gethostname()
 Status = BatchProcessingLog.Status
@@ -380,3 +391,208 @@ class TestKillAndResume:
         check_killed_state(log, seeded)
         assert log.checkpoint_position < rows
         resume_and_check(path, log, rows, seeded)
+
+
+# -- a chunk and its checkpoint commit together ------------------------------------
+#
+# Views are not safe to repeat: a chunk applied twice adds its views and its
+# counters twice, and a chunk skipped loses them. These runs die in the middle
+# of a chunk (``KeyboardInterrupt``, as the engine sees Ctrl-C) and are resumed
+# with the same input; every view must then be stored once, every counter be
+# exact, and the checkpoint left by the dead run must match what it committed.
+
+VIEW_CHUNK = 8
+VIEWS = 3 * VIEW_CHUNK
+STARTING_VIEWS = 5  # each product's view_count before the run
+
+
+def views_input() -> list[dict]:
+    users = UserFactory.create_batch(2)
+    products = ProductFactory.create_batch(3, view_count=STARTING_VIEWS)
+    return [
+        {
+            "user_id": users[n % 2].pk,
+            "product_id": products[n % 3].pk,
+            "session_id": f"resume-{n:03d}",
+        }
+        for n in range(VIEWS)
+    ]
+
+
+def assert_views_stored_once(rows: list[dict]) -> None:
+    """Each row is one stored view; each counter grew by its product's rows exactly."""
+    sessions = list(ProductView.objects.values_list("session_id", flat=True))
+    assert sorted(sessions) == sorted(row["session_id"] for row in rows)
+    grown = Counter(row["product_id"] for row in rows)
+    assert dict(Product.objects.values_list("pk", "view_count")) == {
+        pk: STARTING_VIEWS + grown[pk] for pk in Product.objects.values_list("pk", flat=True)
+    }
+
+
+def fail_in_write(monkeypatch, operation, fault) -> list[list[int]]:
+    """Replace the operation's writes: do the real write, then raise ``fault(indexes)`` if any.
+
+    ``write_stream`` too, for an operation that streams its first chunk.
+    Returns the input rows of each call, in order.
+    """
+    calls: list[list[int]] = []
+
+    def faulty(original, *, streamed: bool):
+        def write(op, rows):
+            rows = list(rows)
+            indexes = [row.index for row in rows]
+            calls.append(indexes)
+            outcome = original(op, iter(rows) if streamed else rows)
+            if (error := fault(indexes)) is not None:
+                raise error
+            return outcome
+
+        return write
+
+    monkeypatch.setattr(operation, "write", faulty(operation.write, streamed=False))
+    monkeypatch.setattr(operation, "write_stream", faulty(operation.write_stream, streamed=True))
+    return calls
+
+
+@contextmanager
+def killed_at_checkpoint(number: int) -> Iterator[list[int]]:
+    """Raise ``KeyboardInterrupt`` from the ``number``-th checkpoint statement of a run.
+
+    The checkpoint is the log row's UPDATE that moves ``checkpoint_position``:
+    the last statement of a chunk before its commit. Yields the count so far.
+    """
+    seen = [0]
+
+    def wrapper(execute, sql, params, many, context):
+        if sql.startswith("UPDATE") and "checkpoint_position" in sql:
+            seen[0] += 1
+            if seen[0] == number:
+                raise KeyboardInterrupt
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(wrapper):
+        yield seen
+
+
+def interrupted_views_log() -> BatchProcessingLog:
+    log = BatchProcessingLog.objects.get(operation=BatchProcessingLog.Operation.PRODUCT_VIEWS)
+    assert log.status == Status.INTERRUPTED
+    return log
+
+
+@pytest.mark.django_db(transaction=True)
+class TestChunkAndCheckpointCommitTogether:
+    def test_killed_after_the_write_of_chunk_2(self, service, monkeypatch):
+        """Chunk 2's views are written, then the run dies before its commit."""
+        rows = views_input()
+        done = {"killed": False}
+
+        def kill_once(indexes: list[int]) -> BaseException | None:
+            if indexes[0] == VIEW_CHUNK and not done["killed"]:
+                done["killed"] = True
+                return KeyboardInterrupt()
+            return None
+
+        fail_in_write(monkeypatch, service.views_operation, kill_once)
+        with pytest.raises(KeyboardInterrupt):
+            service.create_product_views(rows, chunk_size=VIEW_CHUNK)
+        log = interrupted_views_log()
+        assert (log.checkpoint_position, log.rows_written) == (VIEW_CHUNK, VIEW_CHUNK)
+        assert_views_stored_once(rows[:VIEW_CHUNK])
+
+        result = service.create_product_views(rows, resume=log.pk)
+
+        assert (result.status, result.written, result.skipped) == (Status.COMPLETED, VIEWS, 0)
+        assert_views_stored_once(rows)
+
+    def test_killed_as_chunk_2_records_its_checkpoint(self, service):
+        """The checkpoint statement is the chunk's last before its commit: both or neither."""
+        rows = views_input()
+        with killed_at_checkpoint(2) as seen, pytest.raises(KeyboardInterrupt):
+            service.create_product_views(rows, chunk_size=VIEW_CHUNK)
+        assert seen[0] >= 2
+        log = interrupted_views_log()
+        assert (log.checkpoint_position, log.rows_written) == (VIEW_CHUNK, VIEW_CHUNK)
+        assert_views_stored_once(rows[:VIEW_CHUNK])
+
+        result = service.create_product_views(rows, resume=log.pk)
+
+        log.refresh_from_db()
+        assert (result.status, result.written, result.skipped) == (Status.COMPLETED, VIEWS, 0)
+        assert (log.checkpoint_position, log.rows_written, log.resume_count) == (VIEWS, VIEWS, 1)
+        assert_views_stored_once(rows)
+
+    def test_orders_killed_as_chunk_2_records_its_checkpoint(self, service):
+        """Orders: a chunk replayed would report its orders as duplicates, not apply them."""
+        user = UserFactory()
+        products = ProductFactory.create_batch(3, stock_quantity=100)
+        rows = [
+            {
+                "reference": f"RESUME-{n:03d}",
+                "user_id": user.pk,
+                "items": [{"product_id": products[n % 3].pk, "quantity": 1 + n % 2}],
+            }
+            for n in range(VIEWS)
+        ]
+        with killed_at_checkpoint(2), pytest.raises(KeyboardInterrupt):
+            service.process_orders(rows, chunk_size=VIEW_CHUNK)
+        log = BatchProcessingLog.objects.get(operation=BatchProcessingLog.Operation.ORDERS)
+        assert (log.status, log.checkpoint_position) == (Status.INTERRUPTED, VIEW_CHUNK)
+        assert Order.objects.count() == log.rows_written == VIEW_CHUNK
+
+        result = service.process_orders(rows, resume=log.pk)
+
+        assert (result.status, result.written, result.skipped) == (Status.COMPLETED, VIEWS, 0)
+        assert sorted(Order.objects.values_list("reference", flat=True)) == [
+            row["reference"] for row in rows
+        ]
+        taken = Counter()
+        for row in rows:
+            taken[row["items"][0]["product_id"]] += row["items"][0]["quantity"]
+        assert dict(Product.objects.values_list("pk", "stock_quantity")) == {
+            product.pk: 100 - taken[product.pk] for product in products
+        }
+
+    def test_killed_between_the_halves_of_a_split_chunk(self, service, monkeypatch):
+        """Chunk 2 holds a row the database rejects: the chunk is split in halves.
+
+        Its first half (rows 8-11) commits with its own end as the checkpoint;
+        the run dies as the second half (rows 12-15) is written. The checkpoint
+        must say 12, not the chunk's end: the resume writes rows 12-15 (row 13
+        rejected again) and every other view lands once.
+        """
+        rows = views_input()
+        bad, second_half = VIEW_CHUNK + 5, VIEW_CHUNK + VIEW_CHUNK // 2
+        state = {"killed": False}
+
+        def reject_and_kill(indexes: list[int]) -> BaseException | None:
+            if indexes[0] == second_half and not state["killed"]:
+                state["killed"] = True
+                return KeyboardInterrupt()
+            if bad in indexes:
+                return IntegrityError("rejected: a row only the database refuses")
+            return None
+
+        calls = fail_in_write(monkeypatch, service.views_operation, reject_and_kill)
+        with pytest.raises(KeyboardInterrupt):
+            service.create_product_views(rows, chunk_size=VIEW_CHUNK)
+        assert calls[-3:] == [
+            list(range(VIEW_CHUNK, 2 * VIEW_CHUNK)),
+            list(range(VIEW_CHUNK, second_half)),
+            list(range(second_half, 2 * VIEW_CHUNK)),
+        ]
+        log = interrupted_views_log()
+        assert (log.checkpoint_position, log.rows_written) == (second_half, second_half)
+        assert_views_stored_once(rows[:second_half])
+
+        result = service.create_product_views(rows, resume=log.pk)
+
+        assert (result.status, result.written, result.skipped) == (Status.PARTIAL, VIEWS - 1, 1)
+        assert [(error.index, error.code) for error in result.errors] == [(bad, "database")]
+        log.refresh_from_db()
+        assert (log.checkpoint_position, log.rows_written, log.rows_skipped) == (
+            VIEWS,
+            VIEWS - 1,
+            1,
+        )
+        assert_views_stored_once(rows[:bad] + rows[bad + 1 :])

@@ -12,8 +12,11 @@ import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import factory
 import pytest
 from django.db import connection, transaction
+from django.db.models import F
+from django.utils import timezone
 
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
@@ -21,6 +24,7 @@ from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from tests.factories import (
+    BatchProcessingLogFactory,
     CategoryFactory,
     OrderFactory,
     ProductFactory,
@@ -36,6 +40,7 @@ LOG_QUERIES = 1
 SAVEPOINTS = 2  # SAVEPOINT + RELEASE per chunk inside the test transaction
 CHECKPOINT = 1  # the log's checkpoint UPDATE inside each chunk's transaction
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+EARLIER = datetime(2025, 6, 1, tzinfo=UTC)  # when an earlier run wrote the seeded rows
 
 
 def chunks(rows: int, chunk_size: int) -> int:
@@ -127,13 +132,49 @@ def order_rows(shop, count: int, prefix: str = "REF") -> list[dict]:
     ]
 
 
+def as_an_earlier_run_left_it() -> None:
+    """Every product and score viewed or scored, marked by an earlier run, written long ago.
+
+    So a run that resets a counter, a mark or a timestamp it should keep (or
+    keeps one it should write) changes the state.
+    """
+    earlier = BatchProcessingLogFactory(operation=BatchProcessingLog.Operation.PRODUCTS)
+    # auto_now and auto_now_add fill the timestamps on save: set them here.
+    Product.objects.update(
+        view_count=F("pk") % 5 + 3,
+        last_import=earlier,
+        last_import_row=F("pk") + 100,
+        created_at=EARLIER,
+        updated_at=EARLIER,
+    )
+    RecommendationScore.objects.update(
+        last_run=earlier, last_run_row=F("pk") + 100, updated_at=EARLIER
+    )
+
+
+THIS_RUN = "this run"  # a timestamp or a mark the last run wrote
+
+
 def state() -> dict:
-    """The shop's data by natural keys, so two runs can be compared."""
+    """The shop's data by natural keys, so two runs can be compared.
+
+    Every column an operation may write is in it. A timestamp or a run mark
+    the last run wrote reads ``THIS_RUN`` (the two runs compared write at
+    different times, under different log ids); older ones read as they are.
+    """
+    run = BatchProcessingLog.objects.order_by("-pk").first()
+
+    def at(moment: datetime) -> datetime | str:
+        return THIS_RUN if run and moment >= run.started_at else moment
+
+    def mark(log_id: int | None) -> int | str | None:
+        return THIS_RUN if run and log_id == run.pk else log_id
+
     return {
         "categories": sorted(Category.objects.values_list("name", flat=True)),
         "products": {
-            sku: rest
-            for sku, *rest in Product.objects.values_list(
+            sku: (*rest, at(created), at(updated), mark(log_id), row)
+            for sku, *rest, created, updated, log_id, row in Product.objects.values_list(
                 "sku",
                 "name",
                 "category__name",
@@ -141,6 +182,10 @@ def state() -> dict:
                 "stock_quantity",
                 "is_active",
                 "view_count",
+                "created_at",
+                "updated_at",
+                "last_import",
+                "last_import_row",
             )
         },
         "views": sorted(
@@ -148,12 +193,18 @@ def state() -> dict:
                 "user_id", "product_id", "session_id", "interaction_type", "created_at"
             )
         ),
-        "scores": dict(
-            ((u, p, a), s)
-            for u, p, a, s in RecommendationScore.objects.values_list(
-                "user_id", "product_id", "algorithm", "score"
+        "scores": {
+            (u, p, a): (score, at(updated), mark(log_id), row)
+            for u, p, a, score, updated, log_id, row in RecommendationScore.objects.values_list(
+                "user_id",
+                "product_id",
+                "algorithm",
+                "score",
+                "updated_at",
+                "last_run",
+                "last_run_row",
             )
-        ),
+        },
         "orders": {
             ref: (user, status, total)
             for ref, user, status, total in Order.objects.values_list(
@@ -324,13 +375,20 @@ class TestNaiveQueryCounts:
 
 class TestSameEndState:
     def test_product_views(self, naive, optimized, shop):
+        as_an_earlier_run_left_it()
+        before = dict(Product.objects.values_list("pk", "view_count"))
         rows = [*view_rows(shop, 30), {"user_id": 999999, "product_id": 1, "session_id": "x"}]
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "create_product_views", rows, chunk_size=8
         )
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
-        assert sum(p[-1] for p in o_state["products"].values()) == 30
+        assert (o_result.written, o_result.skipped) == (30, 1)
+        # 30 views over four products in turn: 8, 8, 7 and 7; none of the inactive one.
+        grown = dict(zip([p.pk for p in shop["products"]], [8, 8, 7, 7], strict=True))
+        assert dict(Product.objects.values_list("pk", "view_count")) == {
+            pk: count + grown.get(pk, 0) for pk, count in before.items()
+        }
 
     def test_recommendation_scores(self, naive, optimized, shop):
         existing = score_rows(shop, 6)
@@ -341,6 +399,7 @@ class TestSameEndState:
                 algorithm=row["algorithm"],
                 score=0.9,
             )
+        as_an_earlier_run_left_it()
         rows = score_rows(shop, 12)
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "upsert_recommendation_scores", rows, chunk_size=5
@@ -352,6 +411,7 @@ class TestSameEndState:
     def test_import_products(self, naive, optimized):
         for row in product_rows(10):
             ProductFactory(sku=row["sku"], price=Decimal("99.00"))
+        as_an_earlier_run_left_it()
         n_result, n_state, o_result, o_state = run_both(
             naive, optimized, "import_products", product_rows(20), chunk_size=6
         )
@@ -361,6 +421,7 @@ class TestSameEndState:
 
     def test_update_products(self, naive, optimized):
         skus = [product.sku for product in ProductFactory.create_batch(12, stock_quantity=5)]
+        as_an_earlier_run_left_it()
         rows = [
             {"sku": skus[0], "price": "1.25", "stock_quantity": 0},
             {"sku": skus[1], "price": "2.50"},  # stock stays
@@ -375,8 +436,8 @@ class TestSameEndState:
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
         assert (o_result.written, o_result.updated, o_result.skipped) == (12, 12, 2)
-        assert o_state["products"][skus[1]][2:4] == [Decimal("2.50"), 5]
-        assert o_state["products"][skus[2]][2:4] == [Decimal("10.00"), 7]
+        assert o_state["products"][skus[1]][2:4] == (Decimal("2.50"), 5)
+        assert o_state["products"][skus[2]][2:4] == (Decimal("10.00"), 7)
 
     def test_orders(self, naive, optimized, shop):
         rows = order_rows(shop, 20)
@@ -388,7 +449,171 @@ class TestSameEndState:
         )
         assert n_state == o_state
         assert outcome(n_result) == outcome(o_result)
-        assert o_result.skipped > 0
+        # Each order takes one unit of three of the four products (stock 10):
+        # 13 orders take 39 units; from order 13 on, one of its three is gone.
+        short = [3, 13, 14, 16, 17, 18, 19, 20]
+        assert (o_result.written, o_result.skipped) == (13, 9)
+        assert errors_by_index(o_result) == {
+            **dict.fromkeys(short, ("items", "insufficient_stock")),
+            21: ("reference", "duplicate"),
+        }
+        stock = dict(Product.objects.values_list("pk", "stock_quantity"))
+        assert [stock[p.pk] for p in shop["products"]] == [0, 0, 0, 1]
+        assert stock[shop["inactive"].pk] == 10
+
+
+# -- every column an operation touches, and no other ----------------------------------
+
+NOW = "written by this run"  # stands for a timestamp taken during the run
+
+
+@pytest.fixture
+def marked():
+    """Six products as an earlier import left them: views counted, its marks, old times."""
+    ProductFactory.create_batch(
+        6,
+        sku=factory.Iterator(f"OLD-{n}" for n in range(6)),
+        category=CategoryFactory(name="Old shelf"),
+        price=Decimal("3.00"),
+        stock_quantity=9,
+    )
+    as_an_earlier_run_left_it()
+
+
+def every_column() -> dict[str, dict]:
+    """Each product by sku, every column of it."""
+    return {row["sku"]: row for row in Product.objects.values()}
+
+
+def written_during(columns: dict[str, dict], started: datetime) -> dict[str, dict]:
+    """``columns`` with each timestamp taken after ``started`` shown as ``NOW``."""
+    return {
+        sku: row
+        | {
+            name: NOW
+            for name in ("created_at", "updated_at")
+            if started <= row[name] <= timezone.now()
+        }
+        for sku, row in columns.items()
+    }
+
+
+class TestEveryColumn:
+    """The exact state of every column afterwards, from seeded non-zero counters and marks.
+
+    A naive-against-optimized comparison misses what both variants do alike
+    (or what the compared columns leave out): these state the values.
+    """
+
+    def test_import_products(self, service, marked):
+        before = every_column()
+        rows = [
+            {"sku": "OLD-1", "name": "One", "category": "New shelf", "price": "1.10",
+             "stock_quantity": 1, "is_active": False},
+            {"sku": "NEW-0", "name": "Fresh", "category": "Old shelf", "price": "5.00",
+             "stock_quantity": 4},
+            {"sku": "OLD-0", "name": "Zero", "category": "Old shelf", "price": "0.50",
+             "stock_quantity": 0},
+            {"sku": "NEW-1", "name": "Fresher", "category": "New shelf", "price": "6.00",
+             "stock_quantity": 5, "is_active": False},
+            {"sku": "OLD-2", "name": "Two", "category": "New shelf", "price": "2.20",
+             "stock_quantity": 2},
+        ]  # fmt: skip
+        started = timezone.now()
+        result = service.import_products(rows, chunk_size=2)
+
+        after = written_during(every_column(), started)
+        assert (result.created, result.updated, result.skipped) == (2, 3, 0)
+        categories = dict(Category.objects.values_list("name", "pk"))
+        expected = {sku: before[sku] for sku in ("OLD-3", "OLD-4", "OLD-5")}
+        for index, row in enumerate(rows):
+            sku = row["sku"]
+            written = {
+                "name": row["name"],
+                "category_id": categories[row["category"]],
+                "price": Decimal(row["price"]),
+                "stock_quantity": row["stock_quantity"],
+                "is_active": row.get("is_active", True),
+                "updated_at": NOW,
+                "last_import_id": result.log_id,
+                "last_import_row": index,
+            }
+            if sku in before:  # updated: its counter and creation time stay
+                expected[sku] = before[sku] | written
+            else:
+                expected[sku] = written | {
+                    "id": after[sku]["id"],
+                    "sku": sku,
+                    "view_count": 0,
+                    "created_at": NOW,
+                }
+        assert after == expected
+
+    def test_update_products(self, service, marked):
+        before = every_column()
+        rows = [
+            {"sku": "OLD-1", "price": "1.10"},
+            {"sku": "OLD-0", "stock_quantity": 0},
+            {"sku": "MISSING", "price": "1.00"},
+            {"sku": "OLD-2", "price": "2.20", "stock_quantity": 2},
+            {"sku": "OLD-1", "stock_quantity": 5},  # repeated: the first row wins
+        ]
+        started = timezone.now()
+        result = service.update_products(rows, chunk_size=2)
+
+        after = written_during(every_column(), started)
+        assert (result.updated, result.skipped) == (3, 2)
+        assert errors_by_index(result) == {2: ("sku", "not_found"), 4: ("sku", "duplicate")}
+        marks = {"updated_at": NOW, "last_import_id": result.log_id}
+        assert after == before | {
+            "OLD-1": before["OLD-1"] | marks | {"price": Decimal("1.10"), "last_import_row": 0},
+            "OLD-0": before["OLD-0"] | marks | {"stock_quantity": 0, "last_import_row": 1},
+            "OLD-2": before["OLD-2"]
+            | marks
+            | {"price": Decimal("2.20"), "stock_quantity": 2, "last_import_row": 3},
+        }
+
+    def test_product_views(self, service, marked):
+        before = every_column()
+        users = UserFactory.create_batch(2)
+        pks = dict(Product.objects.values_list("sku", "pk"))
+        rows = [
+            {"user_id": users[n % 2].pk, "product_id": pks[sku], "session_id": f"v{n}"}
+            for n, sku in enumerate(["OLD-0", "OLD-2", "OLD-0", "OLD-5"])
+        ]
+        result = service.create_product_views(rows, chunk_size=3)
+
+        assert (result.written, result.skipped) == (4, 0)
+        assert every_column() == before | {
+            sku: before[sku] | {"view_count": before[sku]["view_count"] + views}
+            for sku, views in (("OLD-0", 2), ("OLD-2", 1), ("OLD-5", 1))
+        }
+
+    def test_orders(self, service, marked):
+        before = every_column()
+        user = UserFactory()
+        pks = dict(Product.objects.values_list("sku", "pk"))
+        rows = [
+            {"reference": "A", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 4},
+                       {"product_id": pks["OLD-1"], "quantity": 1}]},
+            {"reference": "B", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 6}]},  # 5 left: rejected
+            {"reference": "C", "user_id": user.pk,
+             "items": [{"product_id": pks["OLD-0"], "quantity": 5}]},
+        ]  # fmt: skip
+        result = service.process_orders(rows, chunk_size=2)
+
+        assert (result.written, result.skipped) == (2, 1)
+        assert errors_by_index(result) == {1: ("items", "insufficient_stock")}
+        assert every_column() == before | {
+            "OLD-0": before["OLD-0"] | {"stock_quantity": 0},
+            "OLD-1": before["OLD-1"] | {"stock_quantity": 8},
+        }
+        assert dict(Order.objects.values_list("reference", "total")) == {
+            "A": Decimal("15.00"),
+            "C": Decimal("15.00"),
+        }
 
 
 # -- bad rows ---------------------------------------------------------------------
