@@ -34,7 +34,7 @@ from django.utils import timezone
 from psycopg import sql
 
 from batching.engine import BatchResult
-from batching.postgres import add_to
+from batching.postgres import add_to, column
 from batching.postgres import copy_rows as copy_binary
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
 from orders.models import Order, OrderItem
@@ -191,10 +191,6 @@ def reset(using: str, hot: Hot) -> None:
             name__in=kept
         ).delete()
     vacuum(using, (Product, Category))
-
-
-def column(model, name: str) -> sql.Identifier:
-    return sql.Identifier(model._meta.get_field(name).column)
 
 
 # -- the operations: scale_bench's workloads on the kept base -----------------------------
