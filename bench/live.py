@@ -727,6 +727,6 @@ def latency_chart(report: LiveReport) -> str:
         title="Live transaction latency during bulk runs (PostgreSQL)",
         y_label="ms (log scale)",
         log_scale=True,
-        width=max(720, 56 * len(groups) + 120),
+        width=max(720, 112 * len(groups) + 120),
         height=400,
     )
