@@ -39,7 +39,7 @@ test-portable: venv
 	BULK_PG_FAST_PATHS=0 $(PY) -m pytest -m "not slow" $(PORTABLE_TESTS) $(PYTEST_ARGS)
 
 # Benchmarks on PostgreSQL: the slow scale tests, then the side-by-side figures
-# recorded in BENCHMARKS.md.
+# recorded in BENCHMARKS.md, last the live shop's latency during bulk runs.
 bench: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
@@ -48,8 +48,11 @@ bench: venv
 		--markdown BENCHMARKS.scale.md --json docs/bench-scale.json \
 		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
 	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.cache.md
-	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; echo; cat BENCHMARKS.cache.md; } > BENCHMARKS.md
-	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live \
+		--markdown BENCHMARKS.live.md --json docs/bench-live.json --chart docs/bench-live.svg
+	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; echo; cat BENCHMARKS.cache.md; \
+		echo; cat BENCHMARKS.live.md; } > BENCHMARKS.md
+	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md BENCHMARKS.live.md
 	@cat BENCHMARKS.md
 
 lint: venv

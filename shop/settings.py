@@ -73,6 +73,8 @@ INSTALLED_APPS = [
     "orders",
     "jobs",
     "api",
+    # Benchmark commands (bench_live); nothing else imports it.
+    "bench",
 ]
 
 MIDDLEWARE = [

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``make bench``; nothing in the shop imports this package."""

@@ -1,0 +1,736 @@
+"""The benchmark behind ``manage.py bench_live``: bulk work while a live shop runs beside it.
+
+One bulk operation at a time runs through ``OptimizedBulkOperationsService`` in
+this process, at each chunk setting, while two other OS processes
+(``bench.players``) play the live shop on the 100 hot products the bulk rows
+reference: checkouts (one unit of stock per transaction) and admin saves (one
+product's price and stock per transaction). Each operation's raw-SQL limit
+runs the same rows the same way, beside the same players, so the throughput
+ratio compares like with like. See docs/benchmarks.md for the method.
+
+The rows and the raw limits are ``products.scale_bench``'s workloads; only
+the base state differs: the hot products (skus ``BENCH-P-000000`` to
+``-000099``), the 50 users and 4 categories are created once and kept, since
+the players hold the products' ids, and every run starts from a reset that
+deletes the rest of the namespace and restores the hot products' stock.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.utils import timezone
+from psycopg import sql
+
+from batching.engine import BatchResult
+from batching.postgres import add_to, column
+from batching.postgres import copy_rows as copy_binary
+from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
+from orders.models import Order, OrderItem
+from products.benchmarking import (
+    CATEGORY_PREFIX,
+    ORDER_PREFIX,
+    PRODUCT_POOL,
+    SKU_PREFIX,
+    USER_POOL,
+    category_name,
+    create_categories,
+    create_users,
+)
+from products.models import Category, Product, ProductView, RecommendationScore
+from products.readers import RowStream
+from products.scale_bench import (
+    OPTIMIZED,
+    RAW,
+    BenchError,
+    ImportWorkload,
+    OrdersWorkload,
+    ScoresWorkload,
+    UpdatesWorkload,
+    ViewsWorkload,
+    Workload,
+    check_completed,
+    copy_products,
+    copy_rows,
+    database_url,
+    execute,
+    format_ratio,
+    fraction,
+    like_prefix,
+    machine_description,
+    markdown_table,
+    product_ids,
+    reset_namespace,
+    short_size,
+    table,
+    user_ids,
+    vacuum,
+)
+from products.services import OptimizedBulkOperationsService
+from shop.charts import bar_chart
+
+DEFAULT = "default"
+DEFAULT_CHUNKS: tuple[int | None, ...] = (None, 1_000, 50_000)
+DEFAULT_IDLE_SECONDS = 5.0
+CHECKOUT_INTERVAL = 0.005
+ADMIN_INTERVAL = 0.050
+PLAYER_START_TIMEOUT = 60.0
+BASE_CATEGORIES = 4  # the import's base state; the hot products are in the first
+HOT_PRICE = Decimal("10.00")
+
+PLAYER_FAILED = "the {kind} player stopped without its samples (see its error above)"
+PLAYER_NOT_READY = "the {kind} player did not connect within {seconds:.0f} s"
+RUN_FAILED = "{operation} {setting}: {error}"
+
+# The issue's figures: the live shop during every bulk run, throughput at the default chunk.
+LATENCY_P99_MS = 50.0
+LATENCY_MAX_MS = 250.0
+RATIO_TARGETS = {"views": 0.8, "scores": 0.7, "orders": 0.5, "import": 0.7, "updates": 0.7}
+
+
+# -- summaries ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``; None if empty."""
+    if not 0 < q <= 100:
+        raise ValueError("q must be in (0, 100]")
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One player's transactions in one window: count, failures, latencies in ms."""
+
+    count: int
+    failures: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+
+
+def summarize(latencies: Sequence[float], failures: int = 0) -> Summary:
+    """``latencies`` in seconds, summarized in milliseconds."""
+    ms = [value * 1000 for value in latencies]
+    return Summary(
+        len(ms), failures, percentile(ms, 50), percentile(ms, 99), max(ms) if ms else None
+    )
+
+
+# -- the base state around the hot products ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hot:
+    """What every run keeps: the hot products' ids (product number order), their category."""
+
+    products: list[int]
+    category: int
+
+
+def create_hot(using: str) -> Hot:
+    """An empty namespace, then the kept base: users, categories, the hot products."""
+    reset_namespace(using)
+    with transaction.atomic(using=using):
+        create_users(using, USER_POOL)
+        categories = create_categories(using, BASE_CATEGORIES)
+        copy_products(using, range(PRODUCT_POOL), lambda _: categories[0], HOT_PRICE, HOT_STOCK)
+    return Hot(product_ids(using, PRODUCT_POOL), categories[0])
+
+
+def reset(using: str, hot: Hot) -> None:
+    """Delete the namespace's rows except the kept base; give the hot products back their stock.
+
+    One statement per table (like ``scale_bench.reset_namespace``); the hot
+    products are updated in place, so the players' ids stay valid.
+    """
+    bench_products = {"product__sku__startswith": SKU_PREFIX}
+    # Fresh statistics first, as reset_namespace does: just after a run the planner
+    # may still expect empty tables and delete by nested loops for minutes.
+    for model in (ProductView, RecommendationScore, Product):
+        execute(using, sql.SQL("ANALYZE {}").format(table(model)))
+    with transaction.atomic(using=using):
+        OrderItem.objects.using(using).filter(order__reference__startswith=ORDER_PREFIX).delete()
+        execute(
+            using,
+            sql.SQL("DELETE FROM {} WHERE {} LIKE %s").format(
+                table(Order), column(Order, "reference")
+            ),
+            [like_prefix(ORDER_PREFIX)],
+        )
+        ProductView.objects.using(using).filter(**bench_products).delete()
+        RecommendationScore.objects.using(using).filter(**bench_products).delete()
+    vacuum(using, (OrderItem, Order, ProductView, RecommendationScore))
+    with transaction.atomic(using=using):
+        Product.objects.using(using).filter(pk__in=hot.products).update(
+            price=HOT_PRICE,
+            stock_quantity=HOT_STOCK,
+            view_count=0,
+            is_active=True,
+            category_id=hot.category,
+        )
+        execute(
+            using,
+            sql.SQL("DELETE FROM {} WHERE {} LIKE %s AND NOT {} = ANY(%s)").format(
+                table(Product), column(Product, "sku"), column(Product, "id")
+            ),
+            [like_prefix(SKU_PREFIX), hot.products],
+        )
+        kept = [category_name(number) for number in range(BASE_CATEGORIES)]
+        Category.objects.using(using).filter(name__startswith=CATEGORY_PREFIX).exclude(
+            name__in=kept
+        ).delete()
+    vacuum(using, (Product, Category))
+
+
+# -- the operations: scale_bench's workloads on the kept base -----------------------------
+
+
+class Live:
+    """What ``bench_live`` adds to a workload: its size, service method and raw label.
+
+    ``create_base`` adds only what the kept base lacks.
+    """
+
+    size_at_scale_1: ClassVar[int]
+    method: ClassVar[str]
+    raw_label: ClassVar[str]
+
+    def service_input(self) -> Any:
+        return self.rows()
+
+    def run_service(self, chunk_size: int | None) -> BatchResult:
+        service = OptimizedBulkOperationsService(using=self.using)
+        return getattr(service, self.method)(self.service_input(), chunk_size=chunk_size)
+
+    def run_bulk(self, chunk_size: int | None) -> None:
+        check_completed(self.name, OPTIMIZED, self.run_service(chunk_size))
+
+    def run_limit(self) -> None:
+        self.run(RAW)
+
+
+class LiveViews(Live, ViewsWorkload):
+    size_at_scale_1 = 200_000
+    method = "create_product_views"
+    raw_label = ViewsWorkload.strategy(RAW).label
+
+    def create_base(self) -> None:
+        """The kept base is all: 50 users, the 100 products."""
+
+
+class LiveScores(Live, ScoresWorkload):
+    size_at_scale_1 = 200_000
+    method = "upsert_recommendation_scores"
+    raw_label = ScoresWorkload.strategy(RAW).label
+
+    def create_base(self) -> None:
+        """ScoresWorkload's base: products past the hot ones, and every even key's score."""
+        hot_category = Category.objects.using(self.using).get(name=category_name(0)).pk
+        pool = max(PRODUCT_POOL, self.product_pool)
+        copy_products(self.using, range(PRODUCT_POOL, pool), lambda _: hot_category, "10.00", 100)
+        users, products = user_ids(self.using), product_ids(self.using, pool)
+        now = timezone.now()
+        copy_rows(
+            self.using,
+            RecommendationScore,
+            [*self.key_fields, *self.update_fields],
+            (
+                (users[user], products[product], algorithm, fraction(number, 7), now)
+                for number in range(0, self.size, 2)
+                for user, product, algorithm in [self.key(number)]
+            ),
+        )
+
+
+class LiveUpdates(Live, UpdatesWorkload):
+    size_at_scale_1 = 200_000
+    method = "update_products"
+    raw_label = UpdatesWorkload.strategy(RAW).label
+
+    def create_base(self) -> None:
+        """Products past the hot ones, up to the size: the rows update each product once."""
+        category = Category.objects.using(self.using).get(name=category_name(0)).pk
+        copy_products(self.using, range(PRODUCT_POOL, self.size), lambda _: category, "10.00", 100)
+
+
+class LiveOrders(Live, OrdersWorkload):
+    size_at_scale_1 = 30_000
+    method = "process_orders"
+    raw_label = "raw orders path"
+
+    def create_base(self) -> None:
+        """The kept base is all; the hot products' stock covers every order and checkout."""
+
+    def service_input(self) -> Any:
+        return self.orders
+
+    def run_limit(self) -> None:
+        """COPY the orders, COPY their items, one UPDATE ... FROM unnest of stock; one transaction.
+
+        Order ids are reserved from the sequence first, so the items can
+        reference them without reading the orders back. Nothing is checked.
+        """
+        using, orders = self.using, self.orders
+        with transaction.atomic(using=using):
+            wanted = {item["product_id"] for order in orders for item in order["items"]}
+            prices = dict(
+                Product.objects.using(using).filter(pk__in=wanted).values_list("pk", "price")
+            )
+            with connections[using].cursor() as cursor:
+                cursor.execute(
+                    "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+                    [Order._meta.db_table, Order._meta.pk.column, len(orders)],
+                )
+                ids = [row[0] for row in cursor.fetchall()]
+            now = timezone.now()
+            copy_binary(
+                Order,
+                ["id", "reference", "user", "status", "total", "created_at"],
+                (
+                    (
+                        order_id,
+                        order["reference"],
+                        order["user_id"],
+                        Order.Status.CONFIRMED.value,
+                        sum(prices[i["product_id"]] * i["quantity"] for i in order["items"]),
+                        now,
+                    )
+                    for order_id, order in zip(ids, orders, strict=True)
+                ),
+                using=using,
+            )
+            copy_binary(
+                OrderItem,
+                ["order", "product", "quantity", "unit_price"],
+                (
+                    (order_id, i["product_id"], i["quantity"], prices[i["product_id"]])
+                    for order_id, order in zip(ids, orders, strict=True)
+                    for i in order["items"]
+                ),
+                using=using,
+            )
+            demand: Counter[int] = Counter()
+            for order in orders:
+                for item in order["items"]:
+                    demand[item["product_id"]] -= item["quantity"]
+            add_to(Product, "stock_quantity", demand, using=using)
+
+
+class LiveImport(Live, ImportWorkload):
+    size_at_scale_1 = 200_000
+    method = "import_products"
+    raw_label = ImportWorkload.strategy(RAW).label
+
+    def create_base(self) -> None:
+        """ImportWorkload's base: the first half of the skus exist, in the 4 base categories."""
+        if not self.path.exists():
+            self.write_file()
+        names = [category_name(number) for number in range(BASE_CATEGORIES)]
+        ids = dict(
+            Category.objects.using(self.using).filter(name__in=names).values_list("name", "pk")
+        )
+        categories = [ids[name] for name in names]
+        copy_products(
+            self.using,
+            range(PRODUCT_POOL, self.size // 2),
+            lambda number: categories[number % BASE_CATEGORIES],
+            "1.00",
+            1,
+        )
+
+    def run_service(self, chunk_size: int | None) -> BatchResult:
+        service = OptimizedBulkOperationsService(using=self.using)
+        with RowStream(self.path) as stream:
+            return service.import_products(stream, chunk_size=chunk_size)
+
+
+OPERATIONS: dict[str, type[Workload]] = {
+    cls.name: cls for cls in (LiveViews, LiveScores, LiveOrders, LiveImport, LiveUpdates)
+}
+
+
+def sizes_at(scale: float) -> dict[str, int]:
+    return {name: max(1, round(cls.size_at_scale_1 * scale)) for name, cls in OPERATIONS.items()}
+
+
+# -- the players' processes ---------------------------------------------------------------
+
+
+def product_table() -> Table:
+    meta = Product._meta
+    return Table(
+        meta.db_table,
+        meta.pk.column,
+        *(meta.get_field(name).column for name in ("price", "stock_quantity", "updated_at")),
+    )
+
+
+class Players:
+    """The live players, one spawned process each (nothing of Django is inherited)."""
+
+    def __init__(
+        self, dsn: str, products: list[int], *, intervals: dict[str, float], seed: int
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.stopping = context.Event()
+        self.players: dict[str, tuple[Any, Any, Any]] = {}
+        for kind, interval in intervals.items():
+            ready = context.Event()
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=play,
+                args=(kind, dsn, product_table(), products, interval, seed, ready, self.stopping),
+                kwargs={"results": sender},
+                name=f"bench-live-{kind}",
+                daemon=True,
+            )
+            process.start()
+            sender.close()  # the child holds the only sending end: its death is an EOF here
+            self.players[kind] = (process, ready, receiver)
+
+    def __enter__(self) -> Players:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        for process, _, _ in self.players.values():
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+    def wait_ready(self, timeout: float = PLAYER_START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for kind, (process, ready, _) in self.players.items():
+            while not ready.wait(0.1):
+                if not process.is_alive():
+                    raise BenchError(PLAYER_FAILED.format(kind=kind))
+                if time.monotonic() > deadline:
+                    raise BenchError(PLAYER_NOT_READY.format(kind=kind, seconds=timeout))
+
+    def stop(self) -> dict[str, Samples]:
+        """Stop every player; the samples of each."""
+        self.stopping.set()
+        samples = {}
+        for kind, (_, _, receiver) in self.players.items():
+            try:
+                samples[kind] = receiver.recv()
+            except EOFError:
+                raise BenchError(PLAYER_FAILED.format(kind=kind)) from None
+        return samples
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Run:
+    """One timed run: an operation at one chunk setting (or its raw limit), and the live shop."""
+
+    operation: str
+    setting: str  # "default", a chunk size, or "raw"
+    rows: int
+    seconds: float | None = None
+    window: tuple[float, float] = (0.0, 0.0)
+    live: dict[str, Summary] = field(default_factory=dict)
+    ratio: float | None = None  # rows/s divided by the raw limit's
+    error: str = ""
+
+    @property
+    def rows_per_second(self) -> float | None:
+        return self.rows / self.seconds if self.seconds else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {**asdict(self), "rows_per_second": self.rows_per_second}
+        del data["window"]
+        return data
+
+
+@dataclass(slots=True)
+class LiveReport:
+    operations: list[str]
+    sizes: dict[str, int]
+    settings: list[str]
+    idle: dict[str, Summary] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "operations": self.operations,
+            "sizes": self.sizes,
+            "settings": self.settings,
+            "idle": {kind: asdict(summary) for kind, summary in self.idle.items()},
+            "runs": [run.as_dict() for run in self.runs],
+            "problems": self.problems,
+        }
+
+
+def setting_label(chunk: int | None) -> str:
+    return DEFAULT if chunk is None else str(chunk)
+
+
+def timed_run(
+    workload: Workload, hot: Hot, setting: str, call: Callable[[], Any], report: LiveReport
+) -> Run:
+    """Reset, the workload's base and input (not timed), then ``call`` alone, timed."""
+    run = Run(workload.name, setting, workload.size)
+    reset(workload.using, hot)
+    with transaction.atomic(using=workload.using):
+        workload.create_base()
+    vacuum(workload.using, workload.tables)
+    workload.prepare()
+    gc.collect()
+    started = time.monotonic()
+    try:
+        call()
+    except (BenchError, DatabaseError) as exc:
+        run.error = str(exc)
+        report.problems.append(
+            RUN_FAILED.format(operation=run.operation, setting=setting, error=exc)
+        )
+    run.window = (started, time.monotonic())
+    if not run.error:
+        run.seconds = run.window[1] - started
+    report.runs.append(run)
+    return run
+
+
+def run_live_bench(
+    operations: Sequence[str],
+    *,
+    scale: float = 1.0,
+    chunks: Sequence[int | None] = DEFAULT_CHUNKS,
+    idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    intervals: dict[str, float] | None = None,
+    seed: int,
+    work_dir: Path,
+    using: str = DEFAULT_DB_ALIAS,
+    progress: Callable[[str], None] | None = None,
+) -> LiveReport:
+    """Idle first, then per operation its raw limit and each chunk setting, players running.
+
+    The namespace is emptied before and after. A run that fails is reported in
+    ``problems`` and the others still run.
+    """
+    sizes = {name: sizes_at(scale)[name] for name in operations}
+    report = LiveReport(list(operations), sizes, [RAW, *map(setting_label, chunks)])
+    intervals = intervals or {CHECKOUT: CHECKOUT_INTERVAL, ADMIN: ADMIN_INTERVAL}
+    hot = create_hot(using)
+    try:
+        with Players(database_url(using), hot.products, intervals=intervals, seed=seed) as players:
+            players.wait_ready()
+            idle = time.monotonic()
+            time.sleep(idle_seconds)
+            idle_window = (idle, time.monotonic())
+            for name in operations:
+                workload = OPERATIONS[name](sizes[name], seed=seed, using=using, work_dir=work_dir)
+                runs = [timed_run(workload, hot, RAW, workload.run_limit, report)]
+                runs += [
+                    timed_run(
+                        workload,
+                        hot,
+                        setting_label(chunk),
+                        partial(workload.run_bulk, chunk),
+                        report,
+                    )
+                    for chunk in chunks
+                ]
+                if progress is not None:
+                    for run in runs:
+                        rate = run.error or f"{run.rows_per_second:,.0f} {workload.unit}/s"
+                        progress(f"{name} {run.setting}: {rate}")
+            samples = players.stop()
+    finally:
+        reset_namespace(using)
+    report.idle = {kind: summarize(*found.between(*idle_window)) for kind, found in samples.items()}
+    for run in report.runs:
+        run.live = {kind: summarize(*found.between(*run.window)) for kind, found in samples.items()}
+    limits = {run.operation: run for run in report.runs if run.setting == RAW}
+    for run in report.runs:
+        limit = limits.get(run.operation)
+        if run.setting != RAW and run.rows_per_second and limit and limit.rows_per_second:
+            run.ratio = run.rows_per_second / limit.rows_per_second
+    return report
+
+
+# -- the report ---------------------------------------------------------------------------
+
+PLAYERS = {CHECKOUT: "checkout", ADMIN: "admin save"}
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def latencies(summary: Summary | None) -> str:
+    if summary is None or not summary.count:
+        return "—"
+    return f"{ms(summary.p50_ms)} / {ms(summary.p99_ms)} / {ms(summary.max_ms)}"
+
+
+def run_label(run: Run) -> str:
+    if run.setting == RAW:
+        return f"raw: {OPERATIONS[run.operation].raw_label}"
+    return run.setting if run.setting == DEFAULT else f"{int(run.setting):,}"
+
+
+def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
+    """The issue's figures: the live shop during every bulk run; throughput at the default."""
+    bulk = [run for run in report.runs if run.setting != RAW and run.live]
+    if not bulk:
+        return []
+    rows = []
+    for kind, label in PLAYERS.items():
+        for stat, name, limit in (
+            ("p99_ms", "p99", LATENCY_P99_MS),
+            ("max_ms", "max", LATENCY_MAX_MS),
+        ):
+            worst = max(bulk, key=lambda run: getattr(run.live[kind], stat) or 0.0)
+            value = getattr(worst.live[kind], stat) or 0.0
+            rows.append(
+                (
+                    f"{label} {name} during every bulk run",
+                    f"≤ {limit:.0f} ms",
+                    f"{ms(value)} ms ({worst.operation} {run_label(worst)})",
+                    "yes" if value <= limit else "**no**",
+                )
+            )
+    failures = sum(summary.failures for run in bulk for summary in run.live.values())
+    rows.append(
+        (
+            "failed live transactions during bulk runs",
+            "0",
+            str(failures),
+            "yes" if failures == 0 else "**no**",
+        )
+    )
+    for run in bulk:
+        minimum = RATIO_TARGETS.get(run.operation)
+        if run.setting != DEFAULT or minimum is None:
+            continue
+        rows.append(
+            (
+                f"{run.operation} at the default chunk ÷ {OPERATIONS[run.operation].raw_label}",
+                f"≥ {minimum:.2f}x",
+                format_ratio(run.ratio),
+                "n/a" if run.ratio is None else ("yes" if run.ratio >= minimum else "**no**"),
+            )
+        )
+    return rows
+
+
+def markdown_report(
+    report: LiveReport, *, command_line: str, database: str, date: str, chart: str | None = None
+) -> str:
+    """The section of BENCHMARKS.md; ``chart`` is the relative path of the SVG to link."""
+    idle = report.idle
+    lines = [
+        "## Live shop during bulk work: checkout and admin-save latency",
+        "",
+        f"Command: `{command_line}`",
+        "",
+        f"Machine: {machine_description()}  ",
+        f"Database: {database}  ",
+        f"Date: {date}",
+        "",
+        "One bulk operation at a time runs through the optimized service (chunk setting: "
+        "*default* is no `chunk_size`) while two other processes play the live shop on the "
+        "100 products the bulk rows reference: a checkout (one unit of stock) every "
+        f"{CHECKOUT_INTERVAL * 1000:g} ms and an admin save (one product's price and stock) "
+        f"every {ADMIN_INTERVAL * 1000:g} ms, one transaction each. *Raw* is the same rows "
+        "written by raw SQL in one transaction beside the same players; *÷ raw* is the bulk "
+        "rows/s divided by it. Latencies are p50 / p99 / max in ms of the live transactions "
+        "started during the run; *idle* is before any bulk run. Method: docs/benchmarks.md.",
+        "",
+    ]
+    if chart:
+        lines += [f"![Live latency during bulk runs]({chart})", ""]
+    targets = target_rows(report)
+    if targets:
+        lines += ["### Figures to reach", ""]
+        lines += markdown_table(("Figure", "Target", "Measured", "Met"), "lrrl", targets)
+        lines.append("")
+    if report.problems:
+        lines += ["### Problems", "", *(f"- {problem}" for problem in report.problems), ""]
+    rows = [
+        (
+            "idle",
+            "—",
+            "—",
+            "—",
+            "—",
+            "—",
+            latencies(idle.get(CHECKOUT)),
+            latencies(idle.get(ADMIN)),
+            str(sum(s.failures for s in idle.values())),
+        )
+    ]
+    for run in report.runs:
+        rows.append(
+            (
+                run.operation,
+                run_label(run),
+                f"{run.rows:,}",
+                f"{run.seconds:.2f} s" if run.seconds else f"failed: {run.error}",
+                f"{run.rows_per_second:,.0f}" if run.rows_per_second else "—",
+                "—" if run.setting == RAW else format_ratio(run.ratio),
+                latencies(run.live.get(CHECKOUT)),
+                latencies(run.live.get(ADMIN)),
+                str(sum(summary.failures for summary in run.live.values())),
+            )
+        )
+    header = (
+        "Operation",
+        "Chunk",
+        "Rows",
+        "Time",
+        "Rows/s",
+        "÷ raw",
+        "Checkout p50 / p99 / max ms",
+        "Admin save p50 / p99 / max ms",
+        "Failed live",
+    )
+    lines += ["### Runs", "", *markdown_table(header, "llrrrrrrr", rows)]
+    return "\n".join(lines) + "\n"
+
+
+def short_setting(setting: str) -> str:
+    return setting if setting in (RAW, DEFAULT) else short_size(int(setting))
+
+
+def latency_chart(report: LiveReport) -> str:
+    """p99 and max of both players, idle and per run, on a log scale."""
+    groups = ["idle"] + [f"{run.operation} {short_setting(run.setting)}" for run in report.runs]
+    windows = [report.idle, *(run.live for run in report.runs)]
+    series = {
+        f"{label} {name}": [getattr(live.get(kind), stat, None) for live in windows]
+        for kind, label in PLAYERS.items()
+        for stat, name in (("p99_ms", "p99"), ("max_ms", "max"))
+    }
+    return bar_chart(
+        groups,
+        series,
+        title="Live transaction latency during bulk runs (PostgreSQL)",
+        y_label="ms (log scale)",
+        log_scale=True,
+        width=max(720, 112 * len(groups) + 120),
+        height=400,
+    )
