@@ -39,7 +39,7 @@ class Command(BaseCommand):
             "ident",
             type=str,
             help=f"The token's id, or its prefix (its first {PREFIX_LENGTH} characters, as "
-            "`list` shows them).",
+            "`list` shows them). A prefix may start with '-': then write -- before it.",
         )
 
     def handle(self, *args, action: str, **options) -> None:
