@@ -238,6 +238,82 @@ def upsert(
     return created, total - created
 
 
+def insert_with_children(
+    parent: type[models.Model],
+    fields: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    key: str,
+    child: type[models.Model],
+    link: str,
+    child_fields: Sequence[str],
+    child_rows: Sequence[Sequence[Any]],
+    using: str,
+    constants: Mapping[str, Any] | None = None,
+) -> int:
+    """Insert parent rows and their children in one statement; return the children's count.
+
+    ``rows`` are tuples in ``fields`` order, which include the unique ``key``;
+    ``child_rows`` are tuples ``(key, *child_fields)``: each names its parent
+    by that key, and gets the parent's new primary key in its ``link``
+    column. ``constants`` gives every parent the same value (one parameter).
+
+    Note:
+        Like ``bulk_create``, this skips ``Model.save()`` and signals, and
+        field defaults are not applied: pass them in ``rows`` or ``constants``.
+    """
+    if not rows:
+        return 0
+    connection = connections[using]
+    constants = dict(constants or {})
+    key_column = column(parent, key)
+    statement = sql.SQL(
+        "WITH parent AS ("
+        "INSERT INTO {parent} ({columns}) SELECT {values} FROM {source} AS v ({names}) "
+        "RETURNING {pk}, {key}"
+        ") "
+        "INSERT INTO {child} ({link}, {child_columns}) "
+        "SELECT parent.{pk}, {child_values} FROM {child_source} AS c ({key}, {child_names}) "
+        "JOIN parent ON parent.{key} = c.{key}"
+    ).format(
+        parent=sql.Identifier(parent._meta.db_table),
+        columns=sql.SQL(", ").join(column(parent, name) for name in [*fields, *constants]),
+        values=sql.SQL(", ").join(
+            [sql.SQL("v.{}").format(column(parent, name)) for name in fields]
+            + [sql.Placeholder() for _ in constants]
+        ),
+        source=unnest(parent, fields, connection),
+        names=sql.SQL(", ").join(column(parent, name) for name in fields),
+        pk=column(parent, parent._meta.pk.name),
+        key=key_column,
+        child=sql.Identifier(child._meta.db_table),
+        link=column(child, link),
+        child_columns=sql.SQL(", ").join(column(child, name) for name in child_fields),
+        child_values=sql.SQL(", ").join(
+            sql.SQL("c.{}").format(column(child, name)) for name in child_fields
+        ),
+        child_source=sql.SQL("unnest({}::{}[], {})").format(
+            BINARY,
+            sql.SQL(array_type(parent._meta.get_field(key), connection)),
+            sql.SQL(", ").join(
+                sql.SQL("{}::{}[]").format(
+                    BINARY, sql.SQL(array_type(child._meta.get_field(name), connection))
+                )
+                for name in child_fields
+            ),
+        ),
+        child_names=sql.SQL(", ").join(column(child, name) for name in child_fields),
+    )
+    # The constants' placeholders come first: the parents' SELECT list precedes FROM.
+    params = [
+        *constants.values(),
+        *columns_of(rows, len(fields)),
+        *columns_of(child_rows, 1 + len(child_fields)),
+    ]
+    count, _ = execute(using, statement, params)
+    return count
+
+
 def update(
     model: type[models.Model],
     key: str,
@@ -337,6 +413,44 @@ def existing_ids(
     )
     _, found = execute(using, statement, [sorted(set(ids)) for _, ids in wanted])
     return [set(ids) for ids in found]
+
+
+def read_by_key(
+    using: str,
+    lookups: Sequence[tuple[type[models.Model], str, Iterable[Any], Sequence[str]]],
+) -> list[list[tuple[Any, ...]]]:
+    """Rows of several tables found by a key, in one statement.
+
+    Each lookup is ``(model, key, values, fields)``: the ``fields`` of each
+    row whose ``key`` is among ``values``, as tuples (one array per field,
+    bound on the server, read back in primary-key order and zipped).
+    """
+    connection = connections[using]
+    selects = []
+    params: list[Any] = []
+    for model, key, values, fields in lookups:
+        wanted = sorted(set(values))
+        for name in fields:
+            selects.append(
+                sql.SQL(
+                    "ARRAY(SELECT {field} FROM {table} WHERE {key} = ANY({values}::{type}[]) "
+                    "ORDER BY {pk})"
+                ).format(
+                    field=column(model, name),
+                    table=sql.Identifier(model._meta.db_table),
+                    key=column(model, key),
+                    values=BINARY,
+                    type=sql.SQL(array_type(model._meta.get_field(key), connection)),
+                    pk=column(model, model._meta.pk.name),
+                )
+            )
+            params.append(wanted)
+    _, found = execute(using, sql.SQL("SELECT {}").format(sql.SQL(", ").join(selects)), params)
+    tables, position = [], 0
+    for _, _, _, fields in lookups:
+        tables.append(list(zip(*found[position : position + len(fields)], strict=True)))
+        position += len(fields)
+    return tables
 
 
 def add_to(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Sum
 
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
@@ -285,31 +285,35 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     first chunk, until the other is there too, so both chunks are under way before
     either commits.
 
-    The hook is ``strict``, which wraps every query the optimized operations
-    build: for orders its first call is the product lock, for scores the user
-    lookup, for the catalogue the category lookup.
+    The hooks are ``strict``, which wraps every query the optimized operations
+    build with the ORM, and ``read_by_key``, the orders' first read on
+    PostgreSQL's fast path: for scores the first call is the user lookup, for
+    the catalogue the category lookup.
     """
     inside_together = threading.Barrier(2)
     started = threading.local()
-    original = optimized_module.strict
 
-    def rendezvous(queryset: QuerySet) -> QuerySet:
-        if not getattr(started, "value", False):
-            started.value = True
-            inside_together.wait(timeout=30)
-        return original(queryset)
+    def meeting(original):
+        def rendezvous(*args, **kwargs):
+            if not getattr(started, "value", False):
+                started.value = True
+                inside_together.wait(timeout=30)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(optimized_module, "strict", rendezvous)
+        return rendezvous
+
+    monkeypatch.setattr(optimized_module, "strict", meeting(optimized_module.strict))
+    monkeypatch.setattr(optimized_module, "read_by_key", meeting(optimized_module.read_by_key))
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["free-race", "both-inside-first-chunk"])
 def test_concurrent_replay_of_the_same_orders_applies_each_once(monkeypatch, forced):
     """Two submissions of the same 200 references: each order lands once, stock falls once.
 
-    The same orders mean the same products, so the second submission's chunk
-    waits for the first's product locks and only then reads the known
-    references: it sees the committed orders as duplicates, with no unique
-    violation to roll back, even when both chunks began together (forced).
+    A chunk reads the known references without locks; when both chunks began
+    together (forced), the second's INSERT meets the first's references in
+    their unique index, and that conflict is retried once with the products
+    locked first: it then sees the committed orders as duplicates.
     """
     if forced:
         both_start_before_either_commits(monkeypatch)

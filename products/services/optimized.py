@@ -54,6 +54,8 @@ from batching.postgres import (
     copy_rows,
     existing_ids,
     fast_paths,
+    insert_with_children,
+    read_by_key,
     update,
     upsert,
 )
@@ -502,27 +504,46 @@ class OptimizedOrders(OrdersOperation):
     def decide_and_write(self, rows: list[Prepared]) -> ChunkOutcome:
         orders_qs = Order.objects.using(self.using)
         product_ids = {line.product_id for row in rows for line in row.item.items}
-        # After a conflict: lock in primary-key order, then decide; a
-        # concurrent replay waits there and then reads its references as taken.
-        products = (
-            locked_products(self.using, pk__in=product_ids)
-            if self.lock_first
-            else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
-        )
-        catalogue = {
-            pk: (price, stock, active)
-            for pk, price, stock, active in products.values_list(
-                "pk", "price", "stock_quantity", "is_active"
-            )
-        }
         references = {row.item.reference for row in rows}
-        known = set(
-            strict(orders_qs.filter(reference__in=references)).values_list("reference", flat=True)
-        )
-        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
+        user_ids = {row.item.user_id for row in rows}
+        if fast_paths(self.using) and not self.lock_first:
+            # Products, references and users in one statement, nothing locked.
+            found, taken_refs, found_users = read_by_key(
+                self.using,
+                [
+                    (Product, "id", product_ids, ["id", "price", "stock_quantity", "is_active"]),
+                    (Order, "reference", references, ["reference"]),
+                    (get_user_model(), "id", user_ids, ["id"]),
+                ],
+            )
+            catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
+            known = {reference for (reference,) in taken_refs}
+            users = {pk for (pk,) in found_users}
+        else:
+            # After a conflict: lock in primary-key order, then decide; a
+            # concurrent replay waits there and then reads its references as taken.
+            products = (
+                locked_products(self.using, pk__in=product_ids)
+                if self.lock_first
+                else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
+            )
+            catalogue = {
+                pk: (price, stock, active)
+                for pk, price, stock, active in products.values_list(
+                    "pk", "price", "stock_quantity", "is_active"
+                )
+            }
+            known = set(
+                strict(orders_qs.filter(reference__in=references)).values_list(
+                    "reference", flat=True
+                )
+            )
+            users = existing_user_ids(self.using, user_ids)
         remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
         outcome = ChunkOutcome()
-        accepted: list[tuple[Order, list[OrderItem]]] = []
+        # (reference, user, total) and (reference, product, quantity, unit price).
+        accepted: list[tuple[str, int, Decimal]] = []
+        lines: list[tuple[str, int, int, Decimal]] = []
         taken: Counter[int] = Counter()
         for row in rows:
             order = row.item
@@ -533,27 +554,15 @@ class OptimizedOrders(OrdersOperation):
             for product_id, quantity in order.quantities().items():
                 remaining[product_id] -= quantity
                 taken[product_id] += quantity
-            lines = [
-                OrderItem(
-                    product_id=line.product_id,
-                    quantity=line.quantity,
-                    unit_price=catalogue[line.product_id][0],
-                )
-                for line in order.items
-            ]
-            total = sum((line.unit_price * line.quantity for line in lines), Decimal("0.00"))
-            accepted.append(
-                (Order(reference=order.reference, user_id=order.user_id, total=total), lines)
-            )
+            total = Decimal("0.00")
+            for line in order.items:
+                price = catalogue[line.product_id][0]
+                total += price * line.quantity
+                lines.append((order.reference, line.product_id, line.quantity, price))
+            accepted.append((order.reference, order.user_id, total))
         if not accepted:
             return outcome
-        created = orders_qs.bulk_create([order for order, _ in accepted])
-        items = []
-        for order, lines in zip(created, (lines for _, lines in accepted), strict=True):
-            for line in lines:
-                line.order_id = order.pk
-                items.append(line)
-        OrderItem.objects.using(self.using).bulk_create(items)
+        self.insert(accepted, lines)
         # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
         # that locks them and refuses to take any stock below zero.
         add_to_each(
@@ -564,6 +573,35 @@ class OptimizedOrders(OrdersOperation):
         )
         outcome.written = outcome.created = len(accepted)
         return outcome
+
+    def insert(
+        self, orders: list[tuple[str, int, Decimal]], lines: list[tuple[str, int, int, Decimal]]
+    ) -> None:
+        """The orders and their lines: one statement on PostgreSQL, two bulk_create elsewhere."""
+        if fast_paths(self.using):
+            insert_with_children(
+                Order,
+                ["reference", "user", "total"],
+                orders,
+                key="reference",
+                child=OrderItem,
+                link="order",
+                child_fields=["product", "quantity", "unit_price"],
+                child_rows=lines,
+                constants={"status": Order.Status.CONFIRMED, "created_at": timezone.now()},
+                using=self.using,
+            )
+            return
+        created = Order.objects.using(self.using).bulk_create(
+            [Order(reference=ref, user_id=user, total=total) for ref, user, total in orders]
+        )
+        order_ids = {order.reference: order.pk for order in created}
+        OrderItem.objects.using(self.using).bulk_create(
+            [
+                OrderItem(order_id=order_ids[ref], product_id=product, quantity=n, unit_price=price)
+                for ref, product, n, price in lines
+            ]
+        )
 
 
 class OptimizedProductUpdates(ProductUpdatesOperation):
