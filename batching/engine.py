@@ -45,11 +45,40 @@ refresh mark each row they write with their run and input row); then the
 engine compares keys within a chunk only, and a run's memory does not grow
 with its input.
 
-The log row is created before the first chunk and finished after the last one,
-outside any chunk transaction: a failing chunk cannot roll back the trace of
-its own failure. Its counters, errors and checkpoint are only ever those of
-committed chunks: a run that fails midway is finished with the figures its
-last checkpoint wrote, never with the rows it read but did not commit.
+The log row costs the run no commit of its own: it is inserted by the first
+chunk's transaction and finished by the last chunk's checkpoint (the run
+reads one row ahead to know the chunk is the last), so a one-chunk run
+commits once. A chunk that rolls back takes the row's INSERT with it; the
+next attempt inserts it again, and a run that commits no chunk at all (an
+empty input, a failure) inserts it when it ends, with how it ended: a
+failing chunk never takes the trace of its own failure with it. Its
+counters, errors and checkpoint are only ever those of committed chunks: a
+run that fails midway is finished with the figures its last checkpoint
+wrote, never with the rows it read but did not commit.
+
+Locks late and short (PostgreSQL). Every chunk transaction opens with one
+statement (``batching.postgres.begin_chunk``): foreign keys checked by each
+statement, not inside COMMIT, and a ``lock_timeout``, so a chunk that waits
+on a live transaction's row lock gives up (``55P03``, retried with backoff
+like any transient failure) instead of making the live traffic queue behind
+it. Operations write their own rows first and change the rows the live shop
+writes last. Each chunk's timeline (``products.services.optimized``):
+
+    views    BEGIN; SET; read users+products; COPY views; UPDATE view_count
+             (locks products, pk order); checkpoint; COMMIT
+    orders   BEGIN; SET; read products+references+users; INSERT orders and
+             lines; UPDATE stock, guarded (locks products, pk order);
+             checkpoint; COMMIT. Overtaken (guard or unique reference):
+             ChunkConflict, retried, and the run locks first from then on
+    scores   BEGIN; SET; read users+products; upsert scores; checkpoint; COMMIT
+             (no product locked)
+    import   BEGIN; SET; read categories; upsert products (locks the rows it
+             updates); checkpoint; COMMIT
+    prices   BEGIN; SET; one UPDATE locking the products by sku in pk order;
+             checkpoint; COMMIT
+
+The foreign-key checks of the rows written take ``FOR KEY SHARE`` on the
+products they reference, which no checkout or price save waits for.
 
 Side effects of a committed chunk (``committed``: cache invalidation) run
 after its COMMIT and can never fail the run: an error there is logged and
