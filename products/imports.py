@@ -72,6 +72,10 @@ TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
 TOKEN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
 
 TOO_LARGE = "the file is larger than {limit:,} bytes (settings.ADMIN_IMPORT_MAX_BYTES)"
+TOO_MANY_ROWS = (
+    "the file has {rows:,} rows, more than the {limit:,} an admin import takes "
+    "(settings.ADMIN_IMPORT_MAX_ROWS); import it with manage.py import_products"
+)
 NOT_READABLE = "cannot read the file: {error}"
 DAMAGED_GZIP = "cannot read the file: its gzip data is damaged or cut short ({error})"
 
@@ -279,6 +283,10 @@ def preview(staged: Staged) -> dict[str, Any]:
         # Fewer rows than the limit: the whole file has been read already.
         rest = stream.count_rest() if previewed == limit else 0
     total = previewed + rest
+    if total > settings.ADMIN_IMPORT_MAX_ROWS:
+        raise ImportFileError(
+            TOO_MANY_ROWS.format(rows=total, limit=settings.ADMIN_IMPORT_MAX_ROWS)
+        )
     return {
         "rows": previewed,
         "rows_total": total,

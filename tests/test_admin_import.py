@@ -195,6 +195,18 @@ def test_an_unknown_format_is_a_form_error(client, staff):
     assert "cannot tell the format of catalogue.xlsx" in response.content.decode()
 
 
+def test_more_rows_than_an_admin_import_takes_is_a_form_error(client, staff, settings):
+    """Beyond ADMIN_IMPORT_MAX_ROWS the job would hold too many rows in the web process."""
+    settings.ADMIN_IMPORT_MAX_ROWS = 5
+    settings.ADMIN_IMPORT_PREVIEW_ROWS = 2  # the rest is counted, not previewed
+    response = upload(client, PRODUCTS_CSV)
+    assert response.status_code == 200
+    assert "the file has 6 rows, more than the 5 an admin import takes" in (
+        response.content.decode()
+    )
+    assert staged_files(settings) == []
+
+
 def test_a_file_without_header_is_a_form_error(client, staff):
     response = upload(client, ",\n")
     assert response.status_code == 200
