@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -17,6 +17,7 @@ from django.db import connection
 from django.db.models import Sum
 
 from batching.models import BatchProcessingLog
+from orders.models import OrderItem
 from products.models import Product, ProductView
 from products.services import optimized as optimized_module
 from tests.concurrency_helpers import record_sleeps, require_postgresql
@@ -68,15 +69,18 @@ def can_lock(product_id: int) -> bool:
     return True
 
 
-def watch_the_last_statement(monkeypatch, seen: list[tuple[str, bool, int]]) -> None:
-    """Before and after the statement that changes products, probe their lock."""
+def watch_the_last_statement(
+    monkeypatch, seen: list[tuple[str, bool, int]], written: Callable[[], int]
+) -> None:
+    """Before and after the statement that changes products, probe their lock and count
+    the chunk's own rows written so far."""
     add_to = optimized_module.add_to
 
     def probed(model, field, amounts, **kwargs):
         product = min(amounts)
-        seen.append(("before", can_lock(product), ProductView.objects.count()))
+        seen.append(("before", can_lock(product), written()))
         changed = add_to(model, field, amounts, **kwargs)
-        seen.append(("after", can_lock(product), ProductView.objects.count()))
+        seen.append(("after", can_lock(product), written()))
         return changed
 
     monkeypatch.setattr(optimized_module, "add_to", probed)
@@ -85,7 +89,7 @@ def watch_the_last_statement(monkeypatch, seen: list[tuple[str, bool, int]]) -> 
 def test_views_lock_the_products_only_after_writing_the_views(shop, optimized, monkeypatch):
     monkeypatch.setattr(optimized_module.OptimizedViews, "streams", lambda self: False)
     seen: list[tuple[str, bool, int]] = []
-    watch_the_last_statement(monkeypatch, seen)
+    watch_the_last_statement(monkeypatch, seen, ProductView.objects.count)
 
     optimized.create_product_views(view_rows(shop, 8), chunk_size=1000)
 
@@ -97,7 +101,7 @@ def test_views_lock_the_products_only_after_writing_the_views(shop, optimized, m
 
 def test_streamed_views_lock_the_products_last(shop, optimized, monkeypatch):
     seen: list[tuple[str, bool, int]] = []
-    watch_the_last_statement(monkeypatch, seen)
+    watch_the_last_statement(monkeypatch, seen, ProductView.objects.count)
 
     optimized.create_product_views(view_rows(shop, 8), chunk_size=1000)
 
@@ -107,17 +111,7 @@ def test_streamed_views_lock_the_products_last(shop, optimized, monkeypatch):
 def test_orders_lock_the_products_only_after_writing_the_orders(shop, optimized, monkeypatch):
     Product.objects.update(stock_quantity=100)
     seen: list[tuple[str, bool, int]] = []
-    add_to = optimized_module.add_to
-    from orders.models import OrderItem
-
-    def probed(model, field, amounts, **kwargs):
-        product = min(amounts)
-        seen.append(("before", can_lock(product), OrderItem.objects.count()))
-        changed = add_to(model, field, amounts, **kwargs)
-        seen.append(("after", can_lock(product), OrderItem.objects.count()))
-        return changed
-
-    monkeypatch.setattr(optimized_module, "add_to", probed)
+    watch_the_last_statement(monkeypatch, seen, OrderItem.objects.count)
 
     optimized.process_orders(order_rows(shop, 4), chunk_size=1000)
 
