@@ -328,11 +328,13 @@ class TestOptimizedQueryCounts:
             result = optimized.create_product_views([{"user_id": "x"}, 7])
         assert result.skipped == 2
 
-    def test_querysets_raise_on_lazy_loads(self, optimized, shop, monkeypatch):
+    def test_querysets_raise_on_lazy_loads(self, optimized, shop, monkeypatch, settings):
         """FETCH_RAISE: a per-row lazy load in the service fails instead of querying.
 
-        Orders lock their products through a queryset on every database.
+        Orders read their products through a queryset on the portable path
+        (PostgreSQL's fast path reads them with one array statement).
         """
+        settings.BULK_PG_FAST_PATHS = False
         from django.core.exceptions import FieldFetchBlocked
 
         from products.services import optimized as module
