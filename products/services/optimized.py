@@ -43,7 +43,7 @@ from itertools import chain
 from operator import attrgetter
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, models
+from django.db import IntegrityError, connections, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
@@ -152,6 +152,11 @@ def add_to_each(using: str, field: str, amounts: dict[int, int], *, guard: bool 
     if fast_paths(using):
         add_to(Product, field, amounts, using=using, guard=guard)
         return
+    if connections[using].features.has_select_for_update:
+        # Row locks (PostgreSQL's portable path): take them in primary-key
+        # order first, as the fast path's statement does, so concurrent runs
+        # queue instead of deadlocking. SQLite locks the whole file.
+        list(locked_products(using, pk__in=amounts).values_list("pk", flat=True))
     delta = Case(
         *(When(pk=pk, then=Value(amount)) for pk, amount in amounts.items()),
         default=Value(0),
