@@ -108,6 +108,27 @@ def unnest(model: type[models.Model], fields: Sequence[str], connection) -> sql.
     )
 
 
+def insert_from_arrays(
+    model: type[models.Model], fields: Sequence[str], constants: Mapping[str, Any], connection
+) -> sql.Composed:
+    """``INSERT INTO t (fields, constants) SELECT v.fields, %s... FROM unnest(...) AS v``.
+
+    Its parameters: one per constant, then one array per field.
+    """
+    return sql.SQL(
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM {source} AS v ({names})"
+    ).format(
+        table=sql.Identifier(model._meta.db_table),
+        columns=sql.SQL(", ").join(column(model, name) for name in [*fields, *constants]),
+        values=sql.SQL(", ").join(
+            [sql.SQL("v.{}").format(column(model, name)) for name in fields]
+            + [sql.Placeholder() for _ in constants]
+        ),
+        source=unnest(model, fields, connection),
+        names=sql.SQL(", ").join(column(model, name) for name in fields),
+    )
+
+
 def columns_of(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
     """Rows (tuples) as one list per column: the arrays ``unnest`` takes."""
     return [list(values) for values in zip(*rows, strict=True)] if rows else [[]] * width
@@ -204,19 +225,12 @@ def upsert(
     constants = dict(constants or {})
     statement = sql.SQL(
         "WITH written AS ("
-        "INSERT INTO {table} ({columns}) SELECT {values} FROM {source} AS v ({names}) "
+        "{insert} "
         "ON CONFLICT ({unique}) DO UPDATE SET {updates}{where} "
         "RETURNING (xmax = 0) AS inserted"
         ") SELECT count(*) FILTER (WHERE inserted), count(*) FROM written"
     ).format(
-        table=sql.Identifier(model._meta.db_table),
-        columns=sql.SQL(", ").join(column(model, name) for name in [*fields, *constants]),
-        values=sql.SQL(", ").join(
-            [sql.SQL("v.{}").format(column(model, name)) for name in fields]
-            + [sql.Placeholder() for _ in constants]
-        ),
-        source=unnest(model, fields, connection),
-        names=sql.SQL(", ").join(column(model, name) for name in fields),
+        insert=insert_from_arrays(model, fields, constants, connection),
         unique=sql.SQL(", ").join(column(model, name) for name in unique_fields),
         updates=sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(column(model, name)) for name in update_fields
@@ -269,21 +283,14 @@ def insert_with_children(
     key_column = column(parent, key)
     statement = sql.SQL(
         "WITH parent AS ("
-        "INSERT INTO {parent} ({columns}) SELECT {values} FROM {source} AS v ({names}) "
+        "{insert} "
         "RETURNING {pk}, {key}"
         ") "
         "INSERT INTO {child} ({link}, {child_columns}) "
         "SELECT parent.{pk}, {child_values} FROM {child_source} AS c ({key}, {child_names}) "
         "JOIN parent ON parent.{key} = c.{key}"
     ).format(
-        parent=sql.Identifier(parent._meta.db_table),
-        columns=sql.SQL(", ").join(column(parent, name) for name in [*fields, *constants]),
-        values=sql.SQL(", ").join(
-            [sql.SQL("v.{}").format(column(parent, name)) for name in fields]
-            + [sql.Placeholder() for _ in constants]
-        ),
-        source=unnest(parent, fields, connection),
-        names=sql.SQL(", ").join(column(parent, name) for name in fields),
+        insert=insert_from_arrays(parent, fields, constants, connection),
         pk=column(parent, parent._meta.pk.name),
         key=key_column,
         child=sql.Identifier(child._meta.db_table),

@@ -62,11 +62,9 @@ from products.scale_bench import (
     Workload,
     check_completed,
     copy_products,
-    copy_rows,
     database_url,
     execute,
     format_ratio,
-    fraction,
     like_prefix,
     machine_description,
     markdown_table,
@@ -217,6 +215,11 @@ class Live:
         service = OptimizedBulkOperationsService(using=self.using)
         return getattr(service, self.method)(self.service_input(), chunk_size=chunk_size)
 
+    def copy_products_past_the_hot_ones(self, stop: int) -> None:
+        """Products numbered from the hot ones' end up to ``stop``, in the hot category."""
+        category = Category.objects.using(self.using).get(name=category_name(0)).pk
+        copy_products(self.using, range(PRODUCT_POOL, stop), lambda _: category, "10.00", 100)
+
     def run_bulk(self, chunk_size: int | None) -> None:
         check_completed(self.name, OPTIMIZED, self.run_service(chunk_size))
 
@@ -240,21 +243,9 @@ class LiveScores(Live, ScoresWorkload):
 
     def create_base(self) -> None:
         """ScoresWorkload's base: products past the hot ones, and every even key's score."""
-        hot_category = Category.objects.using(self.using).get(name=category_name(0)).pk
         pool = max(PRODUCT_POOL, self.product_pool)
-        copy_products(self.using, range(PRODUCT_POOL, pool), lambda _: hot_category, "10.00", 100)
-        users, products = user_ids(self.using), product_ids(self.using, pool)
-        now = timezone.now()
-        copy_rows(
-            self.using,
-            RecommendationScore,
-            [*self.key_fields, *self.update_fields],
-            (
-                (users[user], products[product], algorithm, fraction(number, 7), now)
-                for number in range(0, self.size, 2)
-                for user, product, algorithm in [self.key(number)]
-            ),
-        )
+        self.copy_products_past_the_hot_ones(pool)
+        self.copy_existing_scores(user_ids(self.using), product_ids(self.using, pool))
 
 
 class LiveUpdates(Live, UpdatesWorkload):
@@ -264,8 +255,7 @@ class LiveUpdates(Live, UpdatesWorkload):
 
     def create_base(self) -> None:
         """Products past the hot ones, up to the size: the rows update each product once."""
-        category = Category.objects.using(self.using).get(name=category_name(0)).pk
-        copy_products(self.using, range(PRODUCT_POOL, self.size), lambda _: category, "10.00", 100)
+        self.copy_products_past_the_hot_ones(self.size)
 
 
 class LiveOrders(Live, OrdersWorkload):

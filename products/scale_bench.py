@@ -624,9 +624,11 @@ class ScoresWorkload(Workload):
         (category_id,) = create_categories(self.using, 1)
         users = create_users(self.using, USER_POOL)
         copy_products(self.using, range(self.product_pool), lambda _: category_id, "10.00", 100)
-        products = product_ids(self.using, self.product_pool)
+        self.copy_existing_scores(users, product_ids(self.using, self.product_pool))
+
+    def copy_existing_scores(self, users: list[int], products: list[int]) -> None:
+        """Even key numbers exist with another score; the input updates them."""
         now = timezone.now()
-        # Even key numbers exist with another score; the input updates them.
         copy_rows(
             self.using,
             RecommendationScore,
