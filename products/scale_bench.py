@@ -260,7 +260,7 @@ def chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def check_completed(workload: str, strategy: str, result: BatchResult) -> None:
     if result.status != BatchProcessingLog.Status.COMPLETED:
         errors = "; ".join(f"row {e.index}: {e.field}: {e.message}" for e in result.errors[:3]) or (
-            result.log.error or "no row errors"
+            result.log.error_summary or "no row errors"
         )
         raise BenchError(
             RUN_INCOMPLETE.format(

@@ -17,6 +17,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
+from batching.engine import BatchResult
+from batching.models import BatchProcessingLog
 from products import scale_bench as bench
 from products.models import Product
 
@@ -59,6 +61,15 @@ def test_bad_arguments_are_command_errors(args, message):
 def test_refuses_sqlite():
     with pytest.raises(CommandError, match="need PostgreSQL; this database is sqlite"):
         run("--sizes", "10", "--workloads", "views", "--in-process")
+
+
+def test_a_failed_run_without_row_errors_is_reported_by_its_summary():
+    log = BatchProcessingLog(
+        status=BatchProcessingLog.Status.FAILED, error_summary="database went away"
+    )
+    result = BatchResult(log, 10, 0, 0, 0, 0, [], 0, 0.0)
+    with pytest.raises(bench.BenchError, match="views with raw ended failed: database went away"):
+        bench.check_completed("views", "raw", result)
 
 
 @postgres_only
