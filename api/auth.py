@@ -87,7 +87,6 @@ class TokenAuth(HttpBearer):
         if found is None:
             return None
         check(found.user, self.permissions)
-        request.api_token = found
         return found.user
 
 

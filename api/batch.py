@@ -41,7 +41,7 @@ from products.services.rows import NOT_AN_OBJECT, order_lines
 Operation = BatchProcessingLog.Operation
 
 # The service method that runs each operation.
-SERVICE_METHODS = {
+SERVICE_METHODS: dict[str, str] = {
     Operation.PRODUCT_VIEWS: "create_product_views",
     Operation.RECOMMENDATION_SCORES: "upsert_recommendation_scores",
     Operation.PRODUCTS: "import_products",
@@ -94,6 +94,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _skip_whitespace(text: str, position: int) -> int:
+    """The position of the first character at or after ``position`` that is not JSON whitespace."""
+    match = _WHITESPACE.match(text, position)
+    return match.end() if match else position  # it always matches, perhaps nothing
+
+
 def syntax_error_row(text: str) -> int | None:
     """The index of the top-level element a JSON syntax error is in, if any.
 
@@ -101,20 +107,20 @@ def syntax_error_row(text: str) -> int | None:
     a time until the failing one.
     """
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
-    position = _WHITESPACE.match(text, 0).end()
+    position = _skip_whitespace(text, 0)
     if not text.startswith("[", position):
         return None
-    position = _WHITESPACE.match(text, position + 1).end()
+    position = _skip_whitespace(text, position + 1)
     index = 0
     while True:
         try:
             _, position = decoder.raw_decode(text, position)
         except (ValueError, RecursionError):
             return index
-        position = _WHITESPACE.match(text, position).end()
+        position = _skip_whitespace(text, position)
         if not text.startswith(",", position):
             return index  # a missing comma or bracket, right after this row
-        position = _WHITESPACE.match(text, position + 1).end()
+        position = _skip_whitespace(text, position + 1)
         index += 1
 
 
@@ -205,14 +211,17 @@ def run_rows(
     if later:
         check_storable(body, rows)
 
+    # What the endpoint's authentication returned: ninja sets it, untyped.
+    user = request.auth  # type: ignore[attr-defined]
+
     def run() -> tuple[int, dict[str, Any]]:
         if later:
-            return 202, submit(operation, rows, request.auth)
+            return 202, submit(operation, rows, user)
         return 200, run_now(operation, rows)
 
     if idempotency_key:
         status, answer = replay_or_run(
-            user=request.auth, key=idempotency_key, request_hash=fingerprint(request, body), run=run
+            user=user, key=idempotency_key, request_hash=fingerprint(request, body), run=run
         )
     else:
         status, answer = run()

@@ -120,6 +120,6 @@ def _replay(record: IdempotencyRecord | None, request_hash: str) -> tuple[int, d
         raise ApiError(409, KEY_IN_PROGRESS)
     if record.request_hash != request_hash:
         raise ApiError(409, KEY_REUSED)
-    if not record.finished:
+    if record.status_code is None or record.response is None:  # not finished
         raise ApiError(409, KEY_IN_PROGRESS)
     return record.status_code, record.response

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hmac
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, F, Max, Q, Sum
@@ -66,7 +67,8 @@ class BatchCollector(Collector):
             _bucket_name(i): Count("id", filter=finished & Q(duration_seconds__lte=bound))
             for i, bound in enumerate(DURATION_BUCKETS)
         }
-        groups = (
+        # Mappings: the bucket names below are not literals.
+        groups: Iterable[Mapping[str, Any]] = (
             Log.objects.order_by()
             .values("operation", "variant", "status")
             .annotate(
@@ -165,7 +167,7 @@ class BatchCollector(Collector):
         jobs = GaugeMetricFamily(
             "shop_jobs", "Background jobs waiting or running.", labels=["status"]
         )
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
         for row in (
             Job.objects.order_by()
             .filter(status__in=JOB_STATES)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import Field, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
@@ -109,7 +110,9 @@ class DeclaredFiltersChangeList(ChangeList):
         for spec in specs:
             if isinstance(spec, admin.DateFieldListFilter):
                 for key in (spec.lookup_kwarg_since, spec.lookup_kwarg_until):
-                    for value in spec.used_parameters.get(key, []):
+                    # Each parameter's values (a list; the stubs say object).
+                    values = cast("list[str]", spec.used_parameters.get(key, []))
+                    for value in values:
                         if filter_moment(value) is None:
                             raise IncorrectLookupParameters(f"{key}: {value!r} is not a moment")
         return specs, has_filters, remaining, duplicates, active
@@ -213,7 +216,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
     ]
     # Everything on the detail page is read-only; the computed entries must be
     # listed here for the fieldsets above to name them.
-    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+    readonly_fields = flatten_fieldsets(fieldsets)
 
     def get_urls(self) -> list[URLPattern]:
         dashboard = path(
@@ -272,6 +275,8 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         """
         queryset = self.get_queryset(request).defer(None)
         field = self.opts.pk if from_field is None else self.opts.get_field(from_field)
+        if not isinstance(field, Field):  # a reverse relation holds no value of the row
+            return None
         try:
             return queryset.get(**{field.name: field.to_python(object_id)})
         except (BatchProcessingLog.DoesNotExist, ValidationError, ValueError):

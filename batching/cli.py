@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 from argparse import ArgumentTypeError
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from django.core.management.base import OutputWrapper
 
@@ -47,7 +46,7 @@ class Progress:
         self._next_draw = self.started + interval
         self._drawn = 0
 
-    def track(self, rows: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    def track[T](self, rows: Iterable[T]) -> Iterator[T]:
         for row in rows:
             self.count += 1
             now = time.monotonic()

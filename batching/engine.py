@@ -317,11 +317,11 @@ class BatchOperation(ABC):
         message = DUPLICATE_IN_INPUT.format(field=self.key_field, first=first)
         return RowError(index, self.key_field or "row", message, "duplicate")
 
-    def not_written_yet(
+    def not_written_yet[K: Hashable](
         self,
         rows: list[Prepared],
-        key: Callable[[Prepared], Hashable],
-        marks: Mapping[Hashable, tuple[int | None, int | None]],
+        key: Callable[[Prepared], K],
+        marks: Mapping[K, tuple[int | None, int]],
         errors: list[RowError],
     ) -> list[Prepared]:
         """The rows whose key this run has not written yet; the others go to ``errors``.
@@ -331,9 +331,9 @@ class BatchOperation(ABC):
         """
         fresh = []
         for row in rows:
-            log_id, first = marks.get(key(row), (None, None))
-            if log_id == self.log_id:
-                errors.append(self.repeated(row.index, first))
+            mark = marks.get(key(row))
+            if mark is not None and mark[0] == self.log_id:
+                errors.append(self.repeated(row.index, mark[1]))
             else:
                 fresh.append(row)
         return fresh
@@ -681,9 +681,9 @@ class BatchRun:
         elif self.resume_log is not None:
             # Re-read the committed prefix only to remember its keys, so a
             # duplicate after the checkpoint is still recognised as one.
-            for chunk in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
-                self._prepare_chunk(position, chunk, errors=[])
-                position += len(chunk)
+            for prefix in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
+                self._prepare_chunk(position, prefix, errors=[])
+                position += len(prefix)
         rows = self.input = Lookahead(rows)
         streams = self.op.streams()
         try:

@@ -88,20 +88,42 @@ def array_type(field: models.Field, connection) -> str:
     length the value reaches the column whole and a too-long one is refused
     there ("value too long"), as a plain INSERT would be.
     """
-    return LENGTH.sub("", field.db_type(connection))
+    return LENGTH.sub("", db_type(field, connection))
+
+
+def db_type(field: models.Field, connection) -> str:
+    """The column's type, e.g. ``varchar(64)``; a field without a column has none."""
+    type_ = field.db_type(connection)
+    if type_ is None:
+        raise ValueError(f"{field} has no column type")
+    return type_
+
+
+def model_field(model: type[models.Model], name: str) -> models.Field:
+    """``model``'s field ``name``; a reverse relation is refused (it has no column)."""
+    field = model._meta.get_field(name)
+    if not isinstance(field, models.Field):
+        raise ValueError(f"{model._meta.label}.{name} is a reverse relation, not a column")
+    return field
+
+
+def column_name(model: type[models.Model], name: str) -> str:
+    field = model_field(model, name)
+    if field.column is None:
+        raise ValueError(f"{model._meta.label}.{name} has no column")
+    return field.column
 
 
 def column(model: type[models.Model], name: str) -> sql.Identifier:
-    return sql.Identifier(model._meta.get_field(name).column)
+    return sql.Identifier(column_name(model, name))
 
 
 def unnest(model: type[models.Model], fields: Sequence[str], connection) -> sql.Composed:
     """``unnest(%s::type[], ...)``: one array parameter per field, typed like its column."""
-    meta = model._meta
     return sql.SQL("unnest({})").format(
         sql.SQL(", ").join(
             sql.SQL("{}::{}[]").format(
-                BINARY, sql.SQL(array_type(meta.get_field(name), connection))
+                BINARY, sql.SQL(array_type(model_field(model, name), connection))
             )
             for name in fields
         )
@@ -158,7 +180,7 @@ def copy_rows(
         columns=sql.SQL(", ").join(column(model, name) for name in fields),
     )
     connection = connections[using]
-    types = [MODIFIERS.sub("", model._meta.get_field(name).db_type(connection)) for name in fields]
+    types = [MODIFIERS.sub("", db_type(model_field(model, name), connection)) for name in fields]
 
     def run(cursor, text):
         with cursor.copy(text) as copy:
@@ -301,10 +323,10 @@ def insert_with_children(
         ),
         child_source=sql.SQL("unnest({}::{}[], {})").format(
             BINARY,
-            sql.SQL(array_type(parent._meta.get_field(key), connection)),
+            sql.SQL(array_type(model_field(parent, key), connection)),
             sql.SQL(", ").join(
                 sql.SQL("{}::{}[]").format(
-                    BINARY, sql.SQL(array_type(child._meta.get_field(name), connection))
+                    BINARY, sql.SQL(array_type(model_field(child, name), connection))
                 )
                 for name in child_fields
             ),
@@ -447,7 +469,7 @@ def read_by_key(
                     table=sql.Identifier(model._meta.db_table),
                     key=column(model, key),
                     values=BINARY,
-                    type=sql.SQL(array_type(model._meta.get_field(key), connection)),
+                    type=sql.SQL(array_type(model_field(model, key), connection)),
                     pk=column(model, model._meta.pk.name),
                 )
             )

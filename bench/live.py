@@ -22,7 +22,7 @@ import math
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -34,7 +34,7 @@ from django.utils import timezone
 from psycopg import sql
 
 from batching.engine import BatchResult
-from batching.postgres import add_to, column
+from batching.postgres import add_to, column, column_name
 from batching.postgres import copy_rows as copy_binary
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
 from orders.models import Order, OrderItem
@@ -198,7 +198,7 @@ def reset(using: str, hot: Hot) -> None:
 # -- the operations: scale_bench's workloads on the kept base -----------------------------
 
 
-class Live:
+class Live(Workload):
     """What ``bench_live`` adds to a workload: its size, service method and raw label.
 
     ``create_base`` adds only what the kept base lacks.
@@ -207,6 +207,7 @@ class Live:
     size_at_scale_1: ClassVar[int]
     method: ClassVar[str]
     raw_label: ClassVar[str]
+    rows: Callable[[], Iterator[dict[str, Any]]]  # the workload's, for those that have rows
 
     def service_input(self) -> Any:
         return self.rows()
@@ -349,7 +350,7 @@ class LiveImport(Live, ImportWorkload):
             return service.import_products(stream, chunk_size=chunk_size)
 
 
-OPERATIONS: dict[str, type[Workload]] = {
+OPERATIONS: dict[str, type[Live]] = {
     cls.name: cls for cls in (LiveViews, LiveScores, LiveOrders, LiveImport, LiveUpdates)
 }
 
@@ -362,11 +363,9 @@ def sizes_at(scale: float) -> dict[str, int]:
 
 
 def product_table() -> Table:
-    meta = Product._meta
     return Table(
-        meta.db_table,
-        meta.pk.column,
-        *(meta.get_field(name).column for name in ("price", "stock_quantity", "updated_at")),
+        Product._meta.db_table,
+        *(column_name(Product, name) for name in ("id", "price", "stock_quantity", "updated_at")),
     )
 
 

@@ -8,12 +8,14 @@ two queries for the page, whatever the number of jobs and partitions.
 
 from __future__ import annotations
 
+from typing import cast
+
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
-from jobs.models import Job, JobPartition
+from jobs.models import Job, JobPartition, JobQuerySet
 
 
 class JobPartitionInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -61,7 +63,8 @@ class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     inlines = [JobPartitionInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
-        return super().get_queryset(request).with_partitions()
+        # Job's manager makes JobQuerySets; the admin's stubs do not know the model.
+        return cast(JobQuerySet, super().get_queryset(request)).with_partitions()
 
     @admin.display(description="progress")
     def progress(self, job: Job) -> str:

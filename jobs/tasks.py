@@ -84,7 +84,7 @@ CLAIMED = "job {job} partition {number}: claimed, not started yet"
 SHUT_DOWN = "interrupted: its worker shut down; re-queued"
 
 # A partition's status once its run's log has finished.
-PARTITION_STATUS = {
+PARTITION_STATUS: dict[str, Status] = {
     LogStatus.COMPLETED: Status.COMPLETED,
     LogStatus.PARTIAL: Status.PARTIAL,
     LogStatus.FAILED: Status.FAILED,
@@ -281,6 +281,8 @@ def _after_abort(partition: JobPartition) -> None:
             BatchProcessingLog.objects.filter(pk=partition.log_id)
             .values_list("status", flat=True)
             .first()
+            if partition.log_id is not None
+            else None  # the run ended before its log was created
         )
         if status == LogStatus.INTERRUPTED:
             requeue(partition.pk, partition.attempts, partition.log_id, SHUT_DOWN)
@@ -299,9 +301,10 @@ def requeue(partition_id: int, attempts: int, log_id: int | None, reason: str) -
         ).update(status=Status.QUEUED, queued_at=timezone.now(), worker="")
         if not requeued:
             return False
-        BatchProcessingLog.objects.filter(pk=log_id, status=LogStatus.RUNNING).update(
-            status=LogStatus.INTERRUPTED, error_summary=reason
-        )
+        if log_id is not None:
+            BatchProcessingLog.objects.filter(pk=log_id, status=LogStatus.RUNNING).update(
+                status=LogStatus.INTERRUPTED, error_summary=reason
+            )
         transaction.on_commit(partial(enqueue_partition, partition_id), robust=True)
     return True
 

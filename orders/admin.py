@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from django import forms
 from django.contrib import admin
@@ -35,6 +35,13 @@ from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin, filter_mome
 from orders.models import Order, OrderItem
 from orders.reports import SalesReport, check_range, iter_order_lines_csv, sales_report
 from shop.charts import line_chart
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+    class ItemCount(TypedDict):
+        item_count: int
+
 
 # Rows of the per-product table on the sales report page; the command and the
 # CSV export have them all.
@@ -56,7 +63,8 @@ class SalesRangeForm(forms.Form):
     )
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         try:
             check_range(cleaned.get("since"), cleaned.get("until"))
         except ValueError as exc:
@@ -109,8 +117,7 @@ class OrderItemInline(ReadOnlyAdminMixin, admin.TabularInline):
     """
 
     model = OrderItem
-    fields = ["product", "quantity", "unit_price", "line_total"]
-    readonly_fields = fields
+    fields = readonly_fields = ("product", "quantity", "unit_price", "line_total")
     extra = 0
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OrderItem]:
@@ -208,7 +215,7 @@ class OrderAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
             request, "admin/orders/order/sales_report.html", context, status=status
         )
 
-    def export_csv_view(self, request: HttpRequest) -> HttpResponse:
+    def export_csv_view(self, request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
         """Every order line of the range as CSV, streamed: see ``iter_order_lines_csv``.
 
         The response is a generator consumed while it is sent, so the server
@@ -230,5 +237,5 @@ class OrderAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
         )
 
     @admin.display(description="items", ordering="item_count")
-    def item_count(self, order: Order) -> int:
+    def item_count(self, order: WithAnnotations[Order, ItemCount]) -> int:
         return order.item_count

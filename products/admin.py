@@ -9,6 +9,7 @@ or raw-id widgets, so a form never loads a whole table into a ``<select>``.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING, TypedDict
 
 from django import forms
 from django.contrib import admin
@@ -26,6 +27,12 @@ from django.views.decorators.http import require_GET, require_http_methods
 from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from products import cache, imports
 from products.models import Category, Product, ProductView, RecommendationScore
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+    class ProductCount(TypedDict):
+        product_count: int
 
 
 @admin.register(Category)
@@ -52,13 +59,20 @@ class CategoryAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
         return super().get_queryset(request).annotate(product_count=Coalesce(Subquery(products), 0))
 
     @admin.display(description="products", ordering="product_count")
-    def product_count(self, category: Category) -> int:
+    def product_count(self, category: WithAnnotations[Category, ProductCount]) -> int:
         return category.product_count
 
     def save_model(self, request: HttpRequest, obj: Category, form, change: bool) -> None:
         super().save_model(request, obj, form, change)
         # Cards show the category's name; a rename retires them all, once committed.
         transaction.on_commit(cache.invalidate_catalogue, robust=True)
+
+
+def staff_id(request: HttpRequest) -> int:
+    """The signed-in user's id (the admin lets no anonymous user reach its views)."""
+    if request.user.pk is None:
+        raise PermissionDenied
+    return request.user.pk
 
 
 # What each kind of import writes, as the permissions it needs.
@@ -153,7 +167,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
             if not self.can_import(request, kind):
                 raise PermissionDenied
             try:
-                staged = imports.stage(form.cleaned_data["file"], kind, request.user.pk)
+                staged = imports.stage(form.cleaned_data["file"], kind, staff_id(request))
             except imports.ImportFileError as exc:
                 form.add_error("file", str(exc))
             else:
@@ -164,7 +178,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     @method_decorator(require_http_methods(["GET", "POST"]))
     def import_detail_view(self, request: HttpRequest, token: str) -> HttpResponse:
         """The preview and its confirm button, then the progress, then the result."""
-        staged = imports.load(token, request.user.pk)
+        staged = imports.load(token, staff_id(request))
         if not self.can_import(request, staged.kind):
             raise PermissionDenied
         if request.method == "POST":
@@ -189,7 +203,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     @method_decorator(require_GET)
     def import_status_view(self, request: HttpRequest, token: str) -> JsonResponse:
         """JSON for the progress page's poll: the state and the job's progress."""
-        staged = imports.load(token, request.user.pk)
+        staged = imports.load(token, staff_id(request))
         if not self.can_import(request, staged.kind):
             raise PermissionDenied
         job = imports.job_status(staged) if staged.state == imports.RUNNING else None

@@ -405,7 +405,7 @@ def job_status(staged: Staged) -> dict[str, Any] | None:
     """The job's ``as_dict()``; once it has finished, the staged result is stored too."""
     from jobs.models import Job
 
-    job = Job.objects.filter(pk=staged.job_id).first()
+    job = Job.objects.filter(pk=staged.job_id).first() if staged.job_id else None
     if job is None:
         return None
     status = job.as_dict()

@@ -156,7 +156,7 @@ class Inflated(io.RawIOBase):
     limit (plus one block): the cap costs nothing and needs no first pass.
     """
 
-    def __init__(self, file: IO[bytes], limit: int, name: str) -> None:
+    def __init__(self, file: gzip.GzipFile, limit: int, name: str) -> None:
         self._gzip = file
         self.limit = limit
         self.name = name

@@ -85,7 +85,7 @@ from psycopg import sql
 
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
-from batching.postgres import array_type
+from batching.postgres import array_type, column, model_field
 from orders.models import Order, OrderItem
 from products.benchmarking import (
     ALGORITHMS,
@@ -114,7 +114,7 @@ from shop.charts import bar_chart
 try:  # a benchmark-only extra: pip install -e ".[bench]"
     import pgbulk
 except ImportError:  # pragma: no cover
-    pgbulk = None
+    pgbulk = None  # type: ignore[assignment]  # bench_scale checks for None
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 # A strategy is measured again (with --repeat) only while its runs took less.
@@ -190,7 +190,7 @@ def fraction(number: int, salt: int) -> float:
 
 
 def columns(model: type[models.Model], fields: Sequence[str]) -> sql.Composed:
-    return sql.SQL(", ").join(sql.Identifier(model._meta.get_field(f).column) for f in fields)
+    return sql.SQL(", ").join(column(model, f) for f in fields)
 
 
 def table(model: type[models.Model]) -> sql.Identifier:
@@ -230,8 +230,8 @@ def create_staging(using: str, model: type[models.Model], fields: Sequence[str])
     connection = connections[using]
     definitions = sql.SQL(", ").join(
         sql.SQL("{} {}").format(
-            sql.Identifier(model._meta.get_field(name).column),
-            sql.SQL(array_type(model._meta.get_field(name), connection)),
+            column(model, name),
+            sql.SQL(array_type(model_field(model, name), connection)),
         )
         for name in fields
     )
@@ -320,7 +320,7 @@ def reset_namespace(using: str = DEFAULT_DB_ALIAS) -> None:
         execute(
             using,
             sql.SQL("DELETE FROM {} WHERE {} LIKE %s").format(
-                table(Product), sql.Identifier(Product._meta.get_field("sku").column)
+                table(Product), column(Product, "sku")
             ),
             [like_prefix(SKU_PREFIX)],
         )
@@ -376,7 +376,11 @@ PRODUCT_FIELDS = (
 
 
 def copy_products(
-    using: str, numbers: Iterable[int], category: Callable[[int], int], price: str, stock: int
+    using: str,
+    numbers: Iterable[int],
+    category: Callable[[int], int],
+    price: Decimal | str,
+    stock: int,
 ) -> None:
     """Bench products ``numbers`` with one price and stock, by COPY (setup only)."""
     now = timezone.now()
@@ -805,8 +809,7 @@ class UpdatesWorkload(Workload):
                 ((r["sku"], r["price"], r["stock_quantity"]) for r in self.rows()),
             )
             sku, price, stock, updated = (
-                sql.Identifier(Product._meta.get_field(name).column)
-                for name in ["sku", "price", "stock_quantity", "updated_at"]
+                column(Product, name) for name in ["sku", "price", "stock_quantity", "updated_at"]
             )
             execute(
                 self.using,
@@ -973,7 +976,7 @@ class ImportWorkload(Workload):
             "price numeric, stock_quantity integer, is_active boolean) ON COMMIT DROP"
         ).format(staging)
         category_table, category_name_column = table(Category), sql.Identifier("name")
-        p = {name: sql.Identifier(Product._meta.get_field(name).column) for name in PRODUCT_FIELDS}
+        p = {name: column(Product, name) for name in PRODUCT_FIELDS}
         with transaction.atomic(using=self.using):
             execute(self.using, definitions)
             statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(

@@ -18,11 +18,12 @@ something to hand to anonymous visitors.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Subquery
+from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -93,7 +94,8 @@ def product_list(request: HttpRequest) -> HttpResponse:
     path = request.GET.get("path", OPTIMIZED)
     if path not in PATHS:
         path = OPTIMIZED
-    products = Product.objects.filter(is_active=True).order_by("sku")
+    # Products on the naive path, (id, count) pairs on the optimized one.
+    products: QuerySet[Product, Any] = Product.objects.filter(is_active=True).order_by("sku")
     if path == OPTIMIZED:
         products = products.annotate(recommendations=recommendation_counts()).values_list(
             "pk", "recommendations"

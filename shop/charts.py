@@ -19,9 +19,10 @@ distinguishable with the common forms of colour blindness.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
+from typing import TypeGuard
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
@@ -57,7 +58,7 @@ _TIME_STEPS = (
 # Numbers and ticks ----------------------------------------------------------
 
 
-def _usable(value: float | None) -> bool:
+def _usable(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
@@ -322,7 +323,7 @@ def bar_chart(
                 SERIES_LENGTH.format(name=name, values=len(series[name]), groups=len(groups))
             )
 
-    def drawable(value: float | None) -> bool:
+    def drawable(value: float | None) -> TypeGuard[float]:
         return _usable(value) and (not log_scale or value > 0)
 
     values = [v for name in names for v in series[name] if drawable(v)]
@@ -411,7 +412,7 @@ def _time_label(seconds: float, step: float, dates_only: bool) -> str:
 
 
 def line_chart(
-    series: dict[str, list[tuple[datetime | date | float, float | None]]],
+    series: Mapping[str, Sequence[tuple[datetime | date | float, float | None]]],
     *,
     title: str,
     y_label: str,
@@ -441,7 +442,7 @@ def line_chart(
     names = list(series)
     kind: str | None = None
     zone = None
-    points: dict[str, list[tuple[float, float | None, object]]] = {}
+    points: dict[str, list[tuple[float, float | None, datetime | date | float]]] = {}
     for name in names:
         converted = []
         for x, y in series[name]:
@@ -450,13 +451,14 @@ def line_chart(
                 raise TypeError(BAD_X.format(name=name, kind=x_kind))
             if kind is None:
                 kind = x_kind
-                zone = x.tzinfo if x_kind == "datetime" else None
+                zone = x.tzinfo if isinstance(x, datetime) else None
             elif x_kind != kind:
                 raise TypeError(MIXED_X.format(name=name, first=kind, other=x_kind))
-            if kind == "datetime":
+            # x is of the chart's one kind (checked above).
+            if isinstance(x, datetime):
                 wall = (x.astimezone(zone) if zone and x.tzinfo else x).replace(tzinfo=None)
                 position = (wall - _NAIVE_EPOCH).total_seconds()
-            elif kind == "date":
+            elif isinstance(x, date):
                 position = (datetime.combine(x, time()) - _NAIVE_EPOCH).total_seconds()
             else:
                 position = float(x)
@@ -514,7 +516,7 @@ def line_chart(
     for s, name in enumerate(names):
         color = PALETTE[s % len(PALETTE)]
         body.append(f'<g class="series" stroke="{color}" fill="{color}">')
-        segments: list[list[tuple[float, float, object]]] = [[]]
+        segments: list[list[tuple[float, float, datetime | date | float]]] = [[]]
         for x, y, original in points[name]:
             if y is None:
                 segments.append([])
@@ -531,8 +533,8 @@ def line_chart(
             for x, y, original in segment:
                 shown = (
                     original.isoformat(sep=" ", timespec="seconds")
-                    if kind == "datetime"
-                    else (original.isoformat() if kind == "date" else format_number(x))
+                    if isinstance(original, datetime)
+                    else (original.isoformat() if isinstance(original, date) else format_number(x))
                 )
                 body.append(
                     f'<circle cx="{_num(x_scale(x))}" cy="{_num(scale(y))}" r="3" stroke="none">'

@@ -141,7 +141,7 @@ def check_pooled_connection(connection) -> None:
         raise
 
 
-def database_from_env() -> dict:
+def database_from_env() -> dj_database_url.DBConfig:
     """The default database: DATABASE_URL, or an SQLite file beside manage.py."""
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"
     config = dj_database_url.parse(url)

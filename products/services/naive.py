@@ -40,6 +40,11 @@ VARIANT = BatchProcessingLog.Variant.NAIVE
 
 class NaiveOperationMixin:
     using: str
+    log_id: int | None
+
+    def first_row_in_run(self, run_id: int | None, row: int | None) -> int | None:
+        """The row of this run that wrote a key marked ``(run_id, row)``; None if another run."""
+        return row if run_id is not None and run_id == self.log_id else None
 
     def user_or_none(self, user_id: int):
         return get_user_model().objects.using(self.using).filter(pk=user_id).first()
@@ -62,6 +67,7 @@ class NaiveViews(NaiveOperationMixin, ViewsOperation):
             if error := reference_error(row.index, item, users, products):
                 outcome.errors.append(error)
                 continue
+            assert product is not None  # reference_error found it
             ProductView.objects.using(self.using).create(
                 user=user,
                 product=product,
@@ -96,10 +102,12 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
                 .first()
             )
             created = score is None
-            if created:
+            if score is None:
                 score = RecommendationScore(user=user, product=product, algorithm=item.algorithm)
-            elif score.last_run_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, score.last_run_row))
+            elif (
+                first := self.first_row_in_run(score.last_run_id, score.last_run_row)
+            ) is not None:
+                outcome.errors.append(self.repeated(row.index, first))
                 continue
             score.score = item.score
             score.last_run_id = self.log_id
@@ -122,10 +130,12 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
             item = row.item
             product = Product.objects.using(self.using).filter(sku=item.sku).first()
             created = product is None
-            if created:
+            if product is None:
                 product = Product(sku=item.sku)
-            elif product.last_import_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, product.last_import_row))
+            elif (
+                first := self.first_row_in_run(product.last_import_id, product.last_import_row)
+            ) is not None:
+                outcome.errors.append(self.repeated(row.index, first))
                 continue
             category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
             product.last_import_id = self.log_id
@@ -155,8 +165,9 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
             if product is None:
                 outcome.errors.append(unknown_sku(row))
                 continue
-            if product.last_import_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, product.last_import_row))
+            first = self.first_row_in_run(product.last_import_id, product.last_import_row)
+            if first is not None:
+                outcome.errors.append(self.repeated(row.index, first))
                 continue
             product.last_import_id = self.log_id
             product.last_import_row = row.index

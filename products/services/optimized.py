@@ -212,10 +212,10 @@ class OptimizedViews(ViewsOperation):
         views: list[r.ViewRow] = []
         for row in rows:
             item = row.item
-            if item.user_id in users and item.product_id in products:
-                views.append(item)
+            if error := reference_error(row.index, item, users, products):
+                outcome.errors.append(error)
             else:
-                outcome.errors.append(reference_error(row.index, item, users, products))
+                views.append(item)
         if views:
             copy_rows(
                 ProductView,

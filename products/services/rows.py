@@ -199,6 +199,7 @@ def moment(row: Mapping[str, Any], name: str) -> datetime:
     value = row.get(name)
     if value is None or value == "":
         return datetime.now(UTC)
+    parsed: datetime | None
     if isinstance(value, datetime):
         parsed = value
     elif isinstance(value, str):

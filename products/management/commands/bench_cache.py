@@ -64,8 +64,13 @@ class Command(BaseCommand):
         values = {f"{PREFIX}{index}": {**CARD, "id": index} for index in range(count)}
         keys = list(values)
         results = []
+
+        def set_each() -> None:
+            for key, value in values.items():
+                backend.set(key, value)
+
         try:
-            set_one = timed(lambda: [backend.set(key, value) for key, value in values.items()])
+            set_one = timed(set_each)
             set_many = timed(lambda: backend.set_many(values))
             results.append(("set", set_one, set_many))
             get_one = timed(lambda: [backend.get(key) for key in keys])
