@@ -118,10 +118,11 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import Model
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
-from batching.postgres import begin_chunk, is_postgresql
+from batching.postgres import analyze_if_empty, begin_chunk, is_postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,11 @@ class BatchOperation(ABC):
     # ``log_id``): the engine then compares keys within a chunk only and
     # remembers none across chunks, so its memory stays flat at any size.
     keys_in_database: ClassVar[bool] = False
+    # Tables ``write`` inserts into that its own rows reference by foreign key
+    # (orders, for their items): on PostgreSQL the engine refreshes their
+    # statistics after a run's first chunk if they still say empty
+    # (``postgres.analyze_if_empty``).
+    fills: ClassVar[tuple[type[Model], ...]] = ()
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
@@ -897,6 +903,24 @@ class BatchRun:
         if self.finished and log.after_commit_failures != failures:
             # The run's last side effects failed after its final checkpoint: one more UPDATE.
             self._save_quietly(log, ["after_commit_failures"])
+        if creates_log and not self.finished and self.op.fills:
+            self._refresh_statistics()
+
+    def _refresh_statistics(self) -> None:
+        """After the first chunk: fresh statistics for a table the run fills from empty.
+
+        Only on PostgreSQL, between chunks (no lock is held), and it never
+        fails the run: a missed ANALYZE costs speed, not rows.
+        """
+        if not is_postgresql(self.op.using):
+            return
+        try:
+            analyzed = analyze_if_empty(self.op.fills, using=self.op.using)
+        except DatabaseError:
+            logger.warning("batch run: could not analyze %s", self.op.fills, exc_info=True)
+        else:
+            if analyzed:
+                logger.info("batch run: analyzed %s, filled from empty", ", ".join(analyzed))
 
     def _commit_chunk(
         self,

@@ -61,6 +61,26 @@ def prologue() -> int:
     return 1 if on_postgresql() else 0
 
 
+def statistics_check(chunk_count: int) -> int:
+    """After the first of several chunks, PostgreSQL asks whether the orders table looks empty."""
+    return 1 if on_postgresql() and chunk_count > 1 else 0
+
+
+@pytest.fixture
+def orders_statistics():
+    """The orders table's statistics say it holds rows, whatever the tests before left.
+
+    ``reltuples`` is written in place by ANALYZE and survives the test's
+    rollback: with it above zero, no run of this test analyzes the table.
+    """
+    if on_postgresql():
+        with transaction.atomic():
+            OrderFactory()
+            with connection.cursor() as cursor:
+                cursor.execute("ANALYZE orders_order")
+            transaction.set_rollback(True)
+
+
 def on_postgresql() -> bool:
     return connection.vendor == "postgresql"
 
@@ -301,15 +321,19 @@ class TestOptimizedQueryCounts:
         assert Category.objects.count() == 3
 
     @pytest.mark.parametrize(("count", "chunk_size"), [(8, 1000), (8, 3), (32, 1000), (32, 7)])
-    def test_orders(self, optimized, shop, django_assert_num_queries, count, chunk_size):
+    def test_orders(
+        self, optimized, shop, orders_statistics, django_assert_num_queries, count, chunk_size
+    ):
         Product.objects.update(stock_quantity=1000)
         # products, references, users (read, unlocked), INSERT orders, INSERT
         # items, UPDATE stock (locks, last). PostgreSQL reads the three in one
         # statement and inserts orders and items in one. Each order has 3
         # lines, and a chunk holds orders until their lines reach chunk_size.
-        per_order = math.ceil(chunk_size / 3)
-        expected = LOG_QUERIES + chunks(count, per_order) * per_chunk(
-            3 if fast() else 6 + portable_locks()
+        order_chunks = chunks(count, math.ceil(chunk_size / 3))
+        expected = (
+            LOG_QUERIES
+            + order_chunks * per_chunk(3 if fast() else 6 + portable_locks())
+            + statistics_check(order_chunks)
         )
         with django_assert_num_queries(expected):
             result = optimized.process_orders(order_rows(shop, count), chunk_size=chunk_size)

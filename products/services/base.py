@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from batching.engine import BatchOperation, BatchResult, Prepared, RowError, run_batch
 from batching.models import BatchProcessingLog
+from orders.models import Order
 from products import cache
 from products.services import rows as r
 
@@ -133,6 +134,7 @@ class ScoresOperation(BatchOperation):
 class OrdersOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.ORDERS
     key_field = "reference"
+    fills = (Order,)  # each item's foreign key looks up the order written before it
 
     def prepare(self, raw: Any) -> r.OrderRow:
         return r.parse_order(raw)
