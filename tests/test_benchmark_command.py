@@ -19,8 +19,7 @@ from django.db import connection
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
-from orders.models import Order, OrderItem
-from products.benchmarking import (
+from bench.writeup import (
     OPERATIONS,
     SCENARIOS,
     STOCK_MARGIN,
@@ -29,6 +28,7 @@ from products.benchmarking import (
     ViewsScenario,
     run_benchmark,
 )
+from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import OptimizedBulkOperationsService
 from tests.factories import (

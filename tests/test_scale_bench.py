@@ -17,7 +17,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
-from products import scale_bench as bench
+from batching.engine import BatchResult
+from batching.models import BatchProcessingLog
+from bench import scale as bench
 from products.models import Product
 
 postgres_only = pytest.mark.skipif(
@@ -236,3 +238,23 @@ def test_command_writes_well_formed_outputs(tmp_path):
         root = ET.fromstring(svg.read_text())
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
         assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 6
+
+
+def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
+    log = BatchProcessingLog(
+        status=BatchProcessingLog.Status.FAILED, error_summary="the server closed the connection"
+    )
+    result = BatchResult(
+        log,
+        read=10,
+        written=0,
+        created=0,
+        updated=0,
+        skipped=0,
+        errors=[],
+        query_count=3,
+        duration=0.1,
+    )
+
+    with pytest.raises(bench.BenchError, match="views with optimized ended failed: the server"):
+        bench.check_completed("views", bench.OPTIMIZED, result)
