@@ -61,6 +61,7 @@ from batching.engine import (
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
 from batching.models import BatchProcessingLog
 from jobs.models import FINISHED, Job, JobPartition, Status
+from jobs.staging import discard, partition_rows
 from products.services import OptimizedBulkOperationsService
 
 logger = logging.getLogger(__name__)
@@ -116,34 +117,10 @@ def _partition_operation(base: type[BatchOperation]) -> type[BatchOperation]:
 PARTITION_OPERATIONS = {name: _partition_operation(op) for name, op in OPERATIONS.items()}
 
 
-def repeated_keys(operation: str, rows: list[Any], partition_size: int) -> list[dict[str, int]]:
-    """Per partition, {position: first index} of every row whose key was seen before.
-
-    One run finds repeated keys itself; partitions run apart, so the whole
-    input is scanned once here (pure Python, the operation's own ``prepare``
-    and ``key``). Rows that fail ``prepare`` are left to the run to report.
-    """
-    partitions = -(-len(rows) // partition_size)
-    found: list[dict[str, int]] = [{} for _ in range(partitions)]
-    op = OPERATIONS[operation]()
-    if op.key_field is None:
-        return found
-    seen: dict[Any, int] = {}
-    for index, raw in enumerate(rows):
-        try:
-            key = op.key(op.prepare(raw))
-        except RowInvalid:
-            continue
-        first = seen.setdefault(key, index)
-        if first != index:
-            found[index // partition_size][str(index % partition_size)] = first
-    return found
-
-
 def partition_input(partition: JobPartition) -> Iterator[Any]:
-    for position, raw in enumerate(partition.rows):
-        first = partition.duplicates.get(str(position))
-        yield raw if first is None else RepeatedKey(first)
+    """The partition's staged rows; a row whose key came before stands in as a ``RepeatedKey``."""
+    for data, first in partition_rows(partition):
+        yield data if first is None else RepeatedKey(first)
 
 
 # -- the tasks -------------------------------------------------------------------
@@ -257,6 +234,8 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
         ).update(status=PARTITION_STATUS[log_status], finished_at=now)
         if not ended:
             return  # taken over meanwhile: the new owner records it
+        if log_status != LogStatus.FAILED:
+            discard(partition)  # never to run again; a failed one may be resumed
         job = Job.objects.select_for_update().get(pk=partition.job_id)
         statuses = set(job.partitions.order_by().values_list("status", flat=True).distinct())
         if statuses <= FINISHED:

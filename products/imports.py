@@ -388,8 +388,10 @@ def readable_rows(staged: Staged) -> Iterator[tuple[int, Any]]:
 def start_job(staged: Staged, user: Any) -> None:
     """Submit the readable rows as a job; lines the reader could not parse are kept aside.
 
-    A job stores its rows as JSON, which an unparsed line is not; its error
-    (with its line number) goes straight into the result instead.
+    The rows are staged as they are read from the file (``jobs.staging``):
+    the web process holds none of them. A job stages its rows as JSON, which
+    an unparsed line is not; its error (with its line number) goes straight
+    into the result instead.
     """
     from jobs.services import submit_job
 

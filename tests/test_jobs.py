@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import tracemalloc
 from datetime import timedelta
 from functools import partial
 from io import StringIO
@@ -32,8 +33,9 @@ from batching.engine import DUPLICATE_IN_INPUT
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE
 from batching.models import BatchProcessingLog
 from jobs import tasks
-from jobs.models import Job, JobPartition, Status
+from jobs.models import Job, JobPartition, StagedRow, Status
 from jobs.services import NO_WORKER, NOTHING_WAITING, WORKERS_BUSY, submit_job, worker_status
+from jobs.staging import partition_rows
 from jobs.tasks import reap_stale_partitions, run_partition
 from products.models import Product, ProductView
 from products.services import rows as r
@@ -105,18 +107,19 @@ class TestSubmit:
         settings.JOB_PARTITION_ROWS = 4
         rows = view_rows(catalogue, 10)
         user = catalogue[0][0]
-        # SAVEPOINT, the job, its partitions (one INSERT), RELEASE.
+        # SAVEPOINT, the job, its rows staged (one COPY or INSERT), the job's
+        # total, its partitions (one INSERT), RELEASE.
         with (
             django_capture_on_commit_callbacks() as callbacks,
-            django_assert_num_queries(4),
+            django_assert_num_queries(6),
         ):
-            job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows, created_by=user)
+            job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=iter(rows), created_by=user)
         assert not DBTaskResult.objects.exists()  # nothing is enqueued before the commit
         partitions = list(job.partitions.order_by("number"))
-        assert [(p.number, p.start, p.size, p.rows) for p in partitions] == [
-            (0, 0, 4, rows[0:4]),
-            (1, 4, 4, rows[4:8]),
-            (2, 8, 2, rows[8:10]),
+        assert [(p.number, p.start, p.size, partition_rows(p)) for p in partitions] == [
+            (0, 0, 4, [(row, None) for row in rows[0:4]]),
+            (1, 4, 4, [(row, None) for row in rows[4:8]]),
+            (2, 8, 2, [(row, None) for row in rows[8:10]]),
         ]
         assert {p.status for p in partitions} == {Status.QUEUED}
         assert (job.status, job.rows_total, job.partition_size, job.created_by) == (
@@ -138,10 +141,10 @@ class TestSubmit:
         watch = enqueued.last()
         assert watch.run_after >= before + timedelta(seconds=settings.JOB_WATCH_SECONDS)
 
-    def test_partition_inserts_are_batched(self, catalogue, settings, django_assert_num_queries):
+    def test_partitions_are_one_insert(self, catalogue, settings, django_assert_num_queries):
         settings.JOB_PARTITION_ROWS = 1
-        # SAVEPOINT, the job, 11 partitions in two INSERTs of at most 10, RELEASE.
-        with django_assert_num_queries(5):
+        # SAVEPOINT, the job, its rows, its total, 11 partitions in one INSERT, RELEASE.
+        with django_assert_num_queries(6):
             job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 11))
         assert job.partitions.count() == 11
 
@@ -249,6 +252,36 @@ class TestRun:
         run_all(job)
         assert job.status == (Status.FAILED if failed else Status.COMPLETED)
         assert job.finished_at is not None
+        # A partition that ended completed never runs again: its staged rows go.
+        # A failed one keeps them, so it can be resumed.
+        staged = StagedRow.objects.filter(job=job).values_list("number", flat=True)
+        assert sorted(staged) == ([0, 1] if failed else [])
+
+    def test_submitting_holds_no_copy_of_the_input(self, catalogue):
+        """The submitting process's memory stays flat from 5,000 to 25,000 rows:
+        rows are staged as they are read, and partitions name ranges of them."""
+        users, products = catalogue
+
+        def rows(count):
+            for i in range(count):
+                yield {
+                    "user_id": users[i % 3].pk,
+                    "product_id": products[i % 4].pk,
+                    "session_id": f"memory-{i}",
+                }
+
+        def peak(count: int) -> int:
+            tracemalloc.start()
+            try:
+                job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows(count))
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+                assert job.rows_total == count
+
+        small, large = peak(5_000), peak(25_000)
+        assert large < 1.5 * small, (small, large)
+        assert StagedRow.objects.count() == 30_000
 
     def test_repeated_keys_across_partitions(self, settings):
         """A sku repeated in another partition is a duplicate, as in one run."""
@@ -301,10 +334,12 @@ class TestRun:
         assert partition.log.chunks_committed == 3
         # reap: 1 SELECT. claim: SAVEPOINT, partition FOR UPDATE, INSERT log,
         # UPDATE partition, UPDATE job, RELEASE. The log to resume (before the
-        # engine counts). finish: SAVEPOINT, UPDATE partition, job FOR UPDATE,
-        # its statuses, UPDATE job, RELEASE. The log's count is recorded by the
-        # last checkpoint: the RELEASE of that chunk's savepoint follows it.
-        overhead = 1 + 6 + 1 + 6 + 1
+        # engine counts; its count includes reading the staged rows, one
+        # SELECT). finish: SAVEPOINT, UPDATE partition, DELETE its staged
+        # rows, job FOR UPDATE, its statuses, UPDATE job, RELEASE. The log's
+        # count is recorded by the last checkpoint: the RELEASE of that
+        # chunk's savepoint follows it.
+        overhead = 1 + 6 + 1 + 7 + 1
         sql = "\n".join(query["sql"] for query in queries.captured_queries)
         assert len(queries) == overhead + partition.log.query_count, sql
 
