@@ -634,3 +634,47 @@ class TestReaders:
         gz_path = write_csv(tmp_path / "a.csv.gz", [product_row(1)])
         with RowStream(gz_path) as c:
             assert c.estimate_total() is None
+
+
+# -- --background: a job staged from the file ---------------------------------------------
+
+
+@pytest.mark.django_db
+class TestBackground:
+    def test_the_readable_rows_become_a_job_the_workers_run(self, tmp_path, settings):
+        from jobs.models import Job, StagedRow
+        from jobs.tasks import run_partition
+
+        settings.JOB_PARTITION_ROWS = 2
+        path = write_lines(
+            tmp_path / "catalogue.jsonl",
+            [json.dumps(product_row(i)) for i in range(2)]
+            + ["{not json"]
+            + [json.dumps(product_row(i)) for i in range(2, 5)],
+        )
+        out, err = StringIO(), StringIO()
+        call_command("import_products", str(path), "--background", stdout=out, stderr=err)
+
+        job = Job.objects.get()
+        assert (job.operation, job.rows_total, job.partitions.count()) == ("products", 5, 3)
+        assert f"Submitted job {job.pk}: 5 rows in 3 partitions" in out.getvalue()
+        assert err.getvalue().startswith("line 3: not valid JSON")
+        assert StagedRow.objects.filter(job=job).count() == 5
+        assert not Product.objects.exists()  # nothing ran in the command
+
+        for pk in job.partitions.values_list("pk", flat=True):
+            run_partition.call(pk)
+        assert products_by_sku() == {f"IMP-{i:05d}": expected_product(i) for i in range(5)}
+
+    @pytest.mark.parametrize(
+        ("extra", "named"),
+        [
+            (["--resume", "3"], "--resume"),
+            (["--chunk-size", "5"], "--chunk-size"),
+            (["--naive"], "--naive"),
+        ],
+    )
+    def test_run_options_are_refused(self, tmp_path, extra, named):
+        path = write_csv(tmp_path / "c.csv", [product_row(1)])
+        with pytest.raises(CommandError, match=f"--background .*: drop {named}"):
+            run("import_products", path, "--background", *extra)

@@ -7,6 +7,7 @@ product's view_count.
 
 from __future__ import annotations
 
+from batching.models import BatchProcessingLog
 from products.management.commands.import_products import ImportCommand
 
 
@@ -17,3 +18,4 @@ class Command(ImportCommand):
     )
     noun = "product views"
     service_method = "create_product_views"
+    operation = BatchProcessingLog.Operation.PRODUCT_VIEWS

@@ -26,7 +26,7 @@ from batching.cli import Progress, positive_int
 from batching.engine import BatchResult, ResumeError, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
-from products.readers import FORMATS, ReaderError, RowStream
+from products.readers import FORMATS, BadLine, ReaderError, RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 from products.services.base import BulkOperationsService
 
@@ -45,14 +45,20 @@ STILL_RUNNING = (
 )
 INTERRUPTED = "interrupted: continue run #{log_id} with --resume {log_id}"
 RUN_FAILED = "run #{log_id} failed: {summary}. Continue it with --resume {log_id}"
+NOT_WITH_BACKGROUND = "--background runs the optimized service on the workers: drop {options}"
+SUBMITTED = (
+    "Submitted job {job}: {rows:,} rows in {partitions:,} partitions. Workers run it "
+    "(manage.py db_worker); follow it at /api/jobs/{job} or in the admin."
+)
 
 
 class ImportCommand(BaseCommand):
     """Stream a file through one bulk service method; subclasses name the method."""
 
     noun: ClassVar[str]
-    # The BulkOperationsService method the rows go through.
+    # The BulkOperationsService method the rows go through, and its operation.
     service_method: ClassVar[str]
+    operation: ClassVar[str]
 
     def run_service(
         self,
@@ -100,9 +106,25 @@ class ImportCommand(BaseCommand):
             action="store_true",
             help="Use the naive (N+1) service instead of the optimized one, for comparison.",
         )
+        parser.add_argument(
+            "--background",
+            action="store_true",
+            help="Stage the file as a background job and return at once: its partitions run on "
+            "the workers (manage.py db_worker). Lines that cannot be read are listed now and "
+            "left out; the job's row i is the i-th readable line.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         path: Path = options["path"]
+        if options["background"]:
+            clashing = [name for name in ("resume", "chunk_size") if options[name] is not None]
+            if options["naive"]:
+                clashing.append("naive")
+            if clashing:
+                options_text = ", ".join("--" + name.replace("_", "-") for name in clashing)
+                raise CommandError(NOT_WITH_BACKGROUND.format(options=options_text))
+            self.submit(path, options["format"])
+            return
         verbosity: int = options["verbosity"]
         resume: int | None = options["resume"]
         service = (
@@ -186,6 +208,34 @@ class ImportCommand(BaseCommand):
         except ReaderError as exc:
             raise CommandError(str(exc)) from exc
 
+    def submit(self, path: Path, format: str | None) -> None:
+        """Stage the readable rows as a job (in a stream); list the unreadable lines."""
+        from jobs.services import submit_job
+
+        unreadable = 0
+
+        def readable(stream: RowStream) -> Iterator[Mapping[str, Any]]:
+            nonlocal unreadable
+            for row in stream:
+                if isinstance(row, BadLine):
+                    unreadable += 1
+                    if unreadable <= MAX_REPORTED_LINES:
+                        self.stderr.write(f"line {row.line}: {row.reason} (left out)")
+                    continue
+                yield dict(row)
+
+        with self.open_stream(path, format) as stream:
+            job = submit_job(operation=self.operation, rows=readable(stream))
+        if unreadable > MAX_REPORTED_LINES:
+            self.stderr.write(f"... and {unreadable - MAX_REPORTED_LINES:,} more lines left out")
+        self.stdout.write(
+            SUBMITTED.format(
+                job=job.pk,
+                rows=job.rows_total,
+                partitions=-(-job.rows_total // job.partition_size),
+            )
+        )
+
     # -- during the run ------------------------------------------------------
 
     def watch(
@@ -251,3 +301,4 @@ class Command(ImportCommand):
     )
     noun = "products"
     service_method = "import_products"
+    operation = BatchProcessingLog.Operation.PRODUCTS
