@@ -295,8 +295,8 @@ class Workload(ABC):
     tables: ClassVar[tuple[type[models.Model], ...]]
     max_size: ClassVar[int | None] = None
     cap_reason: ClassVar[str] = ""
-    # The chunk the scale figures are measured at (README, "PostgreSQL fast
-    # paths"): throughput in isolation, where large chunks pay off. The live
+    # The chunk the scale figures are measured at (docs/benchmarks.md, "At
+    # scale"): throughput in isolation, where large chunks pay off. The live
     # shop's figures are bench_live's, at the services' default of 1,000.
     chunk: ClassVar[int] = 50_000
 

@@ -60,7 +60,7 @@ NEEDS = {
     ("GET", "/api/batch-logs/{log_id}"): ("batching.view_batchprocessinglog",),
     ("GET", "/products/"): ("products.view_product",),  # a page: staff and the admin's rule
 }
-# Open to anyone: they describe the API, or are probed by machines (README).
+# Open to anyone: they describe the API, or are probed by machines (docs/api.md).
 OPEN = {
     ("GET", "/api/"),
     ("GET", "/api/docs"),

@@ -410,8 +410,9 @@ def test_concurrent_replay_of_scores_and_catalogue_ends_as_one_run_would(monkeyp
             assert sum(result.updated for result in runs) == len(rows)
         else:
             # The portable path reads the existing keys before its upsert: a key
-            # both runs found missing is counted as created by both (README,
-            # "PostgreSQL fast paths"). The state below is exact all the same.
+            # both runs found missing is counted as created by both
+            # (docs/architecture.md, "PostgreSQL fast paths"). The state below
+            # is exact all the same.
             assert sum(result.created for result in runs) >= len(rows)
             assert all(result.created + result.updated == len(rows) for result in runs)
     assert {

@@ -9,7 +9,7 @@ access pattern alone.
 
 Its flaw under concurrency is real and deliberate: the read-modify-write of
 ``view_count`` and ``stock_quantity`` loses updates when two runs touch the
-same product at once (see README, "Why the naive service loses updates").
+same product at once (docs/architecture.md, "Why the naive service loses updates").
 """
 
 from __future__ import annotations
