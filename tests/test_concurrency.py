@@ -48,6 +48,18 @@ def _postgresql_only() -> None:
     require_postgresql()
 
 
+@pytest.fixture(autouse=True)
+def _waits_are_not_retries(settings) -> None:
+    """A chunk here waits for the other run's locks rather than yield after 50 ms.
+
+    These tests count retries to prove there is no deadlock (PostgreSQL
+    still detects one after ``deadlock_timeout``); on a starved CPU a
+    competing chunk can hold its locks past ``BULK_LOCK_TIMEOUT_MS``, and
+    that retry (tested in test_live_shop.py) would read as one.
+    """
+    settings.BULK_LOCK_TIMEOUT_MS = 30_000
+
+
 def stock_by_product() -> dict[int, int]:
     return dict(Product.objects.values_list("pk", "stock_quantity"))
 
