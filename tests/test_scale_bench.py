@@ -258,3 +258,17 @@ def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
 
     with pytest.raises(bench.BenchError, match="views with optimized ended failed: the server"):
         bench.check_completed("views", bench.OPTIMIZED, result)
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_bench_submit_reports_and_leaves_no_job(tmp_path):
+    from jobs.models import Job, StagedRow
+
+    out = StringIO()
+    call_command(
+        "bench_submit", "--sizes", "60", "--work-dir", str(tmp_path), stdout=out, stderr=StringIO()
+    )
+    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| 60 |")]
+    assert row.count("|") == 7 and row.endswith("MB |")
+    assert not Job.objects.exists() and not StagedRow.objects.exists()
