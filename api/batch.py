@@ -31,7 +31,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from ninja import Status
 
-from api.errors import ApiError, row_error
+from api.errors import ApiError, body_too_large, row_error
 from api.idempotency import replay_or_run
 from batching.models import BatchProcessingLog
 from jobs.services import submit_job
@@ -48,7 +48,6 @@ SERVICE_METHODS = {
     Operation.ORDERS: "process_orders",
 }
 
-BODY_TOO_LARGE = "the request body is larger than the limit of {limit} bytes"
 BAD_CONTENT_LENGTH = "the Content-Length header is not a non-negative integer"
 NOT_JSON = "the body is not valid JSON: {error}"
 NOT_UTF8 = "the body is not UTF-8 text"
@@ -68,10 +67,6 @@ MAX_LISTED_ERRORS = 100
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # Escapes for what jsonb refuses: NUL, and surrogates (paired or not, checked below).
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
-
-
-def body_too_large() -> str:
-    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
 
 
 def read_body(request: HttpRequest) -> bytes:
