@@ -37,6 +37,7 @@ from batching.engine import BatchResult
 from batching.postgres import add_to, column
 from batching.postgres import copy_rows as copy_binary
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
+from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.benchmarking import (
     CATEGORY_PREFIX,
@@ -76,7 +77,6 @@ from products.scale_bench import (
     vacuum,
 )
 from products.services import OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 DEFAULT = "default"
 DEFAULT_CHUNKS: tuple[int | None, ...] = (None, 1_000, 50_000)

@@ -86,6 +86,7 @@ from psycopg import sql
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
 from batching.postgres import array_type
+from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.benchmarking import (
     ALGORITHMS,
@@ -109,7 +110,6 @@ from products.benchmarking import (
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.readers import RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 try:  # a benchmark-only extra: pip install -e ".[bench]"
     import pgbulk

@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError
 
-from batching.cli import Progress, positive_int
 from batching.engine import BatchResult, ResumeError, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from common.cli import Progress, positive_int
 from products.readers import FORMATS, ReaderError, RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 from products.services.base import BulkOperationsService
