@@ -35,8 +35,9 @@ from api.errors import ApiError, body_too_large, row_error
 from api.idempotency import replay_or_run
 from batching.models import BatchProcessingLog
 from jobs.services import submit_job
+from orders.rows import order_lines
 from products.services import OptimizedBulkOperationsService
-from products.services.rows import NOT_AN_OBJECT, order_lines
+from products.services.rows import NOT_AN_OBJECT
 
 Operation = BatchProcessingLog.Operation
 
