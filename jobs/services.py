@@ -18,8 +18,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from batching.registry import operation_names
 from jobs.models import Job, JobPartition, Status
-from jobs.tasks import OPERATIONS, enqueue_partition, repeated_keys, schedule_watch
+from jobs.tasks import enqueue_partition, repeated_keys, schedule_watch
 
 UNKNOWN_OPERATION = "unknown operation {operation!r}: expected one of {choices}"
 NOTHING_WAITING = "no job work is waiting"
@@ -38,7 +39,7 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
     """Store ``rows`` as a job of ``operation`` and enqueue its partitions.
 
     Args:
-        operation: a ``BatchProcessingLog.Operation`` value (``jobs.tasks.OPERATIONS``).
+        operation: the name of a registered operation (``batching.registry``).
         rows: the input, as the service's method takes it (a list of dicts).
         created_by: the user who submitted it (an anonymous user counts as none).
 
@@ -50,8 +51,9 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
     here, across partitions, and reported as duplicates like a single run
     would; everything else is validated by the runs.
     """
-    if operation not in OPERATIONS:
-        choices = ", ".join(OPERATIONS)
+    names = operation_names()
+    if operation not in names:
+        choices = ", ".join(names)
         raise ValueError(UNKNOWN_OPERATION.format(operation=operation, choices=choices))
     rows = list(rows)
     size = settings.JOB_PARTITION_ROWS
