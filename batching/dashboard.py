@@ -7,7 +7,7 @@
    runs the table holds).
 3. The ``SLOWEST`` slowest runs of the period.
 
-The charts are drawn on the server (``shop.charts``): the page loads nothing
+The charts are drawn on the server (``common.charts``): the page loads nothing
 from anywhere else.
 """
 
@@ -22,7 +22,7 @@ from django.utils import timezone
 from django.utils.safestring import SafeString
 
 from batching.models import BatchProcessingLog as Log
-from shop.charts import bar_chart, line_chart
+from common.charts import bar_chart, line_chart
 
 MAX_POINTS = 1000
 SLOWEST = 10

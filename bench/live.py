@@ -68,11 +68,11 @@ from bench.scale import (
     check_completed,
     database_url,
 )
+from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.readers import RowStream
 from products.services import OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 DEFAULT = "default"
 DEFAULT_CHUNKS: tuple[int | None, ...] = (None, 1_000, 50_000)

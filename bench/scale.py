@@ -103,11 +103,11 @@ from bench.namespace import (
 )
 from bench.report import format_ratio, machine_description, markdown_table, short_size
 from bench.writeup import ALGORITHMS, BASE_TIME, INTERACTIONS, OrdersScenario
+from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.readers import RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 try:  # a benchmark-only extra: pip install -e ".[bench]"
     import pgbulk

@@ -12,7 +12,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
+from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from jobs.models import Job, JobPartition
 
 

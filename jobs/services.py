@@ -18,9 +18,10 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from batching.registry import operation_class, operation_names
 from jobs.models import Job, JobPartition, Status
 from jobs.staging import stage
-from jobs.tasks import OPERATIONS, enqueue_partition, schedule_watch
+from jobs.tasks import enqueue_partition, schedule_watch
 
 UNKNOWN_OPERATION = "unknown operation {operation!r}: expected one of {choices}"
 NOTHING_WAITING = "no job work is waiting"
@@ -36,7 +37,7 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
     """Stage ``rows`` as a job of ``operation`` and enqueue its partitions.
 
     Args:
-        operation: a ``BatchProcessingLog.Operation`` value (``jobs.tasks.OPERATIONS``).
+        operation: the name of a registered operation (``batching.registry``).
         rows: the input, as the service's method takes it (dicts), in any
             iterable: it is read once, in a stream (``jobs.staging``).
         created_by: the user who submitted it (an anonymous user counts as none).
@@ -49,15 +50,16 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
     while staging, across partitions, and reported as duplicates like a
     single run would; everything else is validated by the runs.
     """
-    if operation not in OPERATIONS:
-        choices = ", ".join(OPERATIONS)
+    names = operation_names()
+    if operation not in names:
+        choices = ", ".join(names)
         raise ValueError(UNKNOWN_OPERATION.format(operation=operation, choices=choices))
     size = settings.JOB_PARTITION_ROWS
     if not getattr(created_by, "is_authenticated", False):
         created_by = None
     with transaction.atomic():
         job = Job.objects.create(operation=operation, partition_size=size, created_by=created_by)
-        job.rows_total = stage(job, OPERATIONS[operation](), rows)
+        job.rows_total = stage(job, operation_class(operation)(), rows)
         now = timezone.now()
         if not job.rows_total:
             # Nothing to run: an empty job is complete at once.

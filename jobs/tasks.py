@@ -60,27 +60,13 @@ from batching.engine import (
 )
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
 from batching.models import BatchProcessingLog
+from batching.registry import operation_class
 from jobs.models import FINISHED, Job, JobPartition, Status
 from jobs.staging import discard, partition_rows
-from products.services import OptimizedBulkOperationsService
 
 logger = logging.getLogger(__name__)
 
 LogStatus = BatchProcessingLog.Status
-Service = OptimizedBulkOperationsService
-
-# The optimized service's operation for each job operation.
-OPERATIONS: dict[str, type[BatchOperation]] = {
-    operation.operation: operation
-    for operation in (
-        Service.views_operation,
-        Service.scores_operation,
-        Service.products_operation,
-        Service.product_updates_operation,
-        Service.orders_operation,
-    )
-}
-
 CLAIMED = "job {job} partition {number}: claimed, not started yet"
 SHUT_DOWN = "interrupted: its worker shut down; re-queued"
 
@@ -99,22 +85,29 @@ class RepeatedKey:
     first: int
 
 
-def _partition_operation(base: type[BatchOperation]) -> type[BatchOperation]:
-    """``base``, reporting a ``RepeatedKey`` as a duplicate like one run would."""
-
-    class PartitionOperation(base):  # type: ignore[valid-type,misc]
-        def prepare(self, raw: Any) -> Any:
-            if isinstance(raw, RepeatedKey):
-                field = self.key_field or "row"
-                message = DUPLICATE_IN_INPUT.format(field=field, first=raw.first)
-                raise RowInvalid(field, message, "duplicate")
-            return super().prepare(raw)
-
-    PartitionOperation.__name__ = PartitionOperation.__qualname__ = f"Partition{base.__name__}"
-    return PartitionOperation
+# One partition class per operation name, made on first use.
+_partition_operations: dict[str, type[BatchOperation]] = {}
 
 
-PARTITION_OPERATIONS = {name: _partition_operation(op) for name, op in OPERATIONS.items()}
+def partition_operation(name: str) -> type[BatchOperation]:
+    """The registered operation ``name`` (optimized), reporting a ``RepeatedKey``
+    as a duplicate like one run would."""
+    name = str(name)
+    if name not in _partition_operations:
+        base = operation_class(name)
+
+        class PartitionOperation(base):  # type: ignore[valid-type,misc]
+            def prepare(self, raw: Any) -> Any:
+                if isinstance(raw, RepeatedKey):
+                    field = self.key_field or "row"
+                    message = DUPLICATE_IN_INPUT.format(field=field, first=raw.first)
+                    raise RowInvalid(field, message, "duplicate")
+                return super().prepare(raw)
+
+        PartitionOperation.__name__ = f"Partition{base.__name__}"
+        PartitionOperation.__qualname__ = PartitionOperation.__name__
+        _partition_operations[name] = PartitionOperation
+    return _partition_operations[name]
 
 
 def partition_input(partition: JobPartition) -> Iterator[Any]:
@@ -143,7 +136,7 @@ def run_partition(partition_id: int) -> dict[str, Any]:
     if status not in PARTITION_STATUS:
         try:
             status = run_batch(
-                PARTITION_OPERATIONS[partition.job.operation](),
+                partition_operation(partition.job.operation)(),
                 partition_input(partition),
                 resume=log.pk,
             ).status

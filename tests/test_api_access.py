@@ -15,10 +15,10 @@ from ninja.errors import AuthorizationError
 
 from api.auth import CSRF_FAILED, FORBIDDEN, MISSING_PERMISSIONS, UNDECLARED, check
 from api.errors import UNAUTHORIZED
+from api.main import api
 from api.models import ApiToken, IdempotencyRecord
 from batching.models import BatchProcessingLog
 from jobs.models import Job
-from shop.api import api
 from tests.factories import BatchProcessingLogFactory, StaffFactory, UserFactory
 
 pytestmark = pytest.mark.django_db

@@ -24,6 +24,7 @@ from django.db.models import Count, Sum
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
+from orders import operations as order_operations
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
@@ -298,7 +299,8 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     either commits.
 
     The hooks are ``strict``, which wraps every query the optimized operations
-    build with the ORM, and ``read_by_key``, the orders' first read on
+    build with the ORM (in ``products.services.optimized`` and
+    ``orders.operations``), and ``read_by_key``, the orders' first read on
     PostgreSQL's fast path: for scores the first call is the user lookup, for
     the catalogue the category lookup.
     """
@@ -315,7 +317,8 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
         return rendezvous
 
     monkeypatch.setattr(optimized_module, "strict", meeting(optimized_module.strict))
-    monkeypatch.setattr(optimized_module, "read_by_key", meeting(optimized_module.read_by_key))
+    monkeypatch.setattr(order_operations, "strict", meeting(order_operations.strict))
+    monkeypatch.setattr(order_operations, "read_by_key", meeting(order_operations.read_by_key))
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["free-race", "both-inside-first-chunk"])

@@ -393,7 +393,7 @@ def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -
 
     ``write`` and ``write_stream`` (an operation that streams) share the count.
     """
-    cls = tasks.PARTITION_OPERATIONS[operation]
+    cls = tasks.partition_operation(operation)
     calls = []
 
     def failing(original):

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
+from orders import rows as parsed_orders
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
@@ -368,7 +369,7 @@ class TestOptimizedQueryCounts:
         settings.BULK_PG_FAST_PATHS = False
         from django.core.exceptions import FieldFetchBlocked
 
-        from products.services import optimized as module
+        from orders import operations as module
 
         original = module.strict
 
@@ -886,7 +887,7 @@ class TestOrders:
         ]
         result = service.process_orders(rows)
         assert [e.index for e in result.errors] == [1]
-        assert result.errors[0].message == r.INSUFFICIENT_STOCK.format(
+        assert result.errors[0].message == parsed_orders.INSUFFICIENT_STOCK.format(
             id=p1.pk, requested=5, available=4
         )
         assert sorted(Order.objects.values_list("reference", flat=True)) == ["A", "C"]
@@ -933,7 +934,7 @@ class TestOrders:
                 }
             ]
         )
-        assert result.errors[0].message == r.DUPLICATE_ORDER.format(reference="OLD")
+        assert result.errors[0].message == parsed_orders.DUPLICATE_ORDER.format(reference="OLD")
 
 
 # -- the log ------------------------------------------------------------------------

@@ -17,5 +17,4 @@ class Command(ImportCommand):
         "session_id, interaction_type, created_at). Bad lines are reported and skipped."
     )
     noun = "product views"
-    service_method = "create_product_views"
     operation = BatchProcessingLog.Operation.PRODUCT_VIEWS

@@ -1,7 +1,7 @@
 """``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
 
 The file is read row by row (``products.readers.RowStream``) and handed to a
-bulk service as an iterator, so memory holds one chunk whatever the file's
+bulk operation (``batching.registry``) as an iterator, so memory holds one chunk whatever the file's
 size. Bad lines are reported by line number and skipped; the good rows are
 imported. ``import_product_views`` shares this module's ``ImportCommand``.
 
@@ -22,13 +22,12 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError
 
-from batching.cli import Progress, positive_int
-from batching.engine import BatchResult, ResumeError, run_log_of
+from batching.engine import BatchResult, ResumeError, run_batch, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from batching.registry import operation_class
+from common.cli import Progress, positive_int
 from products.readers import FORMATS, BadLine, ReaderError, RowStream
-from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
-from products.services.base import BulkOperationsService
 
 # At most this many bad lines are printed; the rest are counted.
 MAX_REPORTED_LINES = 20
@@ -53,23 +52,22 @@ SUBMITTED = (
 
 
 class ImportCommand(BaseCommand):
-    """Stream a file through one bulk service method; subclasses name the method."""
+    """Stream a file through one registered bulk operation; subclasses name the operation."""
 
     noun: ClassVar[str]
-    # The BulkOperationsService method the rows go through, and its operation.
-    service_method: ClassVar[str]
+    # The operation the rows go through (a BatchProcessingLog.Operation value).
     operation: ClassVar[str]
 
-    def run_service(
+    def run_operation(
         self,
-        service: BulkOperationsService,
+        variant: str,
         rows: Iterable[Mapping[str, Any]],
         *,
         chunk_size: int | None,
         resume: int | None,
     ) -> BatchResult:
-        method = getattr(service, self.service_method)
-        return method(rows, chunk_size=chunk_size, resume=resume)
+        operation = operation_class(self.operation, variant)()
+        return run_batch(operation, rows, chunk_size=chunk_size, resume=resume)
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
@@ -127,9 +125,8 @@ class ImportCommand(BaseCommand):
             return
         verbosity: int = options["verbosity"]
         resume: int | None = options["resume"]
-        service = (
-            NaiveBulkOperationsService if options["naive"] else OptimizedBulkOperationsService
-        )()
+        Variant = BatchProcessingLog.Variant
+        variant = Variant.NAIVE if options["naive"] else Variant.OPTIMIZED
         self.log_id = resume
         self.resuming = resume is not None
         with self.open_stream(path, options["format"]) as stream:
@@ -140,8 +137,8 @@ class ImportCommand(BaseCommand):
             rows = self.watch(stream, progress, announce=verbosity >= 1)
             started = time.perf_counter()
             try:
-                result = self.run_service(
-                    service, rows, chunk_size=options["chunk_size"], resume=resume
+                result = self.run_operation(
+                    variant, rows, chunk_size=options["chunk_size"], resume=resume
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
@@ -300,5 +297,4 @@ class Command(ImportCommand):
         "category, price, stock_quantity, is_active). Bad lines are reported and skipped."
     )
     noun = "products"
-    service_method = "import_products"
     operation = BatchProcessingLog.Operation.PRODUCTS
