@@ -21,7 +21,7 @@ def test_positive_int():
     [
         ("products", "import_products", "--chunk-size"),
         ("products", "warm_cache", "--chunk-size"),
-        ("products", "bench_cache", "--keys"),
+        ("bench", "bench_cache", "--keys"),
         ("batching", "mark_interrupted_runs", "--stale-after"),
         ("jobs", "reap_jobs", "--stale-after"),
         ("api", "purge_idempotency_keys", "--older-than"),
