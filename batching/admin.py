@@ -76,7 +76,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         "operation",
         "variant",
         "status",
-        "rows_read",
+        "read",
         "rows_written",
         "rows_skipped",
         "query_count",
@@ -200,7 +200,11 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
             return None
         return f"{log.duration_seconds:.3f} s"
 
-    @admin.display(description="rows/s", ordering="rows_per_second")
+    @admin.display(description="rows read", ordering="checkpoint_position")
+    def read(self, log: BatchProcessingLog) -> int:
+        return log.rows_read
+
+    @admin.display(description="rows/s", ordering=BatchProcessingLog.throughput())
     def throughput(self, log: BatchProcessingLog) -> str | None:
         if log.rows_per_second is None:
             return None

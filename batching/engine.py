@@ -147,7 +147,6 @@ ENDING_FIELDS = [
     "finished_at",
     "heartbeat_at",
     "duration_seconds",
-    "rows_per_second",
     "query_count",
     "chunks_rolled_back",
     "chunks_retried",
@@ -1062,7 +1061,6 @@ class BatchRun:
         """
         figures = {
             "checkpoint_position": checkpoint,
-            "rows_read": checkpoint,
             "rows_written": totals.written,
             "rows_created": totals.created,
             "rows_updated": totals.updated,
@@ -1114,7 +1112,6 @@ class BatchRun:
             "finished_at": finished,
             "heartbeat_at": finished,
             "duration_seconds": duration,
-            "rows_per_second": figures["rows_read"] / duration if duration else None,
         }
 
     def _finish_log(
@@ -1127,7 +1124,7 @@ class BatchRun:
         """
         if self.finished:
             return
-        figures = {"rows_read": log.rows_read, "rows_skipped": log.rows_skipped}
+        figures = {"rows_skipped": log.rows_skipped}
         for name, value in self._ending(
             figures, self.errors[: self.committed_errors], failure=failure
         ).items():

@@ -1,4 +1,5 @@
 from django.db import models
+from django.db.models.functions import NullIf
 
 
 class BatchProcessingLog(models.Model):
@@ -32,7 +33,6 @@ class BatchProcessingLog(models.Model):
     status = models.CharField(max_length=16, choices=Status, default=Status.RUNNING)
     chunk_size = models.PositiveIntegerField()
 
-    rows_read = models.PositiveBigIntegerField(default=0)
     rows_written = models.PositiveBigIntegerField(default=0)
     rows_created = models.PositiveBigIntegerField(default=0)
     rows_updated = models.PositiveBigIntegerField(default=0)
@@ -51,7 +51,6 @@ class BatchProcessingLog(models.Model):
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_seconds = models.FloatField(null=True, blank=True)
-    rows_per_second = models.FloatField(null=True, blank=True)
     database_vendor = models.CharField(max_length=32)
 
     error_summary = models.TextField(blank=True)
@@ -86,6 +85,26 @@ class BatchProcessingLog(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.operation} ({self.variant}) {self.status}"
+
+    @property
+    def rows_read(self) -> int:
+        """Input rows behind the checkpoint: read, and either written or skipped."""
+        return self.checkpoint_position
+
+    @staticmethod
+    def throughput() -> models.Expression:
+        """``rows_per_second`` in SQL (NULL without a duration), to filter, order and average."""
+        return models.ExpressionWrapper(
+            models.F("checkpoint_position") / NullIf(models.F("duration_seconds"), 0.0),
+            output_field=models.FloatField(),
+        )
+
+    @property
+    def rows_per_second(self) -> float | None:
+        """Input rows read per second of the run so far; None before it has a duration."""
+        if not self.duration_seconds:
+            return None
+        return self.checkpoint_position / self.duration_seconds
 
 
 def run_mark() -> models.ForeignKey:
