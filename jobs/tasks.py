@@ -28,6 +28,9 @@ enqueued again by ``reap_stale_partitions``, which runs
   until the job finishes (on backends that support ``run_after``),
 * and from ``manage.py reap_jobs`` (cron, or by hand).
 
+Cancelling and resuming a job is ``jobs.control``'s: a partition asked to stop
+ends as ``cancelled`` when its run does (``PARTITION_STATUS``).
+
 Note:
     A live worker must commit a chunk at least every ``JOB_STALE_SECONDS``,
     or another worker may take its partition over while it still writes; the
@@ -88,6 +91,7 @@ PARTITION_STATUS = {
     LogStatus.COMPLETED: Status.COMPLETED,
     LogStatus.PARTIAL: Status.PARTIAL,
     LogStatus.FAILED: Status.FAILED,
+    LogStatus.CANCELLED: Status.CANCELLED,
 }
 
 
@@ -266,9 +270,14 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
 
 
 def job_status(statuses: set[str]) -> str:
-    """A finished job: failed if a partition failed, partial if one skipped rows."""
+    """A finished job's status from its partitions' (in this order of precedence):
+
+    failed if a partition failed, cancelled if one was, partial if one skipped rows.
+    """
     if Status.FAILED in statuses:
         return Status.FAILED
+    if Status.CANCELLED in statuses:
+        return Status.CANCELLED
     if Status.PARTIAL in statuses:
         return Status.PARTIAL
     return Status.COMPLETED
