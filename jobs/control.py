@@ -76,7 +76,8 @@ def cancel_job(job_id: Any) -> Job:
             raise JobStateError(ALREADY_FINISHED.format(job_id=job_id, status=job.status))
         statuses = set(partitions.order_by().values_list("status", flat=True).distinct())
         if statuses <= FINISHED:
-            job.status = job_status(statuses)
+            # Cancelled, unless a partition failed (resumable as well).
+            job.status = job_status(statuses | {Status.CANCELLED})
             job.finished_at = now
         else:
             job.status = Status.CANCELLING
@@ -111,8 +112,9 @@ def resume_job(job_id: Any) -> Job:
         JobPartition.objects.filter(pk__in=ids).update(
             status=Status.QUEUED, queued_at=now, worker="", finished_at=None
         )
-        job.status = Status.QUEUED
-        job.finished_at = None
+        job.status, job.finished_at = Status.QUEUED, None
+        if not ids:  # nothing left to run (a job cancelled before it had partitions)
+            job.status, job.finished_at = Status.COMPLETED, now
         job.save(update_fields=["status", "finished_at"])
         # robust: a queue that refuses the work cannot undo the commit; the
         # partitions wait queued, and /health reports them.
