@@ -9,6 +9,7 @@ UPDATE. No sleeps, no threads; both databases.
 
 from __future__ import annotations
 
+import time
 import uuid
 from io import StringIO
 
@@ -42,16 +43,21 @@ from tests.test_jobs import (
     HOST,
     assert_views_exactly_once,
     enqueued,
+    on_postgresql,
     run_all,
     view_rows,
+    wait_for,
+    worker_logs,
 )
 from tests.test_jobs import catalogue as catalogue_fixture
+from tests.test_jobs import workers as workers_fixture
 from tests.test_resume import dead_pid
 
 Operation = BatchProcessingLog.Operation
 LogStatus = BatchProcessingLog.Status
 Service = OptimizedBulkOperationsService
 catalogue = catalogue_fixture  # three users, four products
+workers = workers_fixture  # two db_worker processes on the test database
 
 
 def on_chunk(monkeypatch, operation: type, number: int, hook) -> list[int]:
@@ -504,3 +510,42 @@ class TestAdmin:
         self.changelist(client, "cancel_jobs", job)
         job.refresh_from_db()
         assert job.status == Status.QUEUED
+
+
+# -- real workers (PostgreSQL) -------------------------------------------------------------
+
+
+@on_postgresql
+@pytest.mark.django_db(transaction=True)
+class TestWorkers:
+    def test_cancel_mid_run_then_resume_lands_every_row_once(self, catalogue, settings, workers):
+        """Two ``db_worker`` processes (chunks of 20 rows): cancel, see them stop, resume."""
+        settings.JOB_PARTITION_ROWS = 2000
+        rows = 8000
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, rows))
+        deadline = time.monotonic() + 30
+        while not JobPartition.objects.filter(
+            job=job, log__status=LogStatus.RUNNING, log__checkpoint_position__gt=0
+        ).exists():
+            assert time.monotonic() < deadline, worker_logs(workers)
+            time.sleep(0.01)
+
+        assert cancel_job(job.pk).status in (Status.CANCELLING, Status.CANCELLED)
+        job = wait_for(job, workers)
+        assert job.status == Status.CANCELLED
+        done = job.as_dict()["rows_done"]
+        assert 0 < done < rows
+        # Committed chunks stay, and nothing beyond them: the views are the checkpoints'.
+        assert ProductView.objects.count() == done
+        stopped = BatchProcessingLog.objects.filter(status=LogStatus.CANCELLED)
+        assert stopped.exists()
+        for log in stopped:
+            assert log.checkpoint_position % 20 == 0
+            assert log.error_summary == CANCELLED_AT.format(position=log.checkpoint_position)
+        assert not JobPartition.objects.filter(job=job, status=Status.QUEUED).exists()
+
+        resume_job(job.pk)
+        job = wait_for(job, workers)
+        assert job.status == Status.COMPLETED
+        assert job.as_dict()["rows_done"] == rows
+        assert_views_exactly_once(rows)
