@@ -27,6 +27,8 @@ class BatchProcessingLog(models.Model):
         PARTIAL = "partial", "Partial (rows skipped)"
         FAILED = "failed", "Failed"
         INTERRUPTED = "interrupted", "Interrupted"
+        # Stopped at a chunk boundary because ``stop_requested`` was set.
+        CANCELLED = "cancelled", "Cancelled"
 
     operation = models.CharField(max_length=32, choices=Operation)
     variant = models.CharField(max_length=16, choices=Variant)
@@ -68,6 +70,10 @@ class BatchProcessingLog(models.Model):
     # is shown as interrupted rather than running forever.
     worker = models.CharField(max_length=128, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set by whoever wants the run to stop (a job's cancel): the run reads it
+    # in its checkpoint UPDATE, so it ends as cancelled after the chunk that
+    # was committing, at no query of its own (see batching.engine).
+    stop_requested = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-started_at", "-id"]

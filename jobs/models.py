@@ -27,9 +27,14 @@ class Status(models.TextChoices):
     COMPLETED = "completed", "Completed"
     PARTIAL = "partial", "Partial (rows skipped)"
     FAILED = "failed", "Failed"
+    # A job only: cancelled while partitions ran; they stop at their next chunk.
+    CANCELLING = "cancelling", "Cancelling"
+    CANCELLED = "cancelled", "Cancelled"
 
 
-FINISHED = frozenset({Status.COMPLETED, Status.PARTIAL, Status.FAILED})
+FINISHED = frozenset({Status.COMPLETED, Status.PARTIAL, Status.FAILED, Status.CANCELLED})
+# Finished, but with input left that ``jobs.control.resume_job`` can run.
+RESUMABLE = frozenset({Status.FAILED, Status.CANCELLED})
 
 
 class JobQuerySet(models.QuerySet["Job"]):

@@ -28,6 +28,9 @@ enqueued again by ``reap_stale_partitions``, which runs
   until the job finishes (on backends that support ``run_after``),
 * and from ``manage.py reap_jobs`` (cron, or by hand).
 
+Cancelling and resuming a job is ``jobs.control``'s: a partition asked to stop
+ends as ``cancelled`` when its run does (``PARTITION_STATUS``).
+
 Note:
     A live worker must commit a chunk at least every ``JOB_STALE_SECONDS``,
     or another worker may take its partition over while it still writes; the
@@ -75,6 +78,7 @@ PARTITION_STATUS = {
     LogStatus.COMPLETED: Status.COMPLETED,
     LogStatus.PARTIAL: Status.PARTIAL,
     LogStatus.FAILED: Status.FAILED,
+    LogStatus.CANCELLED: Status.CANCELLED,
 }
 
 
@@ -227,8 +231,8 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
         ).update(status=PARTITION_STATUS[log_status], finished_at=now)
         if not ended:
             return  # taken over meanwhile: the new owner records it
-        if log_status != LogStatus.FAILED:
-            discard(partition)  # never to run again; a failed one may be resumed
+        if log_status in (LogStatus.COMPLETED, LogStatus.PARTIAL):
+            discard(partition)  # never to run again; a failed or cancelled one may resume
         job = Job.objects.select_for_update().get(pk=partition.job_id)
         statuses = set(job.partitions.order_by().values_list("status", flat=True).distinct())
         if statuses <= FINISHED:
@@ -238,9 +242,14 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
 
 
 def job_status(statuses: set[str]) -> str:
-    """A finished job: failed if a partition failed, partial if one skipped rows."""
+    """A finished job's status from its partitions' (in this order of precedence):
+
+    failed if a partition failed, cancelled if one was, partial if one skipped rows.
+    """
     if Status.FAILED in statuses:
         return Status.FAILED
+    if Status.CANCELLED in statuses:
+        return Status.CANCELLED
     if Status.PARTIAL in statuses:
         return Status.PARTIAL
     return Status.COMPLETED

@@ -272,6 +272,9 @@ JOB_PARTITION_ROWS = env_int("JOB_PARTITION_ROWS", 10_000)
 JOB_STALE_SECONDS = env_int("JOB_STALE_SECONDS", 300)
 # How often each unfinished job's watchdog task looks for stale partitions.
 JOB_WATCH_SECONDS = env_int("JOB_WATCH_SECONDS", 30)
+# `manage.py purge_history` deletes finished jobs, batch logs and task results
+# older than this many days by default (docs/operations-history.md).
+HISTORY_RETENTION_DAYS = env_int("HISTORY_RETENTION_DAYS", 30)
 
 # Cache: Redis when REDIS_URL is set, process-local memory otherwise.
 REDIS_URL = os.environ.get("REDIS_URL", "")

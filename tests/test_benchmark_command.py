@@ -165,7 +165,9 @@ def test_each_operation_leaves_one_completed_log_per_variant():
         logs = BatchProcessingLog.objects.filter(
             pk__in=[entry["naive_log_id"], entry["optimized_log_id"]]
         )
-        assert sorted(logs.values_list("variant", "status", "rows_read", "chunk_size")) == [
+        assert sorted(
+            logs.values_list("variant", "status", "checkpoint_position", "chunk_size")
+        ) == [
             ("naive", "completed", 15, 4),
             ("optimized", "completed", 15, 4),
         ]
