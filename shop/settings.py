@@ -260,13 +260,13 @@ METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 # sends the same tasks to Celery instead (docs/jobs-celery.md): workers are
 # `celery -A jobs.celery worker`, the broker is CELERY_BROKER_URL.
 TASKS_BACKEND = os.environ.get("TASKS_BACKEND") or "django_tasks_db.DatabaseBackend"
-CELERY_TASKS_BACKEND = "django_tasks_celery.CeleryBackend"
+TASKS_BACKEND_CELERY = "django_tasks_celery.CeleryBackend"
 TASKS = {
     "default": {
         "BACKEND": TASKS_BACKEND,
         "QUEUES": ["default"],
         "OPTIONS": {"CELERY_APP": "jobs.celery.app"}
-        if TASKS_BACKEND == CELERY_TASKS_BACKEND
+        if TASKS_BACKEND == TASKS_BACKEND_CELERY
         else {},
     }
 }
@@ -286,7 +286,7 @@ CELERY_TASK_ACKS_LATE = False
 # `task.get_result()` (with the task's name and args: RESULT_EXTENDED).
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or None
 CELERY_RESULT_EXTENDED = True
-if TASKS_BACKEND == CELERY_TASKS_BACKEND and CELERY_RESULT_BACKEND is None:
+if TASKS_BACKEND == TASKS_BACKEND_CELERY and CELERY_RESULT_BACKEND is None:
     # "get_result() will not work": nothing in the shop calls it.
     SILENCED_SYSTEM_CHECKS = ["django_tasks_celery.W001"]
 # Rows per job partition: each partition is one resumable run on one worker.

@@ -154,7 +154,7 @@ def use_celery(settings) -> dict[str, str]:
     """Send this process's tasks to Celery; return the workers' environment."""
     settings.TASKS = {
         "default": {
-            "BACKEND": settings.CELERY_TASKS_BACKEND,
+            "BACKEND": settings.TASKS_BACKEND_CELERY,
             "QUEUES": ["default"],
             "OPTIONS": {"CELERY_APP": "jobs.celery.app"},
         }
@@ -167,7 +167,7 @@ def use_celery(settings) -> dict[str, str]:
     assert app.conf.task_default_queue == QUEUE
     assert app.conf.broker_url == BROKER_URL
     return {
-        "TASKS_BACKEND": settings.CELERY_TASKS_BACKEND,
+        "TASKS_BACKEND": settings.TASKS_BACKEND_CELERY,
         "CELERY_BROKER_URL": BROKER_URL,
         "CELERY_QUEUE": QUEUE,
     }

@@ -112,3 +112,22 @@ def test_deploy_check_passes_on_celery_without_a_result_backend():
         CELERY_RESULT_BACKEND="",
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_celery_worker_without_the_celery_backend_refuses_to_start():
+    """It would discard every job task as unregistered; it exits before connecting."""
+    environment = {**os.environ, "TASKS_BACKEND": "", "CELERY_BROKER_URL": "amqp://127.0.0.1:9//"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "--app", "jobs.celery", "worker", "--pool", "solo"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        "a Celery worker runs the jobs only with TASKS_BACKEND=django_tasks_celery.CeleryBackend,"
+        " not django_tasks_db.backend.DatabaseBackend"
+    ) in result.stderr
