@@ -5,7 +5,7 @@ django-tasks-celery registers each of them with this app when its module is
 imported, in the web process (to send) and in the worker (to run). Workers::
 
     TASKS_BACKEND=django_tasks_celery.CeleryBackend \\
-        celery -A jobs.celery worker --pool prefork --concurrency 4
+        celery --app jobs.celery worker --pool prefork --concurrency 4 --loglevel INFO
 
 The app's configuration is Django's settings under the ``CELERY_`` prefix
 (``CELERY_BROKER_URL``, ``CELERY_TASK_DEFAULT_QUEUE``...; see

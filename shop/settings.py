@@ -271,10 +271,10 @@ TASKS = {
     }
 }
 # Celery, read by jobs/celery.py (the CELERY_ namespace); used by the Celery backend only.
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "amqp://guest:guest@127.0.0.1:5672//"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # The queue that Django's "default" task queue maps to: give each deployment its own.
-CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "shop")
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE") or "shop"
 # A worker process reserves one task at a time: a partition runs for long, and a
 # prefetched one would wait behind it while another worker idles.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
