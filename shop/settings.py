@@ -256,14 +256,39 @@ METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 
 # Background jobs (django.tasks). The embedded default keeps the queue in the
 # database and needs no extra server: run `manage.py db_worker` (any number, on
-# any machine that reaches the database). Another backend (RQ, Celery through
-# their django.tasks backends) is a change of TASKS_BACKEND and its options only.
+# any machine that reaches the database). TASKS_BACKEND=django_tasks_celery.CeleryBackend
+# sends the same tasks to Celery instead (docs/jobs-celery.md): workers are
+# `celery -A jobs.celery worker`, the broker is CELERY_BROKER_URL.
+TASKS_BACKEND = os.environ.get("TASKS_BACKEND") or "django_tasks_db.DatabaseBackend"
+TASKS_BACKEND_CELERY = "django_tasks_celery.CeleryBackend"
 TASKS = {
     "default": {
-        "BACKEND": os.environ.get("TASKS_BACKEND", "django_tasks_db.DatabaseBackend"),
+        "BACKEND": TASKS_BACKEND,
         "QUEUES": ["default"],
+        "OPTIONS": {"CELERY_APP": "jobs.celery.app"}
+        if TASKS_BACKEND == TASKS_BACKEND_CELERY
+        else {},
     }
 }
+# Celery, read by jobs/celery.py (the CELERY_ namespace); used by the Celery backend only.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# The queue that Django's "default" task queue maps to: give each deployment its own.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE") or "shop"
+# A worker process reserves one task at a time: a partition runs for long, and a
+# prefetched one would wait behind it while another worker idles.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Acknowledged when a task starts (Celery's default): take-over of a killed
+# worker's partition is the reapers' work (jobs/tasks.py), not redelivery, and
+# RabbitMQ's consumer_timeout would cut a long partition held unacknowledged.
+CELERY_TASK_ACKS_LATE = False
+# Job state lives in the database; a result backend only serves
+# `task.get_result()` (with the task's name and args: RESULT_EXTENDED).
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or None
+CELERY_RESULT_EXTENDED = True
+if TASKS_BACKEND == TASKS_BACKEND_CELERY and CELERY_RESULT_BACKEND is None:
+    # "get_result() will not work": nothing in the shop calls it.
+    SILENCED_SYSTEM_CHECKS = ["django_tasks_celery.W001"]
 # Rows per job partition: each partition is one resumable run on one worker.
 JOB_PARTITION_ROWS = env_int("JOB_PARTITION_ROWS", 10_000)
 # A running partition whose worker is silent this long (no chunk committed) is

@@ -1,17 +1,16 @@
 """Background jobs: partitions, their runs, take-over of dead workers, progress.
 
 The unit tests call the task functions directly (``task.call``) on both
-databases. The worker tests start real ``manage.py db_worker`` processes
-against the test database, so they run on PostgreSQL only (SQLite's test
-database lives in this process's memory).
+databases. The worker tests start real worker processes against the test
+database, once on each task backend (``manage.py db_worker``, and Celery
+workers on RabbitMQ: ``tests/job_workers.py``), so they run on PostgreSQL only
+(SQLite's test database lives in this process's memory).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import time
 import tracemalloc
 from datetime import timedelta
@@ -30,7 +29,7 @@ from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
 
 from batching.engine import DUPLICATE_IN_INPUT
-from batching.liveness import NO_HEARTBEAT, WORKER_GONE
+from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker
 from batching.models import BatchProcessingLog
 from jobs import tasks
 from jobs.models import Job, JobPartition, StagedRow, Status
@@ -39,8 +38,10 @@ from jobs.staging import partition_rows
 from jobs.tasks import reap_stale_partitions, run_partition
 from products.models import Product, ProductView
 from products.services import rows as r
+from tests import job_workers
 from tests.factories import ProductFactory, StaffFactory, UserFactory
-from tests.test_resume import child_environment, dead_pid, manage
+from tests.job_workers import Workers
+from tests.test_resume import dead_pid
 
 HOST = socket.gethostname()
 Operation = BatchProcessingLog.Operation
@@ -563,59 +564,28 @@ class TestWorkerStatus:
         assert worker_status() == (True, WORKERS_BUSY.format(limit=settings.JOB_STALE_SECONDS))
 
 
-# -- real workers (PostgreSQL) --------------------------------------------------------------------
+# -- real workers (PostgreSQL), on each task backend ------------------------------------------
 
 
-@pytest.fixture
-def workers(tmp_path):
-    """Two ``manage.py db_worker`` processes on the test database; logs in tmp_path."""
-    env = child_environment() | {"BULK_CHUNK_SIZE": "20", "JOB_WATCH_SECONDS": "1"}
-    started = []
-    for number in range(2):
-        log = open(tmp_path / f"worker{number}.log", "wb")  # noqa: SIM115
-        started.append(
-            (
-                subprocess.Popen(
-                    manage("db_worker", "--interval", "0.05", "--no-startup-delay", "--no-reload"),
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                tmp_path / f"worker{number}.log",
-                log,
-            )
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not all(b"Starting worker" in path.read_bytes() for _, path, _ in started):
-            if time.monotonic() > deadline or any(p.poll() is not None for p, _, _ in started):
-                pytest.fail("workers did not start:\n" + worker_logs(started))
-            time.sleep(0.05)
-        yield started
-    finally:
-        for process, _, log in started:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            log.close()
+# The fixture: two worker processes, once per task backend.
+workers = job_workers.workers
 
 
-def worker_logs(started) -> str:
-    return "\n".join(path.read_text(errors="replace") for _, path, _ in started)
-
-
-def wait_for(job: Job, started, timeout: float = 40) -> Job:
+def wait_for(job: Job, workers: Workers, timeout: float = 40) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job.refresh_from_db()
         if job.is_finished:
             return job
         time.sleep(0.05)
-    pytest.fail(f"job {job.pk} did not finish:\n{worker_logs(started)}")
+    pytest.fail(f"job {job.pk} did not finish:\n{workers.logs()}")
 
 
 @on_postgresql
 @pytest.mark.django_db(transaction=True)
 class TestWorkers:
+    """Each test runs twice: on two db_workers, and on two Celery workers."""
+
     def test_rows_land_exactly_once_across_workers(self, catalogue, settings, workers):
         settings.JOB_PARTITION_ROWS = 500
         rows = 3000
@@ -628,16 +598,16 @@ class TestWorkers:
         assert (data["result"]["created"], data["result"]["skipped"]) == (rows, 0)
         assert len(data["result"]["log_ids"]) == 6
         assert_views_exactly_once(rows)
-        # Both workers took partitions.
+        # Both workers took partitions (a Celery worker runs them in its pool child).
         ran_on = set(job.partitions.values_list("log__worker", flat=True))
-        assert ran_on == {f"{HOST}:{process.pid}" for process, _, _ in workers}
+        owners = {workers.owner(worker).pid for worker in ran_on}
+        assert owners == {worker.pid for worker in workers.started}, ran_on
 
     def test_a_killed_workers_partition_is_taken_over(self, catalogue, settings, workers):
         settings.JOB_PARTITION_ROWS = 2000
         settings.JOB_WATCH_SECONDS = 1  # the job's first watchdog is deferred from here
         rows = 4000  # two partitions of 100 chunks of 20 rows
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, rows))
-        pids = {f"{HOST}:{process.pid}": process for process, _, _ in workers}
 
         deadline = time.monotonic() + 30
         while True:
@@ -654,10 +624,9 @@ class TestWorkers:
             if victim is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-        assert victim is not None, worker_logs(workers)
-        killed = pids.pop(victim.worker)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()  # reaped: its pid is gone, as after any real death
+        assert victim is not None, workers.logs()
+        killed = victim.worker
+        workers.kill(killed)
         victim.log.refresh_from_db()
         killed_at = victim.log.checkpoint_position
         assert 0 < killed_at < 2000, "the worker was not killed mid-partition"
@@ -670,18 +639,23 @@ class TestWorkers:
         assert_views_exactly_once(rows)
         victim.refresh_from_db()
         victim.log.refresh_from_db()
-        (survivor,) = pids
-        assert (victim.status, victim.attempts, victim.worker) == (
-            Status.COMPLETED,
-            2,
-            survivor,
-        )
-        assert (victim.log.resume_count, victim.log.worker) == (2, survivor)
-        # The backend's own row for the killed task still says RUNNING: the
-        # take-over never relied on it.
-        assert (
-            DBTaskResult.objects.filter(
-                task_path="jobs.tasks.run_partition", status="RUNNING"
-            ).count()
-            == 1
-        )
+        # Resumed by another live worker process: the other db_worker, or a
+        # Celery pool child (the killed one's replacement, or the other worker's).
+        assert (victim.status, victim.attempts) == (Status.COMPLETED, 2)
+        assert victim.worker != killed
+        assert workers.owner(victim.worker) is not None
+        assert (victim.log.resume_count, victim.log.worker) == (2, victim.worker)
+        # The backend's own record of the killed task was no help to the take-over.
+        if workers.backend == "db":
+            # django-tasks-db's row for it still says RUNNING.
+            assert (
+                DBTaskResult.objects.filter(
+                    task_path="jobs.tasks.run_partition", status="RUNNING"
+                ).count()
+                == 1
+            )
+        else:
+            # Celery acknowledged the task when it started, and its worker's
+            # parent saw the child die: the task is lost to Celery.
+            _, pid = parse_worker(killed)
+            assert f"pid:{pid} exited with 'signal 9 (SIGKILL)'" in workers.logs()
