@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make lint
+# make demo | make test | make bench | make lint | make serve
 # DATABASE_URL=postgres://... switches any of them to PostgreSQL (SQLite otherwise).
 
 VENV ?= .venv
@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BENCH_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/shop)
 BENCH_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/6)
 
-.PHONY: venv demo test test-portable bench lint format clean
+.PHONY: venv demo test test-portable bench bench-load serve lint format clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,13 @@ bench: venv
 		echo; cat BENCHMARKS.live.md; } > BENCHMARKS.md
 	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md BENCHMARKS.live.md
 	@cat BENCHMARKS.md
+
+# The production server: static files collected into STATIC_ROOT, then gunicorn
+# (gunicorn.conf.py: 127.0.0.1:8000, WEB_CONCURRENCY workers of WEB_THREADS
+# threads). DEBUG is off unless set. Run `migrate` first; docs/deploy.md has the rest.
+serve: venv
+	$(PY) manage.py collectstatic --noinput --verbosity 0
+	$(VENV)/bin/gunicorn shop.wsgi
 
 lint: venv
 	$(VENV)/bin/ruff check .

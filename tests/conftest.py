@@ -1,4 +1,6 @@
 import pytest
+from django.conf import settings
+from django.test import override_settings
 
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 
@@ -7,6 +9,26 @@ from products.services import NaiveBulkOperationsService, OptimizedBulkOperation
 def _plain_http(settings):
     """Tests speak plain HTTP to the test client; deploy settings ask for HTTPS."""
     settings.SECURE_SSL_REDIRECT = False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _static_files_without_collectstatic():
+    """Static files as DEBUG serves them: found in the apps at each request, names unhashed.
+
+    The suite runs with DEBUG off, where settings choose the manifest storage,
+    which needs `collectstatic` to have run before any page can be rendered.
+    The tests render pages without it; tests/test_production.py runs the real
+    collectstatic and the manifest storage under the production server.
+    """
+    with override_settings(
+        STORAGES={
+            **settings.STORAGES,
+            "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        },
+        WHITENOISE_AUTOREFRESH=True,
+        WHITENOISE_USE_FINDERS=True,
+    ):
+        yield
 
 
 @pytest.fixture(autouse=True)
