@@ -190,10 +190,13 @@ def test_bench_load_check_finds_rows_missing_or_stored_twice():
     service = OptimizedBulkOperationsService()
     for sequence in range(2):
         result = service.create_product_views(client.rows(sequence))
-        IdempotencyRecord.objects.create(user=staff, key=f"key-{sequence}", request_hash="-")
+        IdempotencyRecord.objects.create(
+            user=staff, key=f"key-{sequence}", request_hash="-", status_code=200
+        )
         tally.posted_rows += result.written
         tally.posted_batches += 1
         tally.log_ids.append(result.log_id)
+        tally.keys.append(f"key-{sequence}")
     assert tally.posted_rows == 8
     assert load.verify(namespace, tally) == []
 
@@ -205,12 +208,14 @@ def test_bench_load_check_finds_rows_missing_or_stored_twice():
     ]
     ProductView.objects.filter(session_id__startswith=namespace.session_prefix).delete()
     Product.objects.filter(pk__in=namespace.product_ids).update(view_count=0)
+    # A third batch said posted under the first one's key and run: the key was reused.
     tally.posted_batches += 1
     tally.log_ids.append(tally.log_ids[0])
+    tally.keys.append(tally.keys[0])
     assert load.verify(namespace, tally) == [
         "0 view rows stored for 8 posted",
         "the products' view_count adds up to 0, not the 8 rows posted",
-        "2 idempotency records with 2 distinct keys for 3 batches posted",
+        "2 idempotency records answered 200 for 2 distinct keys of 3 batches posted",
         "2 distinct batch runs answered 3 batches",
     ]
 

@@ -52,6 +52,13 @@ class Command(BaseCommand):
         )
         parser.add_argument("--batch", type=int, default=100, help="Rows per batch POST (100).")
         parser.add_argument(
+            "--products",
+            type=int,
+            default=load.PRODUCTS,
+            help=f"Products the views are drawn from at random ({load.PRODUCTS:,}); fewer "
+            "products, more batches updating the same view counters at once.",
+        )
+        parser.add_argument(
             "--workers",
             type=int,
             default=int(os.environ.get("WEB_CONCURRENCY") or 2),
@@ -74,13 +81,13 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        for option in ("clients", "seconds", "batch", "workers", "threads", "timeout"):
+        for option in ("clients", "seconds", "batch", "products", "workers", "threads", "timeout"):
             if options[option] <= 0:
                 raise CommandError(NOT_POSITIVE.format(option=f"--{option}", value=options[option]))
         if not options["url"] and not server.database_url():
             raise CommandError(NO_URL_ON_MEMORY)
         load_before = load.load_average()
-        namespace = load.prepare()
+        namespace = load.prepare(products=options["products"])
         tally = Tally()
         problems: list[str] = []
         try:
@@ -97,7 +104,7 @@ class Command(BaseCommand):
             problems = load.verify(namespace, tally)
         finally:
             if not options["keep"]:
-                load.remove(namespace, tally.log_ids)
+                load.remove(namespace, [*tally.log_ids, *tally.failed_log_ids])
         setup = {
             "server": options["url"]
             or f"gunicorn, {options['workers']} workers x {options['threads']} threads, DEBUG=0",
@@ -164,7 +171,8 @@ class Command(BaseCommand):
         write("## The production server under load (`bench_load`)\n")
         write(
             f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
-            f"posting batches of {options['batch']} product views "
+            f"posting batches of {options['batch']} product views (of products drawn at random "
+            f"from {options['products']:,}) "
             "(`POST /api/product-views/bulk`, bearer token, an `Idempotency-Key` per batch) "
             "and reading the first page of `GET /api/batch-logs` in turn. Server: "
             f"{setup['server']}; database: {load.database_description()}; "
