@@ -62,6 +62,13 @@ serve: venv
 	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(VENV)/bin/gunicorn shop.wsgi
 
+# The production server under load: 50 API clients for 60 s against gunicorn
+# (bench_load starts it on a free loopback port), then every posted row counted;
+# prints the BENCHMARKS.md section. PostgreSQL, like `make bench`.
+bench-load: venv
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_load --clients 50 --seconds 60 --markdown
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

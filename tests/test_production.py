@@ -39,8 +39,8 @@ SWAGGER_TITLE_SIZE = "36px"
 # so the module's server starts once.
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# bench_load at its smallest: 2 clients for 2 seconds, batches of 10 rows.
-TINY = ["--clients", "2", "--seconds", "2", "--batch", "10"]
+# bench_load at its smallest: 2 clients for 2 seconds, batches of 10 rows of 20 products.
+TINY = ["--clients", "2", "--seconds", "2", "--batch", "10", "--products", "20"]
 
 
 @dataclass(frozen=True)
