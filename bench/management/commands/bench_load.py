@@ -168,18 +168,28 @@ class Command(BaseCommand):
         tally: Tally,
     ) -> None:
         write = self.stdout.write
-        write("## The production server under load (`bench_load`)\n")
+        total = sum(row.requests for row in table) / tally.elapsed if tally.elapsed else 0.0
+        server_threads = options["workers"] * options["threads"]
+        write("## The production server under load (`bench_load`)")
+        write("")
         write(
             f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
-            f"posting batches of {options['batch']} product views (of products drawn at random "
-            f"from {options['products']:,}) "
-            "(`POST /api/product-views/bulk`, bearer token, an `Idempotency-Key` per batch) "
-            "and reading the first page of `GET /api/batch-logs` in turn. Server: "
-            f"{setup['server']}; database: {load.database_description()}; "
+            f"posting batches of {options['batch']} views of products drawn at random from "
+            f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
+            "`Idempotency-Key` per batch) and reading the first page of `GET /api/batch-logs`, "
+            f"in turn. Server: {setup['server']}; database: {load.database_description()}; "
             f"{os.cpu_count()} cores shared with the clients (load average before "
             f"{setup['load_before']}, after {setup['load_after']}). Latency is the client's, "
-            "request sent to answer read.\n"
+            "request sent to answer read"
+            + (
+                "; with more clients than server threads most of it is waiting in the server's "
+                f"queue ({options['clients']} clients / {total:,.1f} requests/s = "
+                f"{options['clients'] / total:,.2f} s)."
+                if not options["url"] and total and options["clients"] > server_threads
+                else "."
+            )
         )
+        write("")
         write("| endpoint | requests | req/s | p50 ms | p99 ms | max ms | errors | 5xx |")
         write("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in table:
