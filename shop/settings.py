@@ -73,7 +73,7 @@ INSTALLED_APPS = [
     "orders",
     "jobs",
     "api",
-    # Benchmark commands (bench_live); nothing else imports it.
+    # Benchmark commands (bench_live, bench_load); nothing else imports it.
     "bench",
 ]
 
