@@ -73,12 +73,14 @@ INSTALLED_APPS = [
     "orders",
     "jobs",
     "api",
-    # Benchmark commands (bench_live); nothing else imports it.
+    # Benchmark commands (bench_live, bench_load); nothing else imports it.
     "bench",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files, answered before sessions, CSRF or auth run (see STORAGES).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "api.middleware.NoStoreMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -189,8 +191,27 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# Static files (the admin's, the reports', Swagger UI's from ninja) are served by
+# WhiteNoise from STATIC_ROOT, which `manage.py collectstatic` fills (`make serve`
+# runs it). With DEBUG off they are stored compressed (gzip, and Brotli when the
+# brotli package is installed) under content-hashed names, cached for a year;
+# the names come from the manifest collectstatic writes, so a page cannot be
+# rendered before collectstatic has run. With DEBUG on (and in the tests,
+# tests/conftest.py) they are served as they are, found in the apps at each
+# request, without collectstatic.
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or BASE_DIR / "staticfiles")
+STATIC_MANIFEST = env_bool("STATIC_MANIFEST", not DEBUG)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if STATIC_MANIFEST
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
 
 # Security: strict by default whenever DEBUG is off; each can be relaxed by
 # environment (for example behind a proxy that terminates TLS elsewhere).
