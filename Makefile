@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make lint
+# make demo | make test | make bench | make lint | make serve
 # DATABASE_URL=postgres://... switches any of them to PostgreSQL (SQLite otherwise).
 
 VENV ?= .venv
@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BENCH_DATABASE_URL ?= $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/shop)
 BENCH_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/6)
 
-.PHONY: venv demo test test-portable bench lint format clean
+.PHONY: venv demo test test-portable bench bench-load serve lint format clean
 
 venv: $(VENV)/.installed
 
@@ -53,10 +53,27 @@ bench: venv
 	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.cache.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live \
 		--markdown BENCHMARKS.live.md --json docs/bench-live.json --chart docs/bench-live.svg
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_submit --sizes 100000,1000000 \
+		--markdown BENCHMARKS.submit.md
 	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; echo; cat BENCHMARKS.cache.md; \
-		echo; cat BENCHMARKS.live.md; } > BENCHMARKS.md
-	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md BENCHMARKS.live.md
+		echo; cat BENCHMARKS.live.md; echo; cat BENCHMARKS.submit.md; } > BENCHMARKS.md
+	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md BENCHMARKS.live.md \
+		BENCHMARKS.submit.md
 	@cat BENCHMARKS.md
+
+# The production server: static files collected into STATIC_ROOT, then gunicorn
+# (gunicorn.conf.py: 127.0.0.1:8000, WEB_CONCURRENCY workers of WEB_THREADS
+# threads). DEBUG is off unless set. Run `migrate` first; docs/deploy.md has the rest.
+serve: venv
+	$(PY) manage.py collectstatic --noinput --verbosity 0
+	$(VENV)/bin/gunicorn shop.wsgi
+
+# The production server under load: 50 API clients for 60 s against gunicorn
+# (bench_load starts it on a free loopback port), then every posted row counted;
+# prints the BENCHMARKS.md section. PostgreSQL, like `make bench`.
+bench-load: venv
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_load --clients 50 --seconds 60 --markdown
 
 lint: venv
 	$(VENV)/bin/ruff check .

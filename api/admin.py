@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from api.models import ApiToken, IdempotencyRecord
-from batching.admin import DeclaredFiltersMixin
+from common.admin import DeclaredFiltersMixin
 
 
 @admin.register(ApiToken)

@@ -20,7 +20,6 @@ deliberately and needs none.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -30,6 +29,7 @@ from ninja.security import APIKeyCookie, HttpBearer
 from ninja.utils import check_csrf
 
 from api.models import ApiToken, token_digest
+from common.permissions import missing_permissions
 
 FORBIDDEN = "this API is for active staff users only"
 MISSING_PERMISSIONS = "this endpoint needs the permissions {missing}"
@@ -39,23 +39,6 @@ CSRF_FAILED = "CSRF check failed: send the csrftoken cookie's value in the X-CSR
 
 def allowed(user: Any) -> bool:
     return bool(user.is_active and user.is_staff)
-
-
-def missing_permissions(user: Any, permissions: Iterable[str]) -> list[str]:
-    """The ``app_label.codename`` permissions of ``permissions`` that ``user`` lacks.
-
-    The admin's rule (``ModelAdmin.has_view_permission``): the change
-    permission also grants the view permission of its model.
-    """
-    missing = []
-    for permission in permissions:
-        granted = user.has_perm(permission)
-        app_label, _, codename = permission.partition(".")
-        if not granted and codename.startswith("view_"):
-            granted = user.has_perm(f"{app_label}.change_{codename.removeprefix('view_')}")
-        if not granted:
-            missing.append(permission)
-    return missing
 
 
 def check(user: Any, permissions: tuple[str, ...] | None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,24 +30,13 @@ from django.http import HttpRequest
 from django.urls import reverse
 from ninja import Status
 
-from api.errors import ApiError, row_error
+from api.errors import ApiError, body_too_large, row_error
 from api.idempotency import replay_or_run
-from batching.models import BatchProcessingLog
+from batching.engine import run_batch
+from batching.registry import operation_class
 from jobs.services import submit_job
-from products.services import OptimizedBulkOperationsService
-from products.services.rows import NOT_AN_OBJECT, order_lines
+from products.services.rows import NOT_AN_OBJECT
 
-Operation = BatchProcessingLog.Operation
-
-# The service method that runs each operation.
-SERVICE_METHODS: dict[str, str] = {
-    Operation.PRODUCT_VIEWS: "create_product_views",
-    Operation.RECOMMENDATION_SCORES: "upsert_recommendation_scores",
-    Operation.PRODUCTS: "import_products",
-    Operation.ORDERS: "process_orders",
-}
-
-BODY_TOO_LARGE = "the request body is larger than the limit of {limit} bytes"
 BAD_CONTENT_LENGTH = "the Content-Length header is not a non-negative integer"
 NOT_JSON = "the body is not valid JSON: {error}"
 NOT_UTF8 = "the body is not UTF-8 text"
@@ -68,10 +56,6 @@ MAX_LISTED_ERRORS = 100
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # Escapes for what jsonb refuses: NUL, and surrogates (paired or not, checked below).
 _UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
-
-
-def body_too_large() -> str:
-    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
 
 
 def read_body(request: HttpRequest) -> bytes:
@@ -206,7 +190,8 @@ def run_rows(
     if len(rows) > settings.API_MAX_ROWS:
         message = TOO_MANY_ROWS.format(count=len(rows), limit=settings.API_MAX_ROWS)
         raise ApiError(413, message)
-    weight = sum(map(order_lines, rows)) if operation == Operation.ORDERS else len(rows)
+    # A row weighs 1, an order its lines: the operation's own weight, as in a chunk.
+    weight = sum(map(operation_class(operation)().weight, rows))
     later = background or weight > settings.API_SYNC_MAX_ROWS
     if later:
         check_storable(body, rows)
@@ -229,8 +214,8 @@ def run_rows(
 
 
 def run_now(operation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    method: Callable = getattr(OptimizedBulkOperationsService(), SERVICE_METHODS[operation])
-    return method(rows).as_dict()
+    """Run the registered (optimized) operation on ``rows`` in this request."""
+    return run_batch(operation_class(operation)(), rows).as_dict()
 
 
 def submit(operation: str, rows: list[dict[str, Any]], user: Any) -> dict[str, Any]:

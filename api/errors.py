@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
@@ -17,6 +18,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 UNAUTHORIZED = "authentication required: a staff session or an API token (Authorization: Bearer)"
 NOT_FOUND = "not found"
 INVALID_PARAMETERS = "invalid request parameters"
+BODY_TOO_LARGE = "the request body is larger than the limit of {limit} bytes"
 
 
 class ApiError(Exception):
@@ -33,6 +35,10 @@ class ApiError(Exception):
 
 def row_error(index: int | None, field: str | None, message: str) -> dict[str, Any]:
     return {"index": index, "field": field, "message": message}
+
+
+def body_too_large() -> str:
+    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
 
 
 def error_body(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -80,6 +86,4 @@ def install_error_handlers(api: NinjaAPI) -> None:
 
     @api.exception_handler(RequestDataTooBig)
     def too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
-        from api.batch import body_too_large
-
         return respond(request, 413, body_too_large())

@@ -76,7 +76,7 @@ class BatchCollector(Collector):
                 written=Sum("rows_written"),
                 skipped=Sum("rows_skipped"),
                 failed=Sum(
-                    F("rows_read") - F("rows_written") - F("rows_skipped"),
+                    F("checkpoint_position") - F("rows_written") - F("rows_skipped"),
                     filter=Q(status__in=STOPPED),
                 ),
                 rolled_back=Sum("chunks_rolled_back"),

@@ -65,7 +65,9 @@ class BatchResultOut(Schema):
 class JobOut(Schema):
     id: UUID
     operation: str
-    status: str = Field(description="queued, running, completed, partial or failed")
+    status: str = Field(
+        description="queued, running, cancelling, completed, partial, failed or cancelled"
+    )
     rows_done: int
     rows_total: int
     result: dict[str, Any] | None = Field(description="the batch result, once finished")

@@ -1,8 +1,8 @@
 from django.urls import path
 
 from api.health import health
+from api.main import api
 from api.metrics import metrics
-from shop.api import api
 
 urlpatterns = [
     path("api/", api.urls),

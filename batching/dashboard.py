@@ -7,7 +7,7 @@
    runs the table holds).
 3. The ``SLOWEST`` slowest runs of the period.
 
-The charts are drawn on the server (``shop.charts``): the page loads nothing
+The charts are drawn on the server (``common.charts``): the page loads nothing
 from anywhere else.
 """
 
@@ -22,7 +22,7 @@ from django.utils import timezone
 from django.utils.safestring import SafeString
 
 from batching.models import BatchProcessingLog as Log
-from shop.charts import bar_chart, line_chart
+from common.charts import bar_chart, line_chart
 
 MAX_POINTS = 1000
 SLOWEST = 10
@@ -101,9 +101,11 @@ def build_dashboard(*, days: int | None = None) -> Dashboard:
         .order_by("-duration_seconds", "-id")[:SLOWEST]
     )
     points = list(
-        runs.filter(rows_per_second__isnull=False)
+        runs.filter(finished_at__isnull=False)
+        .annotate(throughput=Log.throughput())
+        .filter(throughput__isnull=False)
         .order_by("-started_at", "-id")
-        .values_list("operation", "variant", "started_at", "rows_per_second", "duration_seconds")[
+        .values_list("operation", "variant", "started_at", "throughput", "duration_seconds")[
             : MAX_POINTS + 1
         ]
     )
@@ -123,9 +125,9 @@ def summarise(runs: QuerySet[Log]) -> list[OperationSummary]:
             failed=Count("pk", filter=Q(status=Log.Status.FAILED)),
             partial=Count("pk", filter=Q(status=Log.Status.PARTIAL)),
             interrupted=Count("pk", filter=Q(status=Log.Status.INTERRUPTED)),
-            rows_read=Sum("rows_read"),
+            rows_read=Sum("checkpoint_position"),
             rows_skipped=Sum("rows_skipped"),
-            mean_rows_per_second=Avg("rows_per_second"),
+            mean_rows_per_second=Avg(Log.throughput(), filter=Q(finished_at__isnull=False)),
             mean_duration=Avg("duration_seconds"),
         )
     )

@@ -86,6 +86,16 @@ counted on the log row (``after_commit_failures``), and the chunk stays
 committed. A stale cache entry it leaves behind lives at most
 ``CACHE_TIMEOUT``.
 
+Stopping on request. Whoever wants a run to stop (a job's cancel) sets
+``stop_requested`` on its log row. The run reads the flag in the WHERE of the
+checkpoint UPDATE it already sends at the end of each chunk but the last: when
+that UPDATE matches no row, a second one records the checkpoint with the run
+ended as ``cancelled``, in the same transaction. So the chunk that was being
+written commits, no later chunk starts, and an uncancelled run pays no query
+for the check. A run resumed while its flag is set (a stop requested before
+it started) ends as cancelled at once. Resuming a cancelled run clears the
+flag: the request it honoured is spent.
+
 A run that raises (an unexpected error, an interrupt) hands its log row to
 the caller on the exception (``run_log_of``), so a caller that must not run
 the same input twice (an idempotent API request, a confirmed import) can tell
@@ -118,10 +128,11 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import Model
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
-from batching.postgres import begin_chunk, is_postgresql
+from batching.postgres import analyze_if_empty, begin_chunk, is_postgresql
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +157,6 @@ ENDING_FIELDS = [
     "finished_at",
     "heartbeat_at",
     "duration_seconds",
-    "rows_per_second",
     "query_count",
     "chunks_rolled_back",
     "chunks_retried",
@@ -159,6 +169,7 @@ RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {
 RESUME_NOT_FOUND = "no batch run #{log_id} to resume"
 RESUME_WRONG_KIND = "run #{log_id} is a {variant} {operation} run, not {expected}"
 RESUME_FINISHED = "run #{log_id} has already finished ({status})"
+CANCELLED_AT = "cancelled on request after row {position}; resume with its id"
 RESUME_STILL_RUNNING = (
     "run #{log_id} is still running (worker {worker}); "
     "if its process died, mark it interrupted first (manage.py mark_interrupted_runs)"
@@ -290,6 +301,11 @@ class BatchOperation(ABC):
     # ``log_id``): the engine then compares keys within a chunk only and
     # remembers none across chunks, so its memory stays flat at any size.
     keys_in_database: ClassVar[bool] = False
+    # Tables ``write`` inserts into that its own rows reference by foreign key
+    # (orders, for their items): on PostgreSQL the engine refreshes their
+    # statistics after a run's first chunk if they still say empty
+    # (``postgres.analyze_if_empty``).
+    fills: ClassVar[tuple[type[Model], ...]] = ()
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
@@ -608,6 +624,8 @@ class BatchRun:
         self.read_ahead: ReadAhead | None = None
         # The last chunk's checkpoint also finished the log row.
         self.finished = False
+        # Resumed with a stop requested before it started: it ends at once.
+        self.stop_pending = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -629,6 +647,7 @@ class BatchRun:
         if log.status not in (
             BatchProcessingLog.Status.INTERRUPTED,
             BatchProcessingLog.Status.FAILED,
+            BatchProcessingLog.Status.CANCELLED,
         ):
             raise ResumeError(RESUME_FINISHED.format(log_id=log_id, status=log.status))
         return log
@@ -642,7 +661,8 @@ class BatchRun:
             self.op.log_id = log.pk
             failure: BaseException | None = None
             try:
-                self._run_chunks(log, iter(rows))
+                if not self.stop_pending:
+                    self._run_chunks(log, iter(rows))
             except TransientFailure as exc:
                 failure = exc
                 logger.warning("batch run #%s failed: %s", log.pk, exc)
@@ -687,7 +707,7 @@ class BatchRun:
         rows = self.input = Lookahead(rows)
         streams = self.op.streams()
         try:
-            while True:
+            while not self.finished:  # the last chunk, or a stop requested, ended the run
                 start = position
                 prepare: Callable[[Any], Any] | None = None
                 if self.read_ahead is not None:
@@ -897,6 +917,24 @@ class BatchRun:
         if self.finished and log.after_commit_failures != failures:
             # The run's last side effects failed after its final checkpoint: one more UPDATE.
             self._save_quietly(log, ["after_commit_failures"])
+        if creates_log and not self.finished and self.op.fills:
+            self._refresh_statistics()
+
+    def _refresh_statistics(self) -> None:
+        """After the first chunk: fresh statistics for a table the run fills from empty.
+
+        Only on PostgreSQL, between chunks (no lock is held), and it never
+        fails the run: a missed ANALYZE costs speed, not rows.
+        """
+        if not is_postgresql(self.op.using):
+            return
+        try:
+            analyzed = analyze_if_empty(self.op.fills, using=self.op.using)
+        except DatabaseError:
+            logger.warning("batch run: could not analyze %s", self.op.fills, exc_info=True)
+        else:
+            if analyzed:
+                logger.info("batch run: analyzed %s, filled from empty", ", ".join(analyzed))
 
     def _commit_chunk(
         self,
@@ -939,7 +977,7 @@ class BatchRun:
             saved = self._save_checkpoint(
                 log, totals, errors, checkpoint, committed=int(final), last=last
             )
-            if final and not last and self.read_ahead is None:
+            if final and "status" not in saved and self.read_ahead is None:
                 # All that is left of the chunk is its commit: read the next meanwhile.
                 self.read_ahead = ReadAhead(self._chunk_of(self.input), self.op.prepare)
         return saved, outcome, errors
@@ -989,14 +1027,19 @@ class BatchRun:
             # Cost and time of the earlier attempts, as their checkpoints left them.
             self._earlier_queries = log.query_count
             self._earlier_duration = log.duration_seconds or 0.0
-            log.status = BatchProcessingLog.Status.RUNNING
             log.resume_count += 1
             log.worker = worker
             log.heartbeat_at = now
             log.finished_at = None
-            log.save(
-                update_fields=["status", "resume_count", "worker", "heartbeat_at", "finished_at"]
-            )
+            fields = ["status", "resume_count", "worker", "heartbeat_at", "finished_at"]
+            if self.resume_log.status == BatchProcessingLog.Status.CANCELLED:
+                # Resuming a cancelled run asks it to go on: its stop request is spent.
+                log.stop_requested = False
+                fields.append("stop_requested")
+            else:
+                self.stop_pending = log.stop_requested
+            log.status = BatchProcessingLog.Status.RUNNING
+            log.save(update_fields=fields)
             return log
         self._resumed_skipped = 0
         self._earlier_queries = 0
@@ -1034,11 +1077,14 @@ class BatchRun:
 
         Returns the figures that describe committed work, which the log
         object takes once the transaction has committed; for the ``last``
-        chunk of the input, also how the run ended.
+        chunk of the input, or a run asked to stop, also how the run ended.
+
+        A chunk boundary with input left after it (``committed`` and not
+        ``last``) is where a requested stop is honoured: the UPDATE's WHERE
+        reads ``stop_requested``, so the check costs no query of its own.
         """
         figures = {
             "checkpoint_position": checkpoint,
-            "rows_read": checkpoint,
             "rows_written": totals.written,
             "rows_created": totals.created,
             "rows_updated": totals.updated,
@@ -1048,7 +1094,23 @@ class BatchRun:
         }
         if last:
             figures.update(self._ending(figures, errors, failure=None))
-        progress = {
+        checkpoints = BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk)
+        progress = self._progress(log)
+        if committed and not last:
+            if not checkpoints.filter(stop_requested=False).update(**(progress | figures)):
+                # A stop was requested: this chunk commits, and the run ends with it.
+                figures.update(self._ending(figures, errors, failure=None, cancelled=True))
+                progress = self._progress(log)
+                checkpoints.update(**(progress | figures))
+        else:
+            checkpoints.update(**(progress | figures))
+        # Not the chunk counters: the log object holds them, and a side effect
+        # after this COMMIT may still count its failure there.
+        return {name: progress[name] for name in ("query_count", "duration_seconds")} | figures
+
+    def _progress(self, log: BatchProcessingLog) -> dict[str, Any]:
+        """The run's cost and liveness so far, for a checkpoint UPDATE."""
+        return {
             "chunks_rolled_back": log.chunks_rolled_back,
             "chunks_retried": log.chunks_retried,
             "chunks_rerun": log.chunks_rerun,
@@ -1059,20 +1121,22 @@ class BatchRun:
             "duration_seconds": self._earlier_duration + (time.perf_counter() - self.started),
             "heartbeat_at": timezone.now(),
         }
-        BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk).update(
-            **(progress | figures)
-        )
-        # Not the chunk counters: the log object holds them, and a side effect
-        # after this COMMIT may still count its failure there.
-        return {name: progress[name] for name in ("query_count", "duration_seconds")} | figures
 
     def _ending(
-        self, figures: Mapping[str, Any], errors: list[RowError], *, failure: BaseException | None
+        self,
+        figures: Mapping[str, Any],
+        errors: list[RowError],
+        *,
+        failure: BaseException | None,
+        cancelled: bool = False,
     ) -> dict[str, Any]:
         """How the run ended: its status, summary, end time and speed."""
         finished = timezone.now()
         duration = self._earlier_duration + (time.perf_counter() - self.started)
-        if isinstance(failure, KeyboardInterrupt | SystemExit):
+        if cancelled and failure is None:
+            status = BatchProcessingLog.Status.CANCELLED
+            summary = CANCELLED_AT.format(position=figures["checkpoint_position"])
+        elif isinstance(failure, KeyboardInterrupt | SystemExit):
             status = BatchProcessingLog.Status.INTERRUPTED
             summary = f"interrupted by {type(failure).__name__}; resume with its id"
         elif failure is not None:
@@ -1090,7 +1154,6 @@ class BatchRun:
             "finished_at": finished,
             "heartbeat_at": finished,
             "duration_seconds": duration,
-            "rows_per_second": figures["rows_read"] / duration if duration else None,
         }
 
     def _finish_log(
@@ -1103,9 +1166,12 @@ class BatchRun:
         """
         if self.finished:
             return
-        figures = {"rows_read": log.rows_read, "rows_skipped": log.rows_skipped}
+        figures = {"checkpoint_position": log.checkpoint_position, "rows_skipped": log.rows_skipped}
         for name, value in self._ending(
-            figures, self.errors[: self.committed_errors], failure=failure
+            figures,
+            self.errors[: self.committed_errors],
+            failure=failure,
+            cancelled=self.stop_pending,
         ).items():
             setattr(log, name, value)
         # The final save counts itself, so query_count covers the whole run.

@@ -1,4 +1,5 @@
 from django.db import models
+from django.db.models.functions import NullIf
 
 
 class BatchProcessingLog(models.Model):
@@ -26,13 +27,14 @@ class BatchProcessingLog(models.Model):
         PARTIAL = "partial", "Partial (rows skipped)"
         FAILED = "failed", "Failed"
         INTERRUPTED = "interrupted", "Interrupted"
+        # Stopped at a chunk boundary because ``stop_requested`` was set.
+        CANCELLED = "cancelled", "Cancelled"
 
     operation = models.CharField(max_length=32, choices=Operation)
     variant = models.CharField(max_length=16, choices=Variant)
     status = models.CharField(max_length=16, choices=Status, default=Status.RUNNING)
     chunk_size = models.PositiveIntegerField()
 
-    rows_read = models.PositiveBigIntegerField(default=0)
     rows_written = models.PositiveBigIntegerField(default=0)
     rows_created = models.PositiveBigIntegerField(default=0)
     rows_updated = models.PositiveBigIntegerField(default=0)
@@ -51,7 +53,6 @@ class BatchProcessingLog(models.Model):
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_seconds = models.FloatField(null=True, blank=True)
-    rows_per_second = models.FloatField(null=True, blank=True)
     database_vendor = models.CharField(max_length=32)
 
     error_summary = models.TextField(blank=True)
@@ -69,6 +70,10 @@ class BatchProcessingLog(models.Model):
     # is shown as interrupted rather than running forever.
     worker = models.CharField(max_length=128, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set by whoever wants the run to stop (a job's cancel): the run reads it
+    # in its checkpoint UPDATE, so it ends as cancelled after the chunk that
+    # was committing, at no query of its own (see batching.engine).
+    stop_requested = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-started_at", "-id"]
@@ -86,6 +91,26 @@ class BatchProcessingLog(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.operation} ({self.variant}) {self.status}"
+
+    @property
+    def rows_read(self) -> int:
+        """Input rows behind the checkpoint: read, and either written or skipped."""
+        return self.checkpoint_position
+
+    @staticmethod
+    def throughput() -> models.Expression:
+        """``rows_per_second`` in SQL (NULL without a duration), to filter, order and average."""
+        return models.ExpressionWrapper(
+            models.F("checkpoint_position") / NullIf(models.F("duration_seconds"), 0.0),
+            output_field=models.FloatField(),
+        )
+
+    @property
+    def rows_per_second(self) -> float | None:
+        """Input rows read per second of the run so far; None before it has a duration."""
+        if not self.duration_seconds:
+            return None
+        return self.checkpoint_position / self.duration_seconds
 
 
 def run_mark() -> models.ForeignKey:

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import IntegrityError, connections, models
+from django.db import IntegrityError, connections, models, transaction
 from django.db.backends.utils import debug_transaction
 from psycopg import sql
 from psycopg.adapt import PyFormat
@@ -79,6 +79,34 @@ def begin_chunk(using: str) -> None:
     connection.ensure_connection()
     with connection.cursor() as cursor:
         cursor.execute(statement.as_string(connection.connection))
+
+
+def analyze_if_empty(tables: Sequence[type[models.Model]], *, using: str) -> list[str]:
+    """ANALYZE each of ``tables`` whose statistics still say it is empty; return their names.
+
+    A run that fills a table from empty (a new shop's first orders) checks
+    each child row's foreign key against it with a plan PostgreSQL cached
+    while the table looked empty: a sequential scan, kept as the table grows,
+    so every chunk costs more than the one before. After the first chunk the
+    engine asks here: one query, and the ANALYZE (which invalidates those
+    plans) only for a table that needs it. ANALYZE blocks no reads or writes;
+    it waits at most ``BULK_LOCK_TIMEOUT_MS`` for an autovacuum of the table.
+    """
+    names = [model._meta.db_table for model in tables]
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            "SELECT relname FROM pg_class WHERE oid = ANY(%s::regclass[]) AND reltuples <= 0",
+            [names],
+        )
+        empty = [row[0] for row in cursor.fetchall()]
+    for name in empty:
+        with transaction.atomic(using=using), connections[using].cursor() as cursor:
+            cursor.execute(
+                sql.SQL("SET LOCAL lock_timeout = {}; ANALYZE {}")
+                .format(sql.Literal(int(settings.BULK_LOCK_TIMEOUT_MS)), sql.Identifier(name))
+                .as_string(connections[using].connection)
+            )
+    return empty
 
 
 def array_type(field: models.Field, connection) -> str:

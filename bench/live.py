@@ -8,7 +8,7 @@ product's price and stock per transaction). Each operation's raw-SQL limit
 runs the same rows the same way, beside the same players, so the throughput
 ratio compares like with like. See docs/benchmarks.md for the method.
 
-The rows and the raw limits are ``products.scale_bench``'s workloads; only
+The rows and the raw limits are ``bench.scale``'s workloads; only
 the base state differs: the hot products (skus ``BENCH-P-000000`` to
 ``-000099``), the 50 users and 4 categories are created once and kept, since
 the players hold the products' ids, and every run starts from a reset that
@@ -34,23 +34,28 @@ from django.utils import timezone
 from psycopg import sql
 
 from batching.engine import BatchResult
-from batching.postgres import add_to, column, column_name
+from batching.postgres import add_to, column, column_name, execute
 from batching.postgres import copy_rows as copy_binary
-from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
-from orders.models import Order, OrderItem
-from products.benchmarking import (
+from bench.namespace import (
     CATEGORY_PREFIX,
     ORDER_PREFIX,
     PRODUCT_POOL,
     SKU_PREFIX,
     USER_POOL,
     category_name,
+    copy_products,
     create_categories,
     create_users,
+    like_prefix,
+    product_ids,
+    reset_namespace,
+    table,
+    user_ids,
+    vacuum,
 )
-from products.models import Category, Product, ProductView, RecommendationScore
-from products.readers import RowStream
-from products.scale_bench import (
+from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
+from bench.report import format_ratio, machine_description, markdown_table, short_size
+from bench.scale import (
     OPTIMIZED,
     RAW,
     BenchError,
@@ -61,22 +66,13 @@ from products.scale_bench import (
     ViewsWorkload,
     Workload,
     check_completed,
-    copy_products,
     database_url,
-    execute,
-    format_ratio,
-    like_prefix,
-    machine_description,
-    markdown_table,
-    product_ids,
-    reset_namespace,
-    short_size,
-    table,
-    user_ids,
-    vacuum,
 )
+from common.charts import bar_chart
+from orders.models import Order, OrderItem
+from products.models import Category, Product, ProductView, RecommendationScore
+from products.readers import RowStream
 from products.services import OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 DEFAULT = "default"
 DEFAULT_CHUNKS: tuple[int | None, ...] = (None, 1_000, 50_000)
@@ -153,7 +149,7 @@ def create_hot(using: str) -> Hot:
 def reset(using: str, hot: Hot) -> None:
     """Delete the namespace's rows except the kept base; give the hot products back their stock.
 
-    One statement per table (like ``scale_bench.reset_namespace``); the hot
+    One statement per table (like ``namespace.reset_namespace``); the hot
     products are updated in place, so the players' ids stay valid.
     """
     bench_products = {"product__sku__startswith": SKU_PREFIX}
@@ -195,7 +191,7 @@ def reset(using: str, hot: Hot) -> None:
     vacuum(using, (Product, Category))
 
 
-# -- the operations: scale_bench's workloads on the kept base -----------------------------
+# -- the operations: bench.scale's workloads on the kept base -----------------------------
 
 
 class Live(Workload):

@@ -1,7 +1,9 @@
 """Admin for background jobs: read-only, with each job's progress.
 
-Jobs and partitions are written only by ``jobs.services`` and the workers; a
-hand edit could double-run or lose a partition, so staff can look, not touch.
+Jobs and partitions are written only by ``jobs.services``, ``jobs.control``
+and the workers; a hand edit could double-run or lose a partition, so staff
+can look, not touch. Two actions cancel and resume the selected jobs
+(``jobs.control``), for staff with the ``jobs.change_job`` permission.
 The list prefetches the partitions and their logs (never their input rows):
 two queries for the page, whatever the number of jobs and partitions.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 from typing import cast
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
+from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
+from jobs.control import JobNotFound, JobStateError, cancel_job, resume_job
 from jobs.models import Job, JobPartition, JobQuerySet
 
 
@@ -61,6 +64,7 @@ class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     )
     readonly_fields = fields
     inlines = [JobPartitionInline]
+    actions = ["cancel_jobs", "resume_jobs"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Job]:
         # Job's manager makes JobQuerySets; the admin's stubs do not know the model.
@@ -71,3 +75,31 @@ class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
         done = sum(partition.rows_done for partition in job.progress_partitions())
         percent = 100 * done // job.rows_total if job.rows_total else 100
         return f"{done:,} / {job.rows_total:,} rows ({percent}%)"
+
+    def has_control_permission(self, request: HttpRequest) -> bool:
+        """Cancel and resume: the model's change permission (the form itself stays read-only)."""
+        return request.user.has_perm("jobs.change_job")
+
+    @admin.action(description="Cancel the selected jobs", permissions=["control"])
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        self._control(request, queryset, cancel_job, "cancelled")
+
+    @admin.action(
+        description="Resume the selected cancelled or failed jobs", permissions=["control"]
+    )
+    def resume_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        self._control(request, queryset, resume_job, "resumed")
+
+    def _control(self, request: HttpRequest, queryset: QuerySet[Job], action, done: str) -> None:
+        """Each job on its own: one job's refusal is reported, the others still go."""
+        count = 0
+        for pk in queryset.prefetch_related(None).values_list("pk", flat=True):
+            try:
+                action(pk)
+            except (JobNotFound, JobStateError) as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                count += 1
+        if count:
+            noun = "job" if count == 1 else "jobs"
+            self.message_user(request, f"{count} {noun} {done}.", messages.SUCCESS)

@@ -27,9 +27,14 @@ class Status(models.TextChoices):
     COMPLETED = "completed", "Completed"
     PARTIAL = "partial", "Partial (rows skipped)"
     FAILED = "failed", "Failed"
+    # A job only: cancelled while partitions ran; they stop at their next chunk.
+    CANCELLING = "cancelling", "Cancelling"
+    CANCELLED = "cancelled", "Cancelled"
 
 
-FINISHED = frozenset({Status.COMPLETED, Status.PARTIAL, Status.FAILED})
+FINISHED = frozenset({Status.COMPLETED, Status.PARTIAL, Status.FAILED, Status.CANCELLED})
+# Finished, but with input left that ``jobs.control.resume_job`` can run.
+RESUMABLE = frozenset({Status.FAILED, Status.CANCELLED})
 
 
 class JobQuerySet(models.QuerySet["Job"]):
@@ -126,11 +131,10 @@ class Job(models.Model):
 class JobPartition(models.Model):
     """A contiguous slice of a job's input, run as one resumable batch run.
 
-    ``rows`` holds the slice; ``duplicates`` maps a position in it to the index
-    (in the whole job input) where the same key was first seen, so a key
-    repeated across partitions is reported exactly as one run would report it.
-    ``worker``, ``claimed_at`` and the log's heartbeat tell whether the
-    partition's worker is alive (see ``jobs.tasks.reap_stale_partitions``).
+    The slice is named, not copied: the staged rows numbered ``start`` to
+    ``start + size - 1`` (``StagedRow``). ``worker``, ``claimed_at`` and the
+    log's heartbeat tell whether the partition's worker is alive (see
+    ``jobs.tasks.reap_stale_partitions``).
     """
 
     Status = Status
@@ -139,9 +143,6 @@ class JobPartition(models.Model):
     number = models.PositiveIntegerField()
     start = models.PositiveBigIntegerField()
     size = models.PositiveIntegerField()
-    # The input slice as given; dates and decimals are stored as ISO text.
-    rows = models.JSONField(encoder=DjangoJSONEncoder)
-    duplicates = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=16, choices=Status, default=Status.QUEUED)
     # The partition's run; created when a worker first claims the partition
     # and resumed by every later attempt, so its checkpoint is the progress.
@@ -169,8 +170,8 @@ class JobPartition(models.Model):
 
     @classmethod
     def progress_rows(cls) -> models.QuerySet[JobPartition]:
-        """Partitions with their logs, without the (large) input rows."""
-        return cls.objects.select_related("log").defer("rows", "duplicates")
+        """Partitions with their logs."""
+        return cls.objects.select_related("log")
 
     @property
     def rows_done(self) -> int:
@@ -186,3 +187,33 @@ class JobPartition(models.Model):
             for error in self.log.row_errors
             if isinstance(error, dict) and isinstance(error.get("index"), int)
         ]
+
+
+class StagedRow(models.Model):
+    """One row of a job's input, staged once when the job is submitted.
+
+    ``number`` is the row's index in the whole input; a partition reads its
+    range of numbers. ``key`` is the operation's key of the row (JSON text;
+    empty when the operation has no key or the row does not parse) and
+    ``first``, set on a row whose key came before, the number where it first
+    came: a key repeated across partitions is reported as one run would.
+    A partition's rows are deleted when it ends completed or partial; a failed
+    one keeps them, so it can be resumed.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="+", db_index=False)
+    number = models.PositiveBigIntegerField()
+    # The row as given; dates and decimals are stored as ISO text.
+    data = models.JSONField(encoder=DjangoJSONEncoder)
+    key = models.TextField(blank=True)
+    first = models.PositiveBigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # A partition reads its range of numbers through this index.
+            models.UniqueConstraint(fields=["job", "number"], name="jobstaged_job_number_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"row {self.number} of job {self.job_id}"

@@ -1,10 +1,10 @@
 """Submitting background jobs, and whether workers are there to run them.
 
-``submit_job`` stores the input as partitions of ``settings.JOB_PARTITION_ROWS``
-rows and enqueues one ``django.tasks`` task per partition once the job is
-committed (``transaction.on_commit``): a worker never sees a job that is not
-in the database yet, and a job submitted inside a transaction that rolls back
-is never run.
+``submit_job`` stages the input (``jobs.staging``), names partitions of
+``settings.JOB_PARTITION_ROWS`` rows in it and enqueues one ``django.tasks``
+task per partition once the job is committed (``transaction.on_commit``): a
+worker never sees a job that is not in the database yet, and a job submitted
+inside a transaction that rolls back is never run.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from batching.registry import operation_class, operation_names
 from jobs.models import Job, JobPartition, Status
-from jobs.tasks import OPERATIONS, enqueue_partition, repeated_keys, schedule_watch
+from jobs.staging import stage
+from jobs.tasks import enqueue_partition, schedule_watch
 
 UNKNOWN_OPERATION = "unknown operation {operation!r}: expected one of {choices}"
 NOTHING_WAITING = "no job work is waiting"
@@ -30,16 +32,14 @@ NO_WORKER = (
     "start one with `python manage.py db_worker`"
 )
 
-# Partitions per INSERT at submit: each holds up to JOB_PARTITION_ROWS rows.
-PARTITIONS_PER_INSERT = 10
-
 
 def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -> Job:
-    """Store ``rows`` as a job of ``operation`` and enqueue its partitions.
+    """Stage ``rows`` as a job of ``operation`` and enqueue its partitions.
 
     Args:
-        operation: a ``BatchProcessingLog.Operation`` value (``jobs.tasks.OPERATIONS``).
-        rows: the input, as the service's method takes it (a list of dicts).
+        operation: the name of a registered operation (``batching.registry``).
+        rows: the input, as the service's method takes it (dicts), in any
+            iterable: it is read once, in a stream (``jobs.staging``).
         created_by: the user who submitted it (an anonymous user counts as none).
 
     Raises:
@@ -47,42 +47,33 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
             runs report them, indexed in the whole input.
 
     Keys repeated in the input (sku, order reference, score key) are found
-    here, across partitions, and reported as duplicates like a single run
-    would; everything else is validated by the runs.
+    while staging, across partitions, and reported as duplicates like a
+    single run would; everything else is validated by the runs.
     """
-    if operation not in OPERATIONS:
-        choices = ", ".join(OPERATIONS)
+    names = operation_names()
+    if operation not in names:
+        choices = ", ".join(names)
         raise ValueError(UNKNOWN_OPERATION.format(operation=operation, choices=choices))
-    rows = list(rows)
     size = settings.JOB_PARTITION_ROWS
-    repeated = repeated_keys(operation, rows, size)
     if not getattr(created_by, "is_authenticated", False):
         created_by = None
-    now = timezone.now()
     with transaction.atomic():
-        job = Job.objects.create(
-            operation=operation,
-            rows_total=len(rows),
-            partition_size=size,
-            created_by=created_by,
+        job = Job.objects.create(operation=operation, partition_size=size, created_by=created_by)
+        job.rows_total = stage(job, operation_class(operation)(), rows)
+        now = timezone.now()
+        if not job.rows_total:
             # Nothing to run: an empty job is complete at once.
-            status=Status.QUEUED if rows else Status.COMPLETED,
-            finished_at=None if rows else now,
-        )
+            job.status, job.finished_at = Status.COMPLETED, now
+        job.save(update_fields=["rows_total", "status", "finished_at"])
         partitions = JobPartition.objects.bulk_create(
-            [
-                JobPartition(
-                    job=job,
-                    number=number,
-                    start=start,
-                    size=len(rows[start : start + size]),
-                    rows=rows[start : start + size],
-                    duplicates=repeated[number],
-                    queued_at=now,
-                )
-                for number, start in enumerate(range(0, len(rows), size))
-            ],
-            batch_size=PARTITIONS_PER_INSERT,
+            JobPartition(
+                job=job,
+                number=number,
+                start=start,
+                size=min(size, job.rows_total - start),
+                queued_at=now,
+            )
+            for number, start in enumerate(range(0, job.rows_total, size))
         )
         if partitions:
             ids = [partition.pk for partition in partitions]

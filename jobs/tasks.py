@@ -28,6 +28,9 @@ enqueued again by ``reap_stale_partitions``, which runs
   until the job finishes (on backends that support ``run_after``),
 * and from ``manage.py reap_jobs`` (cron, or by hand).
 
+Cancelling and resuming a job is ``jobs.control``'s: a partition asked to stop
+ends as ``cancelled`` when its run does (``PARTITION_STATUS``).
+
 Note:
     A live worker must commit a chunk at least every ``JOB_STALE_SECONDS``,
     or another worker may take its partition over while it still writes; the
@@ -60,26 +63,13 @@ from batching.engine import (
 )
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
 from batching.models import BatchProcessingLog
+from batching.registry import operation_class
 from jobs.models import FINISHED, Job, JobPartition, Status
-from products.services import OptimizedBulkOperationsService
+from jobs.staging import discard, partition_rows
 
 logger = logging.getLogger(__name__)
 
 LogStatus = BatchProcessingLog.Status
-Service = OptimizedBulkOperationsService
-
-# The optimized service's operation for each job operation.
-OPERATIONS: dict[str, type[BatchOperation]] = {
-    operation.operation: operation
-    for operation in (
-        Service.views_operation,
-        Service.scores_operation,
-        Service.products_operation,
-        Service.product_updates_operation,
-        Service.orders_operation,
-    )
-}
-
 CLAIMED = "job {job} partition {number}: claimed, not started yet"
 SHUT_DOWN = "interrupted: its worker shut down; re-queued"
 
@@ -88,6 +78,7 @@ PARTITION_STATUS: dict[str, Status] = {
     LogStatus.COMPLETED: Status.COMPLETED,
     LogStatus.PARTIAL: Status.PARTIAL,
     LogStatus.FAILED: Status.FAILED,
+    LogStatus.CANCELLED: Status.CANCELLED,
 }
 
 
@@ -98,52 +89,35 @@ class RepeatedKey:
     first: int
 
 
-def _partition_operation(base: type[BatchOperation]) -> type[BatchOperation]:
-    """``base``, reporting a ``RepeatedKey`` as a duplicate like one run would."""
-
-    class PartitionOperation(base):  # type: ignore[valid-type,misc]
-        def prepare(self, raw: Any) -> Any:
-            if isinstance(raw, RepeatedKey):
-                field = self.key_field or "row"
-                message = DUPLICATE_IN_INPUT.format(field=field, first=raw.first)
-                raise RowInvalid(field, message, "duplicate")
-            return super().prepare(raw)
-
-    PartitionOperation.__name__ = PartitionOperation.__qualname__ = f"Partition{base.__name__}"
-    return PartitionOperation
+# One partition class per operation name, made on first use.
+_partition_operations: dict[str, type[BatchOperation]] = {}
 
 
-PARTITION_OPERATIONS = {name: _partition_operation(op) for name, op in OPERATIONS.items()}
+def partition_operation(name: str) -> type[BatchOperation]:
+    """The registered operation ``name`` (optimized), reporting a ``RepeatedKey``
+    as a duplicate like one run would."""
+    name = str(name)
+    if name not in _partition_operations:
+        base = operation_class(name)
 
+        class PartitionOperation(base):  # type: ignore[valid-type,misc]
+            def prepare(self, raw: Any) -> Any:
+                if isinstance(raw, RepeatedKey):
+                    field = self.key_field or "row"
+                    message = DUPLICATE_IN_INPUT.format(field=field, first=raw.first)
+                    raise RowInvalid(field, message, "duplicate")
+                return super().prepare(raw)
 
-def repeated_keys(operation: str, rows: list[Any], partition_size: int) -> list[dict[str, int]]:
-    """Per partition, {position: first index} of every row whose key was seen before.
-
-    One run finds repeated keys itself; partitions run apart, so the whole
-    input is scanned once here (pure Python, the operation's own ``prepare``
-    and ``key``). Rows that fail ``prepare`` are left to the run to report.
-    """
-    partitions = -(-len(rows) // partition_size)
-    found: list[dict[str, int]] = [{} for _ in range(partitions)]
-    op = OPERATIONS[operation]()
-    if op.key_field is None:
-        return found
-    seen: dict[Any, int] = {}
-    for index, raw in enumerate(rows):
-        try:
-            key = op.key(op.prepare(raw))
-        except RowInvalid:
-            continue
-        first = seen.setdefault(key, index)
-        if first != index:
-            found[index // partition_size][str(index % partition_size)] = first
-    return found
+        PartitionOperation.__name__ = f"Partition{base.__name__}"
+        PartitionOperation.__qualname__ = PartitionOperation.__name__
+        _partition_operations[name] = PartitionOperation
+    return _partition_operations[name]
 
 
 def partition_input(partition: JobPartition) -> Iterator[Any]:
-    for position, raw in enumerate(partition.rows):
-        first = partition.duplicates.get(str(position))
-        yield raw if first is None else RepeatedKey(first)
+    """The partition's staged rows; a row whose key came before stands in as a ``RepeatedKey``."""
+    for data, first in partition_rows(partition):
+        yield data if first is None else RepeatedKey(first)
 
 
 # -- the tasks -------------------------------------------------------------------
@@ -166,7 +140,7 @@ def run_partition(partition_id: int) -> dict[str, Any]:
     if status not in PARTITION_STATUS:
         try:
             status = run_batch(
-                PARTITION_OPERATIONS[partition.job.operation](),
+                partition_operation(partition.job.operation)(),
                 partition_input(partition),
                 resume=log.pk,
             ).status
@@ -257,6 +231,8 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
         ).update(status=PARTITION_STATUS[log_status], finished_at=now)
         if not ended:
             return  # taken over meanwhile: the new owner records it
+        if log_status in (LogStatus.COMPLETED, LogStatus.PARTIAL):
+            discard(partition)  # never to run again; a failed or cancelled one may resume
         job = Job.objects.select_for_update().get(pk=partition.job_id)
         statuses = set(job.partitions.order_by().values_list("status", flat=True).distinct())
         if statuses <= FINISHED:
@@ -266,9 +242,14 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
 
 
 def job_status(statuses: set[str]) -> str:
-    """A finished job: failed if a partition failed, partial if one skipped rows."""
+    """A finished job's status from its partitions' (in this order of precedence):
+
+    failed if a partition failed, cancelled if one was, partial if one skipped rows.
+    """
     if Status.FAILED in statuses:
         return Status.FAILED
+    if Status.CANCELLED in statuses:
+        return Status.CANCELLED
     if Status.PARTIAL in statuses:
         return Status.PARTIAL
     return Status.COMPLETED

@@ -31,10 +31,10 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
-from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin, filter_moment
+from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin, filter_moment
+from common.charts import line_chart
 from orders.models import Order, OrderItem
 from orders.reports import SalesReport, check_range, iter_order_lines_csv, sales_report
-from shop.charts import line_chart
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations

@@ -24,7 +24,7 @@ from django.urls import path, reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET, require_http_methods
 
-from batching.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
+from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from products import cache, imports
 from products.models import Category, Product, ProductView, RecommendationScore
 

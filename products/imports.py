@@ -17,7 +17,7 @@ small whatever the file, and the reader's limits (decompressed size, line
 length; see ``products.readers``) refuse a bad file here, as a form error,
 rather than half-way through its import.
 
-A confirmed import runs ``OptimizedBulkOperationsService`` in the request up
+A confirmed import runs the registered optimized operation in the request up
 to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
 (``jobs.services.submit_job``) beyond that. Confirming first claims the upload
 by creating ``<token>.claim`` exclusively, so of two confirms of one token
@@ -47,19 +47,21 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.http import Http404
 
-from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid, run_log_of
+from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid, run_batch, run_log_of
 from batching.models import BatchProcessingLog
+from batching.registry import operation_class
+from jobs.models import Job
+from jobs.services import submit_job
 from products.models import Product
 from products.readers import BadLine, InputTooLarge, ReaderError, RowStream, detect_format
-from products.services import OptimizedBulkOperationsService
 from products.services import rows as r
 from products.services.base import reference_error
 from products.services.optimized import existing_product_ids, existing_user_ids
 
 logger = logging.getLogger(__name__)
 
-PRODUCTS = "products"
-PRODUCT_VIEWS = "product_views"
+PRODUCTS = BatchProcessingLog.Operation.PRODUCTS
+PRODUCT_VIEWS = BatchProcessingLog.Operation.PRODUCT_VIEWS
 KINDS = {PRODUCTS: "Products (catalogue rows by sku)", PRODUCT_VIEWS: "Product views"}
 PREVIEW = "preview"
 RUNNING = "running"
@@ -318,12 +320,8 @@ def run(staged: Staged, user: Any) -> None:
         if staged.preview.get("background"):
             start_job(staged, user)
         else:
-            service = OptimizedBulkOperationsService()
-            method = (
-                service.import_products if staged.kind == PRODUCTS else service.create_product_views
-            )
             with staged.stream() as stream:
-                result = method(stream)
+                result = run_batch(operation_class(staged.kind)(), stream)
                 staged.result = result_of(result, stream.line_of)
             staged.state = DONE
     except BaseException as exc:
@@ -388,11 +386,11 @@ def readable_rows(staged: Staged) -> Iterator[tuple[int, Any]]:
 def start_job(staged: Staged, user: Any) -> None:
     """Submit the readable rows as a job; lines the reader could not parse are kept aside.
 
-    A job stores its rows as JSON, which an unparsed line is not; its error
-    (with its line number) goes straight into the result instead.
+    The rows are staged as they are read from the file (``jobs.staging``):
+    the web process holds none of them. A job stages its rows as JSON, which
+    an unparsed line is not; its error (with its line number) goes straight
+    into the result instead.
     """
-    from jobs.services import submit_job
-
     job = submit_job(
         operation=staged.kind,
         rows=(row for _, row in readable_rows(staged)),
@@ -403,8 +401,6 @@ def start_job(staged: Staged, user: Any) -> None:
 
 def job_status(staged: Staged) -> dict[str, Any] | None:
     """The job's ``as_dict()``; once it has finished, the staged result is stored too."""
-    from jobs.models import Job
-
     job = Job.objects.filter(pk=staged.job_id).first() if staged.job_id else None
     if job is None:
         return None

@@ -28,7 +28,7 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from api.auth import missing_permissions
+from common.permissions import missing_permissions
 from products import cache
 from products.models import Product, RecommendationScore
 

@@ -73,12 +73,14 @@ INSTALLED_APPS = [
     "orders",
     "jobs",
     "api",
-    # Benchmark commands (bench_live); nothing else imports it.
+    # Benchmark commands (bench_live, bench_load); nothing else imports it.
     "bench",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files, answered before sessions, CSRF or auth run (see STORAGES).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "api.middleware.NoStoreMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -189,8 +191,27 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# Static files (the admin's, the reports', Swagger UI's from ninja) are served by
+# WhiteNoise from STATIC_ROOT, which `manage.py collectstatic` fills (`make serve`
+# runs it). With DEBUG off they are stored compressed (gzip, and Brotli when the
+# brotli package is installed) under content-hashed names, cached for a year;
+# the names come from the manifest collectstatic writes, so a page cannot be
+# rendered before collectstatic has run. With DEBUG on (and in the tests,
+# tests/conftest.py) they are served as they are, found in the apps at each
+# request, without collectstatic.
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or BASE_DIR / "staticfiles")
+STATIC_MANIFEST = env_bool("STATIC_MANIFEST", not DEBUG)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if STATIC_MANIFEST
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
 
 # Security: strict by default whenever DEBUG is off; each can be relaxed by
 # environment (for example behind a proxy that terminates TLS elsewhere).
@@ -256,14 +277,39 @@ METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
 
 # Background jobs (django.tasks). The embedded default keeps the queue in the
 # database and needs no extra server: run `manage.py db_worker` (any number, on
-# any machine that reaches the database). Another backend (RQ, Celery through
-# their django.tasks backends) is a change of TASKS_BACKEND and its options only.
+# any machine that reaches the database). TASKS_BACKEND=django_tasks_celery.CeleryBackend
+# sends the same tasks to Celery instead (docs/jobs-celery.md): workers are
+# `celery -A jobs.celery worker`, the broker is CELERY_BROKER_URL.
+TASKS_BACKEND = os.environ.get("TASKS_BACKEND") or "django_tasks_db.DatabaseBackend"
+TASKS_BACKEND_CELERY = "django_tasks_celery.CeleryBackend"
 TASKS = {
     "default": {
-        "BACKEND": os.environ.get("TASKS_BACKEND", "django_tasks_db.DatabaseBackend"),
+        "BACKEND": TASKS_BACKEND,
         "QUEUES": ["default"],
+        "OPTIONS": {"CELERY_APP": "jobs.celery.app"}
+        if TASKS_BACKEND == TASKS_BACKEND_CELERY
+        else {},
     }
 }
+# Celery, read by jobs/celery.py (the CELERY_ namespace); used by the Celery backend only.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# The queue that Django's "default" task queue maps to: give each deployment its own.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE") or "shop"
+# A worker process reserves one task at a time: a partition runs for long, and a
+# prefetched one would wait behind it while another worker idles.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Acknowledged when a task starts (Celery's default): take-over of a killed
+# worker's partition is the reapers' work (jobs/tasks.py), not redelivery, and
+# RabbitMQ's consumer_timeout would cut a long partition held unacknowledged.
+CELERY_TASK_ACKS_LATE = False
+# Job state lives in the database; a result backend only serves
+# `task.get_result()` (with the task's name and args: RESULT_EXTENDED).
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or None
+CELERY_RESULT_EXTENDED = True
+if TASKS_BACKEND == TASKS_BACKEND_CELERY and CELERY_RESULT_BACKEND is None:
+    # "get_result() will not work": nothing in the shop calls it.
+    SILENCED_SYSTEM_CHECKS = ["django_tasks_celery.W001"]
 # Rows per job partition: each partition is one resumable run on one worker.
 JOB_PARTITION_ROWS = env_int("JOB_PARTITION_ROWS", 10_000)
 # A running partition whose worker is silent this long (no chunk committed) is
@@ -272,6 +318,9 @@ JOB_PARTITION_ROWS = env_int("JOB_PARTITION_ROWS", 10_000)
 JOB_STALE_SECONDS = env_int("JOB_STALE_SECONDS", 300)
 # How often each unfinished job's watchdog task looks for stale partitions.
 JOB_WATCH_SECONDS = env_int("JOB_WATCH_SECONDS", 30)
+# `manage.py purge_history` deletes finished jobs, batch logs and task results
+# older than this many days by default (docs/operations-history.md).
+HISTORY_RETENTION_DAYS = env_int("HISTORY_RETENTION_DAYS", 30)
 
 # Cache: Redis when REDIS_URL is set, process-local memory otherwise.
 REDIS_URL = os.environ.get("REDIS_URL", "")

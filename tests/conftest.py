@@ -1,12 +1,38 @@
+import os
+from pathlib import Path
+
 import pytest
+from django.conf import settings
+from django.test import override_settings
 
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
+from tests.browser_helpers import CHROMIUM, SCREENSHOTS_KEY, require_browser
 
 
 @pytest.fixture(autouse=True)
 def _plain_http(settings):
     """Tests speak plain HTTP to the test client; deploy settings ask for HTTPS."""
     settings.SECURE_SSL_REDIRECT = False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _static_files_without_collectstatic():
+    """Static files as DEBUG serves them: found in the apps at each request, names unhashed.
+
+    The suite runs with DEBUG off, where settings choose the manifest storage,
+    which needs `collectstatic` to have run before any page can be rendered.
+    The tests render pages without it; tests/test_production.py runs the real
+    collectstatic and the manifest storage under the production server.
+    """
+    with override_settings(
+        STORAGES={
+            **settings.STORAGES,
+            "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        },
+        WHITENOISE_AUTOREFRESH=True,
+        WHITENOISE_USE_FINDERS=True,
+    ):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -33,10 +59,36 @@ def service(request):
     ]()
 
 
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory, request) -> Path:
+    folder = Path(
+        os.environ.get("BROWSER_SCREENSHOTS") or tmp_path_factory.mktemp("browser-screenshots")
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    request.config.stash[SCREENSHOTS_KEY] = folder
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium through Playwright, for one test module."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop running in this thread, which
+    # Django's async-safety check takes for async code; the ORM calls made by
+    # the tests here are synchronous (Django's documented escape hatch).
+    # Module-scoped, so the escape hatch is closed again before other modules run.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+    del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
+
+
 def pytest_terminal_summary(terminalreporter, config):
     """Say where the browser tests left their screenshots."""
-    from tests.test_browser import SCREENSHOTS_KEY
-
     folder = config.stash.get(SCREENSHOTS_KEY, None)
     if folder is not None:
         terminalreporter.write_line(f"browser screenshots: {folder}")

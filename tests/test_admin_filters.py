@@ -15,8 +15,8 @@ from django.test import Client, RequestFactory
 from django.urls import reverse
 
 from api.models import IdempotencyRecord
-from batching.admin import DeclaredFiltersChangeList
 from batching.models import BatchProcessingLog
+from common.admin import DeclaredFiltersChangeList
 from jobs.models import Job
 from orders.models import Order
 from products.models import ProductView

@@ -281,16 +281,15 @@ def test_two_confirms_of_one_upload_import_it_once(client, staff, existing, sett
 
 def test_a_confirm_while_the_first_runs_shows_its_progress(client, staff, existing, monkeypatch):
     url = detail_url(upload(client, PRODUCTS_CSV))
-    service = imports.OptimizedBulkOperationsService
-    import_products = service.import_products
+    run_batch = imports.run_batch
     seen = {}
 
-    def import_while_the_user_clicks_again(self, rows):
+    def import_while_the_user_clicks_again(operation, rows):
         seen["post"] = client.post(url)
         seen["page"] = client.get(url)
-        return import_products(self, rows)
+        return run_batch(operation, rows)
 
-    monkeypatch.setattr(service, "import_products", import_while_the_user_clicks_again)
+    monkeypatch.setattr(imports, "run_batch", import_while_the_user_clicks_again)
     assert client.post(url).status_code == 302
     assert seen["post"].status_code == 302
     assert seen["page"].context["staged"].state == imports.RUNNING
@@ -301,13 +300,12 @@ def test_a_confirm_while_the_first_runs_shows_its_progress(client, staff, existi
 
 def test_a_failed_run_can_be_confirmed_again(client, staff, existing, monkeypatch):
     url = detail_url(upload(client, PRODUCTS_CSV))
-    service = imports.OptimizedBulkOperationsService
 
-    def broken(self, rows):
+    def broken(operation, rows):
         raise RuntimeError("the database went away")
 
     with monkeypatch.context() as patch:
-        patch.setattr(service, "import_products", broken)
+        patch.setattr(imports, "run_batch", broken)
         with pytest.raises(RuntimeError):
             client.post(url)
     assert client.get(url).context["staged"].state == imports.PREVIEW

@@ -15,10 +15,11 @@ from ninja.errors import AuthorizationError
 
 from api.auth import CSRF_FAILED, FORBIDDEN, MISSING_PERMISSIONS, UNDECLARED, check
 from api.errors import UNAUTHORIZED
+from api.main import api
 from api.models import ApiToken, IdempotencyRecord
 from batching.models import BatchProcessingLog
+from jobs.control import cancel_job
 from jobs.models import Job
-from shop.api import api
 from tests.factories import BatchProcessingLogFactory, StaffFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -56,11 +57,15 @@ NEEDS = {
     ("POST", "/api/orders/batch"): ("orders.add_order",),
     ("GET", "/api/reports/sales"): ("orders.view_order",),
     ("GET", "/api/jobs/{job_id}"): ("jobs.view_job",),
+    ("POST", "/api/jobs/{job_id}/cancel"): ("jobs.change_job",),
+    ("POST", "/api/jobs/{job_id}/resume"): ("jobs.change_job",),
     ("GET", "/api/batch-logs"): ("batching.view_batchprocessinglog",),
     ("GET", "/api/batch-logs/{log_id}"): ("batching.view_batchprocessinglog",),
     ("GET", "/products/"): ("products.view_product",),  # a page: staff and the admin's rule
 }
-# Open to anyone: they describe the API, or are probed by machines (README).
+# What a route needs before it can serve its path parameters: a job to resume is cancelled.
+READY = {("POST", "/api/jobs/{job_id}/resume"): lambda ids: cancel_job(ids["job_id"])}
+# Open to anyone: they describe the API, or are probed by machines (docs/api.md).
 OPEN = {
     ("GET", "/api/"),
     ("GET", "/api/docs"),
@@ -207,11 +212,13 @@ class TestMatrix:
         ],
     )
     def test_staff_with_exactly_the_permissions_is_served(self, method, path, login, ids):
+        READY.get((method, path), lambda ids: None)(ids)
         response = send(login(staff_with(NEEDS[method, path])), method, path.format(**ids))
         assert response.status_code == 200
 
     @routes
     def test_permissions_through_a_group_count(self, method, path, ids):
+        READY.get((method, path), lambda ids: None)(ids)
         group = Group.objects.create(name="operators")
         group.permissions.add(*named(NEEDS[method, path]))
         user = staff_with()

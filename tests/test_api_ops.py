@@ -38,11 +38,11 @@ class TestMetrics:
     def test_figures_come_from_the_logs(self, django_assert_num_queries):
         finished = datetime(2026, 1, 1, 12, tzinfo=UTC)
         BatchProcessingLogFactory(
-            rows_read=10, rows_written=10, duration_seconds=0.2, finished_at=finished
+            checkpoint_position=10, rows_written=10, duration_seconds=0.2, finished_at=finished
         )
         BatchProcessingLogFactory(
             status="partial",
-            rows_read=10,
+            checkpoint_position=10,
             rows_written=7,
             rows_skipped=3,
             duration_seconds=3.0,
@@ -51,7 +51,7 @@ class TestMetrics:
         )
         BatchProcessingLogFactory(
             status="failed",
-            rows_read=10,
+            checkpoint_position=10,
             rows_written=4,
             rows_skipped=1,
             chunks_retried=3,

@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from api.main import api
 from api.models import ApiToken
-from shop.api import api
 from tests.factories import StaffFactory
 
 schema = schemathesis.openapi.from_dict(api.get_openapi_schema())

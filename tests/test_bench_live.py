@@ -16,8 +16,8 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from bench import live
+from bench.namespace import PRODUCT_POOL, SKU_PREFIX, product_sku
 from bench.players import HOT_STOCK, Samples
-from products.benchmarking import PRODUCT_POOL, SKU_PREFIX, product_sku
 from products.models import Product, ProductView, RecommendationScore
 from products.readers import RowStream
 

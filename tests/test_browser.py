@@ -1,17 +1,11 @@
 """Operators' workflows in a real browser: Playwright driving Debian's Chromium.
 
-The browser is the system one (``/usr/bin/chromium``, or ``CHROMIUM`` names
-another); nothing is downloaded. Without it these tests skip, unless
-``REQUIRE_BROWSER=1`` (set by CI), where a missing browser is a failure.
-Each page is saved as a screenshot in the folder printed at the end of the run
-(``BROWSER_SCREENSHOTS``, or a temporary folder).
+The browser and the screenshots folder are tests/browser_helpers.py's (the
+fixtures ``chromium`` and ``screenshots`` are in conftest.py).
 """
 
-import os
-import shutil
 from decimal import Decimal
 from io import StringIO
-from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -21,50 +15,12 @@ from jobs.models import JobPartition
 from jobs.tasks import run_partition
 from products.models import Product
 from products.services import OptimizedBulkOperationsService
+from tests.browser_helpers import snap
 from tests.factories import ProductFactory, StaffFactory
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 PASSWORD = "staff-password"  # StaffFactory's
 
-SCREENSHOTS_KEY = pytest.StashKey[Path]()
-
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-def _require_browser() -> None:
-    if Path(CHROMIUM).exists():
-        return
-    message = f"Chromium not found at {CHROMIUM}; .ci/run installs Debian's chromium"
-    if os.environ.get("REQUIRE_BROWSER") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="session")
-def screenshots(tmp_path_factory, request) -> Path:
-    folder = Path(
-        os.environ.get("BROWSER_SCREENSHOTS") or tmp_path_factory.mktemp("browser-screenshots")
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    request.config.stash[SCREENSHOTS_KEY] = folder
-    return folder
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API keeps an event loop running in this thread, which
-    # Django's async-safety check takes for async code; the ORM calls made by
-    # the tests here are synchronous (Django's documented escape hatch).
-    # Module-scoped, so the escape hatch is closed again before other modules run.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-    del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
 @pytest.fixture
@@ -112,10 +68,6 @@ def operator(page):
     page.click("input[type=submit]")
     page.wait_for_url("**/admin/")
     return user
-
-
-def snap(page, screenshots: Path, name: str) -> None:
-    page.screenshot(path=screenshots / f"{name}.png", full_page=True)
 
 
 def test_admin_index_after_login(page, operator, screenshots):

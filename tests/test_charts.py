@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from shop.charts import MAX_MARKERS, NO_DATA, bar_chart, format_number, line_chart, nice_ticks
+from common.charts import MAX_MARKERS, NO_DATA, bar_chart, format_number, line_chart, nice_ticks
 
 SVG = "{http://www.w3.org/2000/svg}"
 HOSTILE = "<script>alert('x')</script> & \"quoted\""

@@ -1,11 +1,11 @@
-"""What the management commands share (``batching.cli``): one argparse type for counts."""
+"""What the management commands share (``common.cli``): one argparse type for counts."""
 
 from argparse import ArgumentTypeError
 
 import pytest
 from django.core.management import load_command_class
 
-from batching.cli import positive_int
+from common.cli import positive_int
 
 
 def test_positive_int():
@@ -21,7 +21,7 @@ def test_positive_int():
     [
         ("products", "import_products", "--chunk-size"),
         ("products", "warm_cache", "--chunk-size"),
-        ("products", "bench_cache", "--keys"),
+        ("bench", "bench_cache", "--keys"),
         ("batching", "mark_interrupted_runs", "--stale-after"),
         ("jobs", "reap_jobs", "--stale-after"),
         ("api", "purge_idempotency_keys", "--older-than"),

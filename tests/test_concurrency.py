@@ -24,6 +24,7 @@ from django.db.models import Count, Sum
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
+from orders import operations as order_operations
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
@@ -46,6 +47,18 @@ LOSS_ATTEMPTS = 5
 @pytest.fixture(autouse=True)
 def _postgresql_only() -> None:
     require_postgresql()
+
+
+@pytest.fixture(autouse=True)
+def _waits_are_not_retries(settings) -> None:
+    """A chunk here waits for the other run's locks rather than yield after 50 ms.
+
+    These tests count retries to prove there is no deadlock (PostgreSQL
+    still detects one after ``deadlock_timeout``); on a starved CPU a
+    competing chunk can hold its locks past ``BULK_LOCK_TIMEOUT_MS``, and
+    that retry (tested in test_live_shop.py) would read as one.
+    """
+    settings.BULK_LOCK_TIMEOUT_MS = 30_000
 
 
 def stock_by_product() -> dict[int, int]:
@@ -286,7 +299,8 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     either commits.
 
     The hooks are ``strict``, which wraps every query the optimized operations
-    build with the ORM, and ``read_by_key``, the orders' first read on
+    build with the ORM (in ``products.services.optimized`` and
+    ``orders.operations``), and ``read_by_key``, the orders' first read on
     PostgreSQL's fast path: for scores the first call is the user lookup, for
     the catalogue the category lookup.
     """
@@ -303,7 +317,8 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
         return rendezvous
 
     monkeypatch.setattr(optimized_module, "strict", meeting(optimized_module.strict))
-    monkeypatch.setattr(optimized_module, "read_by_key", meeting(optimized_module.read_by_key))
+    monkeypatch.setattr(order_operations, "strict", meeting(order_operations.strict))
+    monkeypatch.setattr(order_operations, "read_by_key", meeting(order_operations.read_by_key))
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["free-race", "both-inside-first-chunk"])
@@ -410,8 +425,9 @@ def test_concurrent_replay_of_scores_and_catalogue_ends_as_one_run_would(monkeyp
             assert sum(result.updated for result in runs) == len(rows)
         else:
             # The portable path reads the existing keys before its upsert: a key
-            # both runs found missing is counted as created by both (README,
-            # "PostgreSQL fast paths"). The state below is exact all the same.
+            # both runs found missing is counted as created by both
+            # (docs/architecture.md, "PostgreSQL fast paths"). The state below
+            # is exact all the same.
             assert sum(result.created for result in runs) >= len(rows)
             assert all(result.created + result.updated == len(rows) for result in runs)
     assert {

@@ -54,8 +54,7 @@ def make_run(
         started_at=started_at,
         finished_at=None if duration is None else started_at + timedelta(seconds=duration),
         duration_seconds=duration,
-        rows_per_second=None if duration is None else rows_read / duration,
-        rows_read=rows_read,
+        checkpoint_position=rows_read,
         rows_written=rows_read - rows_skipped,
         rows_skipped=rows_skipped,
         database_vendor=connection.vendor,
@@ -224,7 +223,7 @@ def test_run_labels_are_escaped(staff_client):
         chunk_size=1,
         started_at=timezone.now(),
         duration_seconds=1.0,
-        rows_per_second=5.0,
+        checkpoint_position=5,
         database_vendor="x",
     )
     content = staff_client.get(URL).content.decode()

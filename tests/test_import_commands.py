@@ -158,7 +158,7 @@ class TestImportProducts:
         run("import_products", write_lines(tmp_path / "a.ndjson.gz", lines), verbosity=0)
         run("import_products", write_lines(tmp_path / "b.txt", lines[:1]), format="jsonl")
         assert Product.objects.count() == 3
-        assert BatchProcessingLog.objects.filter(rows_read=1, rows_updated=1).count() == 1
+        assert BatchProcessingLog.objects.filter(checkpoint_position=1, rows_updated=1).count() == 1
 
     def test_naive_variant(self, tmp_path):
         path = write_csv(tmp_path / "products.csv", [product_row(i) for i in range(1, 4)])
@@ -453,7 +453,6 @@ class TestResumeInProcess:
             status="running",
             worker=f"{socket.gethostname()}:{dead_pid()}",
             checkpoint_position=2,
-            rows_read=2,
             rows_written=2,
             rows_created=2,
             chunks_committed=1,
@@ -634,3 +633,47 @@ class TestReaders:
         gz_path = write_csv(tmp_path / "a.csv.gz", [product_row(1)])
         with RowStream(gz_path) as c:
             assert c.estimate_total() is None
+
+
+# -- --background: a job staged from the file ---------------------------------------------
+
+
+@pytest.mark.django_db
+class TestBackground:
+    def test_the_readable_rows_become_a_job_the_workers_run(self, tmp_path, settings):
+        from jobs.models import Job, StagedRow
+        from jobs.tasks import run_partition
+
+        settings.JOB_PARTITION_ROWS = 2
+        path = write_lines(
+            tmp_path / "catalogue.jsonl",
+            [json.dumps(product_row(i)) for i in range(2)]
+            + ["{not json"]
+            + [json.dumps(product_row(i)) for i in range(2, 5)],
+        )
+        out, err = StringIO(), StringIO()
+        call_command("import_products", str(path), "--background", stdout=out, stderr=err)
+
+        job = Job.objects.get()
+        assert (job.operation, job.rows_total, job.partitions.count()) == ("products", 5, 3)
+        assert f"Submitted job {job.pk}: 5 rows in 3 partitions" in out.getvalue()
+        assert err.getvalue().startswith("line 3: not valid JSON")
+        assert StagedRow.objects.filter(job=job).count() == 5
+        assert not Product.objects.exists()  # nothing ran in the command
+
+        for pk in job.partitions.values_list("pk", flat=True):
+            run_partition.call(pk)
+        assert products_by_sku() == {f"IMP-{i:05d}": expected_product(i) for i in range(5)}
+
+    @pytest.mark.parametrize(
+        ("extra", "named"),
+        [
+            (["--resume", "3"], "--resume"),
+            (["--chunk-size", "5"], "--chunk-size"),
+            (["--naive"], "--naive"),
+        ],
+    )
+    def test_run_options_are_refused(self, tmp_path, extra, named):
+        path = write_csv(tmp_path / "c.csv", [product_row(1)])
+        with pytest.raises(CommandError, match=f"--background .*: drop {named}"):
+            run("import_products", path, "--background", *extra)

@@ -1,18 +1,18 @@
 """Background jobs: partitions, their runs, take-over of dead workers, progress.
 
 The unit tests call the task functions directly (``task.call``) on both
-databases. The worker tests start real ``manage.py db_worker`` processes
-against the test database, so they run on PostgreSQL only (SQLite's test
-database lives in this process's memory).
+databases. The worker tests start real worker processes against the test
+database, once on each task backend (``manage.py db_worker``, and Celery
+workers on RabbitMQ: ``tests/job_workers.py``), so they run on PostgreSQL only
+(SQLite's test database lives in this process's memory).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import time
+import tracemalloc
 from datetime import timedelta
 from functools import partial
 from io import StringIO
@@ -29,16 +29,19 @@ from django.utils import timezone
 from django_tasks_db.models import DBTaskResult
 
 from batching.engine import DUPLICATE_IN_INPUT
-from batching.liveness import NO_HEARTBEAT, WORKER_GONE
+from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker
 from batching.models import BatchProcessingLog
 from jobs import tasks
-from jobs.models import Job, JobPartition, Status
+from jobs.models import Job, JobPartition, StagedRow, Status
 from jobs.services import NO_WORKER, NOTHING_WAITING, WORKERS_BUSY, submit_job, worker_status
+from jobs.staging import partition_rows
 from jobs.tasks import reap_stale_partitions, run_partition
 from products.models import Product, ProductView
 from products.services import rows as r
+from tests import job_workers
 from tests.factories import ProductFactory, StaffFactory, UserFactory
-from tests.test_resume import child_environment, dead_pid, manage
+from tests.job_workers import Workers
+from tests.test_resume import dead_pid
 
 HOST = socket.gethostname()
 Operation = BatchProcessingLog.Operation
@@ -105,18 +108,19 @@ class TestSubmit:
         settings.JOB_PARTITION_ROWS = 4
         rows = view_rows(catalogue, 10)
         user = catalogue[0][0]
-        # SAVEPOINT, the job, its partitions (one INSERT), RELEASE.
+        # SAVEPOINT, the job, its rows staged (one COPY or INSERT), the job's
+        # total, its partitions (one INSERT), RELEASE.
         with (
             django_capture_on_commit_callbacks() as callbacks,
-            django_assert_num_queries(4),
+            django_assert_num_queries(6),
         ):
-            job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows, created_by=user)
+            job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=iter(rows), created_by=user)
         assert not DBTaskResult.objects.exists()  # nothing is enqueued before the commit
         partitions = list(job.partitions.order_by("number"))
-        assert [(p.number, p.start, p.size, p.rows) for p in partitions] == [
-            (0, 0, 4, rows[0:4]),
-            (1, 4, 4, rows[4:8]),
-            (2, 8, 2, rows[8:10]),
+        assert [(p.number, p.start, p.size, partition_rows(p)) for p in partitions] == [
+            (0, 0, 4, [(row, None) for row in rows[0:4]]),
+            (1, 4, 4, [(row, None) for row in rows[4:8]]),
+            (2, 8, 2, [(row, None) for row in rows[8:10]]),
         ]
         assert {p.status for p in partitions} == {Status.QUEUED}
         assert (job.status, job.rows_total, job.partition_size, job.created_by) == (
@@ -138,10 +142,10 @@ class TestSubmit:
         watch = enqueued.last()
         assert watch.run_after >= before + timedelta(seconds=settings.JOB_WATCH_SECONDS)
 
-    def test_partition_inserts_are_batched(self, catalogue, settings, django_assert_num_queries):
+    def test_partitions_are_one_insert(self, catalogue, settings, django_assert_num_queries):
         settings.JOB_PARTITION_ROWS = 1
-        # SAVEPOINT, the job, 11 partitions in two INSERTs of at most 10, RELEASE.
-        with django_assert_num_queries(5):
+        # SAVEPOINT, the job, its rows, its total, 11 partitions in one INSERT, RELEASE.
+        with django_assert_num_queries(6):
             job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 11))
         assert job.partitions.count() == 11
 
@@ -249,6 +253,36 @@ class TestRun:
         run_all(job)
         assert job.status == (Status.FAILED if failed else Status.COMPLETED)
         assert job.finished_at is not None
+        # A partition that ended completed never runs again: its staged rows go.
+        # A failed one keeps them, so it can be resumed.
+        staged = StagedRow.objects.filter(job=job).values_list("number", flat=True)
+        assert sorted(staged) == ([0, 1] if failed else [])
+
+    def test_submitting_holds_no_copy_of_the_input(self, catalogue):
+        """The submitting process's memory stays flat from 5,000 to 25,000 rows:
+        rows are staged as they are read, and partitions name ranges of them."""
+        users, products = catalogue
+
+        def rows(count):
+            for i in range(count):
+                yield {
+                    "user_id": users[i % 3].pk,
+                    "product_id": products[i % 4].pk,
+                    "session_id": f"memory-{i}",
+                }
+
+        def peak(count: int) -> int:
+            tracemalloc.start()
+            try:
+                job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows(count))
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+                assert job.rows_total == count
+
+        small, large = peak(5_000), peak(25_000)
+        assert large < 1.5 * small, (small, large)
+        assert StagedRow.objects.count() == 30_000
 
     def test_repeated_keys_across_partitions(self, settings):
         """A sku repeated in another partition is a duplicate, as in one run."""
@@ -301,10 +335,12 @@ class TestRun:
         assert partition.log.chunks_committed == 3
         # reap: 1 SELECT. claim: SAVEPOINT, partition FOR UPDATE, INSERT log,
         # UPDATE partition, UPDATE job, RELEASE. The log to resume (before the
-        # engine counts). finish: SAVEPOINT, UPDATE partition, job FOR UPDATE,
-        # its statuses, UPDATE job, RELEASE. The log's count is recorded by the
-        # last checkpoint: the RELEASE of that chunk's savepoint follows it.
-        overhead = 1 + 6 + 1 + 6 + 1
+        # engine counts; its count includes reading the staged rows, one
+        # SELECT). finish: SAVEPOINT, UPDATE partition, DELETE its staged
+        # rows, job FOR UPDATE, its statuses, UPDATE job, RELEASE. The log's
+        # count is recorded by the last checkpoint: the RELEASE of that
+        # chunk's savepoint follows it.
+        overhead = 1 + 6 + 1 + 7 + 1
         sql = "\n".join(query["sql"] for query in queries.captured_queries)
         assert len(queries) == overhead + partition.log.query_count, sql
 
@@ -358,7 +394,7 @@ def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -
 
     ``write`` and ``write_stream`` (an operation that streams) share the count.
     """
-    cls = tasks.PARTITION_OPERATIONS[operation]
+    cls = tasks.partition_operation(operation)
     calls = []
 
     def failing(original):
@@ -528,59 +564,28 @@ class TestWorkerStatus:
         assert worker_status() == (True, WORKERS_BUSY.format(limit=settings.JOB_STALE_SECONDS))
 
 
-# -- real workers (PostgreSQL) --------------------------------------------------------------------
+# -- real workers (PostgreSQL), on each task backend ------------------------------------------
 
 
-@pytest.fixture
-def workers(tmp_path):
-    """Two ``manage.py db_worker`` processes on the test database; logs in tmp_path."""
-    env = child_environment() | {"BULK_CHUNK_SIZE": "20", "JOB_WATCH_SECONDS": "1"}
-    started = []
-    for number in range(2):
-        log = open(tmp_path / f"worker{number}.log", "wb")  # noqa: SIM115
-        started.append(
-            (
-                subprocess.Popen(
-                    manage("db_worker", "--interval", "0.05", "--no-startup-delay", "--no-reload"),
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ),
-                tmp_path / f"worker{number}.log",
-                log,
-            )
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not all(b"Starting worker" in path.read_bytes() for _, path, _ in started):
-            if time.monotonic() > deadline or any(p.poll() is not None for p, _, _ in started):
-                pytest.fail("workers did not start:\n" + worker_logs(started))
-            time.sleep(0.05)
-        yield started
-    finally:
-        for process, _, log in started:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            log.close()
+# The fixture: two worker processes, once per task backend.
+workers = job_workers.workers
 
 
-def worker_logs(started) -> str:
-    return "\n".join(path.read_text(errors="replace") for _, path, _ in started)
-
-
-def wait_for(job: Job, started, timeout: float = 40) -> Job:
+def wait_for(job: Job, workers: Workers, timeout: float = 40) -> Job:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job.refresh_from_db()
         if job.is_finished:
             return job
         time.sleep(0.05)
-    pytest.fail(f"job {job.pk} did not finish:\n{worker_logs(started)}")
+    pytest.fail(f"job {job.pk} did not finish:\n{workers.logs()}")
 
 
 @on_postgresql
 @pytest.mark.django_db(transaction=True)
 class TestWorkers:
+    """Each test runs twice: on two db_workers, and on two Celery workers."""
+
     def test_rows_land_exactly_once_across_workers(self, catalogue, settings, workers):
         settings.JOB_PARTITION_ROWS = 500
         rows = 3000
@@ -593,16 +598,16 @@ class TestWorkers:
         assert (data["result"]["created"], data["result"]["skipped"]) == (rows, 0)
         assert len(data["result"]["log_ids"]) == 6
         assert_views_exactly_once(rows)
-        # Both workers took partitions.
+        # Both workers took partitions (a Celery worker runs them in its pool child).
         ran_on = set(job.partitions.values_list("log__worker", flat=True))
-        assert ran_on == {f"{HOST}:{process.pid}" for process, _, _ in workers}
+        owners = {workers.owner(worker).pid for worker in ran_on}
+        assert owners == {worker.pid for worker in workers.started}, ran_on
 
     def test_a_killed_workers_partition_is_taken_over(self, catalogue, settings, workers):
         settings.JOB_PARTITION_ROWS = 2000
         settings.JOB_WATCH_SECONDS = 1  # the job's first watchdog is deferred from here
         rows = 4000  # two partitions of 100 chunks of 20 rows
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, rows))
-        pids = {f"{HOST}:{process.pid}": process for process, _, _ in workers}
 
         deadline = time.monotonic() + 30
         while True:
@@ -619,10 +624,9 @@ class TestWorkers:
             if victim is not None or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-        assert victim is not None, worker_logs(workers)
-        killed = pids.pop(victim.worker)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()  # reaped: its pid is gone, as after any real death
+        assert victim is not None, workers.logs()
+        killed = victim.worker
+        workers.kill(killed)
         victim.log.refresh_from_db()
         killed_at = victim.log.checkpoint_position
         assert 0 < killed_at < 2000, "the worker was not killed mid-partition"
@@ -635,18 +639,23 @@ class TestWorkers:
         assert_views_exactly_once(rows)
         victim.refresh_from_db()
         victim.log.refresh_from_db()
-        (survivor,) = pids
-        assert (victim.status, victim.attempts, victim.worker) == (
-            Status.COMPLETED,
-            2,
-            survivor,
-        )
-        assert (victim.log.resume_count, victim.log.worker) == (2, survivor)
-        # The backend's own row for the killed task still says RUNNING: the
-        # take-over never relied on it.
-        assert (
-            DBTaskResult.objects.filter(
-                task_path="jobs.tasks.run_partition", status="RUNNING"
-            ).count()
-            == 1
-        )
+        # Resumed by another live worker process: the other db_worker, or a
+        # Celery pool child (the killed one's replacement, or the other worker's).
+        assert (victim.status, victim.attempts) == (Status.COMPLETED, 2)
+        assert victim.worker != killed
+        assert workers.owner(victim.worker) is not None
+        assert (victim.log.resume_count, victim.log.worker) == (2, victim.worker)
+        # The backend's own record of the killed task was no help to the take-over.
+        if workers.backend == "db":
+            # django-tasks-db's row for it still says RUNNING.
+            assert (
+                DBTaskResult.objects.filter(
+                    task_path="jobs.tasks.run_partition", status="RUNNING"
+                ).count()
+                == 1
+            )
+        else:
+            # Celery acknowledged the task when it started, and its worker's
+            # parent saw the child die: the task is lost to Celery.
+            _, pid = parse_worker(killed)
+            assert f"pid:{pid} exited with 'signal 9 (SIGKILL)'" in workers.logs()

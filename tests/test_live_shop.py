@@ -175,3 +175,27 @@ def test_a_run_that_cannot_get_its_locks_fails_with_that_cause(
     assert (log.status, log.rows_written, log.checkpoint_position) == ("failed", 0, 0)
     assert "lock timeout" in log.error_summary
     assert not ProductView.objects.exists()
+
+
+def orders_reltuples() -> float:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = 'orders_order'::regclass")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize(("chunk_size", "analyzed"), [(9, True), (1000, False)])
+def test_a_run_filling_orders_from_empty_refreshes_their_statistics(
+    shop, optimized, chunk_size, analyzed
+):
+    """Each order line's foreign key looks its order up with a plan cached while the
+    table looked empty (a sequential scan, every chunk slower than the one before):
+    after its first chunk, a run of several chunks analyzes the table it fills."""
+    Product.objects.update(stock_quantity=1000)
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE orders_order")
+    assert orders_reltuples() <= 0
+
+    result = optimized.process_orders(order_rows(shop, 9), chunk_size=chunk_size)
+
+    assert result.written == 9
+    assert (orders_reltuples() > 0) is analyzed

@@ -58,12 +58,13 @@ from hypothesis import strategies as st
 
 from batching.engine import DUPLICATE_IN_INPUT, BatchResult
 from batching.models import BatchProcessingLog
+from orders import rows as parsed_orders
 from orders.models import Order, OrderItem
+from orders.operations import OrdersOperation
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from products.services.base import (
     BulkOperationsService,
-    OrdersOperation,
     ProductsOperation,
     ProductUpdatesOperation,
     ScoresOperation,
@@ -1005,12 +1006,15 @@ def items_field(base: Base, *, broken: bool) -> st.SearchStrategy[Value]:
     return weighted(
         (3, items()),
         (1, st.sampled_from([MISSING, None]).map(bad(r.REQUIRED))),
-        (1, st.sampled_from(["abc", {"product_id": 1}, 5, b"x"]).map(bad(r.NOT_A_LIST))),
-        (1, st.just([]).map(bad(r.NO_ITEMS))),
         (
             1,
-            st.just([{"product_id": 1, "quantity": 1}] * (r.MAX_ORDER_ITEMS + 1)).map(
-                bad(r.TOO_MANY_ITEMS.format(limit=r.MAX_ORDER_ITEMS))
+            st.sampled_from(["abc", {"product_id": 1}, 5, b"x"]).map(bad(parsed_orders.NOT_A_LIST)),
+        ),
+        (1, st.just([]).map(bad(parsed_orders.NO_ITEMS))),
+        (
+            1,
+            st.just([{"product_id": 1, "quantity": 1}] * (parsed_orders.MAX_ORDER_ITEMS + 1)).map(
+                bad(parsed_orders.TOO_MANY_ITEMS.format(limit=parsed_orders.MAX_ORDER_ITEMS))
             ),
         ),
     )
@@ -1102,7 +1106,7 @@ def order_reason(
 ) -> tuple[str, str, str] | None:
     """Why the model rejects an order: the same checks, in the same order, as the services."""
     if reference in base.references:
-        return ("reference", r.DUPLICATE_ORDER.format(reference=reference), "duplicate")
+        return ("reference", parsed_orders.DUPLICATE_ORDER.format(reference=reference), "duplicate")
     if user_id not in base.users:
         return ("user_id", r.UNKNOWN_USER.format(id=user_id), "not_found")
     for position, (product_id, _) in enumerate(items):
@@ -1110,17 +1114,19 @@ def order_reason(
         if product_id not in base.products:
             return (field, r.UNKNOWN_PRODUCT.format(id=product_id), "not_found")
         if not base.products[product_id].active:
-            return (field, r.INACTIVE_PRODUCT.format(id=product_id), "inactive")
+            return (field, parsed_orders.INACTIVE_PRODUCT.format(id=product_id), "inactive")
     total = sum((base.products[pk].price * quantity for pk, quantity in items), Decimal("0.00"))
-    if total >= r.MAX_ORDER_TOTAL:
-        message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
+    if total >= parsed_orders.MAX_ORDER_TOTAL:
+        message = parsed_orders.TOTAL_TOO_LARGE.format(
+            total=total, limit=parsed_orders.MAX_ORDER_TOTAL
+        )
         return ("items", message, "invalid")
     wanted: Counter[int] = Counter()
     for product_id, quantity in items:
         wanted[product_id] += quantity
     for product_id, quantity in wanted.items():
         if quantity > stock[product_id]:
-            message = r.INSUFFICIENT_STOCK.format(
+            message = parsed_orders.INSUFFICIENT_STOCK.format(
                 id=product_id, requested=quantity, available=stock[product_id]
             )
             return ("items", message, "insufficient_stock")
@@ -1213,7 +1219,7 @@ def test_order_total_beyond_its_column_is_rejected_alike(
     ]
     result = service.process_orders(iter(rows))
     total = base.products[expensive].price * 101
-    message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
+    message = parsed_orders.TOTAL_TOO_LARGE.format(total=total, limit=parsed_orders.MAX_ORDER_TOTAL)
     assert [(e.index, e.field, e.message, e.code) for e in result.errors] == [
         (1, "items", message, "invalid")
     ]

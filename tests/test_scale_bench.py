@@ -19,7 +19,7 @@ from django.db import connection
 
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
-from products import scale_bench as bench
+from bench import scale as bench
 from products.models import Product
 
 postgres_only = pytest.mark.skipif(
@@ -61,15 +61,6 @@ def test_bad_arguments_are_command_errors(args, message):
 def test_refuses_sqlite():
     with pytest.raises(CommandError, match="need PostgreSQL; this database is sqlite"):
         run("--sizes", "10", "--workloads", "views", "--in-process")
-
-
-def test_a_failed_run_without_row_errors_is_reported_by_its_summary():
-    log = BatchProcessingLog(
-        status=BatchProcessingLog.Status.FAILED, error_summary="database went away"
-    )
-    result = BatchResult(log, 10, 0, 0, 0, 0, [], 0, 0.0)
-    with pytest.raises(bench.BenchError, match="views with raw ended failed: database went away"):
-        bench.check_completed("views", "raw", result)
 
 
 @postgres_only
@@ -247,3 +238,37 @@ def test_command_writes_well_formed_outputs(tmp_path):
         root = ET.fromstring(svg.read_text())
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
         assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 6
+
+
+def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
+    log = BatchProcessingLog(
+        status=BatchProcessingLog.Status.FAILED, error_summary="the server closed the connection"
+    )
+    result = BatchResult(
+        log,
+        read=10,
+        written=0,
+        created=0,
+        updated=0,
+        skipped=0,
+        errors=[],
+        query_count=3,
+        duration=0.1,
+    )
+
+    with pytest.raises(bench.BenchError, match="views with optimized ended failed: the server"):
+        bench.check_completed("views", bench.OPTIMIZED, result)
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_bench_submit_reports_and_leaves_no_job(tmp_path):
+    from jobs.models import Job, StagedRow
+
+    out = StringIO()
+    call_command(
+        "bench_submit", "--sizes", "60", "--work-dir", str(tmp_path), stdout=out, stderr=StringIO()
+    )
+    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| 60 |")]
+    assert row.count("|") == 7 and row.endswith("MB |")
+    assert not Job.objects.exists() and not StagedRow.objects.exists()

@@ -1,20 +1,37 @@
 """What both bulk services share: their methods, arguments and result type.
 
-A service is a set of ``BatchOperation`` classes run by the engine; the naive
-and optimized services differ only in those classes, so the benchmark swaps
-one service for the other and nothing else.
+A service is a variant (naive or optimized) of the ``BatchOperation`` classes
+the engine runs; the naive and optimized services differ only in those
+classes, so the benchmark swaps one service for the other and nothing else.
+The classes are found by operation name and variant in ``batching.registry``,
+which the apps that own them fill (products: views, scores, the catalogue
+import and the price update, registered in ``ProductsConfig.ready()``;
+orders: ``orders.operations``, in ``OrdersConfig.ready()``), so this package
+imports nothing of orders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from decimal import Decimal
 from typing import Any, ClassVar
 
 from batching.engine import BatchOperation, BatchResult, Prepared, RowError, run_batch
 from batching.models import BatchProcessingLog
+from batching.registry import operation_class
 from products import cache
 from products.services import rows as r
+
+Operation = BatchProcessingLog.Operation
+
+
+class Registered:
+    """A service's operation class, looked up by name and the service's variant when used."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, service: Any, owner: type[BulkOperationsService]) -> type[BatchOperation]:
+        return operation_class(self.name, owner.variant)
 
 
 class BulkOperationsService:
@@ -34,11 +51,11 @@ class BulkOperationsService:
     """
 
     variant: ClassVar[str]
-    views_operation: ClassVar[type[BatchOperation]]
-    scores_operation: ClassVar[type[BatchOperation]]
-    orders_operation: ClassVar[type[BatchOperation]]
-    products_operation: ClassVar[type[BatchOperation]]
-    product_updates_operation: ClassVar[type[BatchOperation]]
+    views_operation = Registered(Operation.PRODUCT_VIEWS)
+    scores_operation = Registered(Operation.RECOMMENDATION_SCORES)
+    orders_operation = Registered(Operation.ORDERS)
+    products_operation = Registered(Operation.PRODUCTS)
+    product_updates_operation = Registered(Operation.PRODUCT_UPDATES)
 
     def __init__(self, *, using: str = "default") -> None:
         self.using = using
@@ -130,25 +147,6 @@ class ScoresOperation(BatchOperation):
         cache.invalidate_recommendations(row.item.user_id for row in rows)
 
 
-class OrdersOperation(BatchOperation):
-    operation = BatchProcessingLog.Operation.ORDERS
-    key_field = "reference"
-
-    def prepare(self, raw: Any) -> r.OrderRow:
-        return r.parse_order(raw)
-
-    def weight(self, raw: Any) -> int:
-        # An order weighs its lines: chunk_size bounds the lines a chunk writes.
-        return r.order_lines(raw)
-
-    def key(self, item: r.OrderRow) -> str:
-        return item.reference
-
-    def committed(self, rows: list[Prepared]) -> None:
-        # Stock changed: drop the cards of every product ordered.
-        cache.invalidate_products(line.product_id for row in rows for line in row.item.items)
-
-
 class ProductsOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCTS
     key_field = "sku"
@@ -181,42 +179,6 @@ class ProductUpdatesOperation(BatchOperation):
     def committed(self, rows: list[Prepared]) -> None:
         # Rows name products by sku, not id: retire every card (one cache write).
         cache.invalidate_catalogue()
-
-
-def order_rejection(
-    index: int,
-    order: r.OrderRow,
-    known: set[str],
-    users: set[int],
-    catalogue: dict[int, tuple[Decimal, int, bool]],
-    remaining: dict[int, int],
-) -> RowError | None:
-    """Why an order cannot be applied, or None. Shared so both services decide alike."""
-    if order.reference in known:
-        return RowError(
-            index, "reference", r.DUPLICATE_ORDER.format(reference=order.reference), "duplicate"
-        )
-    if order.user_id not in users:
-        return RowError(index, "user_id", r.UNKNOWN_USER.format(id=order.user_id), "not_found")
-    for position, line in enumerate(order.items):
-        field = f"items[{position}].product_id"
-        if line.product_id not in catalogue:
-            return RowError(index, field, r.UNKNOWN_PRODUCT.format(id=line.product_id), "not_found")
-        if not catalogue[line.product_id][2]:
-            return RowError(index, field, r.INACTIVE_PRODUCT.format(id=line.product_id), "inactive")
-    total = sum(
-        (catalogue[line.product_id][0] * line.quantity for line in order.items), Decimal("0.00")
-    )
-    if total >= r.MAX_ORDER_TOTAL:
-        message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
-        return RowError(index, "items", message, "invalid")
-    for product_id, quantity in order.quantities().items():
-        if quantity > remaining[product_id]:
-            message = r.INSUFFICIENT_STOCK.format(
-                id=product_id, requested=quantity, available=remaining[product_id]
-            )
-            return RowError(index, "items", message, "insufficient_stock")
-    return None
 
 
 def unknown_sku(row: Prepared) -> RowError:

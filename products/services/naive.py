@@ -9,28 +9,22 @@ access pattern alone.
 
 Its flaw under concurrency is real and deliberate: the read-modify-write of
 ``view_count`` and ``stock_quantity`` loses updates when two runs touch the
-same product at once (see README, "Why the naive service loses updates").
+same product at once (docs/architecture.md, "Why the naive service loses updates").
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from django.contrib.auth import get_user_model
-from django.db import transaction
 
 from batching.engine import ChunkOutcome, Prepared
 from batching.models import BatchProcessingLog
-from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services.base import (
     BulkOperationsService,
-    OrdersOperation,
     ProductsOperation,
     ProductUpdatesOperation,
     ScoresOperation,
     ViewsOperation,
-    order_rejection,
     reference_error,
     unknown_sku,
 )
@@ -184,63 +178,5 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
         return outcome
 
 
-class NaiveOrders(NaiveOperationMixin, OrdersOperation):
-    variant = VARIANT
-
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
-        outcome = ChunkOutcome()
-        for row in rows:
-            order = row.item
-            exists = Order.objects.using(self.using).filter(reference=order.reference).exists()
-            user = self.user_or_none(order.user_id)
-            products: dict[int, Product] = {}
-            for line in order.items:
-                product = self.product_or_none(line.product_id)
-                if product is not None:
-                    products[product.pk] = product
-            catalogue = {
-                pk: (product.price, product.stock_quantity, product.is_active)
-                for pk, product in products.items()
-            }
-            remaining = {pk: product.stock_quantity for pk, product in products.items()}
-            error = order_rejection(
-                row.index,
-                order,
-                {order.reference} if exists else set(),
-                {user.pk} if user else set(),
-                catalogue,
-                remaining,
-            )
-            if error is not None:
-                outcome.errors.append(error)
-                continue
-            with transaction.atomic(using=self.using):
-                total = sum(
-                    (products[line.product_id].price * line.quantity for line in order.items),
-                    Decimal("0.00"),
-                )
-                created = Order.objects.using(self.using).create(
-                    reference=order.reference, user=user, total=total
-                )
-                for line in order.items:
-                    product = products[line.product_id]
-                    OrderItem.objects.using(self.using).create(
-                        order=created,
-                        product=product,
-                        quantity=line.quantity,
-                        unit_price=product.price,
-                    )
-                    product.stock_quantity -= line.quantity
-                    product.save(using=self.using, update_fields=["stock_quantity"])
-            outcome.written += 1
-            outcome.created += 1
-        return outcome
-
-
 class NaiveBulkOperationsService(BulkOperationsService):
     variant = VARIANT
-    views_operation = NaiveViews
-    scores_operation = NaiveScores
-    orders_operation = NaiveOrders
-    products_operation = NaiveProducts
-    product_updates_operation = NaiveProductUpdates

@@ -17,10 +17,9 @@ statement (``batching.postgres.begin_chunk``), not inside COMMIT. Each chunk:
 
 - views: users and products read; COPY (or INSERT) the views; UPDATE
   view_count (locks products);
-- orders: products, references and users read; INSERT orders and lines;
-  UPDATE stock, guarded (locks products; refused below zero, so a checkout
-  that took the stock meanwhile makes the chunk re-run in halves, each
-  deciding afresh);
+- orders (``orders.operations``, on the helpers below): products, references
+  and users read; INSERT orders and lines; UPDATE stock, guarded (locks
+  products);
 - scores: users and products read; upsert scores (no product locked);
 - catalogue import: categories read (created if missing); upsert products
   (locks the rows it updates, in sku order);
@@ -47,29 +46,24 @@ from django.db import IntegrityError, connections, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from batching.engine import ChunkConflict, ChunkOutcome, Prepared, RowError
+from batching.engine import ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
 from batching.postgres import (
     add_to,
     copy_rows,
     existing_ids,
     fast_paths,
-    insert_with_children,
-    read_by_key,
     update,
     upsert,
 )
-from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from products.services.base import (
     BulkOperationsService,
-    OrdersOperation,
     ProductsOperation,
     ProductUpdatesOperation,
     ScoresOperation,
     ViewsOperation,
-    order_rejection,
     reference_error,
     unknown_sku,
 )
@@ -92,7 +86,6 @@ IMPORT_UPDATE_FIELDS = [*PRODUCT_UPDATE_FIELDS, "last_import", "last_import_row"
 # values a row may leave as they are, and the run's mark.
 UPDATE_READ = ["sku", "pk", "price", "stock_quantity", "last_import_id", "last_import_row"]
 PRODUCT_COLUMNS = ["sku", "name", "category", "price", "stock_quantity", "is_active"]
-CONFLICT = "a concurrent writer overtook the chunk ({error}); retrying it with the products locked"
 
 
 def strict(queryset: models.QuerySet) -> models.QuerySet:
@@ -478,137 +471,6 @@ class OptimizedProducts(ProductsOperation):
         return repeated_skus(self, rows)
 
 
-class OptimizedOrders(OrdersOperation):
-    """Orders in input order, decided against the stock read; the stock taken last.
-
-    Nothing is locked while the chunk decides and writes its orders: the
-    guarded stock UPDATE at the end locks the products (primary-key order)
-    and refuses to take any below zero. If a concurrent writer overtook the
-    chunk (a checkout took the stock meanwhile, or another run inserted the
-    same references), the chunk raises ``ChunkConflict``: the engine rolls it
-    back and retries it, and from then on this run locks the products before
-    it decides, as before a conflict nothing needs to (contention is there).
-    """
-
-    variant = VARIANT
-
-    def __init__(self, using: str = "default") -> None:
-        super().__init__(using)
-        self.lock_first = False
-
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
-        if self.lock_first:
-            return self.decide_and_write(rows)
-        try:
-            return self.decide_and_write(rows)
-        except IntegrityError as exc:
-            # The stock guard or a reference's unique index refused: overtaken.
-            self.lock_first = True
-            raise ChunkConflict(CONFLICT.format(error=exc)) from exc
-
-    def decide_and_write(self, rows: list[Prepared]) -> ChunkOutcome:
-        orders_qs = Order.objects.using(self.using)
-        product_ids = {line.product_id for row in rows for line in row.item.items}
-        references = {row.item.reference for row in rows}
-        user_ids = {row.item.user_id for row in rows}
-        if fast_paths(self.using) and not self.lock_first:
-            # Products, references and users in one statement, nothing locked.
-            found, taken_refs, found_users = read_by_key(
-                self.using,
-                [
-                    (Product, "id", product_ids, ["id", "price", "stock_quantity", "is_active"]),
-                    (Order, "reference", references, ["reference"]),
-                    (get_user_model(), "id", user_ids, ["id"]),
-                ],
-            )
-            catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
-            known = {reference for (reference,) in taken_refs}
-            users = {pk for (pk,) in found_users}
-        else:
-            # After a conflict: lock in primary-key order, then decide; a
-            # concurrent replay waits there and then reads its references as taken.
-            products = (
-                locked_products(self.using, pk__in=product_ids)
-                if self.lock_first
-                else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
-            )
-            catalogue = {
-                pk: (price, stock, active)
-                for pk, price, stock, active in products.values_list(
-                    "pk", "price", "stock_quantity", "is_active"
-                )
-            }
-            known = set(
-                strict(orders_qs.filter(reference__in=references)).values_list(
-                    "reference", flat=True
-                )
-            )
-            users = existing_user_ids(self.using, user_ids)
-        remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
-        outcome = ChunkOutcome()
-        # (reference, user, total) and (reference, product, quantity, unit price).
-        accepted: list[tuple[str, int, Decimal]] = []
-        lines: list[tuple[str, int, int, Decimal]] = []
-        taken: Counter[int] = Counter()
-        for row in rows:
-            order = row.item
-            error = order_rejection(row.index, order, known, users, catalogue, remaining)
-            if error is not None:
-                outcome.errors.append(error)
-                continue
-            for product_id, quantity in order.quantities().items():
-                remaining[product_id] -= quantity
-                taken[product_id] += quantity
-            total = Decimal("0.00")
-            for line in order.items:
-                price = catalogue[line.product_id][0]
-                total += price * line.quantity
-                lines.append((order.reference, line.product_id, line.quantity, price))
-            accepted.append((order.reference, order.user_id, total))
-        if not accepted:
-            return outcome
-        self.insert(accepted, lines)
-        # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
-        # that locks them and refuses to take any stock below zero.
-        add_to_each(
-            self.using,
-            "stock_quantity",
-            {pk: -quantity for pk, quantity in taken.items()},
-            guard=True,
-        )
-        outcome.written = outcome.created = len(accepted)
-        return outcome
-
-    def insert(
-        self, orders: list[tuple[str, int, Decimal]], lines: list[tuple[str, int, int, Decimal]]
-    ) -> None:
-        """The orders and their lines: one statement on PostgreSQL, two bulk_create elsewhere."""
-        if fast_paths(self.using):
-            insert_with_children(
-                Order,
-                ["reference", "user", "total"],
-                orders,
-                key="reference",
-                child=OrderItem,
-                link="order",
-                child_fields=["product", "quantity", "unit_price"],
-                child_rows=lines,
-                constants={"status": Order.Status.CONFIRMED, "created_at": timezone.now()},
-                using=self.using,
-            )
-            return
-        created = Order.objects.using(self.using).bulk_create(
-            [Order(reference=ref, user_id=user, total=total) for ref, user, total in orders]
-        )
-        order_ids = {order.reference: order.pk for order in created}
-        OrderItem.objects.using(self.using).bulk_create(
-            [
-                OrderItem(order_id=order_ids[ref], product_id=product, quantity=n, unit_price=price)
-                for ref, product, n, price in lines
-            ]
-        )
-
-
 class OptimizedProductUpdates(ProductUpdatesOperation):
     """Prices and stock by sku: the products are locked in primary-key order, then updated."""
 
@@ -687,9 +549,3 @@ class OptimizedBulkOperationsService(BulkOperationsService):
     """The optimized service: a constant number of queries per chunk (see the module)."""
 
     variant = VARIANT
-
-    views_operation = OptimizedViews
-    scores_operation = OptimizedScores
-    orders_operation = OptimizedOrders
-    products_operation = OptimizedProducts
-    product_updates_operation = OptimizedProductUpdates

@@ -46,26 +46,17 @@ TOO_LARGE = "must be less than {limit}"
 NOT_BOOLEAN = "must be a boolean (true/false)"
 NOT_DATETIME = "must be an ISO 8601 date-time"
 BAD_CHOICE = "must be one of: {choices}"
-NO_ITEMS = "an order needs at least one item"
-TOO_MANY_ITEMS = "an order has at most {limit} items"
-NOT_A_LIST = "must be a list"
 NOTHING_TO_UPDATE = "give price, stock_quantity or both"
 
 # Outcome messages from the database phase.
 UNKNOWN_USER = "user {id} does not exist"
 UNKNOWN_PRODUCT = "product {id} does not exist"
 UNKNOWN_SKU = "no product with sku {sku}"
-INACTIVE_PRODUCT = "product {id} is not active"
 UNKNOWN_REFERENCE = "a user or product of this chunk does not exist"
-INSUFFICIENT_STOCK = "not enough stock for product {id}: {requested} requested, {available} left"
-DUPLICATE_ORDER = "order {reference} was already processed"
-TOTAL_TOO_LARGE = "the order's total {total} is too large (the limit is {limit})"
 
 CENT = Decimal("0.01")
-MAX_ORDER_ITEMS = 100
 MAX_PRICE = Decimal("10000000000")  # Product.price: 12 digits, 2 after the point
 MAX_INT = 2**31 - 1
-MAX_ORDER_TOTAL = Decimal("1000000000000")  # Order.total: 14 digits, 2 after the point
 # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
 INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,20}", re.ASCII)
 INTERACTION_TYPES = frozenset(ProductView.InteractionType.values)
@@ -310,55 +301,3 @@ def parse_product_update(raw: Any) -> ProductUpdateRow:
     if price is None and stock is None:
         raise RowInvalid("row", NOTHING_TO_UPDATE)
     return ProductUpdateRow(sku, price, stock)
-
-
-@dataclass(slots=True)
-class OrderLine:
-    product_id: int
-    quantity: int
-
-
-@dataclass(slots=True)
-class OrderRow:
-    reference: str
-    user_id: int
-    items: tuple[OrderLine, ...]
-
-    def quantities(self) -> dict[int, int]:
-        """Quantity per product, a product listed twice counted once."""
-        wanted: dict[int, int] = {}
-        for line in self.items:
-            wanted[line.product_id] = wanted.get(line.product_id, 0) + line.quantity
-        return wanted
-
-
-def order_lines(raw: Any) -> int:
-    """How many lines a raw order has (at least 1): its weight in a chunk or a request."""
-    items = raw.get("items") if isinstance(raw, Mapping) else None
-    return max(len(items), 1) if isinstance(items, list | tuple) else 1
-
-
-def parse_order(raw: Any) -> OrderRow:
-    row = as_mapping(raw)
-    reference = text(row, "reference", limit=64)
-    user_id = integer(row, "user_id")
-    items = row.get("items")
-    if items is None:
-        raise RowInvalid("items", REQUIRED)
-    if isinstance(items, str | bytes | Mapping) or not hasattr(items, "__iter__"):
-        raise RowInvalid("items", NOT_A_LIST)
-    items = list(items)
-    if not items:
-        raise RowInvalid("items", NO_ITEMS)
-    if len(items) > MAX_ORDER_ITEMS:
-        raise RowInvalid("items", TOO_MANY_ITEMS.format(limit=MAX_ORDER_ITEMS))
-    lines = []
-    for position, raw_item in enumerate(items):
-        prefix = f"items[{position}]"
-        if not isinstance(raw_item, Mapping):
-            raise RowInvalid(prefix, NOT_AN_OBJECT)
-        try:
-            lines.append(OrderLine(integer(raw_item, "product_id"), integer(raw_item, "quantity")))
-        except RowInvalid as exc:
-            raise RowInvalid(f"{prefix}.{exc.field}", exc.message) from None
-    return OrderRow(reference, user_id, tuple(lines))

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from api.models import IdempotencyRecord
-from batching.cli import positive_int
+from common.cli import positive_int
 
 DEFAULT_DAYS = 7
 

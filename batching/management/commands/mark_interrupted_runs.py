@@ -9,9 +9,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from batching.cli import positive_int
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from common.cli import positive_int
 
 # How many resumable runs the listing shows at verbosity 2.
 LISTED_RUNS = 20

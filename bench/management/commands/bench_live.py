@@ -17,7 +17,8 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
 from bench import live
-from products.benchmarking import DEFAULT_SEED, database_description
+from bench.namespace import DEFAULT_SEED
+from bench.report import database_description
 
 ALL = "all"
 NEEDS_POSTGRESQL = (

@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from batching.cli import positive_int
+from common.cli import positive_int
 from jobs.tasks import reap_stale_partitions
 
 

@@ -7,6 +7,7 @@ product's view_count.
 
 from __future__ import annotations
 
+from batching.models import BatchProcessingLog
 from products.management.commands.import_products import ImportCommand
 
 
@@ -16,4 +17,4 @@ class Command(ImportCommand):
         "session_id, interaction_type, created_at). Bad lines are reported and skipped."
     )
     noun = "product views"
-    service_method = "create_product_views"
+    operation = BatchProcessingLog.Operation.PRODUCT_VIEWS

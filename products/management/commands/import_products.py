@@ -1,7 +1,7 @@
 """``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
 
 The file is read row by row (``products.readers.RowStream``) and handed to a
-bulk service as an iterator, so memory holds one chunk whatever the file's
+bulk operation (``batching.registry``) as an iterator, so memory holds one chunk whatever the file's
 size. Bad lines are reported by line number and skipped; the good rows are
 imported. ``import_product_views`` shares this module's ``ImportCommand``.
 
@@ -22,13 +22,12 @@ from typing import Any, ClassVar
 
 from django.core.management.base import BaseCommand, CommandError
 
-from batching.cli import Progress, positive_int
-from batching.engine import BatchResult, ResumeError, run_log_of
+from batching.engine import BatchResult, ResumeError, run_batch, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
-from products.readers import FORMATS, ReaderError, RowStream
-from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
-from products.services.base import BulkOperationsService
+from batching.registry import operation_class
+from common.cli import Progress, positive_int
+from products.readers import FORMATS, BadLine, ReaderError, RowStream
 
 # At most this many bad lines are printed; the rest are counted.
 MAX_REPORTED_LINES = 20
@@ -45,25 +44,30 @@ STILL_RUNNING = (
 )
 INTERRUPTED = "interrupted: continue run #{log_id} with --resume {log_id}"
 RUN_FAILED = "run #{log_id} failed: {summary}. Continue it with --resume {log_id}"
+NOT_WITH_BACKGROUND = "--background runs the optimized service on the workers: drop {options}"
+SUBMITTED = (
+    "Submitted job {job}: {rows:,} rows in {partitions:,} partitions. Workers run it "
+    "(manage.py db_worker); follow it at /api/jobs/{job} or in the admin."
+)
 
 
 class ImportCommand(BaseCommand):
-    """Stream a file through one bulk service method; subclasses name the method."""
+    """Stream a file through one registered bulk operation; subclasses name the operation."""
 
     noun: ClassVar[str]
-    # The BulkOperationsService method the rows go through.
-    service_method: ClassVar[str]
+    # The operation the rows go through (a BatchProcessingLog.Operation value).
+    operation: ClassVar[str]
 
-    def run_service(
+    def run_operation(
         self,
-        service: BulkOperationsService,
+        variant: str,
         rows: Iterable[Mapping[str, Any]],
         *,
         chunk_size: int | None,
         resume: int | None,
     ) -> BatchResult:
-        method = getattr(service, self.service_method)
-        return method(rows, chunk_size=chunk_size, resume=resume)
+        operation = operation_class(self.operation, variant)()
+        return run_batch(operation, rows, chunk_size=chunk_size, resume=resume)
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
@@ -100,14 +104,29 @@ class ImportCommand(BaseCommand):
             action="store_true",
             help="Use the naive (N+1) service instead of the optimized one, for comparison.",
         )
+        parser.add_argument(
+            "--background",
+            action="store_true",
+            help="Stage the file as a background job and return at once: its partitions run on "
+            "the workers (manage.py db_worker). Lines that cannot be read are listed now and "
+            "left out; the job's row i is the i-th readable line.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         path: Path = options["path"]
+        if options["background"]:
+            clashing = [name for name in ("resume", "chunk_size") if options[name] is not None]
+            if options["naive"]:
+                clashing.append("naive")
+            if clashing:
+                options_text = ", ".join("--" + name.replace("_", "-") for name in clashing)
+                raise CommandError(NOT_WITH_BACKGROUND.format(options=options_text))
+            self.submit(path, options["format"])
+            return
         verbosity: int = options["verbosity"]
         resume: int | None = options["resume"]
-        service = (
-            NaiveBulkOperationsService if options["naive"] else OptimizedBulkOperationsService
-        )()
+        Variant = BatchProcessingLog.Variant
+        variant = Variant.NAIVE if options["naive"] else Variant.OPTIMIZED
         self.log_id = resume
         self.resuming = resume is not None
         with self.open_stream(path, options["format"]) as stream:
@@ -118,8 +137,8 @@ class ImportCommand(BaseCommand):
             rows = self.watch(stream, progress, announce=verbosity >= 1)
             started = time.perf_counter()
             try:
-                result = self.run_service(
-                    service, rows, chunk_size=options["chunk_size"], resume=resume
+                result = self.run_operation(
+                    variant, rows, chunk_size=options["chunk_size"], resume=resume
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
@@ -186,6 +205,34 @@ class ImportCommand(BaseCommand):
         except ReaderError as exc:
             raise CommandError(str(exc)) from exc
 
+    def submit(self, path: Path, format: str | None) -> None:
+        """Stage the readable rows as a job (in a stream); list the unreadable lines."""
+        from jobs.services import submit_job
+
+        unreadable = 0
+
+        def readable(stream: RowStream) -> Iterator[Mapping[str, Any]]:
+            nonlocal unreadable
+            for row in stream:
+                if isinstance(row, BadLine):
+                    unreadable += 1
+                    if unreadable <= MAX_REPORTED_LINES:
+                        self.stderr.write(f"line {row.line}: {row.reason} (left out)")
+                    continue
+                yield dict(row)
+
+        with self.open_stream(path, format) as stream:
+            job = submit_job(operation=self.operation, rows=readable(stream))
+        if unreadable > MAX_REPORTED_LINES:
+            self.stderr.write(f"... and {unreadable - MAX_REPORTED_LINES:,} more lines left out")
+        self.stdout.write(
+            SUBMITTED.format(
+                job=job.pk,
+                rows=job.rows_total,
+                partitions=-(-job.rows_total // job.partition_size),
+            )
+        )
+
     # -- during the run ------------------------------------------------------
 
     def watch(
@@ -250,4 +297,4 @@ class Command(ImportCommand):
         "category, price, stock_quantity, is_active). Bad lines are reported and skipped."
     )
     noun = "products"
-    service_method = "import_products"
+    operation = BatchProcessingLog.Operation.PRODUCTS

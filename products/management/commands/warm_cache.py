@@ -14,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from batching.cli import Progress, positive_int
+from common.cli import Progress, positive_int
 from products import cache
 from products.models import Product, RecommendationScore
 

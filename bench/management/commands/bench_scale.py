@@ -1,7 +1,7 @@
 """``manage.py bench_scale``: the optimized service against raw COPY and its peers, at scale.
 
 The command parses options, checks the database and writes the outputs;
-workloads, strategies, measuring and the report live in ``products.scale_bench``.
+workloads, strategies, measuring and the report live in ``bench.scale``.
 With ``--one`` it is the child process that runs and measures one strategy.
 """
 
@@ -18,8 +18,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
-from products import scale_bench as bench
-from products.benchmarking import DEFAULT_SEED, database_description
+from bench import scale as bench
+from bench.namespace import DEFAULT_SEED
+from bench.report import database_description
 
 ALL = "all"
 NEEDS_POSTGRESQL = (

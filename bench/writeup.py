@@ -17,11 +17,8 @@ Setup, row generation and snapshots happen outside the service call and are
 not measured: times and query counts are the ``BatchResult``'s, the same
 figures each run leaves in its ``BatchProcessingLog`` row (logs are kept).
 
-The namespace
--------------
-The benchmark shares the database with the demo shop, so it touches only its
-own rows: usernames starting ``bench-``, skus and order references starting
-``BENCH-``, category names starting ``Bench ``. Everything else survives.
+The rows live in the benchmark namespace (``bench.namespace``): a shared
+database keeps everything else.
 """
 
 from __future__ import annotations
@@ -36,26 +33,32 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import make_password
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Q
+from django.db import DEFAULT_DB_ALIAS, transaction
 
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
+from bench.namespace import (
+    CATEGORY_PREFIX,
+    DEFAULT_SEED,
+    ORDER_PREFIX,
+    PRODUCT_POOL,
+    SKU_PREFIX,
+    USER_POOL,
+    Fixture,
+    bench_products,
+    category_name,
+    create_categories,
+    create_products,
+    create_users,
+    product_sku,
+    reset_namespace,
+)
+from bench.report import format_percent, format_speedup, markdown_table
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 from products.services.base import BulkOperationsService
 
-USER_PREFIX = "bench-"
-SKU_PREFIX = "BENCH-"
-ORDER_PREFIX = "BENCH-"
-CATEGORY_PREFIX = "Bench "
-
-DEFAULT_SEED = 20240601
-USER_POOL = 50
-PRODUCT_POOL = 100
 ITEMS_PER_ORDER = 3
 ALGORITHMS = ("collaborative", "content_based", "trending")
 # Views mostly look, some click, few buy: the mix only has to be deterministic.
@@ -73,93 +76,8 @@ STOCK_MARGIN = 5
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Fixture:
-    """The ids of the base state: ``users[k]`` is the id of bench user number k."""
-
-    users: list[int]
-    products: list[int]
-
-
-def username(number: int) -> str:
-    return f"{USER_PREFIX}user-{number:04d}"
-
-
-def product_sku(number: int) -> str:
-    return f"{SKU_PREFIX}P-{number:06d}"
-
-
-def category_name(number: int) -> str:
-    return f"{CATEGORY_PREFIX}category {number}"
-
-
 def price_in_cents(rng: random.Random) -> Decimal:
     return Decimal(rng.randint(99, 99_999)) / 100
-
-
-def reset_namespace(using: str = DEFAULT_DB_ALIAS) -> None:
-    """Delete every row of the benchmark's namespace, in foreign-key-safe order.
-
-    Queryset deletes: views and scores go in one statement each; orders,
-    products and users go through Django's collector, which is fine for
-    setup (not measured) and handles their cascades. Rows outside the
-    namespace are never selected.
-    """
-    User = get_user_model()
-    bench_users = Q(user__username__startswith=USER_PREFIX)
-    bench_products = Q(product__sku__startswith=SKU_PREFIX)
-    OrderItem.objects.using(using).filter(order__reference__startswith=ORDER_PREFIX).delete()
-    Order.objects.using(using).filter(Q(reference__startswith=ORDER_PREFIX) | bench_users).delete()
-    ProductView.objects.using(using).filter(bench_users | bench_products).delete()
-    RecommendationScore.objects.using(using).filter(bench_users | bench_products).delete()
-    Product.objects.using(using).filter(sku__startswith=SKU_PREFIX).delete()
-    Category.objects.using(using).filter(name__startswith=CATEGORY_PREFIX).delete()
-    User.objects.using(using).filter(username__startswith=USER_PREFIX).delete()
-
-
-def create_users(using: str, count: int) -> list[int]:
-    """Bench users 0..count-1 (no usable password); their ids in that order."""
-    User = get_user_model()
-    users = User.objects.using(using)
-    # One unusable hash for all: they never log in, and hashing per user is slow.
-    password = make_password(None)
-    names = [username(number) for number in range(count)]
-    users.bulk_create([User(username=name, password=password) for name in names])
-    # Read back rather than trust bulk_create to set pks (not every backend does).
-    ids = dict(users.filter(username__in=names).values_list("username", "pk"))
-    return [ids[name] for name in names]
-
-
-def create_categories(using: str, count: int) -> list[int]:
-    categories = Category.objects.using(using)
-    names = [category_name(number) for number in range(count)]
-    categories.bulk_create([Category(name=name) for name in names])
-    ids = dict(categories.filter(name__in=names).values_list("name", "pk"))
-    return [ids[name] for name in names]
-
-
-def create_products(using: str, products: list[Product]) -> list[int]:
-    """bulk_create ``products``; their ids in the given order."""
-    queryset = Product.objects.using(using)
-    queryset.bulk_create(products)
-    skus = [product.sku for product in products]
-    ids = dict(queryset.filter(sku__in=skus).values_list("sku", "pk"))
-    return [ids[sku] for sku in skus]
-
-
-def bench_products(using: str, count: int) -> list[Product]:
-    """``count`` unsaved bench products (price 10.00, stock 100) in a new category."""
-    (category_id,) = create_categories(using, 1)
-    return [
-        Product(
-            sku=product_sku(number),
-            name=f"Bench product {number}",
-            category_id=category_id,
-            price=Decimal("10.00"),
-            stock_quantity=100,
-        )
-        for number in range(count)
-    ]
 
 
 class Scenario(ABC):
@@ -583,14 +501,6 @@ COLUMNS = (
 )
 
 
-def format_percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}%"
-
-
-def format_speedup(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}x"
-
-
 def table_rows(comparisons: Sequence[Comparison]) -> list[tuple[str, ...]]:
     return [
         (
@@ -624,23 +534,10 @@ def text_table(comparisons: Sequence[Comparison]) -> str:
     )
 
 
-def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
-    """'postgresql (PostgreSQL 15.8)': the vendor, and the server version when known."""
-    connection = connections[using]
-    try:
-        version = ".".join(str(part) for part in connection.get_database_version())
-    except NotImplementedError:
-        return connection.vendor
-    return f"{connection.vendor} ({connection.display_name} {version})"
-
-
 def markdown_report(
     comparisons: Sequence[Comparison], *, command_line: str, database: str, date: str
 ) -> str:
     """A Markdown table for BENCHMARKS.md, headed by how it was produced."""
-    header = "| " + " | ".join(COLUMNS) + " |"
-    align = "|" + "|".join([" --- "] + [" ---: "] * (len(COLUMNS) - 1)) + "|"
-    body = ["| " + " | ".join(row) + " |" for row in table_rows(comparisons)]
     return "\n".join(
         [
             f"Command: `{command_line}`",
@@ -648,8 +545,6 @@ def markdown_report(
             f"Database: {database}  ",
             f"Date: {date}",
             "",
-            header,
-            align,
-            *body,
+            *markdown_table(COLUMNS, "l" + "r" * (len(COLUMNS) - 1), table_rows(comparisons)),
         ]
     )

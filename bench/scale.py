@@ -47,7 +47,7 @@ service and raw SQL, which the targets compare, always run. Orders run at
 
 The namespace
 -------------
-The rows are those of ``products.benchmarking``'s namespace (users
+The rows are those of ``bench.writeup``'s namespace (users
 ``bench-``, skus and order references ``BENCH-``, categories ``Bench ``), so
 the benchmark shares a database with the shop without touching its rows. It
 deletes the namespace with one statement per table, which stays fast at a
@@ -60,7 +60,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -71,45 +70,44 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
-from django.db.models import Q
 from django.utils import timezone
 from psycopg import sql
 
-from batching.engine import BatchResult
+from batching.engine import BatchResult, chunked
 from batching.models import BatchProcessingLog
-from batching.postgres import array_type, column, model_field
-from orders.models import Order, OrderItem
-from products.benchmarking import (
-    ALGORITHMS,
-    BASE_TIME,
+from batching.postgres import array_type, column, execute, model_field
+from bench.namespace import (
     CATEGORY_PREFIX,
     DEFAULT_SEED,
-    INTERACTIONS,
-    ORDER_PREFIX,
+    PRODUCT_FIELDS,
     PRODUCT_POOL,
     SKU_PREFIX,
     USER_POOL,
-    USER_PREFIX,
     Fixture,
-    OrdersScenario,
     category_name,
+    copy_products,
     create_categories,
     create_users,
+    product_ids,
     product_sku,
-    username,
+    reset_namespace,
+    table,
+    user_ids,
+    vacuum,
 )
+from bench.report import format_ratio, machine_description, markdown_table, short_size
+from bench.writeup import ALGORITHMS, BASE_TIME, INTERACTIONS, OrdersScenario
+from common.charts import bar_chart
+from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.readers import RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
-from shop.charts import bar_chart
 
 try:  # a benchmark-only extra: pip install -e ".[bench]"
     import pgbulk
@@ -193,17 +191,6 @@ def columns(model: type[models.Model], fields: Sequence[str]) -> sql.Composed:
     return sql.SQL(", ").join(column(model, f) for f in fields)
 
 
-def table(model: type[models.Model]) -> sql.Identifier:
-    return sql.Identifier(model._meta.db_table)
-
-
-def execute(using: str, statement: sql.Composable, params: Sequence[Any] = ()) -> None:
-    connection = connections[using]
-    connection.ensure_connection()
-    with connection.cursor() as cursor:
-        cursor.execute(statement.as_string(connection.connection), params)
-
-
 def copy_rows(
     using: str,
     model: type[models.Model],
@@ -251,12 +238,6 @@ def stage(
     copy_rows(using, model, fields, rows, staging=True)
 
 
-def chunks(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(rows)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
 def check_completed(workload: str, strategy: str, result: BatchResult) -> None:
     if result.status != BatchProcessingLog.Status.COMPLETED:
         errors = "; ".join(f"row {e.index}: {e.field}: {e.message}" for e in result.errors[:3]) or (
@@ -280,119 +261,6 @@ def fingerprint(rows: Iterable[tuple]) -> tuple[int, int]:
         count += 1
         total = (total + hash(row)) & HASH_MASK
     return count, total
-
-
-# -- the namespace -----------------------------------------------------------------
-
-
-def like_prefix(prefix: str) -> str:
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "%"
-
-
-def reset_namespace(using: str = DEFAULT_DB_ALIAS) -> None:
-    """Delete the benchmark's rows, one statement per big table, in foreign-key order.
-
-    Views and scores are fast deletes already (nothing references them);
-    products go through one ``DELETE ... LIKE`` because Django's collector
-    would load every product to cascade. Orders, categories and users are few.
-    """
-    # Fresh statistics first: just after a strategy wrote its rows the planner
-    # still expects empty tables and picks nested loops that run for minutes.
-    for model in (ProductView, RecommendationScore, Product):
-        execute(using, sql.SQL("ANALYZE {}").format(table(model)))
-    User = get_user_model()
-    bench_users = Q(user__username__startswith=USER_PREFIX)
-    bench_products = Q(product__sku__startswith=SKU_PREFIX)
-    with transaction.atomic(using=using):
-        OrderItem.objects.using(using).filter(order__reference__startswith=ORDER_PREFIX).delete()
-        Order.objects.using(using).filter(
-            Q(reference__startswith=ORDER_PREFIX) | bench_users
-        ).delete()
-        ProductView.objects.using(using).filter(bench_users | bench_products).delete()
-        RecommendationScore.objects.using(using).filter(bench_users | bench_products).delete()
-    # Then vacuum the rows referencing products and users, before those go:
-    # each deleted product's foreign-key check looks for rows pointing at it,
-    # and on a table of a million dead rows whose statistics say "empty" the
-    # planner may scan a whole index per product (hours at a million).
-    vacuum(using, (OrderItem, Order, ProductView, RecommendationScore))
-    with transaction.atomic(using=using):
-        execute(
-            using,
-            sql.SQL("DELETE FROM {} WHERE {} LIKE %s").format(
-                table(Product), column(Product, "sku")
-            ),
-            [like_prefix(SKU_PREFIX)],
-        )
-        Category.objects.using(using).filter(name__startswith=CATEGORY_PREFIX).delete()
-        User.objects.using(using).filter(username__startswith=USER_PREFIX).delete()
-
-
-def vacuum(using: str, tables: Iterable[type[models.Model]]) -> None:
-    """VACUUM ANALYZE: dead rows of the previous strategy cleared, statistics fresh.
-
-    VACUUM cannot run inside a transaction; inside one (a test) this is skipped.
-    """
-    if connections[using].in_atomic_block:
-        return
-    for model in tables:
-        execute(using, sql.SQL("VACUUM ANALYZE {}").format(table(model)))
-
-
-def user_ids(using: str) -> list[int]:
-    """Ids of bench users 0..USER_POOL-1, in that order."""
-    names = [username(number) for number in range(USER_POOL)]
-    ids = dict(
-        get_user_model()
-        .objects.using(using)
-        .filter(username__in=names)
-        .values_list("username", "pk")
-    )
-    return [ids[name] for name in names]
-
-
-def product_ids(using: str, count: int) -> list[int]:
-    """Ids of bench products 0..count-1, in that order."""
-    ids = dict(
-        Product.objects.using(using)
-        .filter(sku__startswith=SKU_PREFIX)
-        .values_list("sku", "pk")
-        .iterator(chunk_size=10_000)
-    )
-    return [ids[product_sku(number)] for number in range(count)]
-
-
-PRODUCT_FIELDS = (
-    "sku",
-    "name",
-    "category",
-    "price",
-    "stock_quantity",
-    "is_active",
-    "view_count",
-    "created_at",
-    "updated_at",
-)
-
-
-def copy_products(
-    using: str,
-    numbers: Iterable[int],
-    category: Callable[[int], int],
-    price: Decimal | str,
-    stock: int,
-) -> None:
-    """Bench products ``numbers`` with one price and stock, by COPY (setup only)."""
-    now = timezone.now()
-    copy_rows(
-        using,
-        Product,
-        PRODUCT_FIELDS,
-        (
-            (product_sku(n), f"Bench product {n}", category(n), price, stock, True, 0, now, now)
-            for n in numbers
-        ),
-    )
 
 
 # -- workloads ----------------------------------------------------------------------
@@ -427,8 +295,8 @@ class Workload(ABC):
     tables: ClassVar[tuple[type[models.Model], ...]]
     max_size: ClassVar[int | None] = None
     cap_reason: ClassVar[str] = ""
-    # The chunk the scale figures are measured at (README, "PostgreSQL fast
-    # paths"): throughput in isolation, where large chunks pay off. The live
+    # The chunk the scale figures are measured at (docs/benchmarks.md, "At
+    # scale"): throughput in isolation, where large chunks pay off. The live
     # shop's figures are bench_live's, at the services' default of 1,000.
     chunk: ClassVar[int] = 50_000
 
@@ -504,7 +372,7 @@ class ViewsWorkload(Workload):
         Strategy(DJANGO, "bulk_create", "run_django", "one bulk_create per chunk"),
     )
     fields = ("user", "product", "session_id", "interaction_type", "created_at")
-    # 100 entries: the interaction mix of products.benchmarking, as plain strings.
+    # 100 entries: the interaction mix of bench.writeup, as plain strings.
     kinds = tuple(str(kind.value) for kind, weight in INTERACTIONS for _ in range(weight))
 
     def create_base(self) -> None:
@@ -567,12 +435,12 @@ class ViewsWorkload(Workload):
 
     def run_pgbulk(self) -> None:
         queryset = ProductView.objects.using(self.using)
-        for chunk in chunks(self.objects(self.rows()), self.chunk_size):
+        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
             pgbulk.copy(queryset, chunk, list(self.fields))
 
     def run_django(self) -> None:
         queryset = ProductView.objects.using(self.using)
-        for chunk in chunks(self.objects(self.rows()), self.chunk_size):
+        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
             queryset.bulk_create(chunk)
 
     def state(self) -> dict[str, Iterable[tuple]]:
@@ -704,12 +572,12 @@ class ScoresWorkload(Workload):
 
     def run_pgbulk(self) -> None:
         queryset = RecommendationScore.objects.using(self.using)
-        for chunk in chunks(self.objects(self.rows()), self.chunk_size):
+        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
             pgbulk.upsert(queryset, chunk, self.key_fields, self.update_fields)
 
     def run_django(self) -> None:
         queryset = RecommendationScore.objects.using(self.using)
-        for chunk in chunks(self.objects(self.rows()), self.chunk_size):
+        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
             queryset.bulk_create(
                 chunk,
                 update_conflicts=True,
@@ -828,13 +696,13 @@ class UpdatesWorkload(Workload):
 
     def run_pgbulk(self) -> None:
         queryset = Product.objects.using(self.using)
-        for chunk in chunks(self.rows(), self.chunk_size):
+        for chunk in chunked(iter(self.rows()), self.chunk_size):
             with transaction.atomic(using=self.using):
                 pgbulk.update(queryset, self.objects(chunk), UPDATE_FIELDS)
 
     def run_django(self) -> None:
         queryset = Product.objects.using(self.using)
-        for chunk in chunks(self.rows(), self.chunk_size):
+        for chunk in chunked(iter(self.rows()), self.chunk_size):
             with transaction.atomic(using=self.using):
                 queryset.bulk_update(
                     self.objects(chunk), UPDATE_FIELDS, batch_size=DJANGO_UPDATE_BATCH
@@ -850,7 +718,7 @@ class UpdatesWorkload(Workload):
 
 
 class OrdersWorkload(Workload):
-    """Orders of 3 items over 100 products (``products.benchmarking``'s scenario)."""
+    """Orders of 3 items over 100 products (``bench.writeup``'s scenario)."""
 
     name = "orders"
     title = "Orders of 3 items"
@@ -1398,39 +1266,6 @@ MEMORY_LIMIT_MB = 100.0
 MEMORY_GROWTH_LIMIT = 1.2  # peak growth at 1,000,000 rows against 100,000
 
 
-def short_size(size: int) -> str:
-    for unit, suffix in ((1_000_000, "M"), (1_000, "k")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit}{suffix}"
-    return str(size)
-
-
-def format_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
-def machine_description() -> str:
-    """CPU model, cores, memory, OS and Python: enough to compare runs."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        memory_text = f", {memory:.1f} GiB RAM"
-    except (ValueError, OSError):
-        memory_text = ""
-    return (
-        f"{model}, {os.cpu_count()} CPUs{memory_text}, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}"
-    )
-
-
 def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
     rows = []
     for target in TARGETS:
@@ -1474,16 +1309,6 @@ def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
                 )
             )
     return rows
-
-
-def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
-    """``align``: one character per column, ``l`` or ``r``."""
-    marks = [" --- " if a == "l" else " ---: " for a in align]
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(marks) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
 
 
 def workload_section(report: ScaleReport, name: str) -> list[str]:

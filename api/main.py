@@ -1,4 +1,4 @@
-"""The JSON API: one NinjaAPI, a router per app, one error shape, one auth rule.
+"""The JSON API: one NinjaAPI, a router per topic (``api.routers``), one error shape, one auth rule.
 
 Mounted at ``/api/``: the OpenAPI schema is ``/api/openapi.json`` and the
 interactive docs ``/api/docs`` (Swagger UI from ninja's own static files, so
@@ -9,10 +9,10 @@ from ninja import NinjaAPI, Swagger
 
 from api.auth import UNDECLARED_AUTH
 from api.errors import install_error_handlers
-from batching.api import router as batching_router
-from jobs.api import router as jobs_router
-from orders.api import router as orders_router
-from products.api import router as products_router
+from api.routers.batch_logs import router as batch_logs_router
+from api.routers.jobs import router as jobs_router
+from api.routers.orders import router as orders_router
+from api.routers.products import router as products_router
 
 api = NinjaAPI(
     title="Shop bulk operations",
@@ -33,4 +33,4 @@ install_error_handlers(api)
 api.add_router("", products_router)
 api.add_router("", orders_router)
 api.add_router("", jobs_router)
-api.add_router("", batching_router)
+api.add_router("", batch_logs_router)

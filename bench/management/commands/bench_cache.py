@@ -18,7 +18,7 @@ from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 from django.core.management.base import BaseCommand, CommandError
 
-from batching.cli import positive_int
+from common.cli import positive_int
 
 PREFIX = "bench-cache:"
 NEEDS_REDIS = "bench_cache measures Redis round trips: set REDIS_URL (the cache is {backend})"

@@ -1,7 +1,7 @@
 """``manage.py test_bulk_performance``: naive against optimized, operation by operation.
 
 The command parses options and prints; workloads, setup and the comparison
-live in ``products.benchmarking``. (The module name starts with ``test_`` as
+live in ``bench.writeup``. (The module name starts with ``test_`` as
 the issue asks; pytest never collects it because ``testpaths`` is ``tests``.)
 """
 
@@ -15,15 +15,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 
-from products.benchmarking import (
-    DEFAULT_SEED,
-    OPERATIONS,
-    Comparison,
-    database_description,
-    markdown_report,
-    run_benchmark,
-    text_table,
-)
+from bench.namespace import DEFAULT_SEED
+from bench.report import database_description
+from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark, text_table
 
 ALL = "all"
 SIZE_TOO_SMALL = "--size must be at least 1, not {value}"

@@ -1,4 +1,4 @@
-"""Batch endpoints for the catalogue and its interactions; see api/batch.py for the flow."""
+"""Batch endpoints for the catalogue and its interactions; see ``api.batch`` for the flow."""
 
 from django.http import HttpRequest
 from ninja import Router

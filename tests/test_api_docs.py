@@ -1,7 +1,7 @@
-"""The README's curl examples for the JSON API run, as written, against a live server.
+"""The API page's curl examples run, as written, against a live server.
 
-The examples are the ``curl`` commands of the ```sh blocks under the README's
-"## JSON API" heading (up to the next "## " heading). Each runs in order
+The examples are the ``curl`` commands of the ```sh blocks under the
+"## Calling it" heading of docs/api.md (up to the next "## " heading). Each runs in order
 with ``http://127.0.0.1:8000`` replaced by the live server and ``$TOKEN`` by
 a staff token; ``$JOB_ID`` and ``$LOG_ID`` are the ids from the most recent
 answer that had them. Every command must succeed (curl ``--fail``: a 2xx).
@@ -19,19 +19,19 @@ from django.conf import settings as django_settings
 from api.models import ApiToken
 from tests.factories import StaffFactory
 
-# The README holding the examples; API_README points elsewhere for a local check.
-README = Path(os.environ.get("API_README") or django_settings.BASE_DIR / "README.md")
-HEADING = "## JSON API"
+# The page holding the examples; API_DOCS points elsewhere for a local check.
+PAGE = Path(os.environ.get("API_DOCS") or django_settings.BASE_DIR / "docs" / "api.md")
+HEADING = "## Calling it"
 HOST = "http://127.0.0.1:8000"
 
 
-def readme_curl_commands(text: str) -> list[list[str]]:
-    """The curl commands of the ```sh blocks in the JSON API section, as argument lists.
+def page_curl_commands(text: str) -> list[list[str]]:
+    """The curl commands of the ```sh blocks in the "Calling it" section, as argument lists.
 
     A command goes on over backslash-newlines and over newlines inside quotes.
     """
     found = re.search(rf"^{HEADING}\n(.*?)(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
-    assert found, f"{README} has no '{HEADING}' section"
+    assert found, f"{PAGE} has no '{HEADING}' section"
     commands = []
     for block in re.findall(r"^```sh\n(.*?)^```", found.group(1), flags=re.MULTILINE | re.DOTALL):
         pending = ""
@@ -49,8 +49,8 @@ def readme_curl_commands(text: str) -> list[list[str]]:
     return commands
 
 
-def test_readme_curl_examples_run(live_server):
-    commands = readme_curl_commands(README.read_text())
+def test_api_page_curl_examples_run(live_server):
+    commands = page_curl_commands(PAGE.read_text())
     assert len(commands) >= 6, commands
     _, token = ApiToken.issue(StaffFactory())
     variables = {"TOKEN": token}

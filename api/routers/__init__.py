@@ -1,0 +1,1 @@
+"""The API's routers, one per topic; ``api.main`` mounts them all on the one NinjaAPI."""

@@ -1,0 +1,201 @@
+"""``manage.py bench_load``: API clients against the production server, then a row count.
+
+The command parses options, prepares the namespace, starts the server when
+no ``--url`` is given and writes the report; the clients and the checks live
+in ``bench.load``, the server in ``bench.server``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from bench import load, server
+from bench.load import Tally
+
+FAILED = "the load test failed:\n{problems}"
+NOT_POSITIVE = "{option} must be more than 0, not {value}"
+NO_URL_ON_MEMORY = (
+    "without --url the command starts the server on this database, which is in memory; "
+    "set DATABASE_URL to a file or to PostgreSQL"
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Load-test the production server: --clients API clients, for --seconds, each "
+        "posting batches of --batch product views to /api/product-views/bulk (bearer "
+        "token, an Idempotency-Key per batch) and reading /api/batch-logs in turn. Then "
+        "checks in the database that every posted row is stored exactly once (rows, "
+        "distinct session ids, view counters, distinct idempotency keys) and prints "
+        "requests/s and p50/p99/max latency per endpoint. Fails on any error, any 5xx or "
+        "any row not stored exactly once. Without --url it starts gunicorn (DEBUG off) on "
+        "a free loopback port on this command's database. Its rows ('load-' users, skus "
+        "and sessions) are deleted afterwards unless --keep."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--url",
+            type=str,
+            default="",
+            help="A running server (http://127.0.0.1:8000) that uses this command's database. "
+            "Default: start one.",
+        )
+        parser.add_argument("--clients", type=int, default=50, help="Concurrent clients (50).")
+        parser.add_argument(
+            "--seconds", type=float, default=60.0, help="How long they send requests (60)."
+        )
+        parser.add_argument("--batch", type=int, default=100, help="Rows per batch POST (100).")
+        parser.add_argument(
+            "--products",
+            type=int,
+            default=load.PRODUCTS,
+            help=f"Products the views are drawn from at random ({load.PRODUCTS:,}); fewer "
+            "products, more batches updating the same view counters at once.",
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=int(os.environ.get("WEB_CONCURRENCY") or 2),
+            help="gunicorn workers of the server it starts (WEB_CONCURRENCY, else 2).",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=int(os.environ.get("WEB_THREADS") or 4),
+            help="Threads per worker of the server it starts (WEB_THREADS, else 4).",
+        )
+        parser.add_argument(
+            "--timeout", type=float, default=30.0, help="Seconds a client waits for an answer."
+        )
+        parser.add_argument(
+            "--markdown", action="store_true", help="Print the report as a BENCHMARKS.md section."
+        )
+        parser.add_argument(
+            "--keep", action="store_true", help="Keep the run's rows (for inspection)."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for option in ("clients", "seconds", "batch", "products", "workers", "threads", "timeout"):
+            if options[option] <= 0:
+                raise CommandError(NOT_POSITIVE.format(option=f"--{option}", value=options[option]))
+        if not options["url"] and not server.database_url():
+            raise CommandError(NO_URL_ON_MEMORY)
+        load_before = load.load_average()
+        namespace = load.prepare(products=options["products"])
+        tally = Tally()
+        problems: list[str] = []
+        try:
+            if options["url"]:
+                tally = self.run(options["url"].rstrip("/"), namespace, options)
+            else:
+                with tempfile.TemporaryDirectory(prefix="bench-load-") as folder:
+                    environment = server.loopback_environment(server.database_url())
+                    log = Path(folder) / "gunicorn.log"
+                    with server.gunicorn(
+                        environment, log, workers=options["workers"], threads=options["threads"]
+                    ) as running:
+                        tally = self.run(running.url, namespace, options)
+            problems = load.verify(namespace, tally)
+        finally:
+            if not options["keep"]:
+                load.remove(namespace, [*tally.log_ids, *tally.failed_log_ids])
+        setup = {
+            "server": options["url"]
+            or f"gunicorn, {options['workers']} workers x {options['threads']} threads, DEBUG=0",
+            "load_before": load_before,
+            "load_after": load.load_average(),
+        }
+        self.report(tally, problems, options, setup)
+        failures = [*tally.errors[:20], *problems]
+        if tally.errors or problems:
+            raise CommandError(FAILED.format(problems="\n".join(failures)))
+
+    def run(self, url: str, namespace: load.Namespace, options: dict[str, Any]) -> Tally:
+        return load.run_clients(
+            url,
+            namespace,
+            clients=options["clients"],
+            seconds=options["seconds"],
+            batch=options["batch"],
+            timeout=options["timeout"],
+        )
+
+    def report(
+        self, tally: Tally, problems: list[str], options: dict[str, Any], setup: dict[str, str]
+    ) -> None:
+        table = load.rows(tally)
+        rows_per_second = tally.posted_rows / tally.elapsed if tally.elapsed else 0.0
+        stored = (
+            "every posted row stored exactly once"
+            if not problems
+            else "NOT every posted row stored exactly once"
+        )
+        summary = (
+            f"{tally.posted_rows:,} rows in {tally.posted_batches:,} batches posted "
+            f"({rows_per_second:,.0f} rows/s); {stored}; "
+            f"{len(tally.errors)} errors, "
+            f"{sum(tally.server_errors(endpoint) for endpoint in load.ENDPOINTS)} 5xx"
+        )
+        if options["markdown"]:
+            self.markdown(table, summary, options, setup, tally)
+        else:
+            self.stdout.write(
+                f"{'endpoint':<30} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+                f"{'max ms':>8} {'errors':>7} {'5xx':>5}"
+            )
+            for row in table:
+                self.stdout.write(
+                    f"{row.endpoint:<30} {row.requests:>9,} {row.per_second:>7.1f} "
+                    f"{row.p50_ms:>8.1f} {row.p99_ms:>8.1f} {row.max_ms:>8.1f} "
+                    f"{row.errors:>7} {row.server_errors:>5}"
+                )
+            self.stdout.write(summary)
+        for problem in problems:
+            self.stderr.write(problem)
+
+    def markdown(
+        self,
+        table: list[load.Row],
+        summary: str,
+        options: dict[str, Any],
+        setup: dict[str, str],
+        tally: Tally,
+    ) -> None:
+        write = self.stdout.write
+        total = sum(row.requests for row in table) / tally.elapsed if tally.elapsed else 0.0
+        server_threads = options["workers"] * options["threads"]
+        write("## The production server under load (`bench_load`)")
+        write("")
+        write(
+            f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
+            f"posting batches of {options['batch']} views of products drawn at random from "
+            f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
+            "`Idempotency-Key` per batch) and reading the first page of `GET /api/batch-logs`, "
+            f"in turn. Server: {setup['server']}; database: {load.database_description()}; "
+            f"{os.cpu_count()} cores shared with the clients (load average before "
+            f"{setup['load_before']}, after {setup['load_after']}). Latency is the client's, "
+            "request sent to answer read"
+            + (
+                "; with more clients than server threads most of it is waiting in the server's "
+                f"queue ({options['clients']} clients / {total:,.1f} requests/s = "
+                f"{options['clients'] / total:,.2f} s)."
+                if not options["url"] and total and options["clients"] > server_threads
+                else "."
+            )
+        )
+        write("")
+        write("| endpoint | requests | req/s | p50 ms | p99 ms | max ms | errors | 5xx |")
+        write("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for row in table:
+            write(
+                f"| `{row.endpoint}` | {row.requests:,} | {row.per_second:,.1f} | "
+                f"{row.p50_ms:,.1f} | {row.p99_ms:,.1f} | {row.max_ms:,.1f} | {row.errors} | "
+                f"{row.server_errors} |"
+            )
+        write(f"\n{summary}.")

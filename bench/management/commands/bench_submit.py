@@ -1,0 +1,59 @@
+"""``manage.py bench_submit``: memory and speed of staging a catalogue as a job.
+
+The workloads, the child process and the report live in ``bench.submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from bench import submit
+from bench.management.commands.bench_scale import parse_sizes
+
+NEEDS_POSTGRESQL = (
+    "bench_submit compares staging with a raw COPY: PostgreSQL only; this database is {vendor}"
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Submit a generated catalogue CSV with `import_products PATH --background` in a fresh "
+        "process at each size, and report the submit's time, rows/s against a raw COPY of the "
+        "same lines, and the process's peak memory growth (PostgreSQL only). The jobs are "
+        "deleted afterwards."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--sizes",
+            default="100000,1000000",
+            help="Comma-separated catalogue rows (default: 100000,1000000).",
+        )
+        parser.add_argument(
+            "--work-dir", type=Path, default=None, help="Where the CSV files are written."
+        )
+        parser.add_argument("--markdown", type=Path, help="Write the Markdown section here.")
+        parser.add_argument("--child", type=Path, help="Internal: submit this file and report.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["child"]:
+            self.stdout.write(json.dumps(submit.submit_here(options["child"])))
+            return
+        vendor = connections[DEFAULT_DB_ALIAS].vendor
+        if vendor != "postgresql":
+            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        sizes = parse_sizes(options["sizes"])
+        work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-submit-"))
+        results = submit.run_submit_bench(sizes, work_dir)
+        command_line = f"python manage.py bench_submit --sizes {options['sizes']}"
+        report = submit.markdown(results, command_line)
+        if options["markdown"]:
+            options["markdown"].write_text(report + "\n", encoding="utf-8")
+        self.stdout.write(report)

@@ -1,0 +1,72 @@
+"""``manage.py bench_workers``: one catalogue job on 1, 2 and 4 workers, per task backend.
+
+The runs, the workers and the report live in ``bench.workers``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from bench import workers
+from bench.management.commands.bench_scale import parse_sizes
+from common.cli import positive_int
+
+NEEDS_POSTGRESQL = (
+    "bench_workers runs workers on other processes, which share the database: "
+    "PostgreSQL only; this database is {vendor}"
+)
+BAD_BACKENDS = "--backends must be comma-separated, from {choices}, not {value!r}"
+
+
+class Command(BaseCommand):
+    help = (
+        "Submit one catalogue job (import_products PATH --background) and run it on 1, 2 and "
+        "4 worker processes, each in its own working directory, per task backend (db: "
+        "db_worker; celery: Celery on CELERY_BROKER_URL). Reports rows/s per worker count, "
+        "and the CPU seconds of the workers and of PostgreSQL, to show where the bottleneck "
+        "moves (PostgreSQL only; the bench rows are removed after)."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--size", type=positive_int, default=1_000_000, help="Catalogue rows (default: 1M)."
+        )
+        parser.add_argument(
+            "--workers", default="1,2,4", help="Comma-separated worker counts (default: 1,2,4)."
+        )
+        parser.add_argument(
+            "--backends", default="db,celery", help="Comma-separated, from db, celery."
+        )
+        parser.add_argument(
+            "--work-dir", type=Path, default=None, help="Where the CSV file is written."
+        )
+        parser.add_argument("--markdown", type=Path, help="Write the Markdown section here.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        vendor = connections[DEFAULT_DB_ALIAS].vendor
+        if vendor != "postgresql":
+            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        backends = [name.strip() for name in options["backends"].split(",") if name.strip()]
+        if not backends or not set(backends) <= set(workers.BACKENDS):
+            choices = ", ".join(workers.BACKENDS)
+            raise CommandError(BAD_BACKENDS.format(choices=choices, value=options["backends"]))
+        counts = parse_sizes(options["workers"])
+        work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-workers-"))
+        try:
+            results = workers.run_scale_out(options["size"], backends, counts, work_dir)
+        except workers.BenchError as exc:
+            raise CommandError(str(exc)) from exc
+        command_line = (
+            f"python manage.py bench_workers --size {options['size']} "
+            f"--workers {options['workers']} --backends {options['backends']}"
+        )
+        report = workers.markdown(results, command_line)
+        if options["markdown"]:
+            options["markdown"].write_text(report + "\n", encoding="utf-8")
+        self.stdout.write(report)

@@ -1,0 +1,152 @@
+"""The production server as a child process: gunicorn on a loopback port, DEBUG off.
+
+``bench_load`` starts one when it is given no ``--url``, and the production
+tests (tests/test_production.py) start one to look at it in a browser. The
+server is what ``make serve`` runs (gunicorn.conf.py), with the environment a
+loopback deployment needs (docs/deploy.md): DEBUG off, no HTTPS redirect and
+no Secure-only cookies, since nothing terminates TLS on loopback.
+
+gunicorn binds port 0 and the kernel picks a free port, which is read back
+from gunicorn's own log line, so two servers never race for one port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connections
+
+LISTENING = re.compile(r"Listening at: (http://127\.0\.0\.1:\d+)")
+NOT_STARTED = "gunicorn did not start listening within {seconds}s; its log:\n{log}"
+EXITED = "gunicorn exited with code {code} before listening; its log:\n{log}"
+FAILED = "{command} failed (exit code {code}):\n{output}"
+
+
+def database_url(alias: str = DEFAULT_DB_ALIAS) -> str:
+    """A DATABASE_URL for the database this process uses (its test database under
+    pytest), so that a child process writes where this one reads; "" for an
+    in-memory SQLite database, which no other process can open."""
+    config = connections[alias].settings_dict
+    name = str(config["NAME"])
+    if connections[alias].vendor == "sqlite":
+        memory = name == ":memory:" or "mode=memory" in name
+        return "" if memory else f"sqlite:///{name}"
+    user = quote(config["USER"] or "")
+    password = f":{quote(config['PASSWORD'])}" if config["PASSWORD"] else ""
+    credentials = f"{user}{password}@" if user else ""
+    port = f":{config['PORT']}" if config["PORT"] else ""
+    return f"postgres://{credentials}{config['HOST'] or 'localhost'}{port}/{quote(name)}"
+
+
+def loopback_environment(url: str, **extra: str) -> dict[str, str]:
+    """This process's environment, set for a production server on loopback without TLS."""
+    environment = dict(os.environ)
+    environment.update(
+        DEBUG="0",
+        DATABASE_URL=url,
+        SECURE_SSL_REDIRECT="0",
+        SESSION_COOKIE_SECURE="0",
+        CSRF_COOKIE_SECURE="0",
+        DJANGO_SETTINGS_MODULE="shop.settings",
+    )
+    environment.update(extra)
+    return environment
+
+
+def manage(environment: Mapping[str, str], *arguments: str) -> subprocess.Popen:
+    """Start ``manage.py ARGUMENTS`` in ``environment``; :func:`finish` waits for it."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", *arguments],
+        cwd=settings.BASE_DIR,
+        env=dict(environment),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    """Wait for a command :func:`manage` started; raise with its output if it failed."""
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(
+            FAILED.format(command=process.args, code=process.returncode, output=output)
+        )
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT, no trailing slash
+    pid: int
+    log: Path
+
+
+@contextmanager
+def gunicorn(
+    environment: Mapping[str, str],
+    log: Path,
+    *,
+    workers: int = 2,
+    threads: int = 4,
+    start_seconds: float = 60.0,
+) -> Iterator[Server]:
+    """gunicorn serving ``shop.wsgi`` on a free loopback port until the block ends.
+
+    Stopped with SIGTERM (gunicorn's graceful stop: requests in flight
+    finish), then SIGKILL if it has not stopped 15 seconds later.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "shop.wsgi",
+        "--config",
+        str(Path(settings.BASE_DIR) / "gunicorn.conf.py"),
+        "--bind",
+        "127.0.0.1:0",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+    ]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=settings.BASE_DIR,
+            env=dict(environment),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = _wait_for_url(process, log, start_seconds)
+        yield Server(url=url, pid=process.pid, log=log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_url(process: subprocess.Popen, log: Path, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if match := LISTENING.search(log.read_text()):
+            return match.group(1)
+        if (code := process.poll()) is not None:
+            raise RuntimeError(EXITED.format(code=code, log=log.read_text()))
+        time.sleep(0.05)
+    raise RuntimeError(NOT_STARTED.format(seconds=seconds, log=log.read_text()))

@@ -1,0 +1,146 @@
+"""The benchmark behind ``manage.py bench_submit``: staging a catalogue as a job.
+
+``import_products PATH --background`` runs in a fresh child process per
+size (the one an operator starts), which reports its peak resident memory
+above what it held once Django was set up, and how long the submit took.
+Beside it, the raw limit: the same file's lines COPYed as text into a
+temporary table, in the parent. The staged jobs are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management import call_command
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from psycopg import sql
+
+from batching.postgres import execute
+from bench.report import format_ratio, markdown_table, short_size
+from bench.scale import (
+    BenchError,
+    ImportWorkload,
+    database_url,
+    peak_kib,
+    reset_peak,
+    resident_kib,
+)
+from jobs.models import Job
+
+RAW_TABLE = "bench_submit_lines"
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    size: int
+    seconds: float
+    growth_mb: float
+    raw_seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.size / self.seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_seconds / self.seconds
+
+
+def submit_here(path: Path) -> dict[str, float]:
+    """In the child: submit ``path`` as a background import; its time and memory growth."""
+    before = resident_kib() or peak_kib()
+    reset_peak()
+    started = time.perf_counter()
+    call_command("import_products", str(path), "--background", verbosity=0)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "growth_mb": max(0, peak_kib() - before) / 1024}
+
+
+def submit_in_child(path: Path, using: str) -> dict[str, float]:
+    command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_submit"]
+    command += ["--child", str(path)]
+    environment = dict(os.environ, DATABASE_URL=database_url(using))
+    child = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        cause = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"submitting {path.name}: the child process failed: {cause}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def raw_copy_seconds(path: Path, using: str) -> float:
+    """COPY the file's lines as text into a temporary table: the staging's raw limit."""
+    connection = connections[using]
+    with transaction.atomic(using=using):
+        execute(
+            using,
+            sql.SQL("CREATE TEMPORARY TABLE {} (line text) ON COMMIT DROP").format(
+                sql.Identifier(RAW_TABLE)
+            ),
+        )
+        started = time.perf_counter()
+        with (
+            connection.cursor() as cursor,
+            cursor.cursor.copy(
+                sql.SQL("COPY {} (line) FROM STDIN").format(sql.Identifier(RAW_TABLE))
+            ) as copy,
+            open(path, encoding="utf-8") as lines,
+        ):
+            next(lines)  # the header
+            for line in lines:
+                copy.write_row((line.rstrip("\n"),))
+        return time.perf_counter() - started
+
+
+def discard_jobs(using: str) -> None:
+    """The benchmark's jobs; their staged rows go by one fast DELETE (nothing refers to them)."""
+    Job.objects.using(using).filter(operation="products").delete()
+
+
+def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_ALIAS) -> list:
+    results = []
+    for size in sizes:
+        workload = ImportWorkload(size, work_dir=work_dir, using=using)
+        if not workload.path.exists():
+            workload.write_file()
+        raw = raw_copy_seconds(workload.path, using)
+        child = submit_in_child(workload.path, using)
+        discard_jobs(using)
+        results.append(Submitted(size, child["seconds"], child["growth_mb"], raw))
+    return results
+
+
+def markdown(results: list[Submitted], command_line: str) -> str:
+    rows = [
+        (
+            short_size(r.size),
+            f"{r.seconds:.2f} s",
+            f"{r.rows_per_second:,.0f}",
+            f"{r.size / r.raw_seconds:,.0f}",
+            format_ratio(r.ratio),
+            f"{r.growth_mb:.1f} MB",
+        )
+        for r in results
+    ]
+    header = ("Rows", "Submit", "Rows/s", "Raw COPY rows/s", "÷ raw", "Peak memory growth")
+    return "\n".join(
+        [
+            "## Submitting a catalogue as a background job",
+            "",
+            f"Command: `{command_line}`",
+            "",
+            "`import_products PATH --background` in a fresh process: the file read once, each "
+            "row's key parsed, the rows COPYed into the job's staged input, repeated keys marked "
+            "by one query, the partitions named. *Raw COPY* is the same file's lines COPYed as "
+            "text into a temporary table; memory is the child's peak resident size above its "
+            "size once Django was set up.",
+            "",
+            *markdown_table(header, "lrrrrr", rows),
+        ]
+    )

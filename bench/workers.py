@@ -1,0 +1,261 @@
+"""The benchmark behind ``manage.py bench_workers``: one job, 1, 2 and 4 workers.
+
+Per backend (``db``: ``manage.py db_worker``; ``celery``: Celery workers on
+the broker) and worker count, a run starts from the catalogue import's base
+state (half the skus exist), starts the workers, each in a working directory
+of its own and sharing nothing but the database and the broker, then submits
+the catalogue as an operator would (``import_products PATH --background`` in
+a child process with the backend's settings) and waits for the job to end.
+
+Throughput is the job's rows over the time from its first partition's claim
+to its end (worker start-up and staging are not in it; the staging's time is
+reported beside it). Where the time went is sampled from ``/proc``: the CPU
+seconds of the workers (pool children included), of PostgreSQL's processes,
+and the whole machine's busy share, over the same interval.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db.models import Min
+
+from bench.namespace import reset_namespace
+from bench.report import markdown_table, short_size
+from bench.scale import BenchError, ImportWorkload, database_url
+from jobs.models import FINISHED, Job
+
+BACKENDS = ("db", "celery")
+QUEUE = "bench_workers"
+READY = {"db": "Starting worker", "celery": " ready."}
+START_TIMEOUT = 120.0
+JOB_TIMEOUT = 3600.0
+SUBMITTED = re.compile(r"Submitted job ([0-9a-f-]{36})")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def backend_environment(backend: str) -> dict[str, str]:
+    if backend == "celery":
+        return {"TASKS_BACKEND": settings.TASKS_BACKEND_CELERY, "CELERY_QUEUE": QUEUE}
+    return {"TASKS_BACKEND": "django_tasks_db.DatabaseBackend"}
+
+
+def worker_command(backend: str) -> list[str]:
+    if backend == "celery":
+        return [sys.executable, "-m", "celery", "--app", "jobs.celery", "worker",
+                "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
+                "--queues", QUEUE]  # fmt: skip
+    manage = str(Path(settings.BASE_DIR) / "manage.py")
+    return [sys.executable, manage, "db_worker", "--no-startup-delay", "--interval", "0.2"]
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    log: Path
+
+
+def start_workers(backend: str, count: int, environment: dict[str, str]) -> list[Worker]:
+    """``count`` workers, each in a fresh directory and a session of its own; once ready."""
+    workers = []
+    for number in range(count):
+        directory = Path(tempfile.mkdtemp(prefix=f"bench-worker-{backend}-{number}-"))
+        log = directory / "worker.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                worker_command(backend),
+                cwd=directory,
+                env=environment | {"PYTHONPATH": str(settings.BASE_DIR)},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        workers.append(Worker(process, log))
+    deadline = time.monotonic() + START_TIMEOUT
+    for worker in workers:
+        while READY[backend] not in worker.log.read_text(errors="replace"):
+            if worker.process.poll() is not None or time.monotonic() > deadline:
+                stop_workers(workers)
+                tail = worker.log.read_text(errors="replace")[-500:]
+                raise BenchError(f"a {backend} worker did not start: {tail}")
+            time.sleep(0.1)
+    return workers
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    for worker in workers:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(worker.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                worker.process.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def processes(matching: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if matching in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def session_pids(workers: list[Worker]) -> list[int]:
+    """Every live process in the workers' sessions (Celery's pool children too)."""
+    sessions = {worker.process.pid for worker in workers}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) in sessions:  # the session id
+                found.append(int(entry.name))
+    return found
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleOut:
+    backend: str
+    workers: int
+    rows: int
+    staging_seconds: float
+    seconds: float
+    worker_cpu: float
+    database_cpu: float
+    busy: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+
+def submit(path: Path, environment: dict[str, str]) -> tuple[str, float]:
+    """``import_products PATH --background`` in a child with the backend's settings."""
+    command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "import_products"]
+    started = time.perf_counter()
+    child = subprocess.run(
+        [*command, str(path), "--background"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    found = SUBMITTED.search(child.stdout)
+    if child.returncode != 0 or found is None:
+        raise BenchError(f"the submit failed: {child.stderr.strip()[-500:]}")
+    return found.group(1), seconds
+
+
+def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
+    workload.setup()  # the base state: half the skus exist
+    environment = dict(os.environ, DATABASE_URL=database_url(workload.using))
+    environment |= backend_environment(backend)
+    workers = start_workers(backend, count, environment)
+    try:
+        db_before = cpu_seconds(processes("postgres"))
+        busy_before = machine_busy()
+        job_id, staging = submit(workload.path, environment)
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not Job.objects.filter(pk=job_id, status__in=FINISHED).exists():
+            if time.monotonic() > deadline:
+                raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+        worker_cpu = cpu_seconds(session_pids(workers))
+        database_cpu = cpu_seconds(processes("postgres")) - db_before
+        busy_after = machine_busy()
+    finally:
+        stop_workers(workers)
+    job = Job.objects.get(pk=job_id)
+    if job.status != "completed":
+        raise BenchError(f"job {job_id} ended {job.status}")
+    started = job.partitions.aggregate(first=Min("claimed_at"))["first"]
+    seconds = (job.finished_at - started).total_seconds()
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    job.delete()  # its staged rows and partitions go with it
+    return ScaleOut(
+        backend, count, job.rows_total, staging, seconds, worker_cpu, database_cpu, busy
+    )
+
+
+def run_scale_out(
+    size: int, backends: list[str], counts: list[int], work_dir: Path, using: str = "default"
+) -> list[ScaleOut]:
+    workload = ImportWorkload(size, work_dir=work_dir, using=using)
+    results = [run_once(workload, backend, count) for backend in backends for count in counts]
+    reset_namespace(using)
+    return results
+
+
+def markdown(results: list[ScaleOut], command_line: str) -> str:
+    base = {r.backend: r.rows_per_second for r in results if r.workers == 1}
+    rows = [
+        (
+            r.backend,
+            str(r.workers),
+            short_size(r.rows),
+            f"{r.staging_seconds:.1f} s",
+            f"{r.seconds:.1f} s",
+            f"{r.rows_per_second:,.0f}",
+            f"{r.rows_per_second / base[r.backend]:.2f}x" if r.backend in base else "n/a",
+            f"{r.worker_cpu:.0f} s",
+            f"{r.database_cpu:.0f} s",
+            f"{r.busy:.0%}",
+        )
+        for r in results
+    ]
+    header = ("Backend", "Workers", "Rows", "Staging", "Run", "Rows/s", "÷ 1 worker",
+              "Workers' CPU", "PostgreSQL CPU", "Machine busy")  # fmt: skip
+    return "\n".join(
+        [
+            "## Scaling out: one catalogue job on 1, 2 and 4 workers",
+            "",
+            f"Command: `{command_line}`",
+            "",
+            f"Machine: {os.cpu_count()} CPUs, the database and the workers on it. A catalogue "
+            "job (half the skus exist) submitted with `import_products PATH --background`; "
+            "*Run* is from its first partition's claim to its end, *Staging* the submit "
+            "before it. CPU seconds are the workers' (pool children included) and "
+            "PostgreSQL's over the run; *Machine busy* is the share of all CPUs in use.",
+            "",
+            *markdown_table(header, "lrrrrrrrrr", rows),
+        ]
+    )

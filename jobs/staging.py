@@ -1,0 +1,120 @@
+"""A job's input, staged once in the database, read by its partitions by range.
+
+The submitting process streams the input through: each row is written as it
+is read (COPY on PostgreSQL, batches of ``STAGE_BATCH`` elsewhere), so its
+memory stays flat whatever the input's size, and the partitions name ranges
+of row numbers instead of carrying copies. Every worker that reaches the
+database reaches the input.
+
+Keys repeated across partitions are found here too: each row's key (the
+operation's own ``prepare`` and ``key``) is staged beside it, and one window
+query afterwards marks every row whose key came before with the number where
+it first came. Rows that fail ``prepare`` are staged with an empty key; their run
+reports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from functools import partial
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db.models import F, Window
+from django.db.models.functions import FirstValue
+from psycopg.types.json import Jsonb
+
+from batching.engine import BatchOperation, RowInvalid, chunked
+from batching.postgres import copy_rows, is_postgresql
+from jobs.models import Job, JobPartition, StagedRow
+
+STAGE_BATCH = 5_000
+FIELDS = ("job", "number", "data", "key")
+
+encode = partial(json.dumps, cls=DjangoJSONEncoder)
+
+
+def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "default") -> int:
+    """Stage ``rows`` as ``job``'s input, in a stream; return how many there were.
+
+    Runs inside the caller's transaction: a submit that fails stages nothing.
+    """
+    staged = _keyed(job, op, rows)
+    if is_postgresql(using):
+        count = copy_rows(
+            StagedRow,
+            FIELDS,
+            ((job, number, Jsonb(data, dumps=encode), key) for job, number, data, key in staged),
+            using=using,
+        )
+    else:
+        count = 0
+        queryset = StagedRow.objects.using(using)
+        for batch in chunked(staged, STAGE_BATCH):
+            queryset.bulk_create(
+                StagedRow(job_id=job_id, number=number, data=data, key=key)
+                for job_id, number, data, key in batch
+            )
+            count += len(batch)
+    if op.key_field is not None:
+        mark_repeats(job, using=using)
+    return count
+
+
+def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
+    keyed = op.key_field is not None
+    for number, raw in enumerate(rows):
+        key = ""
+        if keyed:
+            with contextlib.suppress(RowInvalid):
+                key = encode(op.key(op.prepare(raw)))
+        yield job.pk, number, raw, key
+
+
+def mark_repeats(job: Job, *, using: str = "default") -> int:
+    """Set ``first`` on every staged row whose key came earlier; return how many.
+
+    One query sorts the keyed rows by key (a window over them); only the
+    repeats travel back, and they are updated in batches.
+    """
+    rows = (
+        StagedRow.objects.using(using)
+        .filter(job=job)
+        .exclude(key="")
+        .annotate(
+            first_number=Window(FirstValue("number"), partition_by=[F("key")], order_by="number")
+        )
+        .filter(first_number__lt=F("number"))
+        .values_list("pk", "first_number")
+    )
+    repeats = [StagedRow(pk=pk, first=first) for pk, first in rows.iterator(chunk_size=STAGE_BATCH)]
+    StagedRow.objects.using(using).bulk_update(repeats, ["first"], batch_size=STAGE_BATCH)
+    return len(repeats)
+
+
+def partition_rows(partition: JobPartition) -> list[tuple[Any, int | None]]:
+    """The partition's rows as (data, first), in input order: one query, one partition."""
+    return list(
+        StagedRow.objects.filter(
+            job=partition.job_id,
+            number__gte=partition.start,
+            number__lt=partition.start + partition.size,
+        )
+        .order_by("number")
+        .values_list("data", "first")
+    )
+
+
+def discard(partition: JobPartition) -> int:
+    """Delete the partition's staged rows (it ended, never to run again); return how many.
+
+    One DELETE of at most ``JOB_PARTITION_ROWS`` rows, in the caller's transaction.
+    """
+    deleted, _ = StagedRow.objects.filter(
+        job=partition.job_id,
+        number__gte=partition.start,
+        number__lt=partition.start + partition.size,
+    ).delete()
+    return deleted

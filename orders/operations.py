@@ -1,0 +1,278 @@
+"""Orders' bulk operation: each order applied whole or rejected whole, in input order.
+
+``OrdersOperation`` holds what both variants share (parsing, an order's
+weight in a chunk, the reference as its key, the product cards dropped after
+COMMIT); ``NaiveOrders`` is the N+1 baseline and ``OptimizedOrders`` the
+constant-queries-per-chunk version, on the product helpers of
+``products.services.optimized``. ``OrdersConfig.ready()`` registers both in
+``batching.registry``, where the services' ``process_orders`` finds them.
+
+Locks late and short (optimized): products, references and users are read
+without locks; the orders and their lines are inserted; then one guarded
+UPDATE takes the stock (locks the products in primary-key order; refused
+below zero, so a checkout that took the stock meanwhile makes the chunk
+re-run in halves, each deciding afresh), and COMMIT follows at once.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from batching.engine import BatchOperation, ChunkConflict, ChunkOutcome, Prepared, RowError
+from batching.models import BatchProcessingLog
+from batching.postgres import fast_paths, insert_with_children, read_by_key
+from orders import rows as r
+from orders.models import Order, OrderItem
+from products import cache
+from products.models import Product
+from products.services.naive import NaiveOperationMixin
+from products.services.optimized import add_to_each, existing_user_ids, locked_products, strict
+from products.services.rows import UNKNOWN_PRODUCT, UNKNOWN_USER
+
+CONFLICT = "a concurrent writer overtook the chunk ({error}); retrying it with the products locked"
+
+
+class OrdersOperation(BatchOperation):
+    operation = BatchProcessingLog.Operation.ORDERS
+    key_field = "reference"
+    fills = (Order,)  # each item's foreign key looks up the order written before it
+
+    def prepare(self, raw: Any) -> r.OrderRow:
+        return r.parse_order(raw)
+
+    def weight(self, raw: Any) -> int:
+        # An order weighs its lines: chunk_size bounds the lines a chunk writes.
+        return r.order_lines(raw)
+
+    def key(self, item: r.OrderRow) -> str:
+        return item.reference
+
+    def committed(self, rows: list[Prepared]) -> None:
+        # Stock changed: drop the cards of every product ordered.
+        cache.invalidate_products(line.product_id for row in rows for line in row.item.items)
+
+
+def order_rejection(
+    index: int,
+    order: r.OrderRow,
+    known: set[str],
+    users: set[int],
+    catalogue: dict[int, tuple[Decimal, int, bool]],
+    remaining: dict[int, int],
+) -> RowError | None:
+    """Why an order cannot be applied, or None. Shared so both variants decide alike."""
+    if order.reference in known:
+        return RowError(
+            index, "reference", r.DUPLICATE_ORDER.format(reference=order.reference), "duplicate"
+        )
+    if order.user_id not in users:
+        return RowError(index, "user_id", UNKNOWN_USER.format(id=order.user_id), "not_found")
+    for position, line in enumerate(order.items):
+        field = f"items[{position}].product_id"
+        if line.product_id not in catalogue:
+            return RowError(index, field, UNKNOWN_PRODUCT.format(id=line.product_id), "not_found")
+        if not catalogue[line.product_id][2]:
+            return RowError(index, field, r.INACTIVE_PRODUCT.format(id=line.product_id), "inactive")
+    total = sum(
+        (catalogue[line.product_id][0] * line.quantity for line in order.items), Decimal("0.00")
+    )
+    if total >= r.MAX_ORDER_TOTAL:
+        message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
+        return RowError(index, "items", message, "invalid")
+    for product_id, quantity in order.quantities().items():
+        if quantity > remaining[product_id]:
+            message = r.INSUFFICIENT_STOCK.format(
+                id=product_id, requested=quantity, available=remaining[product_id]
+            )
+            return RowError(index, "items", message, "insufficient_stock")
+    return None
+
+
+class NaiveOrders(NaiveOperationMixin, OrdersOperation):
+    variant = BatchProcessingLog.Variant.NAIVE
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        outcome = ChunkOutcome()
+        for row in rows:
+            order = row.item
+            exists = Order.objects.using(self.using).filter(reference=order.reference).exists()
+            user = self.user_or_none(order.user_id)
+            products: dict[int, Product] = {}
+            for line in order.items:
+                product = self.product_or_none(line.product_id)
+                if product is not None:
+                    products[product.pk] = product
+            catalogue = {
+                pk: (product.price, product.stock_quantity, product.is_active)
+                for pk, product in products.items()
+            }
+            remaining = {pk: product.stock_quantity for pk, product in products.items()}
+            error = order_rejection(
+                row.index,
+                order,
+                {order.reference} if exists else set(),
+                {user.pk} if user else set(),
+                catalogue,
+                remaining,
+            )
+            if error is not None:
+                outcome.errors.append(error)
+                continue
+            with transaction.atomic(using=self.using):
+                total = sum(
+                    (products[line.product_id].price * line.quantity for line in order.items),
+                    Decimal("0.00"),
+                )
+                created = Order.objects.using(self.using).create(
+                    reference=order.reference, user=user, total=total
+                )
+                for line in order.items:
+                    product = products[line.product_id]
+                    OrderItem.objects.using(self.using).create(
+                        order=created,
+                        product=product,
+                        quantity=line.quantity,
+                        unit_price=product.price,
+                    )
+                    product.stock_quantity -= line.quantity
+                    product.save(using=self.using, update_fields=["stock_quantity"])
+            outcome.written += 1
+            outcome.created += 1
+        return outcome
+
+
+class OptimizedOrders(OrdersOperation):
+    """Orders in input order, decided against the stock read; the stock taken last.
+
+    Nothing is locked while the chunk decides and writes its orders: the
+    guarded stock UPDATE at the end locks the products (primary-key order)
+    and refuses to take any below zero. If a concurrent writer overtook the
+    chunk (a checkout took the stock meanwhile, or another run inserted the
+    same references), the chunk raises ``ChunkConflict``: the engine rolls it
+    back and retries it, and from then on this run locks the products before
+    it decides, as before a conflict nothing needs to (contention is there).
+    """
+
+    variant = BatchProcessingLog.Variant.OPTIMIZED
+
+    def __init__(self, using: str = "default") -> None:
+        super().__init__(using)
+        self.lock_first = False
+
+    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+        if self.lock_first:
+            return self.decide_and_write(rows)
+        try:
+            return self.decide_and_write(rows)
+        except IntegrityError as exc:
+            # The stock guard or a reference's unique index refused: overtaken.
+            self.lock_first = True
+            raise ChunkConflict(CONFLICT.format(error=exc)) from exc
+
+    def decide_and_write(self, rows: list[Prepared]) -> ChunkOutcome:
+        orders_qs = Order.objects.using(self.using)
+        product_ids = {line.product_id for row in rows for line in row.item.items}
+        references = {row.item.reference for row in rows}
+        user_ids = {row.item.user_id for row in rows}
+        if fast_paths(self.using) and not self.lock_first:
+            # Products, references and users in one statement, nothing locked.
+            found, taken_refs, found_users = read_by_key(
+                self.using,
+                [
+                    (Product, "id", product_ids, ["id", "price", "stock_quantity", "is_active"]),
+                    (Order, "reference", references, ["reference"]),
+                    (get_user_model(), "id", user_ids, ["id"]),
+                ],
+            )
+            catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
+            known = {reference for (reference,) in taken_refs}
+            users = {pk for (pk,) in found_users}
+        else:
+            # After a conflict: lock in primary-key order, then decide; a
+            # concurrent replay waits there and then reads its references as taken.
+            products = (
+                locked_products(self.using, pk__in=product_ids)
+                if self.lock_first
+                else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
+            )
+            catalogue = {
+                pk: (price, stock, active)
+                for pk, price, stock, active in products.values_list(
+                    "pk", "price", "stock_quantity", "is_active"
+                )
+            }
+            known = set(
+                strict(orders_qs.filter(reference__in=references)).values_list(
+                    "reference", flat=True
+                )
+            )
+            users = existing_user_ids(self.using, user_ids)
+        remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
+        outcome = ChunkOutcome()
+        # (reference, user, total) and (reference, product, quantity, unit price).
+        accepted: list[tuple[str, int, Decimal]] = []
+        lines: list[tuple[str, int, int, Decimal]] = []
+        taken: Counter[int] = Counter()
+        for row in rows:
+            order = row.item
+            error = order_rejection(row.index, order, known, users, catalogue, remaining)
+            if error is not None:
+                outcome.errors.append(error)
+                continue
+            for product_id, quantity in order.quantities().items():
+                remaining[product_id] -= quantity
+                taken[product_id] += quantity
+            total = Decimal("0.00")
+            for line in order.items:
+                price = catalogue[line.product_id][0]
+                total += price * line.quantity
+                lines.append((order.reference, line.product_id, line.quantity, price))
+            accepted.append((order.reference, order.user_id, total))
+        if not accepted:
+            return outcome
+        self.insert(accepted, lines)
+        # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
+        # that locks them and refuses to take any stock below zero.
+        add_to_each(
+            self.using,
+            "stock_quantity",
+            {pk: -quantity for pk, quantity in taken.items()},
+            guard=True,
+        )
+        outcome.written = outcome.created = len(accepted)
+        return outcome
+
+    def insert(
+        self, orders: list[tuple[str, int, Decimal]], lines: list[tuple[str, int, int, Decimal]]
+    ) -> None:
+        """The orders and their lines: one statement on PostgreSQL, two bulk_create elsewhere."""
+        if fast_paths(self.using):
+            insert_with_children(
+                Order,
+                ["reference", "user", "total"],
+                orders,
+                key="reference",
+                child=OrderItem,
+                link="order",
+                child_fields=["product", "quantity", "unit_price"],
+                child_rows=lines,
+                constants={"status": Order.Status.CONFIRMED, "created_at": timezone.now()},
+                using=self.using,
+            )
+            return
+        created = Order.objects.using(self.using).bulk_create(
+            [Order(reference=ref, user_id=user, total=total) for ref, user, total in orders]
+        )
+        order_ids = {order.reference: order.pk for order in created}
+        OrderItem.objects.using(self.using).bulk_create(
+            [
+                OrderItem(order_id=order_ids[ref], product_id=product, quantity=n, unit_price=price)
+                for ref, product, n, price in lines
+            ]
+        )
