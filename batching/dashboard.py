@@ -100,12 +100,13 @@ def build_dashboard(*, days: int | None = None) -> Dashboard:
         .defer("row_errors", "error_summary")
         .order_by("-duration_seconds", "-id")[:SLOWEST]
     )
+    # Not "throughput": an annotation does not take a model attribute's name.
     points = list(
         runs.filter(finished_at__isnull=False)
-        .annotate(throughput=Log.throughput())
-        .filter(throughput__isnull=False)
+        .annotate(per_second=Log.throughput())
+        .filter(per_second__isnull=False)
         .order_by("-started_at", "-id")
-        .values_list("operation", "variant", "started_at", "throughput", "duration_seconds")[
+        .values_list("operation", "variant", "started_at", "per_second", "duration_seconds")[
             : MAX_POINTS + 1
         ]
     )
@@ -125,7 +126,8 @@ def summarise(runs: QuerySet[Log]) -> list[OperationSummary]:
             failed=Count("pk", filter=Q(status=Log.Status.FAILED)),
             partial=Count("pk", filter=Q(status=Log.Status.PARTIAL)),
             interrupted=Count("pk", filter=Q(status=Log.Status.INTERRUPTED)),
-            rows_read=Sum("checkpoint_position"),
+            # Not "rows_read": an annotation does not take a model attribute's name.
+            read=Sum("checkpoint_position"),
             rows_skipped=Sum("rows_skipped"),
             mean_rows_per_second=Avg(Log.throughput(), filter=Q(finished_at__isnull=False)),
             mean_duration=Avg("duration_seconds"),
@@ -136,9 +138,18 @@ def summarise(runs: QuerySet[Log]) -> list[OperationSummary]:
     order = {value: index for index, value in enumerate(operations)}
     summaries = [
         OperationSummary(
+            operation=row["operation"],
             operation_label=operations.get(row["operation"], row["operation"]),
+            variant=row["variant"],
             variant_label=variants.get(row["variant"], row["variant"]),
-            **row,
+            runs=row["runs"],
+            failed=row["failed"],
+            partial=row["partial"],
+            interrupted=row["interrupted"],
+            rows_read=row["read"],
+            rows_skipped=row["rows_skipped"],
+            mean_rows_per_second=row["mean_rows_per_second"],
+            mean_duration=row["mean_duration"],
         )
         for row in rows
     ]

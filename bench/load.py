@@ -364,10 +364,9 @@ def rows(tally: Tally) -> list[Row]:
 
 
 def database_description() -> str:
-    if connection.vendor == "postgresql":
-        major, minor = divmod(connection.pg_version, 10000)
-        return f"PostgreSQL {major}.{minor}"
-    return f"{connection.display_name} {connection.Database.sqlite_version}"
+    """'PostgreSQL 15.8', 'SQLite 3.45.1': the server's (or library's) version."""
+    version = ".".join(str(part) for part in connection.get_database_version())
+    return f"{connection.display_name} {version}"
 
 
 def load_average() -> str:

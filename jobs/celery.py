@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-from celery import Celery
-from celery.signals import worker_init
+# Celery ships no type information (no py.typed, no stubs in django-stubs).
+from celery import Celery  # type: ignore[import-untyped]
+from celery.signals import worker_init  # type: ignore[import-untyped]
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
 

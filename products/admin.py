@@ -76,7 +76,7 @@ def staff_id(request: HttpRequest) -> int:
 
 
 # What each kind of import writes, as the permissions it needs.
-IMPORT_PERMISSIONS = {
+IMPORT_PERMISSIONS: dict[str, tuple[str, ...]] = {
     imports.PRODUCTS: ("products.add_product", "products.change_product"),
     imports.PRODUCT_VIEWS: ("products.add_productview",),
 }

@@ -62,7 +62,10 @@ logger = logging.getLogger(__name__)
 
 PRODUCTS = BatchProcessingLog.Operation.PRODUCTS
 PRODUCT_VIEWS = BatchProcessingLog.Operation.PRODUCT_VIEWS
-KINDS = {PRODUCTS: "Products (catalogue rows by sku)", PRODUCT_VIEWS: "Product views"}
+KINDS: dict[str, str] = {
+    PRODUCTS: "Products (catalogue rows by sku)",
+    PRODUCT_VIEWS: "Product views",
+}
 PREVIEW = "preview"
 RUNNING = "running"
 DONE = "done"
