@@ -31,8 +31,9 @@ from django.urls import reverse
 from ninja import Status
 
 from api.errors import ApiError, body_too_large, row_error
-from api.idempotency import replay_or_run
+from api.idempotency import failed_after_commit, replay_or_run
 from batching.engine import run_batch
+from batching.models import BatchProcessingLog
 from batching.registry import operation_class
 from jobs.services import submit_job
 from products.services.rows import NOT_AN_OBJECT
@@ -50,6 +51,11 @@ NOT_STORABLE = (
     "with NUL characters or unpaired surrogates; send the batch without ?background "
     "(and no more than API_SYNC_MAX_ROWS rows) to have such rows reported one by one"
 )
+NOTHING_WRITTEN = (
+    "batch run #{log_id} wrote nothing: {error}. The shop is busy; send the same batch again "
+    "after Retry-After seconds"
+)
+RETRY_AFTER_SECONDS = 1
 # At most this many rows are listed in one 400 answer.
 MAX_LISTED_ERRORS = 100
 
@@ -214,8 +220,25 @@ def run_rows(
 
 
 def run_now(operation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run the registered (optimized) operation on ``rows`` in this request."""
-    return run_batch(operation_class(operation)(), rows).as_dict()
+    """Run the registered (optimized) operation on ``rows`` in this request.
+
+    A run that failed (a chunk's retries ran out: live traffic held its locks,
+    or the database kept refusing) is an error, not a 200: 503 with
+    ``Retry-After`` when nothing was committed (the same batch may simply be
+    sent again, and an ``Idempotency-Key`` is freed for it), else the 500 of a
+    run that failed after committing some chunks (see ``api.idempotency``).
+    """
+    result = run_batch(operation_class(operation)(), rows)
+    if result.status != BatchProcessingLog.Status.FAILED:
+        return result.as_dict()
+    log = result.log
+    if log.checkpoint_position:
+        error = ApiError(500, failed_after_commit(log)["detail"])
+    else:
+        detail = NOTHING_WRITTEN.format(log_id=log.pk, error=log.error_summary)
+        error = ApiError(503, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    error.batch_log = log  # type: ignore[attr-defined]  # see batching.engine.run_log_of
+    raise error
 
 
 def submit(operation: str, rows: list[dict[str, Any]], user: Any) -> dict[str, Any]:

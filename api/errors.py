@@ -25,12 +25,18 @@ class ApiError(Exception):
     """An error answer: status code, a message and optionally row/field errors."""
 
     def __init__(
-        self, status: int, detail: str, errors: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.errors = errors or []
+        self.headers = headers or {}
 
 
 def row_error(index: int | None, field: str | None, message: str) -> dict[str, Any]:
@@ -58,7 +64,10 @@ def install_error_handlers(api: NinjaAPI) -> None:
 
     @api.exception_handler(ApiError)
     def api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
-        return respond(request, exc.status, exc.detail, exc.errors)
+        response = respond(request, exc.status, exc.detail, exc.errors)
+        for name, value in exc.headers.items():
+            response[name] = value
+        return response
 
     @api.exception_handler(AuthenticationError)
     def unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:

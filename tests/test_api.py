@@ -26,6 +26,8 @@ from jobs.models import Job
 from orders.models import Order
 from products.models import Product, ProductView, RecommendationScore
 from products.services import rows as r
+from products.services.optimized import OptimizedViews
+from tests.concurrency_helpers import inject_faults, record_sleeps
 from tests.factories import (
     BatchProcessingLogFactory,
     CategoryFactory,
@@ -34,6 +36,7 @@ from tests.factories import (
     ProductFactory,
     StaffFactory,
 )
+from tests.test_resilience import deadlock
 from tests.test_services import (
     SAVEPOINTS,
     order_rows,
@@ -571,3 +574,57 @@ class TestSalesReport:
         response = api.get("/api/reports/sales?since=yesterday")
         assert response.status_code == 400
         assert response.json()["errors"][0]["field"] == "query.since"
+
+
+# -- a run that fails: the shop is busy -----------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+class TestARunThatFails:
+    """A run whose chunk's retries ran out is an error answer, never a 200 that says "failed".
+
+    Committed for real (``transaction=True``): only outside a caller's
+    transaction does the engine retry a chunk.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _fast_retries(self, settings, monkeypatch):
+        settings.BULK_RETRY_ATTEMPTS = 2
+        record_sleeps(monkeypatch)
+
+    def test_nothing_written_is_503_with_retry_after_and_frees_the_key(
+        self, api, shop, monkeypatch
+    ):
+        rows = view_rows(shop, 3)
+        inject_faults(monkeypatch, OptimizedViews, lambda call: deadlock())
+        response = post_views(api, rows, HTTP_IDEMPOTENCY_KEY="busy-1")
+
+        assert response.status_code == 503
+        assert response["Retry-After"] == str(batch_flow.RETRY_AFTER_SECONDS)
+        log = BatchProcessingLog.objects.get()
+        assert response.json() == {
+            "detail": batch_flow.NOTHING_WRITTEN.format(log_id=log.pk, error=log.error_summary),
+            "errors": [],
+        }
+        assert "deadlock detected" in response.json()["detail"]
+        assert not ProductView.objects.exists()
+        assert not IdempotencyRecord.objects.exists()  # the same batch may be sent again
+
+        monkeypatch.undo()
+        retry = post_views(api, rows, HTTP_IDEMPOTENCY_KEY="busy-1")
+        assert retry.status_code == 200
+        assert ProductView.objects.count() == 3
+
+    def test_some_chunks_committed_is_500_kept_under_the_key(
+        self, api, shop, monkeypatch, settings
+    ):
+        settings.BULK_CHUNK_SIZE = 2
+        inject_faults(monkeypatch, OptimizedViews, lambda call: deadlock() if call > 1 else None)
+        response = post_views(api, view_rows(shop, 5), HTTP_IDEMPOTENCY_KEY="half")
+
+        assert response.status_code == 500
+        assert "after committing 2 of its rows" in response.json()["detail"]
+        assert ProductView.objects.count() == 2
+        replay = post_views(api, view_rows(shop, 5), HTTP_IDEMPOTENCY_KEY="half")
+        assert (replay.status_code, replay.json()["detail"]) == (500, response.json()["detail"])
+        assert ProductView.objects.count() == 2  # not applied twice

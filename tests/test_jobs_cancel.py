@@ -47,7 +47,6 @@ from tests.test_jobs import (
     run_all,
     view_rows,
     wait_for,
-    worker_logs,
 )
 from tests.test_jobs import catalogue as catalogue_fixture
 from tests.test_jobs import workers as workers_fixture
@@ -57,7 +56,7 @@ Operation = BatchProcessingLog.Operation
 LogStatus = BatchProcessingLog.Status
 Service = OptimizedBulkOperationsService
 catalogue = catalogue_fixture  # three users, four products
-workers = workers_fixture  # two db_worker processes on the test database
+workers = workers_fixture  # two worker processes on the test database, once per backend
 
 
 def on_chunk(monkeypatch, operation: type, number: int, hook) -> list[int]:
@@ -519,7 +518,7 @@ class TestAdmin:
 @pytest.mark.django_db(transaction=True)
 class TestWorkers:
     def test_cancel_mid_run_then_resume_lands_every_row_once(self, catalogue, settings, workers):
-        """Two ``db_worker`` processes (chunks of 20 rows): cancel, see them stop, resume."""
+        """Two workers (chunks of 20 rows), on each backend: cancel, see them stop, resume."""
         settings.JOB_PARTITION_ROWS = 2000
         rows = 8000
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, rows))
@@ -527,7 +526,7 @@ class TestWorkers:
         while not JobPartition.objects.filter(
             job=job, log__status=LogStatus.RUNNING, log__checkpoint_position__gt=0
         ).exists():
-            assert time.monotonic() < deadline, worker_logs(workers)
+            assert time.monotonic() < deadline, workers.logs()
             time.sleep(0.01)
 
         assert cancel_job(job.pk).status in (Status.CANCELLING, Status.CANCELLED)
