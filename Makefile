@@ -46,19 +46,23 @@ test-portable: venv
 bench: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
-	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py test_bulk_performance --size 1000 --markdown > BENCHMARKS.md.new
+	rm -rf .bench && mkdir .bench
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py test_bulk_performance --size 1000 \
+		--markdown > .bench/1-writeup.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_scale --sizes 10000,100000,1000000 --repeat 3 \
-		--markdown BENCHMARKS.scale.md --json docs/bench-scale.json \
+		--markdown .bench/2-scale.md --json docs/bench-scale.json \
 		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
-	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.cache.md
+	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > .bench/3-cache.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live \
-		--markdown BENCHMARKS.live.md --json docs/bench-live.json --chart docs/bench-live.svg
+		--markdown .bench/4-live.md --json docs/bench-live.json --chart docs/bench-live.svg
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_submit --sizes 100000,1000000 \
-		--markdown BENCHMARKS.submit.md
-	{ cat BENCHMARKS.md.new; echo; cat BENCHMARKS.scale.md; echo; cat BENCHMARKS.cache.md; \
-		echo; cat BENCHMARKS.live.md; echo; cat BENCHMARKS.submit.md; } > BENCHMARKS.md
-	rm BENCHMARKS.md.new BENCHMARKS.scale.md BENCHMARKS.cache.md BENCHMARKS.live.md \
-		BENCHMARKS.submit.md
+		--markdown .bench/5-submit.md
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_workers --size 1000000 \
+		--workers 1,2,4 --backends db,celery --markdown .bench/6-workers.md
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_load --clients 50 --seconds 60 \
+		--markdown > .bench/7-load.md
+	for section in .bench/*.md; do cat $$section; echo; done > BENCHMARKS.md
+	rm -r .bench
 	@cat BENCHMARKS.md
 
 # The production server: static files collected into STATIC_ROOT, then gunicorn
@@ -68,9 +72,9 @@ serve: venv
 	$(PY) manage.py collectstatic --noinput --verbosity 0
 	$(VENV)/bin/gunicorn shop.wsgi
 
-# The production server under load: 50 API clients for 60 s against gunicorn
-# (bench_load starts it on a free loopback port), then every posted row counted;
-# prints the BENCHMARKS.md section. PostgreSQL, like `make bench`.
+# The production server under load alone (also the last section of `make bench`):
+# 50 API clients for 60 s against gunicorn (bench_load starts it on a free
+# loopback port), then every posted row counted. PostgreSQL, like `make bench`.
 bench-load: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_load --clients 50 --seconds 60 --markdown

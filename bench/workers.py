@@ -49,11 +49,12 @@ def backend_environment(backend: str) -> dict[str, str]:
     return {"TASKS_BACKEND": "django_tasks_db.DatabaseBackend"}
 
 
-def worker_command(backend: str) -> list[str]:
+def worker_command(backend: str, number: int) -> list[str]:
     if backend == "celery":
+        # Each worker a node of its own name: two nodes of one name refuse each other.
         return [sys.executable, "-m", "celery", "--app", "jobs.celery", "worker",
-                "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
-                "--queues", QUEUE]  # fmt: skip
+                "--hostname", f"bench-{number}@%h", "--pool", "prefork", "--concurrency", "1",
+                "--loglevel", "INFO", "--queues", QUEUE]  # fmt: skip
     manage = str(Path(settings.BASE_DIR) / "manage.py")
     return [sys.executable, manage, "db_worker", "--no-startup-delay", "--interval", "0.2"]
 
@@ -72,7 +73,7 @@ def start_workers(backend: str, count: int, environment: dict[str, str]) -> list
         log = directory / "worker.log"
         with open(log, "wb") as output:
             process = subprocess.Popen(
-                worker_command(backend),
+                worker_command(backend, number),
                 cwd=directory,
                 env=environment | {"PYTHONPATH": str(settings.BASE_DIR)},
                 stdout=output,
@@ -236,8 +237,8 @@ def markdown(results: list[ScaleOut], command_line: str) -> str:
             f"{r.seconds:.1f} s",
             f"{r.rows_per_second:,.0f}",
             f"{r.rows_per_second / base[r.backend]:.2f}x" if r.backend in base else "n/a",
-            f"{r.worker_cpu:.0f} s",
-            f"{r.database_cpu:.0f} s",
+            f"{r.worker_cpu:.1f} s",
+            f"{r.database_cpu:.1f} s",
             f"{r.busy:.0%}",
         )
         for r in results

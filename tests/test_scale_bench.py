@@ -272,3 +272,24 @@ def test_bench_submit_reports_and_leaves_no_job(tmp_path):
     (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| 60 |")]
     assert row.count("|") == 7 and row.endswith("MB |")
     assert not Job.objects.exists() and not StagedRow.objects.exists()
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_bench_workers_runs_the_job_on_real_workers_and_leaves_nothing(tmp_path):
+    from jobs.models import Job
+
+    out = StringIO()
+    call_command(
+        "bench_workers", "--size", "300", "--workers", "1", "--backends", "db",
+        "--work-dir", str(tmp_path), stdout=out, stderr=StringIO(),
+    )  # fmt: skip
+    (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| db | 1 |")]
+    assert "| 300 |" in row and row.endswith("% |")
+    assert not Job.objects.exists()
+    assert not Product.objects.filter(sku__startswith="BENCH-").exists()
+
+
+def test_bench_workers_refuses_an_unknown_backend():
+    with pytest.raises(CommandError, match="--backends must be comma-separated, from db, celery"):
+        call_command("bench_workers", "--backends", "rq", stdout=StringIO())

@@ -49,14 +49,14 @@ class Command(BaseCommand):
         parser.add_argument("--markdown", type=Path, help="Write the Markdown section here.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        vendor = connections[DEFAULT_DB_ALIAS].vendor
-        if vendor != "postgresql":
-            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
         backends = [name.strip() for name in options["backends"].split(",") if name.strip()]
         if not backends or not set(backends) <= set(workers.BACKENDS):
             choices = ", ".join(workers.BACKENDS)
             raise CommandError(BAD_BACKENDS.format(choices=choices, value=options["backends"]))
         counts = parse_sizes(options["workers"])
+        vendor = connections[DEFAULT_DB_ALIAS].vendor
+        if vendor != "postgresql":
+            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
         work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-workers-"))
         try:
             results = workers.run_scale_out(options["size"], backends, counts, work_dir)
