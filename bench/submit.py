@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
@@ -35,6 +38,7 @@ from bench.scale import (
 from jobs.models import Job
 
 RAW_TABLE = "bench_submit_lines"
+SUBMITTED = re.compile(r"Submitted job ([0-9a-f-]{36})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +57,27 @@ class Submitted:
         return self.raw_seconds / self.seconds
 
 
-def submit_here(path: Path) -> dict[str, float]:
-    """In the child: submit ``path`` as a background import; its time and memory growth."""
+def submitted_job(output: str) -> str:
+    """The id of the job ``import_products --background`` said it submitted."""
+    found = SUBMITTED.search(output)
+    if found is None:
+        raise BenchError(f"the submit named no job: {output.strip()[-300:]}")
+    return found.group(1)
+
+
+def submit_here(path: Path) -> dict[str, float | str]:
+    """In the child: submit ``path`` as a background import; its job, time and memory growth."""
     before = resident_kib() or peak_kib()
     reset_peak()
+    output = StringIO()
     started = time.perf_counter()
-    call_command("import_products", str(path), "--background", verbosity=0)
+    call_command("import_products", str(path), "--background", stdout=output)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "growth_mb": max(0, peak_kib() - before) / 1024}
+    growth = max(0, peak_kib() - before) / 1024
+    return {"job": submitted_job(output.getvalue()), "seconds": seconds, "growth_mb": growth}
 
 
-def submit_in_child(path: Path, using: str) -> dict[str, float]:
+def submit_in_child(path: Path, using: str) -> dict[str, Any]:
     command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_submit"]
     command += ["--child", str(path)]
     environment = dict(os.environ, DATABASE_URL=database_url(using))
@@ -98,11 +112,6 @@ def raw_copy_seconds(path: Path, using: str) -> float:
         return time.perf_counter() - started
 
 
-def discard_jobs(using: str) -> None:
-    """The benchmark's jobs; their staged rows go by one fast DELETE (nothing refers to them)."""
-    Job.objects.using(using).filter(operation="products").delete()
-
-
 def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_ALIAS) -> list:
     results = []
     for size in sizes:
@@ -111,7 +120,8 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
             workload.write_file()
         raw = raw_copy_seconds(workload.path, using)
         child = submit_in_child(workload.path, using)
-        discard_jobs(using)
+        # Only this job: the database may hold others (a shop's, another benchmark's).
+        Job.objects.using(using).filter(pk=child["job"]).delete()
         results.append(Submitted(size, child["seconds"], child["growth_mb"], raw))
     return results
 

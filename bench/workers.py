@@ -17,7 +17,6 @@ and the whole machine's busy share, over the same interval.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from django.db.models import Min
 from bench.namespace import reset_namespace
 from bench.report import markdown_table, short_size
 from bench.scale import BenchError, ImportWorkload, database_url
+from bench.submit import submitted_job
 from jobs.models import FINISHED, Job
 
 BACKENDS = ("db", "celery")
@@ -39,7 +39,6 @@ QUEUE = "bench_workers"
 READY = {"db": "Starting worker", "celery": " ready."}
 START_TIMEOUT = 120.0
 JOB_TIMEOUT = 3600.0
-SUBMITTED = re.compile(r"Submitted job ([0-9a-f-]{36})")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -180,10 +179,9 @@ def submit(path: Path, environment: dict[str, str]) -> tuple[str, float]:
         check=False,
     )
     seconds = time.perf_counter() - started
-    found = SUBMITTED.search(child.stdout)
-    if child.returncode != 0 or found is None:
+    if child.returncode != 0:
         raise BenchError(f"the submit failed: {child.stderr.strip()[-500:]}")
-    return found.group(1), seconds
+    return submitted_job(child.stdout), seconds
 
 
 def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
@@ -196,7 +194,11 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
         busy_before = machine_busy()
         job_id, staging = submit(workload.path, environment)
         deadline = time.monotonic() + JOB_TIMEOUT
-        while not Job.objects.filter(pk=job_id, status__in=FINISHED).exists():
+        while (
+            status := Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
+        ) not in FINISHED:
+            if status is None:
+                raise BenchError(f"job {job_id} is gone: something else deleted it")
             if time.monotonic() > deadline:
                 raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT:.0f} s")
             time.sleep(0.2)
