@@ -54,7 +54,7 @@ from bench.namespace import (
     vacuum,
 )
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
-from bench.report import format_ratio, machine_description, markdown_table, short_size
+from bench.report import format_ratio, markdown_table, section_head, short_size
 from bench.scale import (
     OPTIMIZED,
     RAW,
@@ -631,14 +631,12 @@ def markdown_report(
     """The section of BENCHMARKS.md; ``chart`` is the relative path of the SVG to link."""
     idle = report.idle
     lines = [
-        "## Live shop during bulk work: checkout and admin-save latency",
-        "",
-        f"Command: `{command_line}`",
-        "",
-        f"Machine: {machine_description()}  ",
-        f"Database: {database}  ",
-        f"Date: {date}",
-        "",
+        *section_head(
+            "Live shop during bulk work: checkout and admin-save latency",
+            command_line,
+            database,
+            date,
+        ),
         "One bulk operation at a time runs through the optimized service (chunk setting: "
         "*default* is no `chunk_size`) while two other processes play the live shop on the "
         "100 products the bulk rows reference: a checkout (one unit of stock) every "

@@ -68,3 +68,17 @@ def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
     except NotImplementedError:
         return connection.vendor
     return f"{connection.vendor} ({connection.display_name} {version})"
+
+
+def section_head(title: str, command_line: str, database: str, date: str) -> list[str]:
+    """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when."""
+    return [
+        f"## {title}",
+        "",
+        f"Command: `{command_line}`",
+        "",
+        f"Machine: {machine_description()}  ",
+        f"Database: {database}  ",
+        f"Date: {date}",
+        "",
+    ]

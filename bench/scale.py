@@ -101,7 +101,7 @@ from bench.namespace import (
     user_ids,
     vacuum,
 )
-from bench.report import format_ratio, machine_description, markdown_table, short_size
+from bench.report import format_ratio, markdown_table, section_head, short_size
 from bench.writeup import ALGORITHMS, BASE_TIME, INTERACTIONS, OrdersScenario
 from common.charts import bar_chart
 from orders.models import Order, OrderItem
@@ -1366,14 +1366,12 @@ def markdown_report(
     ``charts`` are (alt text, relative path) pairs to link.
     """
     lines = [
-        "## At scale: the optimized service against raw COPY, django-pgbulk and Django",
-        "",
-        f"Command: `{command_line}`",
-        "",
-        f"Machine: {machine_description()}  ",
-        f"Database: {database}  ",
-        f"Date: {date}",
-        "",
+        *section_head(
+            "At scale: the optimized service against raw COPY, django-pgbulk and Django",
+            command_line,
+            database,
+            date,
+        ),
         "Each strategy runs alone in a fresh process on the same deterministic rows, from the "
         "same starting state, and must leave the same end state. Time is the wall-clock time "
         "of the strategy's call; generating the input rows is part of it for every strategy, "
