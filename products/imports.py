@@ -414,26 +414,38 @@ def job_status(staged: Staged) -> dict[str, Any] | None:
 
 
 def finish_job(staged: Staged, result: dict[str, Any], status: str) -> None:
-    """Store the job's result with line numbers: job row i is the i-th readable line."""
-    lines: list[int] = []
+    """Store the job's result with line numbers: job row i is the i-th readable line.
+
+    One pass over the file, holding only the lines of the rows the result
+    names and the first unreadable lines: flat whatever the file's size.
+    """
+    wanted = {error["index"] for error in result["errors"]}
+    line_of_row: dict[int, int] = {}
     unreadable: list[BadRow] = []
+    unreadable_count = readable = 0
     with staged.stream() as stream:
         for index, row in enumerate(stream):
             if isinstance(row, BadLine):
-                unreadable.append(BadRow(row.line, "row", row.reason))
-            else:
-                lines.append(stream.line_of(index))
-    errors = [BadRow(lines[e["index"]], e["field"], e["message"]) for e in result["errors"]]
+                unreadable_count += 1
+                # Sorted by line below: only the first ones can be among those shown.
+                if len(unreadable) < RESULT_ERRORS:
+                    unreadable.append(BadRow(row.line, "row", row.reason))
+                continue
+            if readable in wanted:
+                line_of_row[readable] = stream.line_of(index)
+            readable += 1
+    errors = [BadRow(line_of_row[e["index"]], e["field"], e["message"]) for e in result["errors"]]
     errors = sorted(errors + unreadable, key=lambda error: error.line)
+    listed = len(result["errors"]) + unreadable_count
     staged.result = {
         "status": status,
-        "read": result["read"] + len(unreadable),
+        "read": result["read"] + unreadable_count,
         "created": result["created"],
         "updated": result["updated"],
-        "skipped": result["skipped"] + len(unreadable),
+        "skipped": result["skipped"] + unreadable_count,
         "log_ids": result["log_ids"],
         "errors": [asdict(error) for error in errors[:RESULT_ERRORS]],
-        "more_errors": max(len(errors) - RESULT_ERRORS, 0),
+        "more_errors": max(listed - RESULT_ERRORS, 0),
     }
     staged.state = DONE
     staged.save()

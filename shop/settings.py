@@ -347,10 +347,10 @@ CACHE_RECOMMENDATIONS = env_int("CACHE_RECOMMENDATIONS", 20)
 ADMIN_IMPORT_DIR = Path(os.environ.get("ADMIN_IMPORT_DIR") or BASE_DIR / "var" / "imports")
 ADMIN_IMPORT_SYNC_MAX_ROWS = env_int("ADMIN_IMPORT_SYNC_MAX_ROWS", 5000)
 ADMIN_IMPORT_MAX_BYTES = env_int("ADMIN_IMPORT_MAX_BYTES", 200 * 1024 * 1024)
-# A background import's rows are handed to its job whole (about 350 bytes a
-# row in the web process): more rows than this are refused at upload, so the
-# web process stays small; the import_products command takes any size.
-ADMIN_IMPORT_MAX_ROWS = env_int("ADMIN_IMPORT_MAX_ROWS", 500_000)
+# A ceiling on an admin upload's rows, beside its bytes: a background import
+# streams its rows into the job's staged input, so the web process stays small
+# at any size; this bounds how much one upload may ask of the workers.
+ADMIN_IMPORT_MAX_ROWS = env_int("ADMIN_IMPORT_MAX_ROWS", 10_000_000)
 # The preview validates the first rows only (the confirm imports them all);
 # the rest is inflated and counted, so an oversized file is refused at upload.
 ADMIN_IMPORT_PREVIEW_ROWS = env_int("ADMIN_IMPORT_PREVIEW_ROWS", 10_000)

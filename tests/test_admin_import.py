@@ -469,3 +469,33 @@ def test_a_preview_of_the_whole_file_says_nothing_of_a_bound(client, staff, sett
     preview = page.context["staged"].preview
     assert (preview["rows"], preview["rows_total"], preview["truncated"]) == (3, 3, False)
     assert 'id="preview-truncated"' not in page.content.decode()
+
+
+def test_a_background_import_holds_no_copy_of_the_file(client, staff, settings):
+    """Confirming a large upload and showing its result stay flat in the web process,
+    from 5,000 to 25,000 rows: rows stream into the job's staged input, and the
+    result maps only its errors to lines."""
+    settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 10
+
+    def traced(action) -> int:
+        tracemalloc.start()
+        try:
+            action()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    def peaks(count: int) -> tuple[int, int]:
+        lines = "".join(f"M-{count}-{n},Memory {n},Shelf,1.50,{n % 50}\n" for n in range(count))
+        url = detail_url(upload(client, HEADER + lines + "M-bad,x,Shelf,-1,1\n"))
+        staged = imports.load(token_of(url), staff.pk)
+        confirm = traced(lambda: imports.run(staged, staff))
+        for pk in Job.objects.get(pk=staged.job_id).partitions.values_list("pk", flat=True):
+            run_partition.call(pk)
+        result = traced(lambda: imports.job_status(staged))
+        assert staged.result["errors"][0]["line"] == count + 2  # the bad price
+        return confirm, result
+
+    small, large = peaks(5_000), peaks(25_000)
+    for phase, small_peak, large_peak in zip(("confirm", "result"), small, large, strict=True):
+        assert large_peak < 1.5 * small_peak, (phase, small_peak, large_peak)
