@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from batching.engine import BatchOperation, ChunkConflict, ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
+from batching.portable import insert_rows
 from batching.postgres import fast_paths, insert_with_children, read_by_key
 from orders import rows as r
 from orders.models import Order, OrderItem
@@ -251,7 +252,8 @@ class OptimizedOrders(OrdersOperation):
     def insert(
         self, orders: list[tuple[str, int, Decimal]], lines: list[tuple[str, int, int, Decimal]]
     ) -> None:
-        """The orders and their lines: one statement on PostgreSQL, two bulk_create elsewhere."""
+        """The orders and their lines: one statement on PostgreSQL; elsewhere ``bulk_create``
+        of the orders (their ids come back) and one ``executemany`` of the lines."""
         if fast_paths(self.using):
             insert_with_children(
                 Order,
@@ -270,9 +272,9 @@ class OptimizedOrders(OrdersOperation):
             [Order(reference=ref, user_id=user, total=total) for ref, user, total in orders]
         )
         order_ids = {order.reference: order.pk for order in created}
-        OrderItem.objects.using(self.using).bulk_create(
-            [
-                OrderItem(order_id=order_ids[ref], product_id=product, quantity=n, unit_price=price)
-                for ref, product, n, price in lines
-            ]
+        insert_rows(
+            OrderItem,
+            ["order", "product", "quantity", "unit_price"],
+            [(order_ids[ref], product, n, price) for ref, product, n, price in lines],
+            using=self.using,
         )

@@ -30,7 +30,8 @@ Each write has two forms with the same queries and the same outcome. On
 PostgreSQL it takes the fast paths of ``batching.postgres``: views arrive by
 ``COPY``, upserts and updates travel as one array per column through one
 statement. Elsewhere (SQLite), or with ``BULK_PG_FAST_PATHS`` off, it takes
-the portable path: ``bulk_create``, ``bulk_update`` and ``F()`` with ``Case``.
+the portable path: ``bulk_create`` (or ``batching.portable``'s ``executemany``
+upserts), ``bulk_update`` and ``F()`` with ``Case``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from django.utils import timezone
 
 from batching.engine import ChunkOutcome, Prepared, RowError
 from batching.models import BatchProcessingLog
+from batching.portable import insert_rows
 from batching.postgres import (
     add_to,
     copy_rows,
@@ -408,25 +410,30 @@ class OptimizedProducts(ProductsOperation):
         }
         outcome = ChunkOutcome(errors=repeated)
         fresh = self.not_written_yet(rows, SKU_OF, existing, outcome.errors)
-        Product.objects.using(self.using).bulk_create(
+        insert_rows(
+            Product,
+            [*PRODUCT_COLUMNS, "last_import_row"],
             [
-                Product(
-                    sku=row.item.sku,
-                    name=row.item.name,
-                    category_id=category_ids[row.item.category],
-                    price=row.item.price,
-                    stock_quantity=row.item.stock_quantity,
-                    is_active=row.item.is_active,
-                    created_at=now,
-                    updated_at=now,
-                    last_import_id=self.log_id,
-                    last_import_row=row.index,
+                (
+                    row.item.sku,
+                    row.item.name,
+                    category_ids[row.item.category],
+                    row.item.price,
+                    row.item.stock_quantity,
+                    row.item.is_active,
+                    row.index,
                 )
                 for row in fresh
             ],
-            update_conflicts=True,
+            constants={
+                "created_at": now,
+                "updated_at": now,
+                "view_count": 0,
+                "last_import": self.log_id,
+            },
             unique_fields=["sku"],
             update_fields=IMPORT_UPDATE_FIELDS,
+            using=self.using,
         )
         outcome.written = len(fresh)
         outcome.updated = sum(1 for row in fresh if row.item.sku in existing)
