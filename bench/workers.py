@@ -106,6 +106,12 @@ def stop_workers(workers: list[Worker]) -> None:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of ``pids`` and of their children that have exited.
+
+    A child's time is added to its parent's when the parent reaps it: the
+    connections PostgreSQL served and closed count in the postmaster's, a
+    Celery pool child's in its worker's.
+    """
     total = 0
     for pid in pids:
         try:
@@ -113,7 +119,7 @@ def cpu_seconds(pids: list[int]) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return total / CLOCK_TICKS
 
 
@@ -190,9 +196,11 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
     environment |= backend_environment(backend)
     workers = start_workers(backend, count, environment)
     try:
+        job_id, staging = submit(workload.path, environment)
+        # From here on the workers run the job (they may have begun a moment before).
+        worker_before = cpu_seconds(session_pids(workers))
         db_before = cpu_seconds(processes("postgres"))
         busy_before = machine_busy()
-        job_id, staging = submit(workload.path, environment)
         deadline = time.monotonic() + JOB_TIMEOUT
         while (
             status := Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
@@ -202,7 +210,7 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
             if time.monotonic() > deadline:
                 raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT:.0f} s")
             time.sleep(0.2)
-        worker_cpu = cpu_seconds(session_pids(workers))
+        worker_cpu = cpu_seconds(session_pids(workers)) - worker_before
         database_cpu = cpu_seconds(processes("postgres")) - db_before
         busy_after = machine_busy()
     finally:
@@ -257,7 +265,8 @@ def markdown(results: list[ScaleOut], command_line: str) -> str:
             "job (half the skus exist) submitted with `import_products PATH --background`; "
             "*Run* is from its first partition's claim to its end, *Staging* the submit "
             "before it. CPU seconds are the workers' (pool children included) and "
-            "PostgreSQL's over the run; *Machine busy* is the share of all CPUs in use.",
+            "PostgreSQL's (its closed connections included) from the end of the submit to "
+            "the end of the job; *Machine busy* is the share of all CPUs in use then.",
             "",
             *markdown_table(header, "lrrrrrrrrr", rows),
         ]
