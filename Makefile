@@ -46,23 +46,23 @@ test-portable: venv
 bench: venv
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py migrate --verbosity 0
-	rm -rf .bench && mkdir .bench
+	rm -f BENCHMARKS.section-*.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py test_bulk_performance --size 1000 \
-		--markdown > .bench/1-writeup.md
+		--markdown > BENCHMARKS.section-1.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_scale --sizes 10000,100000,1000000 --repeat 3 \
-		--markdown .bench/2-scale.md --json docs/bench-scale.json \
+		--markdown BENCHMARKS.section-2.md --json docs/bench-scale.json \
 		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
-	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > .bench/3-cache.md
+	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.section-3.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live \
-		--markdown .bench/4-live.md --json docs/bench-live.json --chart docs/bench-live.svg
+		--markdown BENCHMARKS.section-4.md --json docs/bench-live.json --chart docs/bench-live.svg
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_submit --sizes 100000,1000000 \
-		--markdown .bench/5-submit.md
+		--markdown BENCHMARKS.section-5.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_workers --size 1000000 \
-		--workers 1,2,4 --backends db,celery --markdown .bench/6-workers.md
+		--workers 1,2,4 --backends db,celery --markdown BENCHMARKS.section-6.md
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_load --clients 50 --seconds 60 \
-		--markdown > .bench/7-load.md
-	for section in .bench/*.md; do cat $$section; echo; done > BENCHMARKS.md
-	rm -r .bench
+		--markdown > BENCHMARKS.section-7.md
+	for section in BENCHMARKS.section-*.md; do cat $$section; echo; done > BENCHMARKS.md
+	rm BENCHMARKS.section-*.md
 	@cat BENCHMARKS.md
 
 # The production server: static files collected into STATIC_ROOT, then gunicorn
