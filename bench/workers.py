@@ -269,5 +269,22 @@ def markdown(results: list[ScaleOut], command_line: str) -> str:
             "the end of the job; *Machine busy* is the share of all CPUs in use then.",
             "",
             *markdown_table(header, "lrrrrrrrrr", rows),
+            "",
+            *bottleneck_lines(results),
         ]
     )
+
+
+def bottleneck_lines(results: list[ScaleOut]) -> list[str]:
+    """Where the time went, per backend: the database's share of the CPU, the machine's use."""
+    lines = []
+    for backend in dict.fromkeys(r.backend for r in results):
+        runs = sorted((r for r in results if r.backend == backend), key=lambda r: r.workers)
+        first, last = runs[0], runs[-1]
+        share = last.database_cpu / ((last.database_cpu + last.worker_cpu) or 1)
+        lines.append(
+            f"{backend}: at {first.workers} worker(s) the machine was {first.busy:.0%} busy; at "
+            f"{last.workers}, {last.busy:.0%}, {last.rows_per_second / first.rows_per_second:.2f}x "
+            f"the rows/s, with PostgreSQL taking {share:.0%} of the CPU the run used.  "
+        )
+    return lines
