@@ -38,9 +38,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from decimal import Decimal
 from itertools import chain
 from operator import attrgetter
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connections, models
@@ -357,6 +359,22 @@ class OptimizedScores(ScoresOperation):
         return self.repeats_in(rows, SCORE_KEY_OF, {key: row for key, (_, row) in marks.items()})
 
 
+def product_values(rows: list[Prepared], category_ids: dict[str, int]) -> list[tuple]:
+    """The rows in ``PRODUCT_COLUMNS`` order, then each row's input index (its mark)."""
+    return [
+        (
+            row.item.sku,
+            row.item.name,
+            category_ids[row.item.category],
+            row.item.price,
+            row.item.stock_quantity,
+            row.item.is_active,
+            row.index,
+        )
+        for row in rows
+    ]
+
+
 class OptimizedProducts(ProductsOperation):
     variant = VARIANT
 
@@ -413,24 +431,8 @@ class OptimizedProducts(ProductsOperation):
         insert_rows(
             Product,
             [*PRODUCT_COLUMNS, "last_import_row"],
-            [
-                (
-                    row.item.sku,
-                    row.item.name,
-                    category_ids[row.item.category],
-                    row.item.price,
-                    row.item.stock_quantity,
-                    row.item.is_active,
-                    row.index,
-                )
-                for row in fresh
-            ],
-            constants={
-                "created_at": now,
-                "updated_at": now,
-                "view_count": 0,
-                "last_import": self.log_id,
-            },
+            product_values(fresh, category_ids),
+            constants=self.import_constants(now),
             unique_fields=["sku"],
             update_fields=IMPORT_UPDATE_FIELDS,
             using=self.using,
@@ -440,31 +442,19 @@ class OptimizedProducts(ProductsOperation):
         outcome.created = outcome.written - outcome.updated
         return outcome
 
+    def import_constants(self, now: datetime) -> dict[str, Any]:
+        """What every imported product gets: the time, a zero count (new ones), this run's mark."""
+        return {"created_at": now, "updated_at": now, "view_count": 0, "last_import": self.log_id}
+
     def write_fast(self, rows: list[Prepared], category_ids: dict[str, int], now) -> ChunkOutcome:
         """PostgreSQL: one upsert that leaves alone the skus this run already wrote."""
         created, updated = upsert(
             Product,
             [*PRODUCT_COLUMNS, "last_import_row"],
-            [
-                (
-                    row.item.sku,
-                    row.item.name,
-                    category_ids[row.item.category],
-                    row.item.price,
-                    row.item.stock_quantity,
-                    row.item.is_active,
-                    row.index,
-                )
-                for row in rows
-            ],
+            product_values(rows, category_ids),
             unique_fields=["sku"],
             update_fields=IMPORT_UPDATE_FIELDS,
-            constants={
-                "updated_at": now,
-                "view_count": 0,
-                "created_at": now,
-                "last_import": self.log_id,
-            },
+            constants=self.import_constants(now),
             only_if_distinct=["last_import"],
             using=self.using,
         )
