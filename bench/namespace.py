@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
+from django.core.management.base import CommandError
 from django.db import DEFAULT_DB_ALIAS, connections, models, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -65,6 +66,16 @@ def product_sku(number: int) -> str:
 
 def category_name(number: int) -> str:
     return f"{CATEGORY_PREFIX}category {number}"
+
+
+def require_postgresql(message: str, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Refuse a benchmark that measures PostgreSQL on any other database.
+
+    ``message`` says why, with ``{vendor}`` for the database it found.
+    """
+    vendor = connections[using].vendor
+    if vendor != "postgresql":
+        raise CommandError(message.format(vendor=vendor))
 
 
 def like_prefix(prefix: str) -> str:

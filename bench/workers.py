@@ -105,6 +105,19 @@ def stop_workers(workers: list[Worker]) -> None:
                 continue
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` after the command name (which may hold spaces); None once gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def live_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds of ``pids`` and of their children that have exited.
 
@@ -114,40 +127,32 @@ def cpu_seconds(pids: list[int]) -> float:
     """
     total = 0
     for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+        fields = stat_fields(pid)
+        if fields is not None:
+            total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return total / CLOCK_TICKS
 
 
 def processes(matching: str) -> list[int]:
+    """The live processes whose command line contains ``matching``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if matching in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+    for pid in live_pids():
+        try:
+            if matching in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(pid)
+        except OSError:
+            continue
     return found
 
 
 def session_pids(workers: list[Worker]) -> list[int]:
     """Every live process in the workers' sessions (Celery's pool children too)."""
     sessions = {worker.process.pid for worker in workers}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[3]) in sessions:  # the session id
-                found.append(int(entry.name))
-    return found
+    return [
+        pid
+        for pid in live_pids()
+        if (fields := stat_fields(pid)) is not None and int(fields[3]) in sessions  # session id
+    ]
 
 
 def machine_busy() -> tuple[int, int]:

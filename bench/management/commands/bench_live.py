@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 
 from bench import live
-from bench.namespace import DEFAULT_SEED
+from bench.namespace import DEFAULT_SEED, require_postgresql
 from bench.report import database_description
 
 ALL = "all"
@@ -117,9 +117,7 @@ class Command(BaseCommand):
             if options[option] <= 0:
                 name = "--" + option.replace("_", "-")
                 raise CommandError(NOT_POSITIVE.format(option=name, value=options[option]))
-        vendor = connections[DEFAULT_DB_ALIAS].vendor
-        if vendor != "postgresql":
-            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        require_postgresql(NEEDS_POSTGRESQL)
         progress = self.stdout.write if options["verbosity"] >= 1 else None
         with tempfile.TemporaryDirectory(prefix="bench-live-") as work_dir:
             report = live.run_live_bench(

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS
 from django.utils import timezone
 
 from bench import scale as bench
-from bench.namespace import DEFAULT_SEED
+from bench.namespace import DEFAULT_SEED, require_postgresql
 from bench.report import database_description
 
 ALL = "all"
@@ -160,9 +160,7 @@ class Command(BaseCommand):
         work_dir: Path | None = options["work_dir"]
         if work_dir is not None and not work_dir.is_dir():
             raise CommandError(NO_WORK_DIR.format(path=work_dir))
-        vendor = connections[DEFAULT_DB_ALIAS].vendor
-        if vendor != "postgresql":
-            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        require_postgresql(NEEDS_POSTGRESQL)
         if bench.pgbulk is None:
             raise CommandError(NEEDS_PGBULK)
         seed: int = options["seed"]

@@ -11,11 +11,11 @@ from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.core.management.base import BaseCommand
 
 from bench import submit
 from bench.management.commands.bench_scale import parse_sizes
+from bench.namespace import require_postgresql
 
 NEEDS_POSTGRESQL = (
     "bench_submit compares staging with a raw COPY: PostgreSQL only; this database is {vendor}"
@@ -46,9 +46,7 @@ class Command(BaseCommand):
         if options["child"]:
             self.stdout.write(json.dumps(submit.submit_here(options["child"])))
             return
-        vendor = connections[DEFAULT_DB_ALIAS].vendor
-        if vendor != "postgresql":
-            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        require_postgresql(NEEDS_POSTGRESQL)
         sizes = parse_sizes(options["sizes"])
         work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-submit-"))
         results = submit.run_submit_bench(sizes, work_dir)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, connections
 
 from bench import workers
 from bench.management.commands.bench_scale import parse_sizes
+from bench.namespace import require_postgresql
 from common.cli import positive_int
 
 NEEDS_POSTGRESQL = (
@@ -54,9 +54,7 @@ class Command(BaseCommand):
             choices = ", ".join(workers.BACKENDS)
             raise CommandError(BAD_BACKENDS.format(choices=choices, value=options["backends"]))
         counts = parse_sizes(options["workers"])
-        vendor = connections[DEFAULT_DB_ALIAS].vendor
-        if vendor != "postgresql":
-            raise CommandError(NEEDS_POSTGRESQL.format(vendor=vendor))
+        require_postgresql(NEEDS_POSTGRESQL)
         work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-workers-"))
         try:
             results = workers.run_scale_out(options["size"], backends, counts, work_dir)
