@@ -25,18 +25,11 @@ locked SQLite database) are retried per chunk with exponential backoff and
 jitter, up to ``settings.BULK_RETRY_ATTEMPTS`` times; then the run ends as
 failed. Chunks committed before keep their work.
 
-Every chunk after the first is read ahead: while a chunk commits (on
-PostgreSQL the commit runs the foreign-key checks of every row written, and
-the run's thread only waits), a helper thread reads the next chunk and runs
-``prepare`` on its rows (see ``ReadAhead``). Only the input and ``prepare``
-run in the helper; duplicate keys, errors and the database stay with the
-run's thread.
-
-An operation can take its first chunk as a stream instead (``write_stream``):
-its rows are prepared as the write reads them, so a ``COPY`` is fed while the
-later rows are parsed, and its checks run after the write. If the chunk is
-refused, it is rolled back and written again by ``write`` as above. A chunk
-read ahead is parsed already and goes to ``write`` whole.
+Every chunk after the first is read ahead: once a chunk's rows are read, a
+helper thread (one per run) reads the next chunk and runs ``prepare`` on its
+rows while the chunk's statements and COMMIT wait on the database (see
+``ReadAhead``). Only the input and ``prepare`` run in the helper; duplicate
+keys, errors and the database stay with the run's thread.
 
 Duplicate keys are found across the whole input from a dict of every key seen,
 unless the operation finds keys written by earlier chunks itself
@@ -112,6 +105,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -372,27 +366,6 @@ class BatchOperation(ABC):
             if first_rows.get(row_key := key(row), row.index) != row.index
         ]
 
-    def streams(self) -> bool:
-        """Whether a run's first chunk goes through ``write_stream`` first (see there).
-
-        The later chunks are read ahead, parsed whole, and go to ``write``.
-        """
-        return False
-
-    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
-        """Write a whole chunk as its rows are read and prepared, checking afterwards.
-
-        The optimistic first attempt of an operation whose ``streams()`` is
-        true: ``rows`` yields each valid row as soon as it is prepared, so the
-        database can work on the first rows (a ``COPY`` receiving them) while
-        the later ones are parsed. The checks that need the whole chunk (do
-        its references exist?) run after the write, in the same transaction;
-        one that fails raises ``IntegrityError``. When a check or the
-        database refuses the chunk, the engine rolls it back and writes it
-        again with ``write``, whose checks name each bad row.
-        """
-        raise NotImplementedError
-
     def committed(self, rows: list[Prepared]) -> None:
         """Called once the transaction that wrote ``rows`` has committed.
 
@@ -506,39 +479,6 @@ class TransientFailure(Exception):
     """A chunk still failed transiently after every retry."""
 
 
-class ChunkStream:
-    """One chunk's input, prepared as ``write_stream`` reads it.
-
-    Iterating yields the valid rows; invalid ones go to the run's errors as
-    they are met. ``prepared`` collects the valid rows and ``end`` is the
-    input position after the last row read; ``drain`` reads whatever the
-    write left, so both are complete afterwards.
-    """
-
-    def __init__(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> None:
-        self.prepared: list[Prepared] = []
-        self.start = self.end = start
-        self._rows = self._read(run, start, chunk)
-
-    def _counted(self, chunk: Iterator[Any]) -> Iterator[Any]:
-        for raw in chunk:
-            self.end += 1
-            yield raw
-
-    def _read(self, run: BatchRun, start: int, chunk: Iterator[Any]) -> Iterator[Prepared]:
-        append = self.prepared.append
-        for row in run._prepare_rows(start, self._counted(chunk), run.errors):
-            append(row)
-            yield row
-
-    def __iter__(self) -> Iterator[Prepared]:
-        return self._rows
-
-    def drain(self) -> None:
-        for _ in self._rows:
-            pass
-
-
 def parsed_already(item: Any) -> Any:
     """``prepare`` for a row a ``ReadAhead`` parsed: its item, or its error raised again."""
     if isinstance(item, RowInvalid):
@@ -547,26 +487,27 @@ def parsed_already(item: Any) -> Any:
 
 
 class ReadAhead:
-    """The input's next chunk, read and parsed in a helper thread while a chunk commits.
+    """The input's next chunk, read and parsed in the run's helper thread while a chunk is written.
 
-    It starts once the current chunk's rows are all read and written, so the
-    two never read the input at the same time; then the current chunk commits.
-    That commit waits on the database (on PostgreSQL the foreign-key checks
-    of every row written run there) with the GIL released, and the helper
-    uses that time to run the operation's ``prepare`` on each row of the next
-    chunk. Only the input and ``prepare`` (pure Python) run in the helper:
-    the database, duplicate keys and errors stay with the run's thread,
-    which takes each parsed row (an item or its ``RowInvalid``) in order.
+    The run's thread reads a chunk's rows whole before writing them, so from
+    then on the input is free: the helper reads the next chunk and runs the
+    operation's ``prepare`` on each row while the chunk's statements and its
+    COMMIT wait on the database (with the GIL released). Only the input and
+    ``prepare`` (pure Python) run in the helper: the database, duplicate keys
+    and errors stay with the run's thread, which takes each parsed row (an
+    item or its ``RowInvalid``) in order. The helper is one thread for the
+    whole run (``executor``): handing it a chunk costs no thread start.
     """
 
-    def __init__(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, executor: ThreadPoolExecutor, chunk: Iterator[Any], prepare: Callable[[Any], Any]
+    ) -> None:
         self.parsed: list[Any] = []
         self.failure: BaseException | None = None
         self.stopped = False
-        self.thread = threading.Thread(
-            target=self._read, args=(chunk, prepare), name="batch-read-ahead", daemon=True
-        )
-        self.thread.start()
+        # Set once the first row is parsed or the input has ended.
+        self.first_known = threading.Event()
+        self.future = executor.submit(self._read, chunk, prepare)
 
     def _read(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
         append = self.parsed.append
@@ -578,12 +519,21 @@ class ReadAhead:
                     append(prepare(raw))
                 except RowInvalid as exc:
                     append(exc)
+                if not self.first_known.is_set():
+                    self.first_known.set()
         except BaseException as exc:  # raised again in the run's thread by take()
             self.failure = exc
+        finally:
+            self.first_known.set()
+
+    def empty(self) -> bool:
+        """Whether the input has ended before this chunk (it waits for the first row only)."""
+        self.first_known.wait()
+        return not self.parsed and self.failure is None
 
     def take(self) -> list[Any]:
         """The chunk's parsed rows, in input order; empty at the end of the input."""
-        self.thread.join()
+        self.future.result()
         if self.failure is not None:
             raise self.failure
         return self.parsed
@@ -591,7 +541,7 @@ class ReadAhead:
     def stop(self) -> None:
         """Let the helper end before its next row (the run is failing)."""
         self.stopped = True
-        self.thread.join()
+        self.future.result()
 
 
 class BatchRun:
@@ -622,6 +572,7 @@ class BatchRun:
         # The run's input, and its next chunk while it is read ahead.
         self.input = Lookahead(iter(()))
         self.read_ahead: ReadAhead | None = None
+        self.helper: ThreadPoolExecutor | None = None
         # The last chunk's checkpoint also finished the log row.
         self.finished = False
         # Resumed with a stop requested before it started: it ends at once.
@@ -705,7 +656,6 @@ class BatchRun:
                 self._prepare_chunk(position, prefix, errors=[])
                 position += len(prefix)
         rows = self.input = Lookahead(rows)
-        streams = self.op.streams()
         try:
             while not self.finished:  # the last chunk, or a stop requested, ended the run
                 start = position
@@ -719,16 +669,10 @@ class BatchRun:
                 else:
                     if rows.exhausted():
                         return
-                    chunk = self._chunk_of(rows)
-                    if streams:
-                        stream = ChunkStream(self, start, chunk)
-                        committed = self._commit_stream(log, stream)
-                        position = stream.end
-                        if not committed:
-                            # The database refused the trusting attempt: the checked write.
-                            self._write_chunk(log, stream.prepared, start=start, end=position)
-                        continue
-                    rows_of_chunk = list(chunk)
+                    rows_of_chunk = list(self._chunk_of(rows))
+                # The input is free until the next chunk: the helper reads it meanwhile.
+                self.helper = self.helper or ThreadPoolExecutor(1, "batch-read-ahead")
+                self.read_ahead = ReadAhead(self.helper, self._chunk_of(rows), self.op.prepare)
                 position += len(rows_of_chunk)
                 prepared = self._prepare_chunk(
                     start, rows_of_chunk, errors=self.errors, prepare=prepare
@@ -737,6 +681,14 @@ class BatchRun:
         finally:
             if self.read_ahead is not None:
                 self.read_ahead.stop()
+            if self.helper is not None:
+                self.helper.shutdown()
+
+    def _input_ended(self) -> bool:
+        """Whether no row follows the chunk being written (read ahead, or read here)."""
+        if self.read_ahead is not None:
+            return self.read_ahead.empty()
+        return self.input.exhausted()
 
     def _write_chunk(
         self, log: BatchProcessingLog, prepared: list[Prepared], *, start: int, end: int
@@ -746,25 +698,6 @@ class BatchRun:
             # The chunk's last piece was not committed (all rows invalid or
             # rejected): record its counters and checkpoint on their own.
             self._commit_with_retries(log, [], checkpoint=end, first=start, final=True)
-
-    def _commit_stream(self, log: BatchProcessingLog, stream: ChunkStream) -> bool:
-        """Commit a chunk through ``write_stream``; False if the database refused it.
-
-        The stream is the first attempt: a transient failure is retried as
-        usual, with ``write``. Either way the stream is read to its end, so
-        ``stream.prepared`` holds every valid row and the run's errors every
-        invalid one.
-        """
-        try:
-            self._commit_with_retries(
-                log, [], checkpoint=stream.start, first=stream.start, final=True, stream=stream
-            )
-            return True
-        except (IntegrityError, DataError):
-            log.chunks_rolled_back += 1
-            log.chunks_rerun += 1
-            stream.drain()
-            return False
 
     def _prepare_chunk(
         self,
@@ -855,16 +788,11 @@ class BatchRun:
         checkpoint: int,
         first: int,
         final: bool,
-        stream: ChunkStream | None = None,
     ) -> None:
         attempts = settings.BULK_RETRY_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            if stream is not None and attempt > 1:
-                # The streaming attempt failed: the retries take the checked write.
-                stream.drain()
-                rows, checkpoint, stream = stream.prepared, stream.end, None
             try:
-                self._commit(log, rows, checkpoint=checkpoint, final=final, stream=stream)
+                self._commit(log, rows, checkpoint=checkpoint, final=final)
                 return
             except (IntegrityError, DataError):
                 raise
@@ -894,13 +822,12 @@ class BatchRun:
         *,
         checkpoint: int,
         final: bool,
-        stream: ChunkStream | None = None,
     ) -> None:
         creates_log = log.pk is None
         failures = log.after_commit_failures
         try:
             saved, outcome, errors = self._commit_chunk(
-                log, rows, checkpoint=checkpoint, final=final, stream=stream
+                log, rows, checkpoint=checkpoint, final=final
             )
         except BaseException:
             if creates_log:  # its INSERT was rolled back with the chunk
@@ -943,7 +870,6 @@ class BatchRun:
         *,
         checkpoint: int,
         final: bool,
-        stream: ChunkStream | None,
     ) -> tuple[dict[str, Any], ChunkOutcome, list[RowError]]:
         """One chunk's transaction; see the module docstring for its lock timeline."""
         with transaction.atomic(using=self.op.using):
@@ -953,12 +879,7 @@ class BatchRun:
                 # A new run's row is created by its first chunk: one commit less.
                 log.save(using=self.op.using)
                 self.op.log_id = log.pk
-            if stream is not None:
-                outcome = self.op.write_stream(iter(stream))
-                stream.drain()
-                rows, checkpoint = stream.prepared, stream.end
-            else:
-                outcome = self.op.write(rows) if rows else ChunkOutcome()
+            outcome = self.op.write(rows) if rows else ChunkOutcome()
             if self.op.keys_in_database:
                 self._name_first_rows()
             if rows:
@@ -973,13 +894,10 @@ class BatchRun:
                 # A piece of a split chunk: the rows after it are not committed yet.
                 errors = [error for error in errors if error.index < checkpoint]
             # The last chunk's checkpoint also finishes the run: one commit less.
-            last = final and self.input.exhausted()
+            last = final and self._input_ended()
             saved = self._save_checkpoint(
                 log, totals, errors, checkpoint, committed=int(final), last=last
             )
-            if final and "status" not in saved and self.read_ahead is None:
-                # All that is left of the chunk is its commit: read the next meanwhile.
-                self.read_ahead = ReadAhead(self._chunk_of(self.input), self.op.prepare)
         return saved, outcome, errors
 
     def _after_commit(self, log: BatchProcessingLog, rows: list[Prepared]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -100,10 +100,7 @@ class FaultyWrite:
 def inject_faults(
     monkeypatch: pytest.MonkeyPatch, operation: type[BatchOperation], plan: FaultPlan
 ) -> FaultyWrite:
-    """Replace ``operation``'s writes for the rest of the test: do the real work, then maybe fail.
-
-    Both ``write`` and, if the operation streams, ``write_stream`` are
-    replaced; they share one count of calls.
+    """Replace ``operation``'s write for the rest of the test: do the real work, then maybe fail.
 
     The fault is raised *after* the real write, so the chunk's rows are
     already in its transaction when it fails: a test that finds them exactly
@@ -122,19 +119,6 @@ def inject_faults(
         return outcome
 
     monkeypatch.setattr(operation, "write", write)
-    if operation.write_stream is not BatchOperation.write_stream:
-        original_stream = operation.write_stream
-
-        def write_stream(op: BatchOperation, rows: Iterator[Prepared]) -> ChunkOutcome:
-            rows = list(rows)
-            faulty.calls.append(len(rows))
-            outcome = original_stream(op, iter(rows))
-            error = plan(len(faulty.calls))
-            if error is not None:
-                raise error
-            return outcome
-
-        monkeypatch.setattr(operation, "write_stream", write_stream)
     return faulty
 
 

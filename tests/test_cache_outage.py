@@ -94,7 +94,6 @@ def failing_in_chunk_2(monkeypatch, operation: type) -> None:
         return write(self, rows)
 
     monkeypatch.setattr(operation, "write", failing)
-    monkeypatch.setattr(operation, "streams", lambda self: False)
 
 
 @pytest.mark.parametrize("operation", sorted(METHODS))

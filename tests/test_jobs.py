@@ -390,10 +390,7 @@ class TestProgressQueries:
 
 
 def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -> None:
-    """Make the partitions' writes raise ``exc`` on the ``chunk``-th call (1-based).
-
-    ``write`` and ``write_stream`` (an operation that streams) share the count.
-    """
+    """Make the partitions' writes raise ``exc`` on the ``chunk``-th call (1-based)."""
     cls = tasks.partition_operation(operation)
     calls = []
 
@@ -407,7 +404,6 @@ def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -
         return write
 
     monkeypatch.setattr(cls, "write", failing(cls.write))
-    monkeypatch.setattr(cls, "write_stream", failing(cls.write_stream))
 
 
 @pytest.mark.django_db

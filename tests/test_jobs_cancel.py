@@ -62,25 +62,19 @@ workers = workers_fixture  # two worker processes on the test database, once per
 def on_chunk(monkeypatch, operation: type, number: int, hook) -> list[int]:
     """Call ``hook()`` as the ``number``-th chunk (1-based) is written; return the chunk starts.
 
-    ``write`` and ``write_stream`` (the first chunk of an operation that
-    streams) share the count. The hook runs after the chunk's rows are
-    written, before its checkpoint.
+    The hook runs after the chunk's rows are written, before its checkpoint.
     """
     starts: list[int] = []
+    original = operation.write
 
-    def hooked(original, *, streamed: bool):
-        def write(op, rows):
-            rows = list(rows)
-            starts.append(rows[0].index)
-            outcome = original(op, iter(rows) if streamed else rows)
-            if len(starts) == number:
-                hook()
-            return outcome
+    def write(op, rows):
+        starts.append(rows[0].index)
+        outcome = original(op, rows)
+        if len(starts) == number:
+            hook()
+        return outcome
 
-        return write
-
-    monkeypatch.setattr(operation, "write", hooked(operation.write, streamed=False))
-    monkeypatch.setattr(operation, "write_stream", hooked(operation.write_stream, streamed=True))
+    monkeypatch.setattr(operation, "write", write)
     return starts
 
 

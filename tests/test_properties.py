@@ -523,14 +523,8 @@ def duplicate(key_field: str | None, first: int) -> set[tuple[str, str, str]]:
     return {(key_field or "row", message, "duplicate")}
 
 
-def assert_reported(
-    result: BatchResult, cases: list[Case], expected: Expected, *, streams: bool = False
-) -> None:
-    """Every bad row once, with an acceptable reason; the counters and the log agree.
-
-    ``streams``: the operation's first attempt at a chunk leaves references to
-    the database, and a chunk it refuses is written once more, checked.
-    """
+def assert_reported(result: BatchResult, cases: list[Case], expected: Expected) -> None:
+    """Every bad row once, with an acceptable reason; the counters and the log agree."""
     indexes = [error.index for error in result.errors]
     assert len(indexes) == len(set(indexes)), f"a row reported twice: {result.errors}"
     assert set(indexes) == set(expected), (result.errors, expected)
@@ -553,11 +547,8 @@ def assert_reported(
         BatchProcessingLog.Status.PARTIAL if expected else BatchProcessingLog.Status.COMPLETED
     )
     # The services decide every row in Python: no chunk should need the
-    # database to reject it (and the engine to split it) to get there, except
-    # a streamed chunk with an unknown reference, rerun once through the checks.
-    refused = log.chunks_rerun if streams else 0
-    assert refused <= log.chunks_committed
-    assert (log.chunks_rolled_back, log.chunks_rerun, log.chunks_retried) == (refused, refused, 0)
+    # database to reject it (and the engine to split it) to get there.
+    assert (log.chunks_rolled_back, log.chunks_rerun, log.chunks_retried) == (0, 0, 0)
     cap = django_settings.BULK_LOG_MAX_ROW_ERRORS
     assert log.row_errors == [error.as_dict() for error in result.errors[:cap]]
 
@@ -626,8 +617,7 @@ def test_create_product_views(service: BulkOperationsService, base: Base, data: 
         result = service.create_product_views(iter([c.raw for c in cases]), chunk_size=chunk_size)
         after = timezone.now()
 
-        streams = service.views_operation(service.using).streams()
-        assert_reported(result, cases, model.expected, streams=streams)
+        assert_reported(result, cases, model.expected)
         assert (result.created, result.updated) == (model.views.total(), 0)
         stored = ProductView.objects.values_list(
             "user_id", "product_id", "session_id", "interaction_type", "created_at"

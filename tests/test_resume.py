@@ -430,27 +430,22 @@ def assert_views_stored_once(rows: list[dict]) -> None:
 
 
 def fail_in_write(monkeypatch, operation, fault) -> list[list[int]]:
-    """Replace the operation's writes: do the real write, then raise ``fault(indexes)`` if any.
+    """Replace the operation's write: do the real write, then raise ``fault(indexes)`` if any.
 
-    ``write_stream`` too, for an operation that streams its first chunk.
     Returns the input rows of each call, in order.
     """
     calls: list[list[int]] = []
+    original = operation.write
 
-    def faulty(original, *, streamed: bool):
-        def write(op, rows):
-            rows = list(rows)
-            indexes = [row.index for row in rows]
-            calls.append(indexes)
-            outcome = original(op, iter(rows) if streamed else rows)
-            if (error := fault(indexes)) is not None:
-                raise error
-            return outcome
+    def write(op, rows):
+        indexes = [row.index for row in rows]
+        calls.append(indexes)
+        outcome = original(op, rows)
+        if (error := fault(indexes)) is not None:
+            raise error
+        return outcome
 
-        return write
-
-    monkeypatch.setattr(operation, "write", faulty(operation.write, streamed=False))
-    monkeypatch.setattr(operation, "write_stream", faulty(operation.write_stream, streamed=True))
+    monkeypatch.setattr(operation, "write", write)
     return calls
 
 

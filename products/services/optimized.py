@@ -37,10 +37,9 @@ upserts), ``bulk_update`` and ``F()`` with ``Case``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
-from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -227,35 +226,6 @@ class OptimizedViews(ViewsOperation):
                 raise IntegrityError(r.UNKNOWN_REFERENCE)  # deleted meanwhile: re-run in halves
         outcome.written = outcome.created = len(views)
         return outcome
-
-    def streams(self) -> bool:
-        return fast_paths(self.using)
-
-    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
-        """PostgreSQL: COPY the views as they are parsed, then count them (2 queries).
-
-        The views reach the server while later rows are still being parsed;
-        the immediate foreign keys check their users and products as they
-        arrive. The counter statement comes last: it locks the products just
-        before the chunk commits. If a user or a product is missing, the chunk
-        is rolled back and written again through ``write``, which names each
-        bad row.
-        """
-        first = next(rows, None)
-        if first is None:
-            return ChunkOutcome()  # every row of the chunk was invalid
-        counts: Counter[int] = Counter()
-
-        def values() -> Iterator[tuple]:
-            for row in chain((first,), rows):
-                v = row.item
-                counts[v.product_id] += 1
-                yield VIEW_VALUES(v)
-
-        written = copy_rows(ProductView, VIEW_FIELDS, values(), using=self.using)
-        if len(add_to(Product, "view_count", counts, using=self.using)) != len(counts):
-            raise IntegrityError(r.UNKNOWN_REFERENCE)
-        return ChunkOutcome(written=written, created=written)
 
 
 class OptimizedScores(ScoresOperation):

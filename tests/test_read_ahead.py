@@ -1,27 +1,25 @@
-"""The engine's streaming first attempt (``write_stream``) and its read-ahead, on any database.
+"""The engine's read-ahead, on any database.
 
-A toy operation creates categories by name. Its streaming write trusts the
-table's unique constraint; its checked write reports the names that exist.
+A toy operation creates categories by name and reports the names that exist.
 A keyed one shows that the read-ahead leaves the keys to the run's thread.
 """
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from django.db import InterfaceError
 
 from batching.engine import BatchOperation, ChunkOutcome, Prepared, RowError, RowInvalid, run_batch
 from batching.models import BatchProcessingLog
 from products.models import Category
-from tests.concurrency_helpers import inject_faults, record_sleeps
 
 pytestmark = pytest.mark.django_db
 
 NAME_TAKEN = "category {name} exists"
 
 
-class StreamedCategories(BatchOperation):
+class Categories(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCTS
     variant = BatchProcessingLog.Variant.OPTIMIZED
 
@@ -33,17 +31,6 @@ class StreamedCategories(BatchOperation):
         if not isinstance(raw, str):
             raise RowInvalid("row", "must be a name")
         return raw
-
-    def streams(self) -> bool:
-        return True
-
-    def write_stream(self, rows: Iterator[Prepared]) -> ChunkOutcome:
-        written = 0
-        for row in rows:
-            self.events.append(("write", row.index))
-            Category.objects.create(name=row.item)  # a taken name: IntegrityError
-            written += 1
-        return ChunkOutcome(written=written, created=written)
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         self.events.append(("checked", len(rows)))
@@ -71,58 +58,35 @@ def recorded(names: list, events: list) -> Iterator:
         yield name
 
 
-def test_the_first_chunk_is_written_as_it_is_read_and_the_next_read_ahead():
-    operation = StreamedCategories()
+def test_each_chunk_after_the_first_is_read_ahead_by_the_helper():
+    operation = Categories()
     readers: list[str] = []
 
     def names() -> Iterator[str]:
-        for name in recorded(["a", "b", "c", "d", "e"], operation.events):
+        for name in recorded(["a", "b", "c", "d", "e", "f", "g"], operation.events):
             readers.append(threading.current_thread().name)
             yield name
 
     result = run_batch(operation, names(), chunk_size=3)
 
-    assert (result.status, result.written) == ("completed", 5)
-    # Each row of the first chunk is written before the next is read; the
-    # run reads the next row before its checkpoint (is this chunk the last?);
-    # the rest of the second chunk is read while the first commits, and
-    # written as a whole.
-    first_chunk = [(kind, index) for index in range(3) for kind in ("read", "write")]
-    assert operation.events == [*first_chunk, ("read", 3), ("read", 4), ("checked", 2)]
+    assert (result.status, result.written) == ("completed", 7)
     main = threading.current_thread().name
-    assert readers == [main] * 4 + ["batch-read-ahead"]
-    assert result.log.chunks_committed == 2
-    assert result.log.checkpoint_position == 5
-
-
-def test_a_refused_chunk_is_written_again_by_the_checked_write():
-    Category.objects.create(name="taken")
-    operation = StreamedCategories()
-    names = ["a", "taken", 7, "b", "c", "d", 8]
-
-    result = run_batch(operation, iter(names), chunk_size=3)
-
-    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "d", "taken"]
-    assert [(e.index, e.message) for e in result.errors] == [
-        (2, "must be a name"),  # prepared once, reported once
-        (1, NAME_TAKEN.format(name="taken")),
-        (6, "must be a name"),
-    ]
-    assert (result.read, result.written, result.skipped) == (7, 4, 3)
-    # The first chunk: streamed, refused at "taken", rolled back, then checked.
-    # The second is read ahead and checked.
+    # The run's thread reads the first chunk (and one row to know the input
+    # is not empty); the helper reads each next chunk while one is written.
+    assert readers == [main] * 3 + ["batch-read-ahead_0"] * 4
     assert [event for event in operation.events if event[0] == "checked"] == [
-        ("checked", 2),
         ("checked", 3),
+        ("checked", 3),
+        ("checked", 1),
     ]
-    log = BatchProcessingLog.objects.get(pk=result.log_id)
-    assert (log.chunks_committed, log.chunks_rolled_back, log.chunks_rerun) == (3, 1, 1)
-    assert (log.rows_written, log.rows_skipped, log.checkpoint_position) == (4, 3, 7)
+    assert result.log.chunks_committed == 3
+    assert result.log.checkpoint_position == 7
+    assert not [t for t in threading.enumerate() if t.name.startswith("batch-read-ahead")]
 
 
 def test_a_chunk_read_ahead_names_its_refused_rows_without_a_rollback():
     Category.objects.create(name="taken")
-    operation = StreamedCategories()
+    operation = Categories()
 
     result = run_batch(operation, iter(["a", "b", 1, "taken", "c", 2]), chunk_size=3)
 
@@ -143,14 +107,14 @@ def test_an_input_that_fails_while_read_ahead_fails_the_run_after_the_chunk_befo
         raise OSError("the file went away")
 
     with pytest.raises(OSError, match="went away"):
-        run_batch(StreamedCategories(), names(), chunk_size=2)
+        run_batch(Categories(), names(), chunk_size=2)
 
     assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b"]
     log = BatchProcessingLog.objects.get()
     assert (log.status, log.checkpoint_position, log.rows_written) == ("failed", 2, 2)
 
 
-class InterruptedAfterCommit(StreamedCategories):
+class InterruptedAfterCommit(Categories):
     def committed(self, rows: list[Prepared]) -> None:
         # An error here is only logged (the chunk is committed); an interrupt
         # arriving at this moment still ends the run.
@@ -174,31 +138,14 @@ def test_a_failing_run_stops_its_read_ahead_before_it_returns():
     with pytest.raises(KeyboardInterrupt):
         run_batch(InterruptedAfterCommit(), names(), chunk_size=2)
 
-    assert not [t for t in threading.enumerate() if t.name == "batch-read-ahead"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("batch-read-ahead")]
     # It stopped after its current row instead of reading its whole chunk
     # ("c" was read by the run, to know whether the first chunk was the last).
     assert read == ["a", "b", "c", "d"]
 
 
-@pytest.mark.django_db(transaction=True)  # retries need the chunk to own its transaction
-def test_a_transient_failure_of_the_stream_is_retried_with_the_checked_write(monkeypatch):
-    delays = record_sleeps(monkeypatch)
-    inject_faults(
-        monkeypatch,
-        StreamedCategories,
-        lambda call: InterfaceError("connection already closed") if call == 1 else None,
-    )
-    result = run_batch(StreamedCategories(), iter(["a", "b", "c", "d"]), chunk_size=2)
-
-    assert (result.status, result.written) == ("completed", 4)
-    assert sorted(Category.objects.values_list("name", flat=True)) == ["a", "b", "c", "d"]
-    log = BatchProcessingLog.objects.get(pk=result.log_id)
-    assert (log.chunks_committed, log.chunks_retried, log.chunks_rolled_back) == (2, 1, 1)
-    assert len(delays) == 1
-
-
 def test_an_input_of_only_invalid_rows_commits_its_checkpoint():
-    operation = StreamedCategories()
+    operation = Categories()
     result = run_batch(operation, iter([1, 2, 3]), chunk_size=2)
     assert (result.status, result.read, result.skipped) == ("partial", 3, 3)
     assert operation.events == []
@@ -206,7 +153,7 @@ def test_an_input_of_only_invalid_rows_commits_its_checkpoint():
 
 
 class KeyedCategories(BatchOperation):
-    """Categories by name, written whole (no stream); a repeated name is refused."""
+    """Categories by name; a repeated name is refused."""
 
     operation = BatchProcessingLog.Operation.PRODUCTS
     variant = BatchProcessingLog.Variant.OPTIMIZED
@@ -236,6 +183,8 @@ def test_a_keyed_operation_is_read_ahead_and_its_keys_compared_across_chunks():
     assert [(e.index, e.code) for e in result.errors] == [(2, "duplicate"), (4, "duplicate")]
     assert "first seen at row 1" in result.errors[1].message
     main = threading.current_thread().name
-    # The first chunk is parsed by the run's thread, the later ones by the helper.
-    assert [thread for _, thread in operation.prepared_in] == [main] * 2 + ["batch-read-ahead"] * 3
+    # The first chunk is parsed by the run's thread, the later ones by the
+    # helper (the second while the first is parsed and written).
+    threads = Counter(thread for _, thread in operation.prepared_in)
+    assert threads == {main: 2, "batch-read-ahead_0": 3}
     assert result.log.chunks_committed == 3
