@@ -41,7 +41,11 @@ with its input.
 The log row costs the run no commit of its own: it is inserted by the first
 chunk's transaction and finished by the last chunk's checkpoint (the run
 reads one row ahead to know the chunk is the last), so a one-chunk run
-commits once. A chunk that rolls back takes the row's INSERT with it; the
+commits once. It costs no statement of its own either, unless the operation
+marks its rows with the run (``keys_in_database``) and needs the row's id
+before it writes: otherwise the first checkpoint is the INSERT, and a
+one-chunk run writes its log row with one statement. A chunk that rolls
+back takes the row's INSERT with it; the
 next attempt inserts it again, and a run that commits no chunk at all (an
 empty input, a failure) inserts it when it ends, with how it ended: a
 failing chunk never takes the trace of its own failure with it. Its
@@ -97,6 +101,7 @@ whether anything was committed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -670,9 +675,11 @@ class BatchRun:
                     if rows.exhausted():
                         return
                     rows_of_chunk = list(self._chunk_of(rows))
-                # The input is free until the next chunk: the helper reads it meanwhile.
-                self.helper = self.helper or ThreadPoolExecutor(1, "batch-read-ahead")
-                self.read_ahead = ReadAhead(self.helper, self._chunk_of(rows), self.op.prepare)
+                if not rows.exhausted():
+                    # The input is free until the next chunk: the helper reads it
+                    # meanwhile. (A run of one chunk starts no thread.)
+                    self.helper = self.helper or ThreadPoolExecutor(1, "batch-read-ahead")
+                    self.read_ahead = ReadAhead(self.helper, self._chunk_of(rows), self.op.prepare)
                 position += len(rows_of_chunk)
                 prepared = self._prepare_chunk(
                     start, rows_of_chunk, errors=self.errors, prepare=prepare
@@ -875,8 +882,8 @@ class BatchRun:
         with transaction.atomic(using=self.op.using):
             if is_postgresql(self.op.using):
                 begin_chunk(self.op.using)
-            if log.pk is None:
-                # A new run's row is created by its first chunk: one commit less.
+            if log.pk is None and self.op.keys_in_database:
+                # Its marks name the run: the row is created before the write.
                 log.save(using=self.op.using)
                 self.op.log_id = log.pk
             outcome = self.op.write(rows) if rows else ChunkOutcome()
@@ -1014,7 +1021,17 @@ class BatchRun:
             figures.update(self._ending(figures, errors, failure=None))
         checkpoints = BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk)
         progress = self._progress(log)
-        if committed and not last:
+        if log.pk is None:
+            # The first checkpoint creates the row: one statement, not two. A
+            # copy takes the figures, so a rollback leaves the log object as
+            # the committed work left it. (Nobody can have asked it to stop.)
+            row = copy.copy(log)
+            for name, value in (progress | figures).items():
+                setattr(row, name, value)
+            row.save(using=self.op.using, force_insert=True)
+            log.pk = self.op.log_id = row.pk
+            log._state.adding = False
+        elif committed and not last:
             if not checkpoints.filter(stop_requested=False).update(**(progress | figures)):
                 # A stop was requested: this chunk commits, and the run ends with it.
                 figures.update(self._ending(figures, errors, failure=None, cancelled=True))

@@ -126,15 +126,21 @@ class TestRunStops:
     def test_the_check_costs_no_query_and_a_stop_one(self, catalogue, monkeypatch):
         """Per chunk: the checkpoint UPDATE reads the flag; stopping adds one UPDATE, once."""
         rows = view_rows(catalogue, 10)
-        with CaptureQueriesContext(connection) as whole:
-            Service().create_product_views(rows[:6], chunk_size=3)
-        checkpoints = checkpoint_updates(whole.captured_queries)
-        # Chunk 1 is a boundary with input after it: its WHERE reads the flag.
-        # Chunk 2 is the last: nothing is left to stop, its UPDATE ends the run.
+        with CaptureQueriesContext(connection) as three_chunks:
+            Service().create_product_views(rows[:9], chunk_size=3)
+        checkpoints = checkpoint_updates(three_chunks.captured_queries)
+        # Chunk 1's checkpoint inserts the log row: no one can have asked a run
+        # to stop before it is there. Chunk 2 is a boundary with input after
+        # it: its WHERE reads the flag. Chunk 3 is the last: nothing is left to
+        # stop, its UPDATE ends the run.
         assert ["stop_requested" in sql.partition("WHERE")[2] for sql in checkpoints] == [
             True,
             False,
         ]
+        ProductView.objects.all().delete()
+        BatchProcessingLog.objects.all().delete()
+        with CaptureQueriesContext(connection) as whole:
+            Service().create_product_views(rows[:6], chunk_size=3)
         ProductView.objects.all().delete()
         BatchProcessingLog.objects.all().delete()
 
@@ -150,7 +156,7 @@ class TestRunStops:
         # The same two chunks as the 6-row run, the hook's UPDATE, and one more:
         # the checkpoint that matched no row, written again as the run's end.
         assert len(stopped) == len(whole) + 1 + 1
-        assert len(checkpoint_updates(stopped.captured_queries)) == 3
+        assert len(checkpoint_updates(stopped.captured_queries)) == 2
         # The log counts the run's statements up to that UPDATE (the test
         # transaction's RELEASE of the chunk's savepoint follows it).
         assert the_log().query_count == len(stopped) - 1
@@ -166,10 +172,10 @@ class TestRunStops:
     ):
         """A stop requested while the run was interrupted: the resume writes nothing."""
         rows = view_rows(catalogue, 10)
-        on_chunk(monkeypatch, Service.views_operation, 1, lambda: stop(the_log().pk))
+        on_chunk(monkeypatch, Service.views_operation, 2, lambda: stop(the_log().pk))
         Service().create_product_views(rows, chunk_size=3)
         log = the_log()
-        # As a run killed after chunk 1, whose stop was asked meanwhile, leaves it:
+        # As a run killed after chunk 2, whose stop was asked meanwhile, leaves it:
         BatchProcessingLog.objects.filter(pk=log.pk).update(status=LogStatus.INTERRUPTED)
         monkeypatch.undo()
         starts = on_chunk(monkeypatch, Service.views_operation, 99, lambda: None)
@@ -181,10 +187,10 @@ class TestRunStops:
         assert starts == []
         assert (result.status, log.checkpoint_position, log.stop_requested) == (
             LogStatus.CANCELLED,
-            3,
+            6,
             True,
         )
-        assert log.error_summary == CANCELLED_AT.format(position=3)
+        assert log.error_summary == CANCELLED_AT.format(position=6)
 
     def test_a_completed_run_is_not_resumable(self, catalogue):
         result = Service().create_product_views(view_rows(catalogue, 2))

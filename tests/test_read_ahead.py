@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from batching import engine
 from batching.engine import BatchOperation, ChunkOutcome, Prepared, RowError, RowInvalid, run_batch
 from batching.models import BatchProcessingLog
 from products.models import Category
@@ -71,9 +72,11 @@ def test_each_chunk_after_the_first_is_read_ahead_by_the_helper():
 
     assert (result.status, result.written) == ("completed", 7)
     main = threading.current_thread().name
-    # The run's thread reads the first chunk (and one row to know the input
-    # is not empty); the helper reads each next chunk while one is written.
-    assert readers == [main] * 3 + ["batch-read-ahead_0"] * 4
+    # The run's thread reads the first chunk, and the first row of each next
+    # one (is there a chunk to read ahead?); the helper reads the rest of
+    # each while the chunk before is written.
+    helper = "batch-read-ahead_0"
+    assert readers == [main] * 4 + [helper] * 2 + [main]
     assert [event for event in operation.events if event[0] == "checked"] == [
         ("checked", 3),
         ("checked", 3),
@@ -142,6 +145,15 @@ def test_a_failing_run_stops_its_read_ahead_before_it_returns():
     # It stopped after its current row instead of reading its whole chunk
     # ("c" was read by the run, to know whether the first chunk was the last).
     assert read == ["a", "b", "c", "d"]
+
+
+def test_a_run_of_one_chunk_starts_no_helper(monkeypatch):
+    started: list[object] = []
+    monkeypatch.setattr(engine, "ReadAhead", lambda *args: started.append(args))
+
+    result = run_batch(Categories(), iter(["a", "b", "c"]), chunk_size=3)
+
+    assert (result.status, result.written, started) == ("completed", 3, [])
 
 
 def test_an_input_of_only_invalid_rows_commits_its_checkpoint():

@@ -453,13 +453,14 @@ def fail_in_write(monkeypatch, operation, fault) -> list[list[int]]:
 def killed_at_checkpoint(number: int) -> Iterator[list[int]]:
     """Raise ``KeyboardInterrupt`` from the ``number``-th checkpoint statement of a run.
 
-    The checkpoint is the log row's UPDATE that moves ``checkpoint_position``:
-    the last statement of a chunk before its commit. Yields the count so far.
+    The checkpoint is the log row's statement that sets ``checkpoint_position``:
+    the last statement of a chunk before its commit (the first chunk's is the
+    row's INSERT, for the views and orders that use this). Yields the count so far.
     """
     seen = [0]
 
     def wrapper(execute, sql, params, many, context):
-        if sql.startswith("UPDATE") and "checkpoint_position" in sql:
+        if sql.startswith(("UPDATE", "INSERT")) and "checkpoint_position" in sql:
             seen[0] += 1
             if seen[0] == number:
                 raise KeyboardInterrupt
