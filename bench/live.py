@@ -8,7 +8,7 @@ product's price and stock per transaction). Each operation's raw-SQL limit
 runs the same rows the same way, beside the same players, so the throughput
 ratio compares like with like. See docs/benchmarks.md for the method.
 
-The rows and the raw limits are ``bench.scale``'s workloads; only
+The rows and the raw limits are ``bench.workloads``'; only
 the base state differs: the hot products (skus ``BENCH-P-000000`` to
 ``-000099``), the 50 users and 4 categories are created once and kept, since
 the players hold the products' ids, and every run starts from a reset that
@@ -22,7 +22,7 @@ import math
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from functools import partial
@@ -33,7 +33,6 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 from psycopg import sql
 
-from batching.engine import BatchResult
 from batching.postgres import add_to, column, column_name, execute
 from batching.postgres import copy_rows as copy_binary
 from bench.namespace import (
@@ -55,7 +54,8 @@ from bench.namespace import (
 )
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
 from bench.report import format_ratio, markdown_table, section_head, short_size
-from bench.scale import (
+from bench.scale import database_url
+from bench.workloads import (
     OPTIMIZED,
     RAW,
     BenchError,
@@ -66,12 +66,10 @@ from bench.scale import (
     ViewsWorkload,
     Workload,
     check_completed,
-    database_url,
 )
 from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
-from products.readers import RowStream
 from products.services import OptimizedBulkOperationsService
 
 DEFAULT = "default"
@@ -195,22 +193,16 @@ def reset(using: str, hot: Hot) -> None:
 
 
 class Live(Workload):
-    """What ``bench_live`` adds to a workload: its size, service method and raw label.
+    """What ``bench_live`` adds to a workload: its size at scale 1 and its raw limit's label.
 
     ``create_base`` adds only what the kept base lacks.
     """
 
     size_at_scale_1: ClassVar[int]
-    method: ClassVar[str]
-    raw_label: ClassVar[str]
-    rows: Callable[[], Iterator[dict[str, Any]]]  # the workload's, for those that have rows
 
-    def service_input(self) -> Any:
-        return self.rows()
-
-    def run_service(self, chunk_size: int | None) -> BatchResult:
-        service = OptimizedBulkOperationsService(using=self.using)
-        return getattr(service, self.method)(self.service_input(), chunk_size=chunk_size)
+    @classmethod
+    def raw_label(cls) -> str:
+        return cls.strategy(RAW).label
 
     def copy_products_past_the_hot_ones(self, stop: int) -> None:
         """Products numbered from the hot ones' end up to ``stop``, in the hot category."""
@@ -218,7 +210,8 @@ class Live(Workload):
         copy_products(self.using, range(PRODUCT_POOL, stop), lambda _: category, "10.00", 100)
 
     def run_bulk(self, chunk_size: int | None) -> None:
-        check_completed(self.name, OPTIMIZED, self.run_service(chunk_size))
+        service = OptimizedBulkOperationsService(using=self.using)
+        check_completed(self.name, OPTIMIZED, self.run_service(service, chunk_size))
 
     def run_limit(self) -> None:
         self.run(RAW)
@@ -226,8 +219,6 @@ class Live(Workload):
 
 class LiveViews(Live, ViewsWorkload):
     size_at_scale_1 = 200_000
-    method = "create_product_views"
-    raw_label = ViewsWorkload.strategy(RAW).label
 
     def create_base(self) -> None:
         """The kept base is all: 50 users, the 100 products."""
@@ -235,8 +226,6 @@ class LiveViews(Live, ViewsWorkload):
 
 class LiveScores(Live, ScoresWorkload):
     size_at_scale_1 = 200_000
-    method = "upsert_recommendation_scores"
-    raw_label = ScoresWorkload.strategy(RAW).label
 
     def create_base(self) -> None:
         """ScoresWorkload's base: products past the hot ones, and every even key's score."""
@@ -247,8 +236,6 @@ class LiveScores(Live, ScoresWorkload):
 
 class LiveUpdates(Live, UpdatesWorkload):
     size_at_scale_1 = 200_000
-    method = "update_products"
-    raw_label = UpdatesWorkload.strategy(RAW).label
 
     def create_base(self) -> None:
         """Products past the hot ones, up to the size: the rows update each product once."""
@@ -257,14 +244,13 @@ class LiveUpdates(Live, UpdatesWorkload):
 
 class LiveOrders(Live, OrdersWorkload):
     size_at_scale_1 = 30_000
-    method = "process_orders"
-    raw_label = "raw orders path"
+
+    @classmethod
+    def raw_label(cls) -> str:
+        return "raw orders path"
 
     def create_base(self) -> None:
         """The kept base is all; the hot products' stock covers every order and checkout."""
-
-    def service_input(self) -> Any:
-        return self.orders
 
     def run_limit(self) -> None:
         """COPY the orders, COPY their items, one UPDATE ... FROM unnest of stock; one transaction.
@@ -320,13 +306,9 @@ class LiveOrders(Live, OrdersWorkload):
 
 class LiveImport(Live, ImportWorkload):
     size_at_scale_1 = 200_000
-    method = "import_products"
-    raw_label = ImportWorkload.strategy(RAW).label
 
     def create_base(self) -> None:
         """ImportWorkload's base: the first half of the skus exist, in the 4 base categories."""
-        if not self.path.exists():
-            self.write_file()
         names = [category_name(number) for number in range(BASE_CATEGORIES)]
         ids = dict(
             Category.objects.using(self.using).filter(name__in=names).values_list("name", "pk")
@@ -339,11 +321,6 @@ class LiveImport(Live, ImportWorkload):
             "1.00",
             1,
         )
-
-    def run_service(self, chunk_size: int | None) -> BatchResult:
-        service = OptimizedBulkOperationsService(using=self.using)
-        with RowStream(self.path) as stream:
-            return service.import_products(stream, chunk_size=chunk_size)
 
 
 OPERATIONS: dict[str, type[Live]] = {
@@ -573,7 +550,7 @@ def latencies(summary: Summary | None) -> str:
 
 def run_label(run: Run) -> str:
     if run.setting == RAW:
-        return f"raw: {OPERATIONS[run.operation].raw_label}"
+        return f"raw: {OPERATIONS[run.operation].raw_label()}"
     return run.setting if run.setting == DEFAULT else f"{int(run.setting):,}"
 
 
@@ -616,7 +593,7 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
             continue
         rows.append(
             (
-                f"{run.operation} at the default chunk ÷ {OPERATIONS[run.operation].raw_label}",
+                f"{run.operation} at the default chunk ÷ {OPERATIONS[run.operation].raw_label()}",
                 f"≥ {minimum:.2f}x",
                 format_ratio(run.ratio),
                 "n/a" if run.ratio is None else ("yes" if run.ratio >= minimum else "**no**"),

@@ -10,9 +10,9 @@ onto whichever ids a fresh base state got.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
@@ -22,7 +22,8 @@ from django.db.models import Q
 from django.utils import timezone
 from psycopg import sql
 
-from batching.postgres import column, copy_rows, execute, is_postgresql
+from batching.engine import chunked
+from batching.postgres import column, copy_rows, execute, is_postgresql, model_field
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 
@@ -34,6 +35,8 @@ CATEGORY_PREFIX = "Bench "
 DEFAULT_SEED = 20240601
 USER_POOL = 50
 PRODUCT_POOL = 100
+# Rows per bulk_create where COPY is not available (SQLite).
+INSERT_BATCH = 5_000
 
 PRODUCT_FIELDS = (
     "sku",
@@ -46,14 +49,6 @@ PRODUCT_FIELDS = (
     "created_at",
     "updated_at",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Fixture:
-    """The ids of the base state: ``users[k]`` is the id of bench user number k."""
-
-    users: list[int]
-    products: list[int]
 
 
 def username(number: int) -> str:
@@ -95,9 +90,10 @@ def analyze(using: str, tables: Iterable[type[models.Model]]) -> None:
 def vacuum(using: str, tables: Iterable[type[models.Model]]) -> None:
     """VACUUM ANALYZE: dead rows of the previous run cleared, statistics fresh.
 
-    VACUUM cannot run inside a transaction; inside one (a test) this is skipped.
+    PostgreSQL only. VACUUM cannot run inside a transaction; inside one (a
+    test) this is skipped.
     """
-    if connections[using].in_atomic_block:
+    if not is_postgresql(using) or connections[using].in_atomic_block:
         return
     for model in tables:
         execute(using, sql.SQL("VACUUM ANALYZE {}").format(table(model)))
@@ -176,19 +172,21 @@ def create_products(using: str, products: list[Product]) -> list[int]:
     return [ids[sku] for sku in skus]
 
 
-def bench_products(using: str, count: int) -> list[Product]:
-    """``count`` unsaved bench products (price 10.00, stock 100) in a new category."""
-    (category_id,) = create_categories(using, 1)
-    return [
-        Product(
-            sku=product_sku(number),
-            name=f"Bench product {number}",
-            category_id=category_id,
-            price=Decimal("10.00"),
-            stock_quantity=100,
-        )
-        for number in range(count)
-    ]
+def insert_rows(
+    using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Base-state rows (tuples in ``fields`` order): COPY on PostgreSQL, ``bulk_create`` elsewhere.
+
+    ``batching.postgres.copy_rows`` streams them; elsewhere they go in batches
+    of ``INSERT_BATCH``, so memory stays flat either way.
+    """
+    if is_postgresql(using):
+        copy_rows(model, fields, rows, using=using)
+        return
+    names = [model_field(model, name).attname for name in fields]  # "user" -> "user_id"
+    queryset = model._default_manager.using(using)
+    for batch in chunked(iter(rows), INSERT_BATCH):
+        queryset.bulk_create(model(**dict(zip(names, row, strict=True))) for row in batch)
 
 
 def copy_products(
@@ -198,17 +196,17 @@ def copy_products(
     price: Decimal | str,
     stock: int,
 ) -> None:
-    """Bench products ``numbers`` with one price and stock, by COPY (PostgreSQL setup only)."""
+    """Bench products ``numbers`` with one price and stock (``insert_rows``)."""
     now = timezone.now()
     price = Decimal(price)
-    copy_rows(
+    insert_rows(
+        using,
         Product,
         PRODUCT_FIELDS,
         (
             (product_sku(n), f"Bench product {n}", category(n), price, stock, True, 0, now, now)
             for n in numbers
         ),
-        using=using,
     )
 
 

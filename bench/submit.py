@@ -27,14 +27,8 @@ from psycopg import sql
 
 from batching.postgres import execute
 from bench.report import format_ratio, markdown_table, short_size
-from bench.scale import (
-    BenchError,
-    ImportWorkload,
-    database_url,
-    peak_kib,
-    reset_peak,
-    resident_kib,
-)
+from bench.scale import database_url, peak_kib, reset_peak, resident_kib
+from bench.workloads import BenchError, ImportWorkload
 from jobs.models import Job
 
 RAW_TABLE = "bench_submit_lines"
@@ -116,10 +110,9 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
     results = []
     for size in sizes:
         workload = ImportWorkload(size, work_dir=work_dir, using=using)
-        if not workload.path.exists():
-            workload.write_file()
-        raw = raw_copy_seconds(workload.path, using)
-        child = submit_in_child(workload.path, using)
+        path = workload.input_file()
+        raw = raw_copy_seconds(path, using)
+        child = submit_in_child(path, using)
         # Only this job: the database may hold others (a shop's, another benchmark's).
         Job.objects.using(using).filter(pk=child["job"]).delete()
         results.append(Submitted(size, child["seconds"], child["growth_mb"], raw))

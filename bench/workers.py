@@ -30,8 +30,9 @@ from django.db.models import Min
 
 from bench.namespace import reset_namespace
 from bench.report import markdown_table, short_size
-from bench.scale import BenchError, ImportWorkload, database_url
+from bench.scale import database_url
 from bench.submit import submitted_job
+from bench.workloads import BenchError, ImportWorkload
 from jobs.models import FINISHED, Job
 
 BACKENDS = ("db", "celery")
@@ -197,11 +198,12 @@ def submit(path: Path, environment: dict[str, str]) -> tuple[str, float]:
 
 def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
     workload.setup()  # the base state: half the skus exist
+    path = workload.input_file()
     environment = dict(os.environ, DATABASE_URL=database_url(workload.using))
     environment |= backend_environment(backend)
     workers = start_workers(backend, count, environment)
     try:
-        job_id, staging = submit(workload.path, environment)
+        job_id, staging = submit(path, environment)
         # From here on the workers run the job (they may have begun a moment before).
         worker_before = cpu_seconds(session_pids(workers))
         db_before = cpu_seconds(processes("postgres"))

@@ -163,6 +163,7 @@ def test_catalogue_operations_write_every_hot_product(name, tmp_path):
     live.create_hot("default")
     operation = workload(name, 300, tmp_path)
     operation.create_base()
+    operation.prepare()
     if name == "import":
         with RowStream(operation.path) as stream:
             skus = {row["sku"] for row in stream}
@@ -182,10 +183,10 @@ def test_raw_orders_path_ends_as_the_service_does(tmp_path):
         live.reset("default", hot)
         orders.prepare()
         run()
-        ends.append(orders.scenario.snapshot())
+        ends.append(orders.snapshot())
     assert ends[0] == ends[1]
     assert len(ends[0]["orders"]) == 200 and len(ends[0]["items"]) == 600
-    assert min(ends[0]["stock"].values()) < HOT_STOCK
+    assert min(stock for _, stock in ends[0]["stock"]) < HOT_STOCK
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -19,17 +19,11 @@ from django.db import connection
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
-from bench.writeup import (
-    OPERATIONS,
-    SCENARIOS,
-    STOCK_MARGIN,
-    Fixture,
-    OrdersScenario,
-    ViewsScenario,
-    run_benchmark,
-)
+from bench.workloads import STOCK_MARGIN, ImportWorkload, OrdersWorkload, ViewsWorkload, Workload
+from bench.writeup import OPERATIONS, WORKLOADS, run_benchmark
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
+from products.readers import RowStream
 from products.services import OptimizedBulkOperationsService
 from tests.factories import (
     OrderItemFactory,
@@ -191,10 +185,11 @@ def test_products_at_size_1000_stay_within_the_query_budget():
 @pytest.mark.parametrize("operation", ["views", "scores"])
 def test_optimized_views_and_scores_at_size_1000_stay_within_the_query_budget(operation):
     """The optimized run alone (the naive one would only cost time here)."""
-    scenario = SCENARIOS[operation](1000)
-    rows = scenario.rows(scenario.setup())
+    workload = WORKLOADS[operation](1000)
+    workload.setup()
+    workload.prepare()
 
-    result = scenario.run(OptimizedBulkOperationsService(), rows, 1000)
+    result = workload.run_service(OptimizedBulkOperationsService(), 1000)
 
     assert result.written == 1000
     assert result.query_count <= QUERY_BUDGET
@@ -211,24 +206,45 @@ def test_optimized_orders_queries_do_not_grow_with_the_number_of_orders():
 # -- fairness: same input, same start, same end ------------------------------------
 
 
-def test_the_workload_is_deterministic_for_a_seed():
-    fixture = Fixture(users=list(range(1000, 1050)), products=list(range(2000, 2100)))
+def service_input(workload: Workload) -> list[Any]:
+    """The input a fresh base state gives the services, ids as usernames and skus."""
+    workload.setup()
+    workload.prepare()
+    if isinstance(workload, ImportWorkload):
+        with RowStream(workload.path) as stream:
+            return list(stream)
+    users = dict(get_user_model().objects.values_list("pk", "username"))
+    products = dict(Product.objects.values_list("pk", "sku"))
 
-    for scenario in SCENARIOS.values():
-        first = scenario(25, seed=1).rows(fixture)
-        assert len(first) == 25
-        assert scenario(25, seed=1).rows(fixture) == first
-        assert scenario(25, seed=2).rows(fixture) != first
+    def logical(value: Any) -> Any:
+        if isinstance(value, list):
+            return [logical(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        numbers = {"user_id": users.get, "product_id": products.get}
+        return {key: numbers.get(key, logical)(item) for key, item in value.items()}
+
+    return logical(list(workload.service_input()))
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_the_workload_is_deterministic_for_a_seed(operation, tmp_path):
+    def rows(seed: int) -> list[Any]:
+        return service_input(WORKLOADS[operation](25, seed=seed, work_dir=tmp_path))
+
+    first = rows(1)
+    assert len(first) == 25
+    assert rows(1) == first
+    assert rows(2) != first
 
 
 def test_rows_map_logical_numbers_onto_the_ids_of_the_base_state():
-    scenario = ViewsScenario(40)
-    first = scenario.rows(Fixture(users=list(range(50)), products=list(range(100))))
-    shifted = scenario.rows(Fixture(users=list(range(500, 550)), products=list(range(700, 800))))
+    workload = ViewsWorkload(40)
+    first = service_input(workload)
+    first_ids = [(row["user_id"], row["product_id"]) for row in workload.rows()]
 
-    assert [(row["user_id"] + 500, row["product_id"] + 700) for row in first] == [
-        (row["user_id"], row["product_id"]) for row in shifted
-    ]
+    assert service_input(workload) == first  # the same numbers ...
+    assert [(row["user_id"], row["product_id"]) for row in workload.rows()] != first_ids  # new ids
 
 
 def test_scores_are_half_updates_and_half_inserts():
@@ -253,16 +269,16 @@ def test_both_variants_end_in_the_same_state(operation):
 
     # The database now holds what the optimized run left: it must equal what
     # the naive run produced from the same start, read back independently.
-    assert SCENARIOS[operation](30).snapshot() == comparison.naive_state
+    assert WORKLOADS[operation](30).snapshot() == comparison.naive_state
     assert comparison.states_match
     state = comparison.naive_state
     if operation == "views":
-        assert sum(state["view_counts"].values()) == len(state["views"]) == 30
+        assert sum(count for _, count in state["view_counts"]) == len(state["views"]) == 30
     elif operation == "scores":
         assert len(state["scores"]) == 30
     elif operation == "orders":
         # Stock was the demand plus a margin: every order was applied exactly once.
-        assert set(state["stock"].values()) == {STOCK_MARGIN}
+        assert {stock for _, stock in state["stock"]} == {STOCK_MARGIN}
         assert (len(state["orders"]), len(state["items"])) == (30, 90)
     else:
         assert len(state["products"]) == 30
@@ -271,7 +287,7 @@ def test_both_variants_end_in_the_same_state(operation):
 
 def test_the_command_fails_when_the_variants_end_differently(monkeypatch):
     snapshots = iter([{"view_counts": {"BENCH-P-000000": 1}}, {"view_counts": {}}])
-    monkeypatch.setattr(OrdersScenario, "snapshot", lambda self, using="default": next(snapshots))
+    monkeypatch.setattr(OrdersWorkload, "snapshot", lambda self: next(snapshots))
 
     with pytest.raises(CommandError, match="different states: orders"):
         bench("--size", "3", "--operation", "orders")

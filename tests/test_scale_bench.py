@@ -20,6 +20,7 @@ from django.db import connection
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
 from bench import scale as bench
+from bench import workloads
 from products.models import Product
 
 postgres_only = pytest.mark.skipif(
@@ -70,7 +71,9 @@ def test_unknown_strategy_for_one():
 
 
 def test_each_workload_chunks_at_the_scale_figures_sizes(tmp_path):
-    chunks = {name: cls(10, work_dir=tmp_path).chunk_size for name, cls in bench.WORKLOADS.items()}
+    chunks = {
+        name: cls(10, work_dir=tmp_path).chunk_size for name, cls in workloads.WORKLOADS.items()
+    }
     assert chunks == {
         "views": 50_000,
         "scores": 50_000,
@@ -78,16 +81,16 @@ def test_each_workload_chunks_at_the_scale_figures_sizes(tmp_path):
         "orders": 50_000,
         "import": 20_000,
     }
-    assert bench.WORKLOADS["views"](10, chunk_size=64, work_dir=tmp_path).chunk_size == 64
+    assert workloads.WORKLOADS["views"](10, chunk_size=64, work_dir=tmp_path).chunk_size == 64
 
 
-def workload(name: str, tmp_path: Path) -> bench.Workload:
-    return bench.WORKLOADS[name](SIZE, chunk_size=64, work_dir=tmp_path)
+def workload(name: str, tmp_path: Path) -> workloads.Workload:
+    return workloads.WORKLOADS[name](SIZE, chunk_size=64, work_dir=tmp_path)
 
 
 @postgres_only
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("name", list(bench.WORKLOADS))
+@pytest.mark.parametrize("name", list(workloads.WORKLOADS))
 def test_every_strategy_leaves_the_same_state(name, tmp_path):
     """Each strategy from a fresh base state; their end states are equal and complete."""
     job = workload(name, tmp_path)
@@ -95,8 +98,8 @@ def test_every_strategy_leaves_the_same_state(name, tmp_path):
     for strategy in job.strategies:
         job.setup()
         bench.run_strategy(job, strategy.key, measure_memory=False)
-        snapshots[strategy.key] = job.snapshot()
-    first = snapshots[bench.OPTIMIZED]
+        snapshots[strategy.key] = job.snapshot(shared=True)
+    first = snapshots[workloads.OPTIMIZED]
     main = next(iter(first))
     assert len(first[main]) == SIZE
     assert {key: snapshot == first for key, snapshot in snapshots.items()} == {
@@ -110,7 +113,7 @@ def test_updates_write_the_input_values(tmp_path):
     """The shared end state is the input's, not an agreement on doing nothing."""
     job = workload("updates", tmp_path)
     job.setup()
-    bench.run_strategy(job, bench.RAW, measure_memory=False)
+    bench.run_strategy(job, workloads.RAW, measure_memory=False)
     expected = sorted(
         (row["sku"], Decimal(row["price"]), row["stock_quantity"]) for row in job.rows()
     )
@@ -121,7 +124,7 @@ def test_updates_write_the_input_values(tmp_path):
 @postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_a_strategy_that_writes_nothing_is_a_problem(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench.ViewsWorkload, "run_django", lambda self: None)
+    monkeypatch.setattr(workloads.ViewsWorkload, "run_django", lambda self: None)
     report = bench.run_scale_bench(["views"], [SIZE], isolate=False, work_dir=tmp_path)
     assert report.problems == [
         f"views at {SIZE} rows: bulk_create left 0 rows, expected {SIZE}",
@@ -142,7 +145,7 @@ def test_peers_over_budget_are_not_run(tmp_path):
     assert ran == {
         (key, size) for key in ("optimized", "raw", "pgbulk", "django") for size in [SIZE // 2]
     } | {("optimized", SIZE), ("raw", SIZE)}
-    skipped = report.find("scores", bench.PGBULK, SIZE)
+    skipped = report.find("scores", workloads.PGBULK, SIZE)
     assert skipped is not None and skipped.note.startswith("not run: ")
     assert "over the 0 s budget per peer run" in skipped.note
     assert report.problems == []
@@ -165,7 +168,7 @@ def test_repeats_take_turns_and_keep_the_fastest_run_within_the_budget(monkeypat
     job = workload("views", tmp_path)
     report = bench.ScaleReport([SIZE], ["views"], [], [])
     checked: list[str] = []
-    keys = (bench.OPTIMIZED, bench.RAW, bench.DJANGO)
+    keys = (workloads.OPTIMIZED, workloads.RAW, workloads.DJANGO)
     measured = bench.measure(
         job,
         [job.strategy(key) for key in keys],
@@ -177,7 +180,7 @@ def test_repeats_take_turns_and_keep_the_fastest_run_within_the_budget(monkeypat
     fast, slow, slower = (measured[key] for key in keys)
     # Round by round: a first run of 40 s is the only one; 25 + 10 s reach
     # the 30 s budget after two runs; 3 runs for the rest, the fastest counts.
-    assert order == [*keys, bench.OPTIMIZED, bench.RAW, bench.OPTIMIZED]
+    assert order == [*keys, workloads.OPTIMIZED, workloads.RAW, workloads.OPTIMIZED]
     assert checked == list(keys)
     assert (fast.seconds, fast.runs) == (1.0, 3)
     assert (slow.seconds, slow.runs) == (10.0, 2)
@@ -186,7 +189,7 @@ def test_repeats_take_turns_and_keep_the_fastest_run_within_the_budget(monkeypat
     assert "| 3 |" in "\n".join(bench.workload_section(report_of(job, fast), "views"))
 
 
-def report_of(job: bench.Workload, measurement: bench.Measurement) -> bench.ScaleReport:
+def report_of(job: workloads.Workload, measurement: bench.Measurement) -> bench.ScaleReport:
     return bench.ScaleReport([job.size], [job.name], [measurement], [])
 
 
@@ -256,8 +259,8 @@ def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
         duration=0.1,
     )
 
-    with pytest.raises(bench.BenchError, match="views with optimized ended failed: the server"):
-        bench.check_completed("views", bench.OPTIMIZED, result)
+    with pytest.raises(workloads.BenchError, match="views with optimized ended failed: the server"):
+        workloads.check_completed("views", workloads.OPTIMIZED, result)
 
 
 @postgres_only

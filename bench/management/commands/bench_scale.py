@@ -1,7 +1,8 @@
 """``manage.py bench_scale``: the optimized service against raw COPY and its peers, at scale.
 
 The command parses options, checks the database and writes the outputs;
-workloads, strategies, measuring and the report live in ``bench.scale``.
+measuring and the report live in ``bench.scale``, the workloads and their
+strategies in ``bench.workloads``.
 With ``--one`` it is the child process that runs and measures one strategy.
 """
 
@@ -21,6 +22,7 @@ from django.utils import timezone
 from bench import scale as bench
 from bench.namespace import DEFAULT_SEED, require_postgresql
 from bench.report import database_description
+from bench.workloads import WORKLOADS, pgbulk
 
 ALL = "all"
 NEEDS_POSTGRESQL = (
@@ -51,11 +53,11 @@ def parse_sizes(value: str) -> list[int]:
 
 def parse_workloads(value: str) -> list[str]:
     if value == ALL:
-        return list(bench.WORKLOADS)
+        return list(WORKLOADS)
     names = [name.strip() for name in value.split(",")]
     for name in names:
-        if name not in bench.WORKLOADS:
-            choices = ", ".join(bench.WORKLOADS)
+        if name not in WORKLOADS:
+            choices = ", ".join(WORKLOADS)
             raise CommandError(BAD_WORKLOADS.format(name=name, choices=choices))
     return list(dict.fromkeys(names))
 
@@ -82,7 +84,7 @@ class Command(BaseCommand):
             "--workloads",
             type=str,
             default=ALL,
-            help=f"Comma-separated, from {', '.join(bench.WORKLOADS)} (default: all).",
+            help=f"Comma-separated, from {', '.join(WORKLOADS)} (default: all).",
         )
         parser.add_argument(
             "--chunk-size",
@@ -161,12 +163,12 @@ class Command(BaseCommand):
         if work_dir is not None and not work_dir.is_dir():
             raise CommandError(NO_WORK_DIR.format(path=work_dir))
         require_postgresql(NEEDS_POSTGRESQL)
-        if bench.pgbulk is None:
+        if pgbulk is None:
             raise CommandError(NEEDS_PGBULK)
         seed: int = options["seed"]
 
         if options["one"]:
-            cls = bench.WORKLOADS[workloads[0]]
+            cls = WORKLOADS[workloads[0]]
             try:
                 cls.strategy(options["strategy"])
             except KeyError as exc:

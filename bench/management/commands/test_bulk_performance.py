@@ -1,8 +1,9 @@
 """``manage.py test_bulk_performance``: naive against optimized, operation by operation.
 
-The command parses options and prints; workloads, setup and the comparison
-live in ``bench.writeup``. (The module name starts with ``test_`` as
-the issue asks; pytest never collects it because ``testpaths`` is ``tests``.)
+The command parses options and prints; the comparison lives in
+``bench.writeup``, the workloads in ``bench.workloads``. (The module name
+starts with ``test_`` as the issue asks; pytest never collects it because
+``testpaths`` is ``tests``.)
 """
 
 from __future__ import annotations
