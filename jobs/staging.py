@@ -11,6 +11,11 @@ operation's own ``prepare`` and ``key``) is staged beside it, and one window
 query afterwards marks every row whose key came before with the number where
 it first came. Rows that fail ``prepare`` are staged with an empty key; their run
 reports them.
+
+A submitter that knows a row is bad before staging it (a line its reader
+could not parse, which is no JSON to stage) passes a ``Refused`` in its
+place: its error is staged, and the run reports it at the row's index like
+any invalid row, so the indexes of the staged input are those of the input.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
@@ -31,9 +37,25 @@ from batching.postgres import copy_rows, is_postgresql
 from jobs.models import Job, JobPartition, StagedRow
 
 STAGE_BATCH = 5_000
-FIELDS = ("job", "number", "data", "key")
+FIELDS = ("job", "number", "data", "key", "refused")
 
 encode = partial(json.dumps, cls=DjangoJSONEncoder)
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatedKey:
+    """Stands in for a row whose key was first seen at ``first`` (job input index)."""
+
+    first: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A row its submitter refused before staging; given in ``rows`` in its place."""
+
+    field: str
+    message: str
+    code: str = "invalid"
 
 
 def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "default") -> int:
@@ -46,7 +68,10 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
         count = copy_rows(
             StagedRow,
             FIELDS,
-            ((job, number, Jsonb(data, dumps=encode), key) for job, number, data, key in staged),
+            (
+                (job, number, Jsonb(data, dumps=encode), key, refused and Jsonb(refused))
+                for job, number, data, key, refused in staged
+            ),
             using=using,
         )
     else:
@@ -54,8 +79,8 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
         queryset = StagedRow.objects.using(using)
         for batch in chunked(staged, STAGE_BATCH):
             queryset.bulk_create(
-                StagedRow(job_id=job_id, number=number, data=data, key=key)
-                for job_id, number, data, key in batch
+                StagedRow(job_id=job_id, number=number, data=data, key=key, refused=refused)
+                for job_id, number, data, key, refused in batch
             )
             count += len(batch)
     if op.key_field is not None:
@@ -66,11 +91,14 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
 def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
     keyed = op.key_field is not None
     for number, raw in enumerate(rows):
+        if isinstance(raw, Refused):
+            yield job.pk, number, {}, "", asdict(raw)
+            continue
         key = ""
         if keyed:
             with contextlib.suppress(RowInvalid):
                 key = encode(op.key(op.prepare(raw)))
-        yield job.pk, number, raw, key
+        yield job.pk, number, raw, key, None
 
 
 def mark_repeats(job: Job, *, using: str = "default") -> int:
@@ -94,17 +122,30 @@ def mark_repeats(job: Job, *, using: str = "default") -> int:
     return len(repeats)
 
 
-def partition_rows(partition: JobPartition) -> list[tuple[Any, int | None]]:
-    """The partition's rows as (data, first), in input order: one query, one partition."""
-    return list(
-        StagedRow.objects.filter(
-            job=partition.job_id,
-            number__gte=partition.start,
-            number__lt=partition.start + partition.size,
-        )
+def staged_input(job_id: Any, start: int, stop: int) -> list[Any]:
+    """Rows ``start`` to ``stop - 1`` of a job's input, in order, as its runs take them.
+
+    One query. A row whose key came before stands in as a ``RepeatedKey``, a
+    refused one as its ``Refused`` (``jobs.tasks.partition_operation``
+    reports both).
+    """
+    rows = (
+        StagedRow.objects.filter(job=job_id, number__gte=start, number__lt=stop)
         .order_by("number")
-        .values_list("data", "first")
+        .values_list("data", "first", "refused")
     )
+    return [_as_input(data, first, refused) for data, first, refused in rows]
+
+
+def _as_input(data: Any, first: int | None, refused: dict[str, str] | None) -> Any:
+    if refused is not None:
+        return Refused(**refused)
+    return data if first is None else RepeatedKey(first)
+
+
+def partition_input(partition: JobPartition) -> Iterator[Any]:
+    """The partition's rows (``staged_input``): one query, when the run first reads."""
+    yield from staged_input(partition.job_id, partition.start, partition.start + partition.size)
 
 
 def discard(partition: JobPartition) -> int:
