@@ -16,12 +16,16 @@ A submitter that knows a row is bad before staging it (a line its reader
 could not parse, which is no JSON to stage) passes a ``Refused`` in its
 place: its error is staged, and the run reports it at the row's index like
 any invalid row, so the indexes of the staged input are those of the input.
+A row holding a NUL character, which PostgreSQL's ``jsonb`` cannot store, is
+staged refused too, with the error the operation's ``prepare`` gives it (the
+one its run would report), on every database alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -38,6 +42,10 @@ from jobs.models import Job, JobPartition, StagedRow
 
 STAGE_BATCH = 5_000
 FIELDS = ("job", "number", "data", "key", "refused")
+# A NUL character in the JSON text of a row (an escaped backslash before
+# "u0000" is not one).
+NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+NUL_IN_ROW = "must not contain NUL characters"
 
 encode = partial(json.dumps, cls=DjangoJSONEncoder)
 
@@ -69,8 +77,9 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
             StagedRow,
             FIELDS,
             (
-                (job, number, Jsonb(data, dumps=encode), key, refused and Jsonb(refused))
-                for job, number, data, key, refused in staged
+                # The row's JSON text is made once, by _keyed.
+                (job, number, Jsonb(text, dumps=str), key, refused and Jsonb(refused))
+                for job, number, _, text, key, refused in staged
             ),
             using=using,
         )
@@ -80,7 +89,7 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
         for batch in chunked(staged, STAGE_BATCH):
             queryset.bulk_create(
                 StagedRow(job_id=job_id, number=number, data=data, key=key, refused=refused)
-                for job_id, number, data, key, refused in batch
+                for job_id, number, data, _, key, refused in batch
             )
             count += len(batch)
     if op.key_field is not None:
@@ -89,16 +98,29 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
 
 
 def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
+    """(job, number, data, its JSON text, key, refused) for each row."""
     keyed = op.key_field is not None
     for number, raw in enumerate(rows):
+        text = "" if isinstance(raw, Refused) else encode(raw)
+        if "\\u0000" in text and NUL.search(text):
+            raw = _refusal(op, raw)
         if isinstance(raw, Refused):
-            yield job.pk, number, {}, "", asdict(raw)
+            yield job.pk, number, {}, "{}", "", asdict(raw)
             continue
         key = ""
         if keyed:
             with contextlib.suppress(RowInvalid):
                 key = encode(op.key(op.prepare(raw)))
-        yield job.pk, number, raw, key, None
+        yield job.pk, number, raw, text, key, None
+
+
+def _refusal(op: BatchOperation, raw: Any) -> Refused:
+    """A row that cannot be staged as it is: refused with the error its run would report."""
+    try:
+        op.prepare(raw)
+    except RowInvalid as exc:
+        return Refused(exc.field, exc.message, exc.code)
+    return Refused("row", NUL_IN_ROW)
 
 
 def mark_repeats(job: Job, *, using: str = "default") -> int:

@@ -26,6 +26,7 @@ from jobs.tasks import run_partition
 from products import imports
 from products.models import Product, ProductView
 from products.readers import RowStream
+from products.services import rows as r
 from products.services.optimized import OptimizedBulkOperationsService
 from tests.factories import (
     CategoryFactory,
@@ -421,6 +422,19 @@ def test_an_upload_spooled_to_disk_is_read_where_it_lies(client, staff, existing
     response = client.post(UPLOAD, {"kind": "products", "file": SimpleUploadedFile(name, data)})
     preview = client.get(detail_url(response)).context["staged"].preview
     assert (preview["created"], preview["updated"], preview["skipped"]) == (2, 1, 3)
+
+
+def test_a_nul_character_is_a_bad_line_not_a_failed_upload(client, staff):
+    """JSON Lines can carry one (``\\u0000``), which PostgreSQL cannot stage as it is."""
+    text = (
+        '{"sku": "A\\u0000", "name": "n", "category": "c", "price": "1", "stock_quantity": 1}\n'
+        '{"sku": "B", "name": "n", "category": "c", "price": "1", "stock_quantity": 1}\n'
+    )
+    url = detail_url(upload(client, text, name="catalogue.jsonl"))
+    preview = client.get(url).context["staged"].preview
+    assert preview["errors"] == [{"line": 1, "field": "sku", "message": r.NUL_CHARACTER}]
+    client.post(url)
+    assert list(Product.objects.values_list("sku", flat=True)) == ["B"]
 
 
 @pytest.mark.parametrize("chunk_size", [2, 100])

@@ -393,6 +393,22 @@ class TestHeld:
             {"index": 1, "field": "row", "message": "not valid JSON: oops", "code": "unreadable"}
         ]
 
+    def test_a_row_with_a_nul_character_is_staged_refused_with_the_runs_error(self):
+        """PostgreSQL's jsonb cannot hold one; the run reports the operation's own error."""
+        rows = [
+            {"sku": "A\x00", "name": "n", "category": "c", "price": "1", "stock_quantity": 1},
+            {"sku": "B", "name": "n", "category": "c", "price": "1", "stock_quantity": 1},
+            {"sku": "C", "name": "a \\u0000 b", "category": "c", "price": "1", "stock_quantity": 1},
+        ]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        run_all(job)
+        result = job.as_dict()["result"]
+        assert (result["created"], result["skipped"]) == (2, 1)
+        assert result["errors"] == [
+            {"index": 0, "field": "sku", "message": r.NUL_CHARACTER, "code": "invalid"}
+        ]
+        assert Product.objects.get(sku="C").name == "a \\u0000 b"
+
     def test_a_dry_run_of_a_held_job_writes_nothing(self, catalogue, settings):
         settings.BULK_CHUNK_SIZE = 2
         rows = view_rows(catalogue, 5)
