@@ -32,9 +32,10 @@ test: venv
 
 # The portable path (bulk_create, bulk_update, Case) on PostgreSQL, which the
 # fast paths otherwise take there: the tests of the services, their
-# properties, concurrency, faults and resume, with BULK_PG_FAST_PATHS=0.
+# properties, concurrency, faults, resume and dry runs, with BULK_PG_FAST_PATHS=0.
 PORTABLE_TESTS := tests/test_services.py tests/test_properties.py tests/test_concurrency.py \
-	tests/test_resume.py tests/test_resilience.py tests/test_repeats.py tests/test_engine.py
+	tests/test_resume.py tests/test_resilience.py tests/test_repeats.py tests/test_engine.py \
+	tests/test_dry_run.py tests/test_admin_import.py
 
 test-portable: venv
 	@case "$(DATABASE_URL)" in postgres*) ;; \

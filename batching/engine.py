@@ -93,6 +93,14 @@ for the check. A run resumed while its flag is set (a stop requested before
 it started) ends as cancelled at once. Resuming a cancelled run clears the
 flag: the request it honoured is spent.
 
+A dry run (``dry_run``) says what a run would do without writing: the same
+``prepare`` and duplicate-key rule, then the operation's ``check`` on each
+chunk's valid rows, which makes the reads its ``write`` makes (are the
+references there? which keys exist?) and writes nothing. No transaction, no
+log row. Nothing is written, so no mark finds a key an earlier chunk had: a
+dry run compares keys across the whole input, as a run of an operation
+without ``keys_in_database`` does.
+
 A run that raises (an unexpected error, an interrupt) hands its log row to
 the caller on the exception (``run_log_of``), so a caller that must not run
 the same input twice (an idempotent API request, a confirmed import) can tell
@@ -272,6 +280,21 @@ class BatchResult:
 
 
 @dataclass(slots=True)
+class DryRun:
+    """What a run would do with an input (``dry_run``): nothing was written."""
+
+    read: int = 0
+    created: int = 0
+    updated: int = 0
+    # Sorted by row index.
+    errors: list[RowError] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.errors)
+
+
+@dataclass(slots=True)
 class Prepared:
     """A validated row and its input position.
 
@@ -325,6 +348,16 @@ class BatchOperation(ABC):
 
     @abstractmethod
     def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
+
+    def check(self, rows: list[Prepared]) -> ChunkOutcome:
+        """What ``write`` would do with ``rows``, without writing (``dry_run``).
+
+        It makes the reads ``write`` makes, through the same code, and returns
+        the counts and the row errors ``write`` would; it runs outside any
+        transaction and must write nothing. Operations without a dry run
+        raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
 
     def repeated(self, index: int, first: int) -> RowError:
         """The error of row ``index``, whose key row ``first`` already had."""
@@ -582,6 +615,8 @@ class BatchRun:
         self.finished = False
         # Resumed with a stop requested before it started: it ends at once.
         self.stop_pending = False
+        # A dry run (``dry_run``): nothing written, keys compared across the input.
+        self.dry = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
@@ -642,6 +677,22 @@ class BatchRun:
             query_count=log.query_count - self._earlier_queries,
             duration=log.duration_seconds or 0.0,
         )
+
+    def dry_run(self, rows: Iterable[Any]) -> DryRun:
+        """What ``run`` would do with ``rows``, writing nothing; see the module docstring."""
+        self.dry = True
+        result = DryRun()
+        rows = iter(rows)
+        while chunk := list(self._chunk_of(rows)):
+            prepared = self._prepare_chunk(result.read, chunk, errors=result.errors)
+            result.read += len(chunk)
+            if prepared:
+                outcome = self.op.check(prepared)
+                result.created += outcome.created
+                result.updated += outcome.updated
+                result.errors.extend(outcome.errors)
+        result.errors.sort(key=lambda error: error.index)
+        return result
 
     def _chunk_of(self, rows: Iterator[Any]) -> Iterator[Any]:
         """The next chunk's raw rows, read lazily: ``chunk_size`` rows, or weight."""
@@ -733,7 +784,7 @@ class BatchRun:
         prepare = prepare or self.op.prepare
         # The base class has no key: skip a call per row that returns None.
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
-        if self.op.keys_in_database:
+        if self.op.keys_in_database and not self.dry:
             self.seen = {}  # this chunk's keys only: earlier ones are the write's to find
             self.op.first_rows = {}
             self.chunk_errors_from = len(errors)
@@ -1161,3 +1212,13 @@ def run_batch(
 ) -> BatchResult:
     """Run ``operation`` over ``rows``; see the module docstring for the design."""
     return BatchRun(operation, chunk_size=chunk_size, resume=resume).run(rows)
+
+
+def dry_run(
+    operation: BatchOperation, rows: Iterable[Any], *, chunk_size: int | None = None
+) -> DryRun:
+    """What ``run_batch`` would do with ``rows``, writing nothing (see the module docstring).
+
+    The operation must implement ``check``.
+    """
+    return BatchRun(operation, chunk_size=chunk_size).dry_run(rows)

@@ -22,6 +22,9 @@ from batching.models import BatchProcessingLog
 class Status(models.TextChoices):
     """Shared by jobs and their partitions."""
 
+    # A job only: its input is staged, no partition yet; it waits to be
+    # released (``jobs.services.release_job``), run in-process or discarded.
+    HELD = "held", "Held (staged, not submitted yet)"
     QUEUED = "queued", "Queued"
     RUNNING = "running", "Running"
     COMPLETED = "completed", "Completed"
@@ -197,8 +200,9 @@ class StagedRow(models.Model):
     empty when the operation has no key or the row does not parse) and
     ``first``, set on a row whose key came before, the number where it first
     came: a key repeated across partitions is reported as one run would.
-    A partition's rows are deleted when it ends completed or partial; a failed
-    one keeps them, so it can be resumed.
+    ``refused`` holds the error of a row refused before staging (then ``data``
+    is empty). A partition's rows are deleted when it ends completed or
+    partial; a failed one keeps them, so it can be resumed.
     """
 
     id = models.BigAutoField(primary_key=True)
@@ -208,6 +212,9 @@ class StagedRow(models.Model):
     data = models.JSONField(encoder=DjangoJSONEncoder)
     key = models.TextField(blank=True)
     first = models.PositiveBigIntegerField(null=True, blank=True)
+    # The error of a row its submitter refused before staging (a line its
+    # reader could not parse; ``jobs.staging.Refused``): the run reports it.
+    refused = models.JSONField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -11,13 +11,23 @@ operation's own ``prepare`` and ``key``) is staged beside it, and one window
 query afterwards marks every row whose key came before with the number where
 it first came. Rows that fail ``prepare`` are staged with an empty key; their run
 reports them.
+
+A submitter that knows a row is bad before staging it (a line its reader
+could not parse, which is no JSON to stage) passes a ``Refused`` in its
+place: its error is staged, and the run reports it at the row's index like
+any invalid row, so the indexes of the staged input are those of the input.
+A row holding a NUL character, which PostgreSQL's ``jsonb`` cannot store, is
+staged refused too, with the error the operation's ``prepare`` gives it (the
+one its run would report), on every database alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
@@ -31,9 +41,29 @@ from batching.postgres import copy_rows, is_postgresql
 from jobs.models import Job, JobPartition, StagedRow
 
 STAGE_BATCH = 5_000
-FIELDS = ("job", "number", "data", "key")
+FIELDS = ("job", "number", "data", "key", "refused")
+# A NUL character in the JSON text of a row (an escaped backslash before
+# "u0000" is not one).
+NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+NUL_IN_ROW = "must not contain NUL characters"
 
 encode = partial(json.dumps, cls=DjangoJSONEncoder)
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatedKey:
+    """Stands in for a row whose key was first seen at ``first`` (job input index)."""
+
+    first: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A row its submitter refused before staging; given in ``rows`` in its place."""
+
+    field: str
+    message: str
+    code: str = "invalid"
 
 
 def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "default") -> int:
@@ -46,7 +76,11 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
         count = copy_rows(
             StagedRow,
             FIELDS,
-            ((job, number, Jsonb(data, dumps=encode), key) for job, number, data, key in staged),
+            (
+                # The row's JSON text is made once, by _keyed.
+                (job, number, Jsonb(text, dumps=str), key, refused and Jsonb(refused))
+                for job, number, _, text, key, refused in staged
+            ),
             using=using,
         )
     else:
@@ -54,8 +88,8 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
         queryset = StagedRow.objects.using(using)
         for batch in chunked(staged, STAGE_BATCH):
             queryset.bulk_create(
-                StagedRow(job_id=job_id, number=number, data=data, key=key)
-                for job_id, number, data, key in batch
+                StagedRow(job_id=job_id, number=number, data=data, key=key, refused=refused)
+                for job_id, number, data, _, key, refused in batch
             )
             count += len(batch)
     if op.key_field is not None:
@@ -64,13 +98,29 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
 
 
 def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
+    """(job, number, data, its JSON text, key, refused) for each row."""
     keyed = op.key_field is not None
     for number, raw in enumerate(rows):
+        text = "" if isinstance(raw, Refused) else encode(raw)
+        if "\\u0000" in text and NUL.search(text):
+            raw = _refusal(op, raw)
+        if isinstance(raw, Refused):
+            yield job.pk, number, {}, "{}", "", asdict(raw)
+            continue
         key = ""
         if keyed:
             with contextlib.suppress(RowInvalid):
                 key = encode(op.key(op.prepare(raw)))
-        yield job.pk, number, raw, key
+        yield job.pk, number, raw, text, key, None
+
+
+def _refusal(op: BatchOperation, raw: Any) -> Refused:
+    """A row that cannot be staged as it is: refused with the error its run would report."""
+    try:
+        op.prepare(raw)
+    except RowInvalid as exc:
+        return Refused(exc.field, exc.message, exc.code)
+    return Refused("row", NUL_IN_ROW)
 
 
 def mark_repeats(job: Job, *, using: str = "default") -> int:
@@ -94,17 +144,30 @@ def mark_repeats(job: Job, *, using: str = "default") -> int:
     return len(repeats)
 
 
-def partition_rows(partition: JobPartition) -> list[tuple[Any, int | None]]:
-    """The partition's rows as (data, first), in input order: one query, one partition."""
-    return list(
-        StagedRow.objects.filter(
-            job=partition.job_id,
-            number__gte=partition.start,
-            number__lt=partition.start + partition.size,
-        )
+def staged_input(job_id: Any, start: int, stop: int) -> list[Any]:
+    """Rows ``start`` to ``stop - 1`` of a job's input, in order, as its runs take them.
+
+    One query. A row whose key came before stands in as a ``RepeatedKey``, a
+    refused one as its ``Refused`` (``jobs.tasks.partition_operation``
+    reports both).
+    """
+    rows = (
+        StagedRow.objects.filter(job=job_id, number__gte=start, number__lt=stop)
         .order_by("number")
-        .values_list("data", "first")
+        .values_list("data", "first", "refused")
     )
+    return [_as_input(data, first, refused) for data, first, refused in rows]
+
+
+def _as_input(data: Any, first: int | None, refused: dict[str, str] | None) -> Any:
+    if refused is not None:
+        return Refused(**refused)
+    return data if first is None else RepeatedKey(first)
+
+
+def partition_input(partition: JobPartition) -> Iterator[Any]:
+    """The partition's rows (``staged_input``): one query, when the run first reads."""
+    yield from staged_input(partition.job_id, partition.start, partition.start + partition.size)
 
 
 def discard(partition: JobPartition) -> int:

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -65,7 +63,7 @@ from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
 from batching.models import BatchProcessingLog
 from batching.registry import operation_class
 from jobs.models import FINISHED, Job, JobPartition, Status
-from jobs.staging import discard, partition_rows
+from jobs.staging import Refused, RepeatedKey, discard, partition_input
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +80,14 @@ PARTITION_STATUS: dict[str, Status] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class RepeatedKey:
-    """Stands in for a row whose key was first seen at ``first`` (job input index)."""
-
-    first: int
-
-
 # One partition class per operation name, made on first use.
 _partition_operations: dict[str, type[BatchOperation]] = {}
 
 
 def partition_operation(name: str) -> type[BatchOperation]:
-    """The registered operation ``name`` (optimized), reporting a ``RepeatedKey``
-    as a duplicate like one run would."""
+    """The registered operation ``name`` (optimized), reporting the stand-ins of
+    ``jobs.staging.staged_input`` like one run would: a ``RepeatedKey`` as a
+    duplicate, a ``Refused`` as its error."""
     name = str(name)
     if name not in _partition_operations:
         base = operation_class(name)
@@ -106,18 +98,14 @@ def partition_operation(name: str) -> type[BatchOperation]:
                     field = self.key_field or "row"
                     message = DUPLICATE_IN_INPUT.format(field=field, first=raw.first)
                     raise RowInvalid(field, message, "duplicate")
+                if isinstance(raw, Refused):
+                    raise RowInvalid(raw.field, raw.message, raw.code)
                 return super().prepare(raw)
 
         PartitionOperation.__name__ = f"Partition{base.__name__}"
         PartitionOperation.__qualname__ = PartitionOperation.__name__
         _partition_operations[name] = PartitionOperation
     return _partition_operations[name]
-
-
-def partition_input(partition: JobPartition) -> Iterator[Any]:
-    """The partition's staged rows; a row whose key came before stands in as a ``RepeatedKey``."""
-    for data, first in partition_rows(partition):
-        yield data if first is None else RepeatedKey(first)
 
 
 # -- the tasks -------------------------------------------------------------------

@@ -167,7 +167,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
             if not self.can_import(request, kind):
                 raise PermissionDenied
             try:
-                staged = imports.stage(form.cleaned_data["file"], kind, staff_id(request))
+                staged = imports.stage(form.cleaned_data["file"], kind, request.user)
             except imports.ImportFileError as exc:
                 form.add_error("file", str(exc))
             else:

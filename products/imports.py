@@ -1,30 +1,42 @@
-"""Imports uploaded in the admin: stage, preview without writing, confirm.
+"""Imports uploaded in the admin: staged once, previewed without writing, confirmed.
 
-An upload is stored server-side under ``settings.ADMIN_IMPORT_DIR`` as
-``<token><suffix>`` with a JSON sidecar ``<token>.json`` (its kind, its owner,
-its preview and, later, its job and result). The token is random and is the
-only thing the browser sends back: no client-sent path is ever opened, and a
-token is honoured only for the user who uploaded it.
+The upload is read once, in one streaming pass, as it is received
+(``RowStream`` over the uploaded file): each row goes straight into the
+staged input of a held job (``jobs.services.hold_job``), in the database,
+where every worker reaches it; a line the reader cannot parse is staged as a
+``Refused`` row carrying the reader's reason, so row indexes stay the file's.
+The reader's table of line numbers (``RowStream.line_map``: one entry per
+blank line or multi-line record, none for a regular file) is kept to turn the
+indexes of errors into lines. Nothing else of the file is kept: the preview,
+the confirm and the result page read the staged rows or the runs' logs, never
+the file. The reader's limits (decompressed size, line length; see
+``products.readers``) and ``ADMIN_IMPORT_MAX_ROWS`` refuse a bad file during
+that pass, as a form error, and its staging rolls back.
 
-The preview reads the file once with ``RowStream``. Its first
-``settings.ADMIN_IMPORT_PREVIEW_ROWS`` rows are validated with the services'
-own parsers (``products.services.rows``) and the database is asked what the
-run would find, one query per chunk per table (existing skus for products;
-users and products for views), so its counts match what the optimized service
-will do with those rows, short of rows only the database refuses. The rest of
-the file is only inflated and its lines counted: the request stays short and
-small whatever the file, and the reader's limits (decompressed size, line
-length; see ``products.readers``) refuse a bad file here, as a form error,
-rather than half-way through its import.
+The preview is a dry run of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` staged
+rows (``jobs.services.check_job``): the registered optimized operation's own
+``prepare``, the duplicate keys found while staging, and the operation's
+``check``, which makes the reads its ``write`` makes (existing skus; users and
+products) and writes nothing. Its counts and errors are therefore what the
+run reports for those rows, short of rows only the database refuses.
 
-A confirmed import runs the registered optimized operation in the request up
-to ``settings.ADMIN_IMPORT_SYNC_MAX_ROWS`` rows, and as a background job
-(``jobs.services.submit_job``) beyond that. Confirming first claims the upload
-by creating ``<token>.claim`` exclusively, so of two confirms of one token
-(a double click, two tabs) only one runs. The claim is released when a run
-fails before committing anything, so the import can be confirmed again; once
-any chunk is committed it is kept, and the page shows what the run's log says
-(a second confirm would import the committed rows twice).
+Each upload has a JSON sidecar ``<token>.json`` under ``ADMIN_IMPORT_DIR``
+(its kind, its owner, its job, its line map, its preview and, later, its
+result). The token is random and is the only thing the browser sends back:
+no client-sent path is ever opened, and a token is honoured only for the user
+who uploaded it.
+
+A confirmed import runs in the request up to ``ADMIN_IMPORT_SYNC_MAX_ROWS``
+rows (``jobs.services.run_held_job``: one run over the staged rows, then the
+job and its rows are deleted) and beyond that is released to the workers as a
+background job partitioned by range (``jobs.services.release_job``), whose
+partitions delete their rows as they end. Confirming first claims the upload
+by creating ``<token>.claim`` exclusively, so of two confirms of one token (a
+double click, two tabs) only one runs. The claim is released when a run fails
+before committing anything, so the import can be confirmed again; once any
+chunk is committed it is kept, and the page shows what the run's log says (a
+second confirm would import the committed rows twice). An upload left
+unconfirmed is swept after a day with its held job and staged rows.
 """
 
 from __future__ import annotations
@@ -37,9 +49,9 @@ import re
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from itertools import islice
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +59,19 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.http import Http404
 
-from batching.engine import DUPLICATE_IN_INPUT, BatchResult, RowInvalid, run_batch, run_log_of
+from batching.engine import BatchResult, run_log_of
 from batching.models import BatchProcessingLog
-from batching.registry import operation_class
 from jobs.models import Job
-from jobs.services import submit_job
-from products.models import Product
-from products.readers import BadLine, InputTooLarge, ReaderError, RowStream, detect_format
-from products.services import rows as r
-from products.services.base import reference_error
-from products.services.optimized import existing_product_ids, existing_user_ids
+from jobs.services import (
+    check_job,
+    discard_held_jobs,
+    discard_job,
+    hold_job,
+    release_job,
+    run_held_job,
+)
+from jobs.staging import Refused
+from products.readers import BadLine, InputTooLarge, ReaderError, RowStream, detect_format, line_at
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +113,20 @@ class BadRow:
 
 @dataclass
 class Staged:
-    """One upload between its preview and its result; stored as JSON beside the file."""
+    """One upload between its preview and its result; stored as JSON under its token."""
 
     token: str
     kind: str
     user_id: int
     original_name: str
-    suffix: str
     created: float
     state: str = PREVIEW
-    preview: dict[str, Any] = field(default_factory=dict)
+    # The held job whose staged rows are the upload's; a background run's job.
     job_id: str | None = None
+    # RowStream.line_map() of the upload: row index -> line.
+    line_map: list[tuple[int, int]] = field(default_factory=list)
+    preview: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
-
-    @property
-    def path(self) -> Path:
-        return Path(settings.ADMIN_IMPORT_DIR) / f"{self.token}{self.suffix}"
 
     @property
     def meta_path(self) -> Path:
@@ -142,20 +155,26 @@ class Staged:
         except FileExistsError:
             return False
 
-    def stream(self) -> RowStream:
-        return RowStream(self.path, name=self.original_name)
+    def bad_rows(self, errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Row errors (``RowError.as_dict()``) as bad lines, by line."""
+        rows = [
+            BadRow(line_at(self.line_map, error["index"]), error["field"], error["message"])
+            for error in errors
+        ]
+        return [asdict(row) for row in sorted(rows, key=lambda row: row.line)]
 
 
-def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
-    """Store ``upload`` under a new token and preview it.
+def stage(upload: UploadedFile, kind: str, user: Any) -> Staged:
+    """Read ``upload`` once into a held job's staged input, and preview it.
 
     Raises:
-        ImportFileError: unknown format, no usable header, too large.
+        ImportFileError: unknown format, no usable header, too large, too many
+            rows, damaged gzip data. Nothing of the upload is kept then.
     """
     if upload.size is not None and upload.size > settings.ADMIN_IMPORT_MAX_BYTES:
         raise ImportFileError(TOO_LARGE.format(limit=settings.ADMIN_IMPORT_MAX_BYTES))
     try:
-        format, gzipped = detect_format(Path(upload.name or ""))
+        detect_format(Path(upload.name or ""))
     except ReaderError as exc:
         raise ImportFileError(str(exc)) from exc
     directory = Path(settings.ADMIN_IMPORT_DIR)
@@ -164,16 +183,19 @@ def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
     staged = Staged(
         token=secrets.token_urlsafe(32),
         kind=kind,
-        user_id=user_id,
+        user_id=user.pk,
         original_name=Path(upload.name or "").name[:200],
-        suffix=f".{format}" + (".gz" if gzipped else ""),
         created=time.time(),
     )
     try:
-        with open(staged.path, "wb") as target:
-            for block in upload.chunks():
-                target.write(block)
-        staged.preview = preview(staged)
+        if upload.file is None:
+            raise ReaderError("the upload has no file")
+        upload.seek(0)
+        with RowStream(upload.file, name=staged.original_name) as stream:
+            job = hold_job(operation=kind, rows=admitted(stream), created_by=user)
+            staged.line_map = stream.line_map()
+        staged.job_id = str(job.pk)
+        staged.preview = preview(staged, job)
         staged.save()
     except BaseException as exc:
         discard(staged)  # whatever went wrong, nothing is left behind
@@ -185,6 +207,25 @@ def stage(upload: UploadedFile, kind: str, user_id: int) -> Staged:
             raise ImportFileError(NOT_READABLE.format(error=exc)) from exc
         raise
     return staged
+
+
+def admitted(stream: RowStream) -> Iterator[Any]:
+    """The stream's rows as a job stages them; an unreadable line as a ``Refused`` row.
+
+    Raises:
+        ImportFileError: more rows than ``ADMIN_IMPORT_MAX_ROWS`` (the rest of
+            the file is then only counted, to say how many).
+    """
+    limit = settings.ADMIN_IMPORT_MAX_ROWS
+    for row in stream:
+        if stream.rows_yielded > limit:
+            rows = stream.rows_yielded + stream.count_rest()
+            raise ImportFileError(TOO_MANY_ROWS.format(rows=rows, limit=limit))
+        if isinstance(row, BadLine):
+            error = row.error
+            yield Refused(error.field, error.message, error.code)
+        else:
+            yield row
 
 
 def load(token: str, user_id: int) -> Staged:
@@ -202,24 +243,37 @@ def load(token: str, user_id: int) -> Staged:
 
 
 def discard(staged: Staged) -> None:
-    for path in (staged.path, staged.meta_path, staged.claim_path):
+    """Remove the upload: its held job and staged rows (if not released), its files."""
+    if staged.job_id is not None:
+        discard_job(staged.job_id)
+    for path in (staged.meta_path, staged.claim_path):
         path.unlink(missing_ok=True)
 
 
 def sweep(directory: Path) -> None:
-    """Remove uploads (and their sidecars) older than a day, unless their import is running.
+    """Remove uploads older than a day with their held jobs, unless their import is running.
 
-    A running import's job still reads its file (and its result is written to
-    the sidecar when it ends), however long ago the file was uploaded.
+    A running import's sidecar receives its result when its job ends, however
+    long ago it was uploaded. Jobs held for more than a day are deleted with
+    their staged rows even without a sidecar (an upload abandoned half-way).
     """
     limit = time.time() - STALE_SECONDS
     for path in directory.iterdir():
         try:
-            if path.stat().st_mtime >= limit or _is_running(directory, path.name[:TOKEN_LENGTH]):
+            if path.stat().st_mtime >= limit:
+                continue
+            if path.suffix == ".json":
+                meta = json.loads(path.read_text())
+                if meta.get("state") == RUNNING:
+                    continue
+                if meta.get("job_id"):
+                    discard_job(meta["job_id"])
+            elif _is_running(directory, path.name[:TOKEN_LENGTH]):
                 continue
             path.unlink(missing_ok=True)
-        except OSError:
+        except (OSError, ValueError, AttributeError):
             continue
+    discard_held_jobs(older_than=timedelta(seconds=STALE_SECONDS))
 
 
 def _is_running(directory: Path, token: str) -> bool:
@@ -232,76 +286,24 @@ def _is_running(directory: Path, token: str) -> bool:
 # -- the preview -------------------------------------------------------------------
 
 
-def preview(staged: Staged) -> dict[str, Any]:
+def preview(staged: Staged, job: Job) -> dict[str, Any]:
     """What the import would do, without writing: counts and the first bad lines.
 
     The counts are those of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` rows
-    ("rows"); "rows_total" is exact when the preview read them all
-    ("truncated" false), else counted from the line breaks of the rest.
+    ("rows") of the "rows_total" staged; "truncated" says there were more.
     """
-    parse: Callable[[Any], Any] = r.parse_product if staged.kind == PRODUCTS else r.parse_view
-    created = updated = 0
-    errors: list[BadRow] = []
-    error_count = 0
-    seen: dict[str, int] = {}
-
-    def reject(line: int, field: str, message: str) -> None:
-        nonlocal error_count
-        error_count += 1
-        if len(errors) < LISTED_ERRORS:
-            errors.append(BadRow(line, field, message))
-
-    limit = settings.ADMIN_IMPORT_PREVIEW_ROWS
-    with staged.stream() as stream:
-        rows = enumerate(islice(stream, limit))
-        while chunk := list(islice(rows, settings.BULK_CHUNK_SIZE)):
-            good: list[tuple[int, Any]] = []
-            for index, raw in chunk:
-                try:
-                    item = parse(raw)
-                except RowInvalid as exc:
-                    reject(stream.line_of(index), exc.field, exc.message)
-                    continue
-                if staged.kind == PRODUCTS:
-                    first = seen.setdefault(item.sku, index)
-                    if first != index:
-                        message = DUPLICATE_IN_INPUT.format(field="sku", first=first)
-                        reject(stream.line_of(index), "sku", message)
-                        continue
-                good.append((index, item))
-            if staged.kind == PRODUCTS:
-                skus = [item.sku for _, item in good]
-                existing = set(
-                    Product.objects.filter(sku__in=skus).order_by().values_list("sku", flat=True)
-                )
-                updated += len(existing)
-                created += len(good) - len(existing)
-                continue
-            users = existing_user_ids("default", (item.user_id for _, item in good))
-            products = existing_product_ids("default", (item.product_id for _, item in good))
-            for index, item in good:
-                if error := reference_error(index, item, users, products):
-                    reject(stream.line_of(index), error.field, error.message)
-                else:
-                    created += 1
-        previewed = stream.rows_yielded
-        # Fewer rows than the limit: the whole file has been read already.
-        rest = stream.count_rest() if previewed == limit else 0
-    total = previewed + rest
-    if total > settings.ADMIN_IMPORT_MAX_ROWS:
-        raise ImportFileError(
-            TOO_MANY_ROWS.format(rows=total, limit=settings.ADMIN_IMPORT_MAX_ROWS)
-        )
+    checked = check_job(job, rows=settings.ADMIN_IMPORT_PREVIEW_ROWS)
+    listed = checked.errors[:LISTED_ERRORS]
     return {
-        "rows": previewed,
-        "rows_total": total,
-        "truncated": rest > 0,
-        "created": created,
-        "updated": updated,
-        "skipped": error_count,
-        "errors": [asdict(error) for error in errors],
-        "more_errors": error_count - len(errors),
-        "background": total > settings.ADMIN_IMPORT_SYNC_MAX_ROWS,
+        "rows": checked.read,
+        "rows_total": job.rows_total,
+        "truncated": job.rows_total > checked.read,
+        "created": checked.created,
+        "updated": checked.updated,
+        "skipped": checked.skipped,
+        "errors": staged.bad_rows(error.as_dict() for error in listed),
+        "more_errors": checked.skipped - len(listed),
+        "background": job.rows_total > settings.ADMIN_IMPORT_SYNC_MAX_ROWS,
     }
 
 
@@ -309,23 +311,28 @@ def preview(staged: Staged) -> dict[str, Any]:
 
 
 def run(staged: Staged, user: Any) -> None:
-    """Import the staged file: now if small, else as a background job. Saves ``staged``.
+    """Import the staged rows: now if few, else as a background job. Saves ``staged``.
 
-    Only the request that claims the file runs it; any other confirm of the
+    Only the request that claims the upload runs it; any other confirm of the
     same token returns at once, and its page shows the first one's progress
     (the state is "running" from the claim on) and then its result.
     """
     if staged.state != PREVIEW or not staged.claim():
         return
+    job = None
+    if staged.job_id is not None:
+        job = Job.objects.filter(pk=staged.job_id, status=Job.Status.HELD).first()
+    if job is None:
+        # Swept (or discarded) meanwhile: nothing left to import.
+        staged.claim_path.unlink(missing_ok=True)
+        raise Http404("no such import")
     staged.state = RUNNING
     staged.save()
     try:
         if staged.preview.get("background"):
-            start_job(staged, user)
+            release_job(job)
         else:
-            with staged.stream() as stream:
-                result = run_batch(operation_class(staged.kind)(), stream)
-                staged.result = result_of(result, stream.line_of)
+            staged.result = result_of(staged, run_held_job(job))
             staged.state = DONE
     except BaseException as exc:
         log = run_log_of(exc)
@@ -346,8 +353,9 @@ def run(staged: Staged, user: Any) -> None:
     staged.save()
 
 
-def result_of(result: BatchResult, line_of: Callable[[int], int]) -> dict[str, Any]:
-    errors = sorted(result.errors, key=lambda error: error.index)
+def result_of(staged: Staged, result: BatchResult) -> dict[str, Any]:
+    """The result of a run in the request, its errors' indexes turned into lines."""
+    listed = sorted(result.errors, key=lambda error: error.index)[:RESULT_ERRORS]
     return {
         "status": result.status,
         "read": result.read,
@@ -355,11 +363,8 @@ def result_of(result: BatchResult, line_of: Callable[[int], int]) -> dict[str, A
         "updated": result.updated,
         "skipped": result.skipped,
         "log_ids": [result.log_id],
-        "errors": [
-            asdict(BadRow(line_of(error.index), error.field, error.message))
-            for error in errors[:RESULT_ERRORS]
-        ],
-        "more_errors": max(len(errors) - RESULT_ERRORS, 0),
+        "errors": staged.bad_rows(error.as_dict() for error in listed),
+        "more_errors": max(result.skipped - len(listed), 0),
     }
 
 
@@ -378,33 +383,14 @@ def logged_result(log: BatchProcessingLog) -> dict[str, Any]:
     }
 
 
-def readable_rows(staged: Staged) -> Iterator[tuple[int, Any]]:
-    """(line, row) for every row the reader could parse; bad lines are left out."""
-    with staged.stream() as stream:
-        for index, row in enumerate(stream):
-            if not isinstance(row, BadLine):
-                yield stream.line_of(index), dict(row)
-
-
-def start_job(staged: Staged, user: Any) -> None:
-    """Submit the readable rows as a job; lines the reader could not parse are kept aside.
-
-    The rows are staged as they are read from the file (``jobs.staging``):
-    the web process holds none of them. A job stages its rows as JSON, which
-    an unparsed line is not; its error (with its line number) goes straight
-    into the result instead.
-    """
-    job = submit_job(
-        operation=staged.kind,
-        rows=(row for _, row in readable_rows(staged)),
-        created_by=user,
-    )
-    staged.job_id = str(job.pk)
-
-
 def job_status(staged: Staged) -> dict[str, Any] | None:
-    """The job's ``as_dict()``; once it has finished, the staged result is stored too."""
-    job = Job.objects.filter(pk=staged.job_id).first() if staged.job_id else None
+    """The released job's ``as_dict()``; once it has finished, the staged result is stored too.
+
+    None while the job is held (a run in a request has no job to show).
+    """
+    if staged.job_id is None:
+        return None
+    job = Job.objects.filter(pk=staged.job_id).exclude(status=Job.Status.HELD).first()
     if job is None:
         return None
     status = job.as_dict()
@@ -414,38 +400,17 @@ def job_status(staged: Staged) -> dict[str, Any] | None:
 
 
 def finish_job(staged: Staged, result: dict[str, Any], status: str) -> None:
-    """Store the job's result with line numbers: job row i is the i-th readable line.
-
-    One pass over the file, holding only the lines of the rows the result
-    names and the first unreadable lines: flat whatever the file's size.
-    """
-    wanted = {error["index"] for error in result["errors"]}
-    line_of_row: dict[int, int] = {}
-    unreadable: list[BadRow] = []
-    unreadable_count = readable = 0
-    with staged.stream() as stream:
-        for index, row in enumerate(stream):
-            if isinstance(row, BadLine):
-                unreadable_count += 1
-                # Sorted by line below: only the first ones can be among those shown.
-                if len(unreadable) < RESULT_ERRORS:
-                    unreadable.append(BadRow(row.line, "row", row.reason))
-                continue
-            if readable in wanted:
-                line_of_row[readable] = stream.line_of(index)
-            readable += 1
-    errors = [BadRow(line_of_row[e["index"]], e["field"], e["message"]) for e in result["errors"]]
-    errors = sorted(errors + unreadable, key=lambda error: error.line)
-    listed = len(result["errors"]) + unreadable_count
+    """Store the job's result, its errors' indexes turned into lines: no file is read."""
+    listed = sorted(result["errors"], key=lambda error: error["index"])[:RESULT_ERRORS]
     staged.result = {
         "status": status,
-        "read": result["read"] + unreadable_count,
+        "read": result["read"],
         "created": result["created"],
         "updated": result["updated"],
-        "skipped": result["skipped"] + unreadable_count,
+        "skipped": result["skipped"],
         "log_ids": result["log_ids"],
-        "errors": [asdict(error) for error in errors[:RESULT_ERRORS]],
-        "more_errors": max(listed - RESULT_ERRORS, 0),
+        "errors": staged.bad_rows(listed),
+        "more_errors": max(result["skipped"] - len(listed), 0),
     }
     staged.state = DONE
     staged.save()

@@ -33,7 +33,9 @@ are skipped and a quoted CSV field may span several lines, so the line of a
 row is not always ``index + 2`` (CSV) or ``index + 1`` (JSON Lines).
 ``RowStream.line_of(index)`` gives the exact line where a row starts. It keeps
 one entry per change of the gap between index and line (one per blank line or
-multi-line record, none for a regular file), not one per row.
+multi-line record, none for a regular file), not one per row: ``line_map()``
+hands that table over, so whoever keeps only the errors' indexes (the admin's
+import) tells their lines later without reading the file again (``line_at``).
 
 Skipping blank lines is deterministic, so the same file always yields the
 same rows at the same indexes: a resumed run skips exactly the rows that its
@@ -48,7 +50,8 @@ import io
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -120,8 +123,13 @@ class BadLine(Mapping[str, Any]):
         self.line = line
         self.reason = reason
 
+    @property
+    def error(self) -> RowInvalid:
+        """What reading any field raises: the reader's reason, on the whole row."""
+        return RowInvalid("row", self.reason, "unreadable")
+
     def __getitem__(self, key: str) -> Any:
-        raise RowInvalid("row", self.reason, "unreadable")
+        raise self.error
 
     def __iter__(self) -> Iterator[str]:
         return iter(())
@@ -219,12 +227,22 @@ class Lines(Iterator[str]):
         return line
 
 
+def line_at(line_map: Sequence[Sequence[int]], index: int) -> int:
+    """The line of row ``index``, from a ``RowStream.line_map()`` (or its JSON)."""
+    position = bisect_right(line_map, index, key=itemgetter(0)) - 1
+    if position < 0:
+        raise IndexError(f"row {index} has not been read")
+    return index + line_map[position][1]
+
+
 class RowStream(Iterator[Mapping[str, Any]]):
     """Rows of one CSV or JSON Lines file, read lazily; see the module docstring.
 
     The file is opened (and a CSV header read) on construction, so a missing
     file or a bad header fails before any run starts. Use it as a context
-    manager to close the file.
+    manager to close the file. ``path`` may also be a binary file object
+    (an upload): it is read from where it stands, ``name`` then names its
+    format, and closing the stream closes it.
 
     Reading it may raise ``InputTooLarge`` (see Limits above), and for a
     damaged gzip file ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
@@ -235,17 +253,24 @@ class RowStream(Iterator[Mapping[str, Any]]):
     """
 
     def __init__(
-        self, path: str | Path, *, format: str | None = None, name: str | None = None
+        self,
+        path: str | Path | IO[bytes],
+        *,
+        format: str | None = None,
+        name: str | None = None,
     ) -> None:
-        self.path = Path(path)
-        # How messages name the file: the admin's copy is named by its token.
+        self.source: IO[bytes] | None = None
+        if isinstance(path, (str, Path)):
+            self.path = Path(path)
+        else:
+            self.source, self.path = path, Path(name or "")
+        # How messages name the file.
         self.name = name or self.path.name
         self.format, self.gzipped = detect_format(self.path, format)
         self.max_line = settings.IMPORT_MAX_LINE_LENGTH
         self.rows_yielded = 0
-        # line_of(): line = index + _offsets[i] for indexes from _starts[i] on.
-        self._starts: list[int] = []
-        self._offsets: list[int] = []
+        # line_of(): (start, offset): line = index + offset for indexes from start on.
+        self._line_map: list[tuple[int, int]] = []
         self._file = self._open()
         try:
             self._rows = self._csv_rows() if self.format == CSV else self._jsonl_rows()
@@ -262,9 +287,14 @@ class RowStream(Iterator[Mapping[str, Any]]):
             "newline": "",
         }
         if self.gzipped:
-            gz = gzip.open(self.path, "rb")  # noqa: SIM115 - closed with the text file
+            if self.source is None:
+                gz = gzip.open(self.path, "rb")  # noqa: SIM115 - closed with the text file
+            else:
+                gz = gzip.GzipFile(fileobj=self.source, mode="rb")
             inflated = Inflated(gz, settings.IMPORT_MAX_DECOMPRESSED_BYTES, self.name)
             return io.TextIOWrapper(io.BufferedReader(inflated), **options)
+        if self.source is not None:
+            return io.TextIOWrapper(self.source, **options)
         return open(self.path, **options)
 
     # -- iteration -------------------------------------------------------------
@@ -277,9 +307,8 @@ class RowStream(Iterator[Mapping[str, Any]]):
 
     def _emit(self, line: int, row: Mapping[str, Any]) -> Mapping[str, Any]:
         offset = line - self.rows_yielded
-        if not self._offsets or self._offsets[-1] != offset:
-            self._starts.append(self.rows_yielded)
-            self._offsets.append(offset)
+        if not self._line_map or self._line_map[-1][1] != offset:
+            self._line_map.append((self.rows_yielded, offset))
         self.rows_yielded += 1
         return row
 
@@ -369,10 +398,11 @@ class RowStream(Iterator[Mapping[str, Any]]):
 
     def line_of(self, index: int) -> int:
         """The line on which the row at ``index`` (0-based, already read) starts."""
-        position = bisect_right(self._starts, index) - 1
-        if position < 0:
-            raise IndexError(f"row {index} has not been read")
-        return index + self._offsets[position]
+        return line_at(self._line_map, index)
+
+    def line_map(self) -> list[tuple[int, int]]:
+        """(first index, line - index) from that index on, for ``line_at``: the rows read so far."""
+        return list(self._line_map)
 
     def count_rest(self) -> int:
         """Read the rest of the file without parsing it; the number of lines in it.
@@ -396,7 +426,7 @@ class RowStream(Iterator[Mapping[str, Any]]):
         progress bar only. None for a gzipped file (it would mean decompressing
         it twice) or anything that is not a regular file (a pipe).
         """
-        if self.gzipped or not self.path.is_file():
+        if self.gzipped or self.source is not None or not self.path.is_file():
             return None
         lines = 0
         last = b"\n"
@@ -413,6 +443,8 @@ class RowStream(Iterator[Mapping[str, Any]]):
 
     def close(self) -> None:
         self._file.close()
+        if self.source is not None:
+            self.source.close()  # a GzipFile leaves the file it was given open
 
     def __enter__(self) -> Self:
         return self

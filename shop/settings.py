@@ -342,17 +342,18 @@ CACHE_TIMEOUT = env_int("CACHE_TIMEOUT", 600)
 # How many recommendations are cached per user (the largest `limit` served).
 CACHE_RECOMMENDATIONS = env_int("CACHE_RECOMMENDATIONS", 20)
 
-# Admin CSV/JSONL imports: uploads wait here between preview and confirm;
-# up to ADMIN_IMPORT_SYNC_MAX_ROWS rows run in the request, more in a job.
+# Admin CSV/JSONL imports: each upload's sidecar (owner, job, preview,
+# result) lives here, its rows in a held job's staged input; up to
+# ADMIN_IMPORT_SYNC_MAX_ROWS rows run in the request, more in a job.
 ADMIN_IMPORT_DIR = Path(os.environ.get("ADMIN_IMPORT_DIR") or BASE_DIR / "var" / "imports")
 ADMIN_IMPORT_SYNC_MAX_ROWS = env_int("ADMIN_IMPORT_SYNC_MAX_ROWS", 5000)
 ADMIN_IMPORT_MAX_BYTES = env_int("ADMIN_IMPORT_MAX_BYTES", 200 * 1024 * 1024)
-# A ceiling on an admin upload's rows, beside its bytes: a background import
-# streams its rows into the job's staged input, so the web process stays small
-# at any size; this bounds how much one upload may ask of the workers.
+# A ceiling on an admin upload's rows, beside its bytes: the upload streams
+# its rows into a job's staged input, so the web process stays small at any
+# size; this bounds how much one upload may ask of the database and workers.
 ADMIN_IMPORT_MAX_ROWS = env_int("ADMIN_IMPORT_MAX_ROWS", 10_000_000)
-# The preview validates the first rows only (the confirm imports them all);
-# the rest is inflated and counted, so an oversized file is refused at upload.
+# The preview's dry run checks the first rows only (every row is staged, and
+# the confirm imports them all).
 ADMIN_IMPORT_PREVIEW_ROWS = env_int("ADMIN_IMPORT_PREVIEW_ROWS", 10_000)
 # Every import file reader (admin, import commands): a gzipped file that
 # inflates to more is refused; a line (a CSV record) longer than this many

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tracemalloc
 from decimal import Decimal
-from io import StringIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from batching.models import BatchProcessingLog
 from products.models import Product, ProductView
-from products.readers import BadLine, ReaderError, RowStream, detect_format
+from products.readers import BadLine, ReaderError, RowStream, detect_format, line_at
 from products.services import rows as r
 from products.services.optimized import OptimizedProducts
 from tests.factories import CategoryFactory, ProductFactory, UserFactory, gzip_bomb
@@ -574,7 +574,29 @@ class TestReaders:
         with RowStream(path) as stream:
             assert sum(1 for _ in stream) == 1000
             assert stream.line_of(999) == 1001
-            assert len(stream._starts) == 1
+            assert stream.line_map() == [(0, 2)]
+
+    def test_the_line_map_outlives_the_stream(self, tmp_path):
+        """Kept as JSON, it gives the same lines without the file (the admin's import)."""
+        path = write_lines(tmp_path / "rows.jsonl", ["", '{"a": 1}', '{"a": 2}', "", "nope", "1"])
+        with RowStream(path) as stream:
+            count = sum(1 for _ in stream)
+            lines = [stream.line_of(index) for index in range(count)]
+            kept = json.loads(json.dumps(stream.line_map()))
+        assert [line_at(kept, index) for index in range(count)] == lines == [2, 3, 5, 6]
+
+    @pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
+    def test_a_file_object_is_read_like_its_path(self, tmp_path, gzipped):
+        path = write_csv(tmp_path / "rows.csv", [product_row(i) for i in range(3)])
+        data = path.read_bytes()
+        name = "upload.csv"
+        if gzipped:
+            data, name = gzip.compress(data), "upload.csv.gz"
+        file = BytesIO(data)
+        with RowStream(file, name=name) as stream:
+            assert list(stream) == list(RowStream(path))
+            assert stream.estimate_total() is None
+        assert file.closed
 
     def test_jsonl_line_numbers_skip_blank_lines(self, tmp_path):
         path = write_lines(tmp_path / "rows.jsonl", ["", '{"a": 1}', '{"a": 2}', "", "nope"])

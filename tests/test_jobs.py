@@ -31,10 +31,23 @@ from django_tasks_db.models import DBTaskResult
 from batching.engine import DUPLICATE_IN_INPUT
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker
 from batching.models import BatchProcessingLog
+from jobs import services as job_services
 from jobs import tasks
 from jobs.models import Job, JobPartition, StagedRow, Status
-from jobs.services import NO_WORKER, NOTHING_WAITING, WORKERS_BUSY, submit_job, worker_status
-from jobs.staging import partition_rows
+from jobs.services import (
+    NO_WORKER,
+    NOTHING_WAITING,
+    WORKERS_BUSY,
+    check_job,
+    discard_held_jobs,
+    discard_job,
+    hold_job,
+    release_job,
+    run_held_job,
+    submit_job,
+    worker_status,
+)
+from jobs.staging import Refused, partition_input
 from jobs.tasks import reap_stale_partitions, run_partition
 from products.models import Product, ProductView
 from products.services import rows as r
@@ -117,10 +130,10 @@ class TestSubmit:
             job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=iter(rows), created_by=user)
         assert not DBTaskResult.objects.exists()  # nothing is enqueued before the commit
         partitions = list(job.partitions.order_by("number"))
-        assert [(p.number, p.start, p.size, partition_rows(p)) for p in partitions] == [
-            (0, 0, 4, [(row, None) for row in rows[0:4]]),
-            (1, 4, 4, [(row, None) for row in rows[4:8]]),
-            (2, 8, 2, [(row, None) for row in rows[8:10]]),
+        assert [(p.number, p.start, p.size, list(partition_input(p))) for p in partitions] == [
+            (0, 0, 4, rows[0:4]),
+            (1, 4, 4, rows[4:8]),
+            (2, 8, 2, rows[8:10]),
         ]
         assert {p.status for p in partitions} == {Status.QUEUED}
         assert (job.status, job.rows_total, job.partition_size, job.created_by) == (
@@ -343,6 +356,105 @@ class TestRun:
         overhead = 1 + 6 + 1 + 7 + 1
         sql = "\n".join(query["sql"] for query in queries.captured_queries)
         assert len(queries) == overhead + partition.log.query_count, sql
+
+
+# -- held jobs: staged first, then released, run in-process or discarded --------------
+
+
+@pytest.mark.django_db
+class TestHeld:
+    def test_a_held_job_is_staged_and_queues_nothing(
+        self, catalogue, settings, django_capture_on_commit_callbacks
+    ):
+        settings.JOB_PARTITION_ROWS = 4
+        rows = view_rows(catalogue, 10)
+        with django_capture_on_commit_callbacks() as callbacks:
+            job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=iter(rows))
+        assert (job.status, job.rows_total, callbacks) == (Status.HELD, 10, [])
+        assert not job.partitions.exists()
+        with django_capture_on_commit_callbacks(execute=False) as callbacks:
+            release_job(job)
+        assert job.status == Status.QUEUED
+        assert [(p.start, p.size) for p in job.partitions.all()] == [(0, 4), (4, 4), (8, 2)]
+        assert len(callbacks) == 1  # the partitions are enqueued once committed
+        with pytest.raises(ValueError, match="is not held"):
+            release_job(job)
+        run_all(job)
+        assert_views_exactly_once(10)
+
+    def test_a_refused_row_is_staged_and_reported_at_its_index(self, catalogue):
+        rows = view_rows(catalogue, 3)
+        rows[1] = Refused("row", "not valid JSON: oops", "unreadable")
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows)
+        run_all(job)
+        result = job.as_dict()["result"]
+        assert (result["created"], result["skipped"]) == (2, 1)
+        assert result["errors"] == [
+            {"index": 1, "field": "row", "message": "not valid JSON: oops", "code": "unreadable"}
+        ]
+
+    def test_a_row_with_a_nul_character_is_staged_refused_with_the_runs_error(self):
+        """PostgreSQL's jsonb cannot hold one; the run reports the operation's own error."""
+        rows = [
+            {"sku": "A\x00", "name": "n", "category": "c", "price": "1", "stock_quantity": 1},
+            {"sku": "B", "name": "n", "category": "c", "price": "1", "stock_quantity": 1},
+            {"sku": "C", "name": "a \\u0000 b", "category": "c", "price": "1", "stock_quantity": 1},
+        ]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        run_all(job)
+        result = job.as_dict()["result"]
+        assert (result["created"], result["skipped"]) == (2, 1)
+        assert result["errors"] == [
+            {"index": 0, "field": "sku", "message": r.NUL_CHARACTER, "code": "invalid"}
+        ]
+        assert Product.objects.get(sku="C").name == "a \\u0000 b"
+
+    def test_a_dry_run_of_a_held_job_writes_nothing(self, catalogue, settings):
+        settings.BULK_CHUNK_SIZE = 2
+        rows = view_rows(catalogue, 5)
+        rows[3]["product_id"] = 10**9
+        job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=rows)
+        checked = check_job(job, rows=4)
+        assert (checked.read, checked.created, checked.skipped) == (4, 3, 1)
+        assert [error.index for error in checked.errors] == [3]
+        assert not ProductView.objects.exists()
+        assert not BatchProcessingLog.objects.exists()
+
+    def test_a_held_job_run_in_process_is_then_discarded(self, catalogue):
+        job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
+        result = run_held_job(job)
+        assert (result.created, result.skipped) == (3, 0)
+        assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+        assert_views_exactly_once(3)
+
+    def test_a_run_in_process_that_commits_nothing_leaves_the_job_held(
+        self, catalogue, monkeypatch
+    ):
+        job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
+
+        def broken(operation, rows):
+            raise RuntimeError("the database went away")
+
+        monkeypatch.setattr(job_services, "run_batch", broken)
+        with pytest.raises(RuntimeError):
+            run_held_job(job)
+        assert StagedRow.objects.filter(job=job).count() == 3
+        monkeypatch.undo()
+        assert run_held_job(job).created == 3
+
+    def test_held_jobs_are_discarded_when_asked_or_old(self, catalogue):
+        kept = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 2))
+        old = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 2))
+        dropped = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 2))
+        submitted = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 2))
+        Job.objects.filter(pk__in=[old.pk, submitted.pk]).update(
+            created_at=timezone.now() - timedelta(days=2)
+        )
+        assert discard_job(dropped.pk) is True
+        assert discard_job(submitted.pk) is False  # never a job that was submitted
+        assert discard_held_jobs(older_than=timedelta(days=1)) == 1
+        assert set(Job.objects.values_list("pk", flat=True)) == {kept.pk, submitted.pk}
+        assert StagedRow.objects.filter(job=kept).count() == 2
 
 
 # -- progress in a fixed number of queries ------------------------------------------------

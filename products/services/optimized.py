@@ -164,32 +164,54 @@ def add_to_each(using: str, field: str, amounts: dict[int, int], *, guard: bool 
 class OptimizedViews(ViewsOperation):
     variant = VARIANT
 
+    def referenced(self, rows: list[Prepared]) -> tuple[list[r.ViewRow], list[RowError], set[int]]:
+        """The views whose user and product exist, the errors of the others, the products found.
+
+        One query on the fast path (``existing_ids``), else one per table.
+        """
+        if fast_paths(self.using):
+            users, products = existing_ids(
+                self.using,
+                [
+                    (get_user_model(), (row.item.user_id for row in rows)),
+                    (Product, (row.item.product_id for row in rows)),
+                ],
+            )
+        else:
+            users = existing_user_ids(self.using, (row.item.user_id for row in rows))
+            products = existing_product_ids(self.using, (row.item.product_id for row in rows))
+        views: list[r.ViewRow] = []
+        errors: list[RowError] = []
+        for row in rows:
+            if error := reference_error(row.index, row.item, users, products):
+                errors.append(error)
+            else:
+                views.append(row.item)
+        return views, errors, products
+
+    def check(self, rows: list[Prepared]) -> ChunkOutcome:
+        """The reads of ``write`` (users and products), nothing written."""
+        views, errors, _ = self.referenced(rows)
+        return ChunkOutcome(written=len(views), created=len(views), errors=errors)
+
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         if fast_paths(self.using):
             return self.write_fast(rows)
-        users = existing_user_ids(self.using, (row.item.user_id for row in rows))
-        products = existing_product_ids(self.using, (row.item.product_id for row in rows))
-        outcome = ChunkOutcome()
-        views = []
-        for row in rows:
-            item = row.item
-            if error := reference_error(row.index, item, users, products):
-                outcome.errors.append(error)
-            else:
-                views.append(
-                    ProductView(
-                        user_id=item.user_id,
-                        product_id=item.product_id,
-                        session_id=item.session_id,
-                        interaction_type=item.interaction_type,
-                        created_at=item.created_at,
-                    )
-                )
+        items, errors, _ = self.referenced(rows)
+        views = [
+            ProductView(
+                user_id=item.user_id,
+                product_id=item.product_id,
+                session_id=item.session_id,
+                interaction_type=item.interaction_type,
+                created_at=item.created_at,
+            )
+            for item in items
+        ]
         ProductView.objects.using(self.using).bulk_create(views)
         # Last: the counters, locking the products in primary-key order.
         add_to_each(self.using, "view_count", Counter(view.product_id for view in views))
-        outcome.written = outcome.created = len(views)
-        return outcome
+        return ChunkOutcome(written=len(views), created=len(views), errors=errors)
 
     def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
         """PostgreSQL: users and products read; COPY the views; count them (3 queries).
@@ -197,21 +219,8 @@ class OptimizedViews(ViewsOperation):
         The counter statement comes last: it locks the products in primary-key
         order just before the chunk commits.
         """
-        users, products = existing_ids(
-            self.using,
-            [
-                (get_user_model(), (row.item.user_id for row in rows)),
-                (Product, (row.item.product_id for row in rows)),
-            ],
-        )
-        outcome = ChunkOutcome()
-        views: list[r.ViewRow] = []
-        for row in rows:
-            item = row.item
-            if error := reference_error(row.index, item, users, products):
-                outcome.errors.append(error)
-            else:
-                views.append(item)
+        views, errors, products = self.referenced(rows)
+        outcome = ChunkOutcome(errors=errors)
         if views:
             copy_rows(
                 ProductView,
@@ -390,12 +399,7 @@ class OptimizedProducts(ProductsOperation):
             outcome.errors[:0] = repeated
             return outcome
         # Existing skus tell created from updated, and which this run wrote.
-        existing = {
-            sku: (log_id, first)
-            for sku, log_id, first in strict(
-                Product.objects.using(self.using).filter(sku__in=[row.item.sku for row in rows])
-            ).values_list("sku", "last_import_id", "last_import_row")
-        }
+        existing = self.existing(rows)
         outcome = ChunkOutcome(errors=repeated)
         fresh = self.not_written_yet(rows, SKU_OF, existing, outcome.errors)
         insert_rows(
@@ -411,6 +415,24 @@ class OptimizedProducts(ProductsOperation):
         outcome.updated = sum(1 for row in fresh if row.item.sku in existing)
         outcome.created = outcome.written - outcome.updated
         return outcome
+
+    def existing(self, rows: list[Prepared]) -> dict[str, tuple[int | None, int]]:
+        """The rows' skus already in the catalogue: sku -> (the run that last wrote it, its row)."""
+        return {
+            sku: (log_id, first)
+            for sku, log_id, first in strict(
+                Product.objects.using(self.using).filter(sku__in=[row.item.sku for row in rows])
+            ).values_list("sku", "last_import_id", "last_import_row")
+        }
+
+    def check(self, rows: list[Prepared]) -> ChunkOutcome:
+        """The read of the portable ``write``: an existing sku is updated, a new one created.
+
+        One query; the categories a run would create are not looked up.
+        """
+        existing = self.existing(rows)
+        updated = sum(1 for row in rows if row.item.sku in existing)
+        return ChunkOutcome(written=len(rows), created=len(rows) - updated, updated=updated)
 
     def import_constants(self, now: datetime) -> dict[str, Any]:
         """What every imported product gets: the time, a zero count (new ones), this run's mark."""
