@@ -30,8 +30,9 @@ Each write has two forms with the same queries and the same outcome. On
 PostgreSQL it takes the fast paths of ``batching.postgres``: views arrive by
 ``COPY``, upserts and updates travel as one array per column through one
 statement. Elsewhere (SQLite), or with ``BULK_PG_FAST_PATHS`` off, it takes
-the portable path: ``bulk_create`` (or ``batching.portable``'s ``executemany``
-upserts), ``bulk_update`` and ``F()`` with ``Case``.
+the portable path: ``batching.portable``'s ``executemany`` inserts and upserts
+(``bulk_create`` where rows come back with their ids), ``bulk_update`` and
+``F()`` with ``Case``.
 """
 
 from __future__ import annotations
@@ -197,18 +198,10 @@ class OptimizedViews(ViewsOperation):
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
         if fast_paths(self.using):
             return self.write_fast(rows)
-        items, errors, _ = self.referenced(rows)
-        views = [
-            ProductView(
-                user_id=item.user_id,
-                product_id=item.product_id,
-                session_id=item.session_id,
-                interaction_type=item.interaction_type,
-                created_at=item.created_at,
-            )
-            for item in items
-        ]
-        ProductView.objects.using(self.using).bulk_create(views)
+        views, errors, _ = self.referenced(rows)
+        insert_rows(
+            ProductView, VIEW_FIELDS, [VIEW_VALUES(view) for view in views], using=self.using
+        )
         # Last: the counters, locking the products in primary-key order.
         add_to_each(self.using, "view_count", Counter(view.product_id for view in views))
         return ChunkOutcome(written=len(views), created=len(views), errors=errors)
