@@ -143,10 +143,6 @@ from batching.postgres import analyze_if_empty, begin_chunk, is_postgresql
 
 logger = logging.getLogger(__name__)
 
-# Rows the read-ahead helper parses between two offers of the GIL to the
-# run's thread (see ``ReadAhead``).
-YIELD_EVERY = 10
-
 # SQLSTATEs worth retrying: the same work can succeed on a second attempt.
 TRANSIENT_SQLSTATES = frozenset(
     {
@@ -539,11 +535,6 @@ class ReadAhead:
     and errors stay with the run's thread, which takes each parsed row (an
     item or its ``RowInvalid``) in order. The helper is one thread for the
     whole run (``executor``): handing it a chunk costs no thread start.
-
-    Every ``YIELD_EVERY`` rows the helper offers the GIL (``time.sleep(0)``):
-    a statement's answer otherwise waits for the GIL until the interpreter
-    takes it from the helper (up to 5 ms), which cost a 1,000-row chunk more
-    than the parsing the helper saved it.
     """
 
     def __init__(
@@ -559,7 +550,7 @@ class ReadAhead:
     def _read(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
         append = self.parsed.append
         try:
-            for count, raw in enumerate(chunk, 1):
+            for raw in chunk:
                 if self.stopped:
                     return
                 try:
@@ -568,8 +559,6 @@ class ReadAhead:
                     append(exc)
                 if not self.first_known.is_set():
                     self.first_known.set()
-                if not count % YIELD_EVERY:
-                    time.sleep(0)  # hand the GIL to the run's thread if it waits
         except BaseException as exc:  # raised again in the run's thread by take()
             self.failure = exc
         finally:
