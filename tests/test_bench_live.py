@@ -133,7 +133,10 @@ def test_reset_keeps_the_hot_products_and_restores_their_stock(tmp_path):
     live.reset("default", hot)
 
     bench = Product.objects.filter(sku__startswith=SKU_PREFIX)
-    assert sorted(bench.values_list("pk", flat=True)) == sorted(hot.products)
+    # The hot products and the catalogue around them, nothing else.
+    assert set(hot.products) < set(hot.kept)
+    assert len(hot.kept) == PRODUCT_POOL + len(live.CATALOGUE)
+    assert sorted(bench.values_list("pk", flat=True)) == sorted(hot.kept)
     assert set(bench.values_list("stock_quantity", "price")) == {(HOT_STOCK, live.HOT_PRICE)}
     assert not ProductView.objects.exists()
     assert not RecommendationScore.objects.exists()
