@@ -280,14 +280,12 @@ class BatchResult:
 
 
 @dataclass(slots=True)
-class DryRun:
-    """What a run would do with an input (``dry_run``): nothing was written."""
+class DryRun(ChunkOutcome):
+    """What a run would do with an input (``dry_run``): the outcome its chunks'
+    ``check`` found (errors sorted by row index), and the rows read. Nothing
+    was written."""
 
     read: int = 0
-    created: int = 0
-    updated: int = 0
-    # Sorted by row index.
-    errors: list[RowError] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -687,10 +685,7 @@ class BatchRun:
             prepared = self._prepare_chunk(result.read, chunk, errors=result.errors)
             result.read += len(chunk)
             if prepared:
-                outcome = self.op.check(prepared)
-                result.created += outcome.created
-                result.updated += outcome.updated
-                result.errors.extend(outcome.errors)
+                result.merge(self.op.check(prepared))
         result.errors.sort(key=lambda error: error.index)
         return result
 
