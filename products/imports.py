@@ -221,11 +221,16 @@ def admitted(stream: RowStream) -> Iterator[Any]:
         if stream.rows_yielded > limit:
             rows = stream.rows_yielded + stream.count_rest()
             raise ImportFileError(TOO_MANY_ROWS.format(rows=rows, limit=limit))
-        if isinstance(row, BadLine):
-            error = row.error
-            yield Refused(error.field, error.message, error.code)
-        else:
-            yield row
+        yield as_staged(row)
+
+
+def as_staged(row: Any) -> Any:
+    """A row as a job stages it: an unreadable line as a ``Refused`` row with the reader's
+    reason, so the job's run reports it at its index and row indexes stay the file's."""
+    if isinstance(row, BadLine):
+        error = row.error
+        return Refused(error.field, error.message, error.code)
+    return row
 
 
 def load(token: str, user_id: int) -> Staged:

@@ -662,7 +662,7 @@ class TestReaders:
 
 @pytest.mark.django_db
 class TestBackground:
-    def test_the_readable_rows_become_a_job_the_workers_run(self, tmp_path, settings):
+    def test_the_rows_become_a_job_the_workers_run(self, tmp_path, settings):
         from jobs.models import Job, StagedRow
         from jobs.tasks import run_partition
 
@@ -676,16 +676,27 @@ class TestBackground:
         out, err = StringIO(), StringIO()
         call_command("import_products", str(path), "--background", stdout=out, stderr=err)
 
+        # The unreadable line is staged in its place, refused: row indexes stay the file's.
         job = Job.objects.get()
-        assert (job.operation, job.rows_total, job.partitions.count()) == ("products", 5, 3)
-        assert f"Submitted job {job.pk}: 5 rows in 3 partitions" in out.getvalue()
+        assert (job.operation, job.rows_total, job.partitions.count()) == ("products", 6, 3)
+        assert f"Submitted job {job.pk}: 6 rows in 3 partitions" in out.getvalue()
         assert err.getvalue().startswith("line 3: not valid JSON")
-        assert StagedRow.objects.filter(job=job).count() == 5
+        assert err.getvalue().rstrip().endswith("(refused)")
+        assert StagedRow.objects.filter(job=job).count() == 6
         assert not Product.objects.exists()  # nothing ran in the command
 
         for pk in job.partitions.values_list("pk", flat=True):
             run_partition.call(pk)
         assert products_by_sku() == {f"IMP-{i:05d}": expected_product(i) for i in range(5)}
+        # The job's run reports it at its row (the file's third, index 2): the
+        # first of the second partition, whose log counts from its start.
+        reported = [
+            (partition.start + error["index"], error["message"])
+            for partition in job.partitions.select_related("log")
+            for error in partition.log.row_errors
+        ]
+        assert [index for index, _ in reported] == [2]
+        assert "not valid JSON" in reported[0][1]
 
     @pytest.mark.parametrize(
         ("extra", "named"),

@@ -27,6 +27,7 @@ from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
 from batching.registry import operation_class
 from common.cli import Progress, positive_int
+from products.imports import as_staged
 from products.readers import FORMATS, BadLine, ReaderError, RowStream
 
 # At most this many bad lines are printed; the rest are counted.
@@ -109,7 +110,7 @@ class ImportCommand(BaseCommand):
             action="store_true",
             help="Stage the file as a background job and return at once: its partitions run on "
             "the workers (manage.py db_worker). Lines that cannot be read are listed now and "
-            "left out; the job's row i is the i-th readable line.",
+            "staged as refused, so the job reports them at their rows.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -206,25 +207,29 @@ class ImportCommand(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def submit(self, path: Path, format: str | None) -> None:
-        """Stage the readable rows as a job (in a stream); list the unreadable lines."""
+        """Stage the rows as a job (in a stream); list the unreadable lines.
+
+        An unreadable line is staged in its place, refused with the reader's
+        reason (``products.imports.as_staged``): the job's run reports it at
+        its row, and row indexes stay the file's.
+        """
         from jobs.services import submit_job
 
         unreadable = 0
 
-        def readable(stream: RowStream) -> Iterator[Mapping[str, Any]]:
+        def staged(stream: RowStream) -> Iterator[Any]:
             nonlocal unreadable
             for row in stream:
                 if isinstance(row, BadLine):
                     unreadable += 1
                     if unreadable <= MAX_REPORTED_LINES:
-                        self.stderr.write(f"line {row.line}: {row.reason} (left out)")
-                    continue
-                yield dict(row)
+                        self.stderr.write(f"line {row.line}: {row.reason} (refused)")
+                yield as_staged(row)
 
         with self.open_stream(path, format) as stream:
-            job = submit_job(operation=self.operation, rows=readable(stream))
+            job = submit_job(operation=self.operation, rows=staged(stream))
         if unreadable > MAX_REPORTED_LINES:
-            self.stderr.write(f"... and {unreadable - MAX_REPORTED_LINES:,} more lines left out")
+            self.stderr.write(f"... and {unreadable - MAX_REPORTED_LINES:,} more lines refused")
         self.stdout.write(
             SUBMITTED.format(
                 job=job.pk,
