@@ -114,7 +114,6 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -541,8 +540,6 @@ class ReadAhead:
         self.parsed: list[Any] = []
         self.failure: BaseException | None = None
         self.stopped = False
-        # Set once the first row is parsed or the input has ended.
-        self.first_known = threading.Event()
         self.future = executor.submit(self._read, chunk, prepare)
 
     def _read(self, chunk: Iterator[Any], prepare: Callable[[Any], Any]) -> None:
@@ -555,20 +552,11 @@ class ReadAhead:
                     append(prepare(raw))
                 except RowInvalid as exc:
                     append(exc)
-                if not self.first_known.is_set():
-                    self.first_known.set()
         except BaseException as exc:  # raised again in the run's thread by take()
             self.failure = exc
-        finally:
-            self.first_known.set()
-
-    def empty(self) -> bool:
-        """Whether the input has ended before this chunk (it waits for the first row only)."""
-        self.first_known.wait()
-        return not self.parsed and self.failure is None
 
     def take(self) -> list[Any]:
-        """The chunk's parsed rows, in input order; empty at the end of the input."""
+        """The chunk's parsed rows, in input order."""
         self.future.result()
         if self.failure is not None:
             raise self.failure
@@ -715,15 +703,14 @@ class BatchRun:
                     # Read and parsed while the chunk before committed.
                     rows_of_chunk, prepare = self.read_ahead.take(), parsed_already
                     self.read_ahead = None
-                    if not rows_of_chunk:
-                        return
                 else:
                     if rows.exhausted():
                         return
                     rows_of_chunk = list(self._chunk_of(rows))
                 if not rows.exhausted():
-                    # The input is free until the next chunk: the helper reads it
-                    # meanwhile. (A run of one chunk starts no thread.)
+                    # The input is free until the next chunk, which has a row at
+                    # least: the helper reads it meanwhile. (A run of one chunk
+                    # starts no thread.)
                     self.helper = self.helper or ThreadPoolExecutor(1, "batch-read-ahead")
                     self.read_ahead = ReadAhead(self.helper, self._chunk_of(rows), self.op.prepare)
                 position += len(rows_of_chunk)
@@ -738,10 +725,12 @@ class BatchRun:
                 self.helper.shutdown()
 
     def _input_ended(self) -> bool:
-        """Whether no row follows the chunk being written (read ahead, or read here)."""
-        if self.read_ahead is not None:
-            return self.read_ahead.empty()
-        return self.input.exhausted()
+        """Whether no row follows the chunk being written.
+
+        A chunk read ahead is only ever started with a row in it; without one,
+        the input is asked here (the helper is not reading it then).
+        """
+        return self.read_ahead is None and self.input.exhausted()
 
     def _write_chunk(
         self, log: BatchProcessingLog, prepared: list[Prepared], *, start: int, end: int
