@@ -65,8 +65,9 @@ writes last. Each chunk's timeline (``products.services.optimized``):
              (locks products, pk order); checkpoint; COMMIT
     orders   BEGIN; SET; read products+references+users; INSERT orders and
              lines; UPDATE stock, guarded (locks products, pk order);
-             checkpoint; COMMIT. Overtaken (guard or unique reference):
-             ChunkConflict, retried, and the run locks first from then on
+             checkpoint; COMMIT. Overtaken: ChunkConflict, retried; a
+             reference committed first is then read as taken, and after
+             the stock guard refused the run locks products first
     scores   BEGIN; SET; read users+products; upsert scores; checkpoint; COMMIT
              (no product locked)
     import   BEGIN; SET; read categories; upsert products (locks the rows it

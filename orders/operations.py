@@ -36,7 +36,8 @@ from products.services.naive import NaiveOperationMixin
 from products.services.optimized import add_to_each, existing_user_ids, locked_products, strict
 from products.services.rows import UNKNOWN_PRODUCT, UNKNOWN_USER
 
-CONFLICT = "a concurrent writer overtook the chunk ({error}); retrying it with the products locked"
+TAKEN = "a concurrent run committed some of these references first ({error}); retrying the chunk"
+OVERTAKEN = "a checkout overtook the chunk's stock ({error}); retrying it with the products locked"
 
 
 class OrdersOperation(BatchOperation):
@@ -153,11 +154,19 @@ class OptimizedOrders(OrdersOperation):
 
     Nothing is locked while the chunk decides and writes its orders: the
     guarded stock UPDATE at the end locks the products (primary-key order)
-    and refuses to take any below zero. If a concurrent writer overtook the
-    chunk (a checkout took the stock meanwhile, or another run inserted the
-    same references), the chunk raises ``ChunkConflict``: the engine rolls it
-    back and retries it, and from then on this run locks the products before
-    it decides, as before a conflict nothing needs to (contention is there).
+    and refuses to take any below zero. Overtaken, the chunk raises
+    ``ChunkConflict`` and the engine rolls it back and retries it:
+
+    - a concurrent run committed some of the same references (their unique
+      index refused the INSERT, which waits for that run's COMMIT): the retry
+      reads them as taken;
+    - a checkout took the stock meanwhile (the guard refused): from then on
+      this run locks the products before it decides, as before a conflict
+      nothing needs to (contention is there).
+
+    Only stock makes a run lock first: a run locking products before its
+    INSERT, beside one holding the same references while it waits for those
+    products, would be a deadlock.
     """
 
     variant = BatchProcessingLog.Variant.OPTIMIZED
@@ -167,16 +176,6 @@ class OptimizedOrders(OrdersOperation):
         self.lock_first = False
 
     def write(self, rows: list[Prepared]) -> ChunkOutcome:
-        if self.lock_first:
-            return self.decide_and_write(rows)
-        try:
-            return self.decide_and_write(rows)
-        except IntegrityError as exc:
-            # The stock guard or a reference's unique index refused: overtaken.
-            self.lock_first = True
-            raise ChunkConflict(CONFLICT.format(error=exc)) from exc
-
-    def decide_and_write(self, rows: list[Prepared]) -> ChunkOutcome:
         orders_qs = Order.objects.using(self.using)
         product_ids = {line.product_id for row in rows for line in row.item.items}
         references = {row.item.reference for row in rows}
@@ -237,15 +236,24 @@ class OptimizedOrders(OrdersOperation):
             accepted.append((order.reference, order.user_id, total))
         if not accepted:
             return outcome
-        self.insert(accepted, lines)
+        try:
+            self.insert(accepted, lines)
+        except IntegrityError as exc:
+            raise ChunkConflict(TAKEN.format(error=exc)) from exc
         # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
         # that locks them and refuses to take any stock below zero.
-        add_to_each(
-            self.using,
-            "stock_quantity",
-            {pk: -quantity for pk, quantity in taken.items()},
-            guard=True,
-        )
+        try:
+            add_to_each(
+                self.using,
+                "stock_quantity",
+                {pk: -quantity for pk, quantity in taken.items()},
+                guard=True,
+            )
+        except IntegrityError as exc:
+            if self.lock_first:
+                raise  # decided under the lock: not a race
+            self.lock_first = True
+            raise ChunkConflict(OVERTAKEN.format(error=exc)) from exc
         outcome.written = outcome.created = len(accepted)
         return outcome
 
