@@ -36,7 +36,9 @@ unless the operation finds keys written by earlier chunks itself
 (``keys_in_database``: the catalogue import, the price update and the score
 refresh mark each row they write with their run and input row); then the
 engine compares keys within a chunk only, and a run's memory does not grow
-with its input.
+with its input. Either way a repeat is named in one place: the run's
+``RunContext``, which the engine keeps (the run's log id, the chunk's repeated
+rows) and hands to each ``write``, not attributes set on the operation.
 
 The log row costs the run no commit of its own: it is inserted by the first
 chunk's transaction and finished by the last chunk's checkpoint (the run
@@ -304,64 +306,33 @@ class Prepared:
     item: Any
 
 
-class BatchOperation(ABC):
-    """What one chunk of one operation does; the engine decides how chunks run.
+@dataclass(slots=True)
+class RunContext:
+    """What a run hands its operation's ``write``: the run's id, and where repeats are named.
 
-    Subclasses implement ``prepare`` (validate one raw row, raise RowInvalid)
-    and ``write`` (apply a list of prepared rows; it runs inside a transaction
-    the engine opens and may be re-run on any subset after a rollback).
-    ``key`` names the input key that must not repeat within one input.
+    One per run, owned by the engine. ``log_id`` is the run's
+    BatchProcessingLog id, set once the row exists (for an operation with
+    ``keys_in_database``, before its first ``write``): the mark the rows it
+    writes carry. ``first_rows`` maps each repeated row of the chunk so far
+    to the row its key first came in; the engine starts it afresh with each
+    chunk whose keys it compares within the chunk only (``keys_in_database``).
+    Every duplicate key of a run is named here, by the engine and the
+    operation alike.
     """
 
-    operation: ClassVar[str]
-    variant: ClassVar[str]
-    key_field: ClassVar[str | None] = None
-    # True when ``write`` recognises a key written by an earlier chunk of the
-    # run itself (from a mark the run leaves on the rows it writes, with
-    # ``log_id``): the engine then compares keys within a chunk only and
-    # remembers none across chunks, so its memory stays flat at any size.
-    keys_in_database: ClassVar[bool] = False
-    # Tables ``write`` inserts into that its own rows reference by foreign key
-    # (orders, for their items): on PostgreSQL the engine refreshes their
-    # statistics after a run's first chunk if they still say empty
-    # (``postgres.analyze_if_empty``).
-    fills: ClassVar[tuple[type[Model], ...]] = ()
-
-    def __init__(self, using: str = "default") -> None:
-        self.using = using
-        # The run's BatchProcessingLog id, set by the engine before any write.
-        self.log_id: int | None = None
-        # The chunk's repeated rows so far: row -> the row its key first came in.
-        self.first_rows: dict[int, int] = {}
-
-    @abstractmethod
-    def prepare(self, raw: Any) -> Any: ...
-
-    def weight(self, raw: Any) -> int:
-        """How much of a chunk's ``chunk_size`` one raw row takes: 1, or an order's lines."""
-        return 1
-
-    def key(self, item: Any) -> Hashable | None:
-        return None
-
-    @abstractmethod
-    def write(self, rows: list[Prepared]) -> ChunkOutcome: ...
-
-    def check(self, rows: list[Prepared]) -> ChunkOutcome:
-        """What ``write`` would do with ``rows``, without writing (``dry_run``).
-
-        It makes the reads ``write`` makes, through the same code, and returns
-        the counts and the row errors ``write`` would; it runs outside any
-        transaction and must write nothing. Operations without a dry run
-        raise NotImplementedError.
-        """
-        raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
+    key_field: str | None = None
+    log_id: int | None = None
+    first_rows: dict[int, int] = field(default_factory=dict)
 
     def repeated(self, index: int, first: int) -> RowError:
         """The error of row ``index``, whose key row ``first`` already had."""
         self.first_rows[index] = first
         message = DUPLICATE_IN_INPUT.format(field=self.key_field, first=first)
         return RowError(index, self.key_field or "row", message, "duplicate")
+
+    def first_row_in_run(self, run_id: int | None, row: int | None) -> int | None:
+        """The row of this run that wrote a key marked ``(run_id, row)``; None if another run."""
+        return row if run_id is not None and run_id == self.log_id else None
 
     def not_written_yet[K: Hashable](
         self,
@@ -373,7 +344,7 @@ class BatchOperation(ABC):
         """The rows whose key this run has not written yet; the others go to ``errors``.
 
         ``marks`` maps a key found in the database to the run that last wrote
-        it and that run's input row (see ``keys_in_database``).
+        it and that run's input row (see ``BatchOperation.keys_in_database``).
         """
         fresh = []
         for row in rows:
@@ -401,6 +372,61 @@ class BatchOperation(ABC):
             for row in rows
             if first_rows.get(row_key := key(row), row.index) != row.index
         ]
+
+
+class BatchOperation(ABC):
+    """What one chunk of one operation does; the engine decides how chunks run.
+
+    Subclasses implement ``prepare`` (validate one raw row, raise RowInvalid)
+    and ``write`` (apply a list of prepared rows; it runs inside a transaction
+    the engine opens and may be re-run on any subset after a rollback).
+    ``key`` names the input key that must not repeat within one input.
+
+    The engine writes nothing onto an operation: ``write`` is handed the
+    run's ``RunContext`` (its log id, the mark of the rows it writes, and the
+    methods that name a repeated key), and passes it to whatever it calls.
+    """
+
+    operation: ClassVar[str]
+    variant: ClassVar[str]
+    key_field: ClassVar[str | None] = None
+    # True when ``write`` recognises a key written by an earlier chunk of the
+    # run itself (from a mark the run leaves on the rows it writes, with its
+    # context's ``log_id``; ``RunContext.not_written_yet`` and ``repeats_in``):
+    # the engine then compares keys within a chunk only and remembers none
+    # across chunks, so its memory stays flat at any size.
+    keys_in_database: ClassVar[bool] = False
+    # Tables ``write`` inserts into that its own rows reference by foreign key
+    # (orders, for their items): on PostgreSQL the engine refreshes their
+    # statistics after a run's first chunk if they still say empty
+    # (``postgres.analyze_if_empty``).
+    fills: ClassVar[tuple[type[Model], ...]] = ()
+
+    def __init__(self, using: str = "default") -> None:
+        self.using = using
+
+    @abstractmethod
+    def prepare(self, raw: Any) -> Any: ...
+
+    def weight(self, raw: Any) -> int:
+        """How much of a chunk's ``chunk_size`` one raw row takes: 1, or an order's lines."""
+        return 1
+
+    def key(self, item: Any) -> Hashable | None:
+        return None
+
+    @abstractmethod
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome: ...
+
+    def check(self, rows: list[Prepared]) -> ChunkOutcome:
+        """What ``write`` would do with ``rows``, without writing (``dry_run``).
+
+        It makes the reads ``write`` makes, through the same code, and returns
+        the counts and the row errors ``write`` would; it runs outside any
+        transaction and must write nothing. Operations without a dry run
+        raise NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
 
     def committed(self, rows: list[Prepared]) -> None:
         """Called once the transaction that wrote ``rows`` has committed.
@@ -580,6 +606,8 @@ class BatchRun:
         resume: int | BatchProcessingLog | None = None,
     ) -> None:
         self.op = operation
+        # The run's id and the repeats it names, handed to every ``write``.
+        self.context = RunContext(key_field=operation.key_field)
         self.connection = connections[operation.using]
         self.resume_log = self._resumable_log(resume) if resume is not None else None
         if chunk_size is None:
@@ -636,7 +664,7 @@ class BatchRun:
         started = self.started = time.perf_counter()
         with self.connection.execute_wrapper(self.counter):
             log = self._start_log()
-            self.op.log_id = log.pk
+            self.context.log_id = log.pk
             failure: BaseException | None = None
             try:
                 if not self.stop_pending:
@@ -771,7 +799,7 @@ class BatchRun:
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
         if self.op.keys_in_database and not self.dry:
             self.seen = {}  # this chunk's keys only: earlier ones are the write's to find
-            self.op.first_rows = {}
+            self.context.first_rows = {}
             self.chunk_errors_from = len(errors)
         seen = self.seen
         for index, raw in enumerate(chunk, start):
@@ -783,7 +811,7 @@ class BatchRun:
             if key_of is not None and (key := key_of(item)) is not None:
                 first = seen.setdefault(key, index)
                 if first != index:
-                    errors.append(self.op.repeated(index, first))
+                    errors.append(self.context.repeated(index, first))
                     continue
             yield Prepared(index, item)
 
@@ -874,7 +902,7 @@ class BatchRun:
             )
         except BaseException:
             if creates_log:  # its INSERT was rolled back with the chunk
-                log.pk = self.op.log_id = None
+                log.pk = self.context.log_id = None
                 log._state.adding = True
             raise
         # Only now, after the commit, does the run own what the chunk did.
@@ -921,8 +949,8 @@ class BatchRun:
             if log.pk is None and self.op.keys_in_database:
                 # Its marks name the run: the row is created before the write.
                 log.save(using=self.op.using)
-                self.op.log_id = log.pk
-            outcome = self.op.write(rows) if rows else ChunkOutcome()
+                self.context.log_id = log.pk
+            outcome = self.op.write(rows, self.context) if rows else ChunkOutcome()
             if self.op.keys_in_database:
                 self._name_first_rows()
             if rows:
@@ -969,12 +997,13 @@ class BatchRun:
         j's key written by an earlier chunk (row f), j is a repeat of f, and
         so is i.
         """
-        first_rows = self.op.first_rows
+        context = self.context
+        first_rows = context.first_rows
         for position in range(self.chunk_errors_from, len(self.errors)):
             error = self.errors[position]
             first = first_rows.get(error.index)
             if first is not None and first in first_rows:
-                self.errors[position] = self.op.repeated(error.index, first_rows[first])
+                self.errors[position] = context.repeated(error.index, first_rows[first])
 
     # -- the log row ---------------------------------------------------------
 
@@ -1065,7 +1094,7 @@ class BatchRun:
             for name, value in (progress | figures).items():
                 setattr(row, name, value)
             row.save(using=self.op.using, force_insert=True)
-            log.pk = self.op.log_id = row.pk
+            log.pk = self.context.log_id = row.pk
             log._state.adding = False
         elif committed and not last:
             if not checkpoints.filter(stop_requested=False).update(**(progress | figures)):

@@ -24,7 +24,14 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from batching.engine import BatchOperation, ChunkConflict, ChunkOutcome, Prepared, RowError
+from batching.engine import (
+    BatchOperation,
+    ChunkConflict,
+    ChunkOutcome,
+    Prepared,
+    RowError,
+    RunContext,
+)
 from batching.models import BatchProcessingLog
 from batching.portable import insert_rows
 from batching.postgres import fast_paths, insert_with_children, read_by_key
@@ -99,7 +106,7 @@ def order_rejection(
 class NaiveOrders(NaiveOperationMixin, OrdersOperation):
     variant = BatchProcessingLog.Variant.NAIVE
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         outcome = ChunkOutcome()
         for row in rows:
             order = row.item
@@ -175,7 +182,7 @@ class OptimizedOrders(OrdersOperation):
         super().__init__(using)
         self.lock_first = False
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         orders_qs = Order.objects.using(self.using)
         product_ids = {line.product_id for row in rows for line in row.item.items}
         references = {row.item.reference for row in rows}

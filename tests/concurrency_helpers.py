@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from django.db import OperationalError, connection
 
-from batching.engine import BatchOperation, ChunkOutcome, Prepared
+from batching.engine import BatchOperation, ChunkOutcome, Prepared, RunContext
 
 # Generous: a worker that takes this long is stuck on a lock, not slow.
 JOIN_TIMEOUT = 120.0
@@ -110,9 +110,9 @@ def inject_faults(
     original = operation.write
     faulty = FaultyWrite()
 
-    def write(op: BatchOperation, rows: list[Prepared]) -> ChunkOutcome:
+    def write(op: BatchOperation, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         faulty.calls.append(len(rows))
-        outcome = original(op, rows)
+        outcome = original(op, rows, run)
         error = plan(len(faulty.calls))
         if error is not None:
             raise error

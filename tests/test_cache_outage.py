@@ -87,11 +87,11 @@ def failing_in_chunk_2(monkeypatch, operation: type) -> None:
     calls = []
     write = operation.write
 
-    def failing(self, rows):
+    def failing(self, rows, run):
         calls.append(len(rows))
         if len(calls) == 2:
             raise RuntimeError("injected fault in chunk 2")
-        return write(self, rows)
+        return write(self, rows, run)
 
     monkeypatch.setattr(operation, "write", failing)
 

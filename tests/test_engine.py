@@ -74,7 +74,7 @@ def test_resume_continues_after_the_checkpoint_and_adds_up_the_figures(optimized
 
 
 def test_keyboard_interrupt_marks_the_run_interrupted(optimized, monkeypatch):
-    def interrupted(self, rows):
+    def interrupted(self, rows, run):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(OptimizedProducts, "write", interrupted)

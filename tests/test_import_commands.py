@@ -384,7 +384,7 @@ class TestErrors:
         """A chunk that keeps failing transiently ends the run as failed, resumable."""
         settings.BULK_RETRY_ATTEMPTS = 1
 
-        def locked(self, rows):
+        def locked(self, rows, run):
             raise OperationalError("database is locked")
 
         monkeypatch.setattr(OptimizedProducts, "write", locked)

@@ -507,11 +507,11 @@ def fail_on_chunk(monkeypatch, operation: str, chunk: int, exc: BaseException) -
     calls = []
 
     def failing(original):
-        def write(self, rows):
+        def write(self, rows, run):
             calls.append(1)
             if len(calls) == chunk:
                 raise exc
-            return original(self, rows)
+            return original(self, rows, run)
 
         return write
 

@@ -67,9 +67,9 @@ def on_chunk(monkeypatch, operation: type, number: int, hook) -> list[int]:
     starts: list[int] = []
     original = operation.write
 
-    def write(op, rows):
+    def write(op, rows, run):
         starts.append(rows[0].index)
-        outcome = original(op, rows)
+        outcome = original(op, rows, run)
         if len(starts) == number:
             hook()
         return outcome

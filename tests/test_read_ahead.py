@@ -11,7 +11,15 @@ from collections.abc import Iterator
 import pytest
 
 from batching import engine
-from batching.engine import BatchOperation, ChunkOutcome, Prepared, RowError, RowInvalid, run_batch
+from batching.engine import (
+    BatchOperation,
+    ChunkOutcome,
+    Prepared,
+    RowError,
+    RowInvalid,
+    RunContext,
+    run_batch,
+)
 from batching.models import BatchProcessingLog
 from products.models import Category
 
@@ -33,7 +41,7 @@ class Categories(BatchOperation):
             raise RowInvalid("row", "must be a name")
         return raw
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         self.events.append(("checked", len(rows)))
         taken = set(
             Category.objects.filter(name__in=[row.item for row in rows]).values_list(
@@ -181,7 +189,7 @@ class KeyedCategories(BatchOperation):
     def key(self, item):
         return item
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         Category.objects.bulk_create([Category(name=row.item) for row in rows])
         return ChunkOutcome(written=len(rows), created=len(rows))
 

@@ -83,11 +83,11 @@ def test_a_resumed_run_still_knows_the_skus_it_wrote_before(optimized, monkeypat
     calls = []
     original = OptimizedProducts.write
 
-    def interrupt_second_chunk(self, prepared):
+    def interrupt_second_chunk(self, prepared, run):
         calls.append(len(prepared))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, prepared)
+        return original(self, prepared, run)
 
     monkeypatch.setattr(OptimizedProducts, "write", interrupt_second_chunk)
     with pytest.raises(KeyboardInterrupt):

@@ -437,10 +437,10 @@ def fail_in_write(monkeypatch, operation, fault) -> list[list[int]]:
     calls: list[list[int]] = []
     original = operation.write
 
-    def write(op, rows):
+    def write(op, rows, run):
         indexes = [row.index for row in rows]
         calls.append(indexes)
-        outcome = original(op, rows)
+        outcome = original(op, rows, run)
         if (error := fault(indexes)) is not None:
             raise error
         return outcome

@@ -975,7 +975,7 @@ class TestBatchLog:
     def test_unexpected_error_marks_the_log_failed_and_raises(self, optimized, shop, monkeypatch):
         from products.services.optimized import OptimizedViews
 
-        def broken(self, rows):
+        def broken(self, rows, run):
             raise RuntimeError("boom")
 
         monkeypatch.setattr(OptimizedViews, "write", broken)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 
-from batching.engine import ChunkOutcome, Prepared
+from batching.engine import ChunkOutcome, Prepared, RunContext
 from batching.models import BatchProcessingLog
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services.base import (
@@ -34,11 +34,6 @@ VARIANT = BatchProcessingLog.Variant.NAIVE
 
 class NaiveOperationMixin:
     using: str
-    log_id: int | None
-
-    def first_row_in_run(self, run_id: int | None, row: int | None) -> int | None:
-        """The row of this run that wrote a key marked ``(run_id, row)``; None if another run."""
-        return row if run_id is not None and run_id == self.log_id else None
 
     def user_or_none(self, user_id: int):
         return get_user_model().objects.using(self.using).filter(pk=user_id).first()
@@ -50,7 +45,7 @@ class NaiveOperationMixin:
 class NaiveViews(NaiveOperationMixin, ViewsOperation):
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
@@ -79,7 +74,7 @@ class NaiveViews(NaiveOperationMixin, ViewsOperation):
 class NaiveScores(NaiveOperationMixin, ScoresOperation):
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
@@ -98,13 +93,11 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
             created = score is None
             if score is None:
                 score = RecommendationScore(user=user, product=product, algorithm=item.algorithm)
-            elif (
-                first := self.first_row_in_run(score.last_run_id, score.last_run_row)
-            ) is not None:
-                outcome.errors.append(self.repeated(row.index, first))
+            elif (first := run.first_row_in_run(score.last_run_id, score.last_run_row)) is not None:
+                outcome.errors.append(run.repeated(row.index, first))
                 continue
             score.score = item.score
-            score.last_run_id = self.log_id
+            score.last_run_id = run.log_id
             score.last_run_row = row.index
             score.save(using=self.using)
             outcome.written += 1
@@ -118,7 +111,7 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
 class NaiveProducts(NaiveOperationMixin, ProductsOperation):
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
@@ -127,12 +120,12 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
             if product is None:
                 product = Product(sku=item.sku)
             elif (
-                first := self.first_row_in_run(product.last_import_id, product.last_import_row)
+                first := run.first_row_in_run(product.last_import_id, product.last_import_row)
             ) is not None:
-                outcome.errors.append(self.repeated(row.index, first))
+                outcome.errors.append(run.repeated(row.index, first))
                 continue
             category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
-            product.last_import_id = self.log_id
+            product.last_import_id = run.log_id
             product.last_import_row = row.index
             product.name = item.name
             product.category = category
@@ -151,7 +144,7 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
 class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
@@ -159,11 +152,11 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
             if product is None:
                 outcome.errors.append(unknown_sku(row))
                 continue
-            first = self.first_row_in_run(product.last_import_id, product.last_import_row)
+            first = run.first_row_in_run(product.last_import_id, product.last_import_row)
             if first is not None:
-                outcome.errors.append(self.repeated(row.index, first))
+                outcome.errors.append(run.repeated(row.index, first))
                 continue
-            product.last_import_id = self.log_id
+            product.last_import_id = run.log_id
             product.last_import_row = row.index
             changed = ["updated_at", "last_import", "last_import_row"]
             if item.price is not None:

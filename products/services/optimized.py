@@ -49,7 +49,7 @@ from django.db import IntegrityError, connections, models
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from batching.engine import ChunkOutcome, Prepared, RowError
+from batching.engine import ChunkOutcome, Prepared, RowError, RunContext
 from batching.models import BatchProcessingLog
 from batching.portable import insert_rows
 from batching.postgres import (
@@ -110,22 +110,20 @@ def existing_product_ids(using: str, ids: Iterable[int]) -> set[int]:
     )
 
 
-def repeated_skus(
-    op: ProductsOperation | ProductUpdatesOperation, rows: list[Prepared]
-) -> list[RowError]:
-    """The rows whose sku an earlier row of this run wrote, with that row.
+def repeated_skus(using: str, rows: list[Prepared], run: RunContext) -> list[RowError]:
+    """The rows whose sku an earlier row of ``run`` wrote, with that row.
 
     Found by the product's ``last_import`` mark, which both the catalogue
     import and the price update leave on each product they write.
     """
     first = dict(
         strict(
-            Product.objects.using(op.using).filter(
-                sku__in=[row.item.sku for row in rows], last_import_id=op.log_id
+            Product.objects.using(using).filter(
+                sku__in=[row.item.sku for row in rows], last_import_id=run.log_id
             )
         ).values_list("sku", "last_import_row")
     )
-    return op.repeats_in(rows, SKU_OF, first)
+    return run.repeats_in(rows, SKU_OF, first)
 
 
 def locked_products(using: str, **lookup) -> models.QuerySet:
@@ -195,7 +193,7 @@ class OptimizedViews(ViewsOperation):
         views, errors, _ = self.referenced(rows)
         return ChunkOutcome(written=len(views), created=len(views), errors=errors)
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         if fast_paths(self.using):
             return self.write_fast(rows)
         views, errors, _ = self.referenced(rows)
@@ -233,7 +231,7 @@ class OptimizedViews(ViewsOperation):
 class OptimizedScores(ScoresOperation):
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         items = [row.item for row in rows]
         if fast_paths(self.using):
             users, products = existing_ids(
@@ -269,19 +267,19 @@ class OptimizedScores(ScoresOperation):
                 ],
                 unique_fields=SCORE_KEY,
                 update_fields=SCORE_UPDATE_FIELDS,
-                constants={"updated_at": now, "last_run": self.log_id},
+                constants={"updated_at": now, "last_run": run.log_id},
                 only_if_distinct=["last_run"],
                 using=self.using,
             )
             # Rows left out: keys an earlier chunk of this run wrote (one more query).
             if created + updated < len(valid):
-                outcome.errors.extend(self.repeats(valid))
+                outcome.errors.extend(self.repeats(valid, run))
             return ChunkOutcome(
                 written=created + updated, created=created, updated=updated, errors=outcome.errors
             )
         # Existing keys tell created from updated, and which this run wrote.
         existing = self.marks(valid)
-        fresh = self.not_written_yet(valid, SCORE_KEY_OF, existing, outcome.errors)
+        fresh = run.not_written_yet(valid, SCORE_KEY_OF, existing, outcome.errors)
         RecommendationScore.objects.using(self.using).bulk_create(
             [
                 RecommendationScore(
@@ -290,7 +288,7 @@ class OptimizedScores(ScoresOperation):
                     algorithm=item.algorithm,
                     score=item.score,
                     updated_at=now,
-                    last_run_id=self.log_id,
+                    last_run_id=run.log_id,
                     last_run_row=row.index,
                 )
                 for row in fresh
@@ -325,10 +323,10 @@ class OptimizedScores(ScoresOperation):
             ).values_list("user_id", "product_id", "algorithm", "last_run_id", "last_run_row")
         }
 
-    def repeats(self, rows: list[Prepared]) -> list[RowError]:
-        """The rows whose key an earlier row of this run wrote, with that row."""
-        marks = self.marks(rows, last_run_id=self.log_id)
-        return self.repeats_in(rows, SCORE_KEY_OF, {key: row for key, (_, row) in marks.items()})
+    def repeats(self, rows: list[Prepared], run: RunContext) -> list[RowError]:
+        """The rows whose key an earlier row of ``run`` wrote, with that row."""
+        marks = self.marks(rows, last_run_id=run.log_id)
+        return run.repeats_in(rows, SCORE_KEY_OF, {key: row for key, (_, row) in marks.items()})
 
 
 def product_values(rows: list[Prepared], category_ids: dict[str, int]) -> list[tuple]:
@@ -350,7 +348,9 @@ def product_values(rows: list[Prepared], category_ids: dict[str, int]) -> list[t
 class OptimizedProducts(ProductsOperation):
     variant = VARIANT
 
-    def category_ids(self, rows: list[Prepared]) -> tuple[dict[str, int], list[RowError]]:
+    def category_ids(
+        self, rows: list[Prepared], run: RunContext
+    ) -> tuple[dict[str, int], list[RowError]]:
         """Ids of the rows' categories, creating the missing ones, and the rows repeated.
 
         One query when every category exists. Otherwise three more: the rows
@@ -367,7 +367,7 @@ class OptimizedProducts(ProductsOperation):
         new = [row for row in rows if row.item.category not in ids]
         if not new:
             return ids, []
-        repeated = self.repeats(new)
+        repeated = self.repeats(new, run)
         skipped = {error.index for error in repeated}
         missing = {row.item.category for row in new if row.index not in skipped}
         if missing:
@@ -379,27 +379,27 @@ class OptimizedProducts(ProductsOperation):
             ids.update(strict(categories.filter(name__in=missing)).values_list("name", "pk"))
         return ids, repeated
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         # Sorted by sku: concurrent imports take their row locks in one order.
         rows = sorted(rows, key=lambda row: row.item.sku)
-        category_ids, repeated = self.category_ids(rows)
+        category_ids, repeated = self.category_ids(rows, run)
         if repeated:
             skipped = {error.index for error in repeated}
             rows = [row for row in rows if row.index not in skipped]
         now = timezone.now()
         if fast_paths(self.using):
-            outcome = self.write_fast(rows, category_ids, now)
+            outcome = self.write_fast(rows, category_ids, now, run)
             outcome.errors[:0] = repeated
             return outcome
         # Existing skus tell created from updated, and which this run wrote.
         existing = self.existing(rows)
         outcome = ChunkOutcome(errors=repeated)
-        fresh = self.not_written_yet(rows, SKU_OF, existing, outcome.errors)
+        fresh = run.not_written_yet(rows, SKU_OF, existing, outcome.errors)
         insert_rows(
             Product,
             [*PRODUCT_COLUMNS, "last_import_row"],
             product_values(fresh, category_ids),
-            constants=self.import_constants(now),
+            constants=self.import_constants(now, run),
             unique_fields=["sku"],
             update_fields=IMPORT_UPDATE_FIELDS,
             using=self.using,
@@ -427,11 +427,13 @@ class OptimizedProducts(ProductsOperation):
         updated = sum(1 for row in rows if row.item.sku in existing)
         return ChunkOutcome(written=len(rows), created=len(rows) - updated, updated=updated)
 
-    def import_constants(self, now: datetime) -> dict[str, Any]:
-        """What every imported product gets: the time, a zero count (new ones), this run's mark."""
-        return {"created_at": now, "updated_at": now, "view_count": 0, "last_import": self.log_id}
+    def import_constants(self, now: datetime, run: RunContext) -> dict[str, Any]:
+        """What every imported product gets: the time, a zero count (new ones), the run's mark."""
+        return {"created_at": now, "updated_at": now, "view_count": 0, "last_import": run.log_id}
 
-    def write_fast(self, rows: list[Prepared], category_ids: dict[str, int], now) -> ChunkOutcome:
+    def write_fast(
+        self, rows: list[Prepared], category_ids: dict[str, int], now, run: RunContext
+    ) -> ChunkOutcome:
         """PostgreSQL: one upsert that leaves alone the skus this run already wrote."""
         created, updated = upsert(
             Product,
@@ -439,18 +441,18 @@ class OptimizedProducts(ProductsOperation):
             product_values(rows, category_ids),
             unique_fields=["sku"],
             update_fields=IMPORT_UPDATE_FIELDS,
-            constants=self.import_constants(now),
+            constants=self.import_constants(now, run),
             only_if_distinct=["last_import"],
             using=self.using,
         )
         # Rows left out: skus an earlier chunk of this run wrote (one more query).
-        errors = self.repeats(rows) if created + updated < len(rows) else []
+        errors = self.repeats(rows, run) if created + updated < len(rows) else []
         return ChunkOutcome(
             written=created + updated, created=created, updated=updated, errors=errors
         )
 
-    def repeats(self, rows: list[Prepared]) -> list[RowError]:
-        return repeated_skus(self, rows)
+    def repeats(self, rows: list[Prepared], run: RunContext) -> list[RowError]:
+        return repeated_skus(self.using, rows, run)
 
 
 class OptimizedProductUpdates(ProductUpdatesOperation):
@@ -458,9 +460,9 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
 
     variant = VARIANT
 
-    def write(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         if fast_paths(self.using):
-            return self.write_fast(rows)
+            return self.write_fast(rows, run)
         # The portable path writes every field of every row, so it reads the
         # current values of the fields a row leaves as they are.
         found = {
@@ -476,8 +478,8 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
                 outcome.errors.append(unknown_sku(row))
                 continue
             pk, price, stock, log_id, first = found[row.item.sku]
-            if log_id == self.log_id:
-                outcome.errors.append(self.repeated(row.index, first))
+            if log_id == run.log_id:
+                outcome.errors.append(run.repeated(row.index, first))
             else:
                 valid.append((pk, price, stock, row))
         if not valid:
@@ -490,7 +492,7 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
                     price=price if item.price is None else item.price,
                     stock_quantity=stock if item.stock_quantity is None else item.stock_quantity,
                     updated_at=now,
-                    last_import_id=self.log_id,
+                    last_import_id=run.log_id,
                     last_import_row=row.index,
                 )
                 for pk, price, stock, row in valid
@@ -501,7 +503,7 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
         outcome.written = outcome.updated = len(valid)
         return outcome
 
-    def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
+    def write_fast(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         """PostgreSQL: one statement locks the products by sku, updates them, lists the rest.
 
         A product this run already updated (its mark is this run's) is left
@@ -512,14 +514,14 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
             "sku",
             ["price", "stock_quantity", "last_import_row"],
             [(row.item.sku, row.item.price, row.item.stock_quantity, row.index) for row in rows],
-            constants={"updated_at": timezone.now(), "last_import": self.log_id},
+            constants={"updated_at": timezone.now(), "last_import": run.log_id},
             only_if_distinct=["last_import"],
             using=self.using,
         )
         errors: list[RowError] = []
         if left:
             rest = [row for row in rows if row.item.sku in left]
-            errors = repeated_skus(self, rest)
+            errors = repeated_skus(self.using, rest, run)
             repeated = {error.index for error in errors}
             errors += [unknown_sku(row) for row in rest if row.index not in repeated]
             errors.sort(key=attrgetter("index"))
