@@ -65,8 +65,9 @@ writes last. Each chunk's timeline (``products.services.optimized``):
 
     views    BEGIN; SET; read users+products; COPY views; UPDATE view_count
              (locks products, pk order); checkpoint; COMMIT
-    orders   BEGIN; SET; read products+references+users; INSERT orders and
-             lines; UPDATE stock, guarded (locks products, pk order);
+    orders   BEGIN; SET; read products+references+users; INSERT orders
+             (reference order) and lines; UPDATE stock, guarded (locks
+             products, pk order);
              checkpoint; COMMIT. Overtaken: ChunkConflict, retried; a
              reference committed first is then read as taken, and after
              the stock guard refused the run locks products first

@@ -244,7 +244,10 @@ class OptimizedOrders(OrdersOperation):
         if not accepted:
             return outcome
         try:
-            self.insert(accepted, lines)
+            # Sorted by reference: concurrent runs meet in the references'
+            # unique index in one order, so one waits for the other instead
+            # of each holding a reference the other needs.
+            self.insert(sorted(accepted), lines)
         except IntegrityError as exc:
             raise ChunkConflict(TAKEN.format(error=exc)) from exc
         # Last: quantities summed per product; on PostgreSQL one guarded UPDATE

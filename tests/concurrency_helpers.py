@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import OperationalError, connection
 
@@ -35,6 +37,21 @@ def require_postgresql() -> None:
     """
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL: concurrent writers and row locks")
+
+
+@contextmanager
+def live_session() -> Iterator[psycopg.Connection]:
+    """A session of its own, outside Django: a customer's checkout, a staff
+    member's save, or another run's transaction held open by the test."""
+    params = connection.settings_dict
+    with psycopg.connect(
+        dbname=params["NAME"],
+        host=params["HOST"] or None,
+        port=params["PORT"] or None,
+        user=params["USER"] or None,
+        password=params["PASSWORD"] or None,
+    ) as session:
+        yield session
 
 
 def run_together[T](work: Sequence[Callable[[], T]]) -> list[T]:

@@ -12,13 +12,16 @@ row-level concurrency there to prove anything about.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import Count, Sum
 
 from batching.engine import BatchResult
@@ -30,7 +33,7 @@ from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 from products.services import optimized as optimized_module
 from products.services.base import BulkOperationsService
-from tests.concurrency_helpers import require_postgresql, run_together
+from tests.concurrency_helpers import live_session, require_postgresql, run_together
 from tests.factories import CategoryFactory, ProductFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -326,17 +329,23 @@ def both_start_before_either_commits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(order_operations, "read_by_key", meeting(order_operations.read_by_key))
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["same-order", "reversed-one-chunk"])
 @pytest.mark.parametrize("forced", [False, True], ids=["free-race", "both-inside-first-chunk"])
-def test_concurrent_replay_of_the_same_orders_applies_each_once(monkeypatch, forced):
+def test_concurrent_replay_of_the_same_orders_applies_each_once(
+    monkeypatch, caplog, forced, reverse
+):
     """Two submissions of the same 200 references: each order lands once, stock falls once.
 
     A chunk reads the known references without locks; when both runs have
-    the same chunk under way, the second's INSERT waits in the references'
-    unique index for the first's COMMIT and is refused; retried once, that
-    chunk reads the committed orders as duplicates. The run behind can meet
-    this once per chunk, never twice for one, and never a deadlock (it takes
-    no product lock before its INSERT).
+    the same references under way, the second's INSERT waits in their
+    unique index for the first's COMMIT and is refused; retried, that chunk
+    reads the committed orders as duplicates: at most once per chunk. Never
+    a deadlock, even when the second run's input is the first's reversed (in
+    one chunk each, so both INSERTs of 200 orders run at once): each chunk
+    inserts its references sorted, so two runs meet in the index in one
+    order, and neither locks a product before its INSERT.
     """
+    caplog.set_level(logging.INFO, logger="batching.engine")
     if forced:
         both_start_before_either_commits(monkeypatch)
     users = UserFactory.create_batch(5)
@@ -354,16 +363,22 @@ def test_concurrent_replay_of_the_same_orders_applies_each_once(monkeypatch, for
         }
         for n in range(REPLAYED)
     ]
+    second = orders[::-1] if reverse else orders
+    chunk_size = 1_000 if reverse else REPLAY_CHUNK
     initial = stock_by_product()
 
     results = run_together(
         [
-            lambda: OptimizedBulkOperationsService().process_orders(orders, chunk_size=REPLAY_CHUNK)
-            for _ in range(2)
+            lambda submitted=submitted: OptimizedBulkOperationsService().process_orders(
+                submitted, chunk_size=chunk_size
+            )
+            for submitted in (orders, second)
         ]
     )
 
-    assert_finished_cleanly(results, conflicts=REPLAYED // REPLAY_CHUNK)
+    lines = sum(len(order["items"]) for order in orders)
+    assert_finished_cleanly(results, conflicts=-(-lines // chunk_size))
+    assert not [record for record in caplog.records if "deadlock" in record.getMessage()]
     for result in results:
         assert result.written + len(result.errors) == REPLAYED
         assert {error.code for error in result.errors} <= {"duplicate"}
@@ -376,6 +391,74 @@ def test_concurrent_replay_of_the_same_orders_applies_each_once(monkeypatch, for
     final = stock_by_product()
     assert {pk: initial[pk] - final[pk] for pk in initial} == dict(demand)
     assert sold_by_product() == dict(demand)
+
+
+def waiting_on_a_lock(table: str, timeout: float = 10.0) -> None:
+    """Return once a session's statement on ``table`` waits for a lock; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                [f'%"{table}"%'],
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.01)
+    pytest.fail(f"no statement on {table} waited for a lock within {timeout} s")
+
+
+def test_a_chunk_takes_its_references_in_one_order(caplog):
+    """Another run holds the smallest reference and then inserts a larger one: no deadlock.
+
+    The chunk's input lists its references in reverse. It inserts them
+    sorted, so it waits at the smallest, holding none the other run needs;
+    once the other commits, the chunk is refused, retried once, and reads
+    those two orders as taken. (Inserted in input order, the chunk would
+    hold the larger one while it waits: a deadlock, broken by rolling one
+    of them back.)
+    """
+    caplog.set_level(logging.INFO, logger="batching.engine")
+    user = UserFactory()
+    product = ProductFactory(stock_quantity=1_000)
+    references = [f"ORDERED-{n:02d}" for n in range(10)]
+    orders = [
+        {
+            "reference": reference,
+            "user_id": user.pk,
+            "items": [{"product_id": product.pk, "quantity": 1}],
+        }
+        for reference in reversed(references)
+    ]
+    insert = (
+        "INSERT INTO orders_order (reference, user_id, status, total, created_at) "
+        "VALUES (%s, %s, 'confirmed', 0, now())"
+    )
+    results: list[BatchResult] = []
+    with live_session() as other:
+        other.execute(insert, [references[0], user.pk])
+
+        def bulk() -> None:
+            try:
+                results.append(OptimizedBulkOperationsService().process_orders(orders))
+            finally:
+                connection.close()
+
+        run = threading.Thread(target=bulk, name="bulk-run")
+        run.start()
+        waiting_on_a_lock("orders_order")
+        other.execute(insert, [references[5], user.pk])
+        other.commit()
+        run.join(30)
+
+    (result,) = results
+    assert (result.status, result.written) == ("partial", 8)
+    taken = {(error.index, error.code) for error in result.errors}
+    assert taken == {(9, "duplicate"), (4, "duplicate")}
+    assert_finished_cleanly(results, conflicts=1)
+    assert not [record for record in caplog.records if "deadlock" in record.getMessage()]
+    assert Order.objects.count() == 10
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["free-race", "both-inside-first-chunk"])

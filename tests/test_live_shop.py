@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -20,7 +19,7 @@ from batching.models import BatchProcessingLog
 from orders.models import OrderItem
 from products.models import Product, ProductView
 from products.services import optimized as optimized_module
-from tests.concurrency_helpers import record_sleeps, require_postgresql
+from tests.concurrency_helpers import live_session, record_sleeps, require_postgresql
 from tests.test_services import order_rows, view_rows
 from tests.test_services import shop as shop_fixture
 
@@ -33,20 +32,6 @@ LOCKED = "55P03"  # lock_not_available
 @pytest.fixture(autouse=True)
 def _postgresql_only():
     require_postgresql()
-
-
-@contextmanager
-def live_session() -> Iterator[psycopg.Connection]:
-    """A session of its own, as a customer's checkout or a staff member's save."""
-    params = connection.settings_dict
-    with psycopg.connect(
-        dbname=params["NAME"],
-        host=params["HOST"] or None,
-        port=params["PORT"] or None,
-        user=params["USER"] or None,
-        password=params["PASSWORD"] or None,
-    ) as session:
-        yield session
 
 
 def can_lock(product_id: int) -> bool:
