@@ -147,6 +147,7 @@ from batching.postgres import analyze_if_empty, begin_chunk, is_postgresql
 logger = logging.getLogger(__name__)
 
 # SQLSTATEs worth retrying: the same work can succeed on a second attempt.
+UNIQUE_VIOLATION = "23505"
 TRANSIENT_SQLSTATES = frozenset(
     {
         "40001",  # serialization_failure
@@ -453,6 +454,15 @@ class QueryCounter:
 def sqlstate_of(exc: BaseException) -> str | None:
     cause = exc.__cause__ or exc
     return getattr(cause, "sqlstate", None)
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """Whether a unique index refused the row (``23505``; SQLite's ``SQLITE_CONSTRAINT_UNIQUE``)."""
+    cause = exc.__cause__ or exc
+    return (
+        sqlstate_of(exc) == UNIQUE_VIOLATION
+        or getattr(cause, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_UNIQUE"
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -31,6 +31,7 @@ from batching.engine import (
     Prepared,
     RowError,
     RunContext,
+    is_unique_violation,
 )
 from batching.models import BatchProcessingLog
 from batching.portable import insert_rows
@@ -171,6 +172,9 @@ class OptimizedOrders(OrdersOperation):
       this run locks the products before it decides, as before a conflict
       nothing needs to (contention is there).
 
+    Any other refusal of the INSERT is no race: it reaches the engine, which
+    narrows it to its order (``database`` error) instead of retrying.
+
     Only stock makes a run lock first: a run locking products before its
     INSERT, beside one holding the same references while it waits for those
     products, would be a deadlock.
@@ -249,6 +253,8 @@ class OptimizedOrders(OrdersOperation):
             # of each holding a reference the other needs.
             self.insert(sorted(accepted), lines)
         except IntegrityError as exc:
+            if not is_unique_violation(exc):
+                raise  # not a race: the engine narrows it to its order
             raise ChunkConflict(TAKEN.format(error=exc)) from exc
         # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
         # that locks them and refuses to take any stock below zero.

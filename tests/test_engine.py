@@ -1,12 +1,14 @@
 """The engine's run lifecycle: resuming, interruption, cumulative figures."""
 
 import pytest
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from batching.engine import ResumeError, worker_name
+from batching.engine import ResumeError, is_unique_violation, worker_name
 from batching.models import BatchProcessingLog
 from products.models import Product
 from products.services.optimized import OptimizedProducts
+from tests.factories import ProductFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -83,3 +85,18 @@ def test_keyboard_interrupt_marks_the_run_interrupted(optimized, monkeypatch):
     log = BatchProcessingLog.objects.get()
     assert log.status == BatchProcessingLog.Status.INTERRUPTED
     assert "KeyboardInterrupt" in log.error_summary
+
+
+def test_a_unique_violation_is_told_from_other_refusals_on_every_database():
+    """Orders retry a chunk only for a reference another run took (a unique index)."""
+    product = ProductFactory(stock_quantity=0)
+    duplicate_sku = Product(sku=product.sku, name="Again", category=product.category, price=1)
+    below_zero = Product.objects.filter(pk=product.pk)
+
+    with pytest.raises(IntegrityError) as unique, transaction.atomic():
+        duplicate_sku.save()
+    with pytest.raises(IntegrityError) as check, transaction.atomic():
+        below_zero.update(stock_quantity=-1)
+
+    assert is_unique_violation(unique.value)
+    assert not is_unique_violation(check.value)

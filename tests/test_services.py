@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import factory
 import pytest
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -22,6 +22,7 @@ from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
 from orders import rows as parsed_orders
 from orders.models import Order, OrderItem
+from orders.operations import OptimizedOrders
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from tests.factories import (
@@ -862,6 +863,29 @@ class TestOrders:
             [(p1.pk, 2, Decimal("2.50")), (p2.pk, 1, Decimal("4.00")), (p1.pk, 1, Decimal("2.50"))]
         )
         assert Product.objects.get(pk=p1.pk).stock_quantity == 7
+
+    def test_an_order_the_database_refuses_for_good_is_isolated_not_retried(
+        self, optimized, shop, monkeypatch
+    ):
+        """Only a unique reference is a race worth a retry; another refusal
+        (here made by the test) is narrowed to its order and reported."""
+        original = OptimizedOrders.insert
+
+        def refusing(op, orders, lines):
+            if any(reference == "REF-0003" for reference, *_ in orders):
+                raise IntegrityError("new row violates check constraint")
+            return original(op, orders, lines)
+
+        monkeypatch.setattr(OptimizedOrders, "insert", refusing)
+        result = optimized.process_orders(order_rows(shop, 8))
+
+        assert (result.written, [(e.index, e.code) for e in result.errors]) == (
+            7,
+            [(3, "database")],
+        )
+        log = BatchProcessingLog.objects.get(pk=result.log_id)
+        assert log.chunks_retried == 0
+        assert Order.objects.count() == 7
 
     def test_short_stock_order_is_rejected_alone_and_whole(self, service, shop):
         p1, p2 = shop["products"][:2]
