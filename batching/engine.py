@@ -351,8 +351,9 @@ class RunContext:
         fresh = []
         for row in rows:
             mark = marks.get(key(row))
-            if mark is not None and mark[0] == self.log_id:
-                errors.append(self.repeated(row.index, mark[1]))
+            first = self.first_row_in_run(*mark) if mark is not None else None
+            if first is not None:
+                errors.append(self.repeated(row.index, first))
             else:
                 fresh.append(row)
         return fresh

@@ -367,7 +367,7 @@ class OptimizedProducts(ProductsOperation):
         new = [row for row in rows if row.item.category not in ids]
         if not new:
             return ids, []
-        repeated = self.repeats(new, run)
+        repeated = repeated_skus(self.using, new, run)
         skipped = {error.index for error in repeated}
         missing = {row.item.category for row in new if row.index not in skipped}
         if missing:
@@ -446,13 +446,10 @@ class OptimizedProducts(ProductsOperation):
             using=self.using,
         )
         # Rows left out: skus an earlier chunk of this run wrote (one more query).
-        errors = self.repeats(rows, run) if created + updated < len(rows) else []
+        errors = repeated_skus(self.using, rows, run) if created + updated < len(rows) else []
         return ChunkOutcome(
             written=created + updated, created=created, updated=updated, errors=errors
         )
-
-    def repeats(self, rows: list[Prepared], run: RunContext) -> list[RowError]:
-        return repeated_skus(self.using, rows, run)
 
 
 class OptimizedProductUpdates(ProductUpdatesOperation):
@@ -477,8 +474,8 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
             if row.item.sku not in found:
                 outcome.errors.append(unknown_sku(row))
                 continue
-            pk, price, stock, log_id, first = found[row.item.sku]
-            if log_id == run.log_id:
+            pk, price, stock, log_id, row_there = found[row.item.sku]
+            if (first := run.first_row_in_run(log_id, row_there)) is not None:
                 outcome.errors.append(run.repeated(row.index, first))
             else:
                 valid.append((pk, price, stock, row))
