@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from django.db import IntegrityError, connection, transaction
+from psycopg import sql
 
 from batching.models import BatchProcessingLog
-from batching.postgres import add_to
+from batching.postgres import BINARY, add_to, array_value, execute
 from products.models import Product
 from products.services import rows as r
 from tests.factories import ProductFactory, RecommendationScoreFactory
@@ -175,6 +177,30 @@ class TestFastPathDetails:
             )
         stocks = dict(Product.objects.values_list("pk", "stock_quantity"))
         assert stocks == {low.pk: 2, high.pk: 10}
+
+    @pytest.mark.parametrize(
+        ("values", "type_"),
+        [
+            (['a"b', "back\\slash", "", "NULL", None, "{x,y}", " padded ", "é\n\tz", ","], "text"),
+            ([Decimal("1E+2"), Decimal("-0.50"), None, Decimal("12345678901.23")], "numeric"),
+            ([1.5, float("inf"), 1e-7, None], "float8"),
+            ([True, False, None], "boolean"),
+            ([2**62, -1, 0, None], "bigint"),
+            ([], "integer"),
+        ],
+    )
+    def test_an_array_travels_as_its_text_and_reads_back_the_same(self, values, type_):
+        """As the fast paths send it: bound on the server, cast to the column's type."""
+        value = array_value(values)
+        assert isinstance(value, str)
+        statement = sql.SQL("SELECT {}::{}[]").format(BINARY, sql.SQL(type_))
+        assert execute("default", statement, [value]) == (1, (values,))
+
+    def test_an_array_of_other_elements_is_left_to_psycopg(self):
+        moments = [datetime(2026, 12, 4, 23, 0, tzinfo=UTC), None]
+        assert array_value(moments) == moments
+        statement = sql.SQL("SELECT {}::timestamptz[]").format(BINARY)
+        assert execute("default", statement, [moments]) == (1, (moments,))
 
     def test_add_to_reports_the_rows_it_changed(self):
         product = ProductFactory(view_count=1)

@@ -208,3 +208,19 @@ def test_a_keyed_operation_is_read_ahead_and_its_keys_compared_across_chunks():
     threads = Counter(thread for _, thread in operation.prepared_in)
     assert threads == {main: 2, "batch-read-ahead_0": 3}
     assert result.log.chunks_committed == 3
+
+
+def test_the_helper_offers_the_gil_to_the_run_every_few_rows(monkeypatch):
+    """A chunk read ahead gives the run's thread its turn every ``YIELD_EVERY`` rows."""
+    monkeypatch.setattr(engine, "YIELD_EVERY", 4)
+    offered: list[str] = []
+    monkeypatch.setattr(
+        engine, "offer_gil", lambda: offered.append(threading.current_thread().name)
+    )
+    names = [f"category {number}" for number in range(19)]
+    result = run_batch(Categories(), iter(names), chunk_size=10)
+
+    assert (result.status, result.written) == ("completed", 19)
+    # The second chunk's rows 1 to 9 are the helper's (the run's thread read
+    # its first): at the helper's 1st, 5th and 9th row.
+    assert offered == ["batch-read-ahead_0"] * 3
