@@ -82,7 +82,7 @@ def test_samples_between_takes_the_transactions_started_in_the_window():
     ("args", "message"),
     [
         (["--operations", "views,nope"], "unknown operation 'nope' in --operations"),
-        (["--chunks", "default,0"], "--chunks must be comma-separated 'default' or whole"),
+        (["--chunks", "default,0"], "--chunks must be comma-separated 'default', 'volume' or"),
         (["--chunks", "big"], "not 'big'"),
         (["--scale", "0"], "--scale must be more than 0, not 0.0"),
         (["--idle-seconds", "-1"], "--idle-seconds must be more than 0"),
@@ -203,7 +203,7 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
         "--scale",
         "0.001",
         "--chunks",
-        "default,50",
+        "default,volume,50",
         "--idle-seconds",
         "0.3",
         "--markdown",
@@ -216,13 +216,15 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
 
     report = json.loads(paths["json"].read_text())
     assert report["operations"] == list(live.OPERATIONS)
-    assert report["settings"] == ["raw", "default", "50"]
+    assert report["settings"] == ["raw", "default", "volume", "50"]
     assert report["problems"] == []
     assert set(report["idle"]) == {"checkout", "admin"}
     assert report["idle"]["checkout"]["count"] > 0
     runs = report["runs"]
     assert [(r["operation"], r["setting"]) for r in runs] == [
-        (name, setting) for name in live.OPERATIONS for setting in ("raw", "default", "50")
+        (name, setting)
+        for name in live.OPERATIONS
+        for setting in ("raw", "default", "volume", "50")
     ]
     for r in runs:
         assert r["rows"] == report["sizes"][r["operation"]]
@@ -235,9 +237,12 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
     markdown = paths["md"].read_text()
     assert "## Live shop during bulk work" in markdown
     assert "![Live latency during bulk runs](live.svg)" in markdown
-    assert "| checkout p99 during every bulk run (default chunk) | ≤ 50 ms |" in markdown
-    assert "| orders at the default chunk ÷ raw orders path | ≥ 0.50x |" in markdown
-    assert markdown.count("\n| views | ") == 3
+    assert "| checkout p99 during every bulk run (default and volume chunks) | ≤ 50 ms |" in (
+        markdown
+    )
+    assert "| orders at the volume chunk (5,000) ÷ raw orders path | ≥ 0.50x |" in markdown
+    assert "\n| views | default (1,000) | " in markdown
+    assert markdown.count("\n| views | ") == 4
     assert "\n| idle | " in markdown
     root = ET.fromstring(paths["svg"].read_text())
     assert root.tag.endswith("svg")

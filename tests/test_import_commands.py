@@ -181,6 +181,17 @@ class TestImportProducts:
             run("import_products", path, chunk_size=chunk_size)
         assert Product.objects.count() == count
 
+    def test_a_file_is_imported_in_volume_chunks_unless_told(self, tmp_path, settings):
+        """The default is BULK_VOLUME_CHUNK_SIZE; --chunk-size wins (a resume keeps its own)."""
+        assert (settings.BULK_VOLUME_CHUNK_SIZE, settings.BULK_CHUNK_SIZE) == (5000, 1000)
+        settings.BULK_VOLUME_CHUNK_SIZE = 4
+        path = write_csv(tmp_path / "p.csv", [product_row(i) for i in range(10)])
+        run("import_products", path, verbosity=0)
+        log = only_log()
+        assert (log.chunk_size, log.chunks_committed) == (4, 3)
+        run("import_products", path, chunk_size=3, verbosity=0)
+        assert BatchProcessingLog.objects.latest("pk").chunk_size == 3
+
     def test_verbosity_0_prints_nothing_but_imports(self, tmp_path):
         rows = [product_row(1), product_row(2, price="abc")]
         path = write_csv(tmp_path / "products.csv", rows)
@@ -463,6 +474,8 @@ class TestResumeInProcess:
         log.refresh_from_db()
         assert (log.status, log.resume_count, log.rows_read) == ("completed", 1, 5)
         assert (log.rows_created, log.rows_updated, log.checkpoint_position) == (5, 0, 5)
+        # Its own chunk size, not the command's default: 3 rows left, in 2 chunks.
+        assert (log.chunk_size, log.chunks_committed) == (2, 1 + 2)
         # The committed prefix is not written again.
         assert Product.objects.filter(name="first attempt").count() == 2
         assert sorted(products_by_sku()) == [f"IMP-{i:05d}" for i in range(1, 6)]

@@ -337,9 +337,16 @@ class TestRun:
         assert (partition.attempts, partition.log.resume_count) == (1, 1)
         assert_views_exactly_once(3)
 
+    def test_a_partition_runs_in_volume_chunks(self, catalogue, settings):
+        settings.BULK_VOLUME_CHUNK_SIZE = 4
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
+        run_partition.call(job.partitions.get().pk)
+        log = job.partitions.get().log
+        assert (log.status, log.chunk_size, log.chunks_committed) == ("completed", 4, 3)
+
     def test_query_count_of_a_partition(self, catalogue, settings):
         """A fixed overhead around the engine's own count (which its tests pin per chunk)."""
-        settings.BULK_CHUNK_SIZE = 4
+        settings.BULK_VOLUME_CHUNK_SIZE = 4
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
         partition = job.partitions.get()
         with CaptureQueriesContext(connection) as queries:
@@ -523,7 +530,7 @@ class TestTakeOver:
     def test_shut_down_worker_requeues_and_resume_lands_rows_once(
         self, catalogue, settings, monkeypatch, django_capture_on_commit_callbacks
     ):
-        settings.BULK_CHUNK_SIZE = 3
+        settings.BULK_VOLUME_CHUNK_SIZE = 3
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
         partition = job.partitions.get()
         fail_on_chunk(monkeypatch, Operation.PRODUCT_VIEWS, 3, SystemExit(1))
@@ -553,7 +560,7 @@ class TestTakeOver:
         self, catalogue, settings, monkeypatch, django_capture_on_commit_callbacks
     ):
         """SIGKILL leaves the partition and its log "running" with a dead pid."""
-        settings.BULK_CHUNK_SIZE = 3
+        settings.BULK_VOLUME_CHUNK_SIZE = 3
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
         partition = job.partitions.get()
         fail_on_chunk(monkeypatch, Operation.PRODUCT_VIEWS, 2, SystemExit(1))

@@ -233,7 +233,7 @@ class TestCancel:
         self, catalogue, settings, monkeypatch, django_capture_on_commit_callbacks
     ):
         settings.JOB_PARTITION_ROWS = 4
-        settings.BULK_CHUNK_SIZE = 2
+        settings.BULK_VOLUME_CHUNK_SIZE = 2
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
         first, second, third = job.partitions.order_by("number")
         run_partition.call(first.pk)

@@ -60,7 +60,7 @@ def finished_job(catalogue, settings, days: float) -> Job:
 def cancelled_job(catalogue, settings, monkeypatch) -> Job:
     """Partition 0 completed, 1 cancelled after its first chunk, 2 cancelled while queued."""
     settings.JOB_PARTITION_ROWS = 4
-    settings.BULK_CHUNK_SIZE = 2
+    settings.BULK_VOLUME_CHUNK_SIZE = 2
     rows = [row | {"session_id": f"kept-{i}"} for i, row in enumerate(view_rows(catalogue, 12))]
     job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows)
     first, second, _ = job.partitions.order_by("number")

@@ -27,7 +27,8 @@ NEEDS_POSTGRESQL = (
 )
 BAD_OPERATIONS = "unknown operation {name!r} in --operations: choose from {choices} or all"
 BAD_CHUNKS = (
-    "--chunks must be comma-separated 'default' or whole numbers of at least 1, not {value!r}"
+    "--chunks must be comma-separated 'default', 'volume' or whole numbers of at least 1, "
+    "not {value!r}"
 )
 NOT_POSITIVE = "{option} must be more than 0, not {value}"
 PROBLEMS = "the benchmark found problems (its figures are not trustworthy):\n{problems}"
@@ -44,12 +45,12 @@ def parse_operations(value: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def parse_chunks(value: str) -> list[int | None]:
-    chunks: list[int | None] = []
+def parse_chunks(value: str) -> list[live.Chunk]:
+    chunks: list[live.Chunk] = []
     for part in value.split(","):
         part = part.strip()
-        if part == live.DEFAULT:
-            chunks.append(None)
+        if part in live.ENTRY_POINT_DEFAULTS:
+            chunks.append(part)
         elif part.isdigit() and int(part) >= 1:
             chunks.append(int(part))
         else:
@@ -89,7 +90,8 @@ class Command(BaseCommand):
             type=str,
             default=",".join(map(live.setting_label, live.DEFAULT_CHUNKS)),
             help="Comma-separated chunk settings of the service: 'default' (no chunk_size "
-            "given) or rows per chunk (default: default,1000,50000).",
+            "given: BULK_CHUNK_SIZE), 'volume' (the import commands' and jobs' default: "
+            "BULK_VOLUME_CHUNK_SIZE) or rows per chunk (default: default,volume,50000).",
         )
         parser.add_argument(
             "--idle-seconds",

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from batching.engine import BatchResult, ResumeError, run_batch, run_log_of
@@ -89,8 +90,9 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help="Rows per transaction (default: settings.BULK_CHUNK_SIZE, 1,000, so the live "
-            "shop never waits on a long chunk; a resumed run keeps its chunk size).",
+            help="Rows per transaction (default: settings.BULK_VOLUME_CHUNK_SIZE, 5,000, for "
+            "files; the live shop waits at most tens of milliseconds for a chunk of it; a "
+            "resumed run keeps its chunk size).",
         )
         parser.add_argument(
             "--resume",
@@ -139,7 +141,7 @@ class ImportCommand(BaseCommand):
             started = time.perf_counter()
             try:
                 result = self.run_operation(
-                    variant, rows, chunk_size=options["chunk_size"], resume=resume
+                    variant, rows, chunk_size=self.chunk_size(options["chunk_size"]), resume=resume
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
@@ -173,6 +175,12 @@ class ImportCommand(BaseCommand):
             )
 
     # -- before the run ------------------------------------------------------
+
+    def chunk_size(self, given: int | None) -> int | None:
+        """``--chunk-size``, else the volume default; a resumed run keeps its own (None)."""
+        if given is not None or self.resuming:
+            return given
+        return settings.BULK_VOLUME_CHUNK_SIZE
 
     def check_resumable(self, log_id: int) -> int:
         """Mark dead runs interrupted, refuse a live one; return the checkpoint.
