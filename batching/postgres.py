@@ -220,6 +220,16 @@ def array_value(values: Iterable[Any]) -> str | list[Any]:
     tells PostgreSQL the elements' type either way.
     """
     values = values if isinstance(values, Sequence) else list(values)
+    kinds = set(map(type, values))
+    if len(kinds) == 1:
+        # One type, no NULL: joined without a call per element.
+        (kind,) = kinds
+        if kind is str:
+            text = '","'.join(values)
+            if "\\" not in text and '"' not in text:
+                return '{"' + text + '"}'
+        elif kind is int or kind is Decimal:
+            return "{" + ",".join(map(str, values)) + "}"
     try:
         return "{" + ",".join([ELEMENT_TEXT[type(value)](value) for value in values]) + "}"
     except KeyError:

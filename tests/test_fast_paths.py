@@ -187,6 +187,10 @@ class TestFastPathDetails:
             ([1.5, float("inf"), 1e-7, None], "float8"),
             ([True, False, None], "boolean"),
             ([2**62, -1, 0, None], "bigint"),
+            # One type and no NULL: joined whole.
+            (["plain", "", "a, b", "{x}", "é\n"], "text"),
+            ([3, -2, 2**62], "bigint"),
+            ([Decimal("1.50"), Decimal("-2")], "numeric"),
             ([], "integer"),
         ],
     )

@@ -183,7 +183,7 @@ class TestImportProducts:
 
     def test_a_file_is_imported_in_volume_chunks_unless_told(self, tmp_path, settings):
         """The default is BULK_VOLUME_CHUNK_SIZE; --chunk-size wins (a resume keeps its own)."""
-        assert (settings.BULK_VOLUME_CHUNK_SIZE, settings.BULK_CHUNK_SIZE) == (5000, 1000)
+        assert (settings.BULK_VOLUME_CHUNK_SIZE, settings.BULK_CHUNK_SIZE) == (3000, 1000)
         settings.BULK_VOLUME_CHUNK_SIZE = 4
         path = write_csv(tmp_path / "p.csv", [product_row(i) for i in range(10)])
         run("import_products", path, verbosity=0)

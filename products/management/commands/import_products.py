@@ -90,9 +90,9 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help="Rows per transaction (default: settings.BULK_VOLUME_CHUNK_SIZE, 5,000, for "
-            "files; the live shop waits at most tens of milliseconds for a chunk of it; a "
-            "resumed run keeps its chunk size).",
+            help="Rows per transaction (default: settings.BULK_VOLUME_CHUNK_SIZE, "
+            f"{settings.BULK_VOLUME_CHUNK_SIZE:,}, for files: the live shop waits at most tens "
+            "of milliseconds for a chunk of it; a resumed run keeps its chunk size).",
         )
         parser.add_argument(
             "--resume",
