@@ -404,9 +404,17 @@ class BatchOperation(ABC):
     # statistics after a run's first chunk if they still say empty
     # (``postgres.analyze_if_empty``).
     fills: ClassVar[tuple[type[Model], ...]] = ()
+    # The setting that gives this operation's chunk size where large volumes
+    # enter (the import commands, job partitions): ``volume_chunk_size``.
+    volume_chunk_setting: ClassVar[str] = "BULK_VOLUME_CHUNK_SIZE"
 
     def __init__(self, using: str = "default") -> None:
         self.using = using
+
+    @classmethod
+    def volume_chunk_size(cls) -> int:
+        """Rows per chunk where large volumes enter; the service's default stays 1,000."""
+        return int(getattr(settings, cls.volume_chunk_setting))
 
     @abstractmethod
     def prepare(self, raw: Any) -> Any: ...

@@ -35,8 +35,11 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 from psycopg import sql
 
+from batching.engine import BatchOperation
+from batching.models import BatchProcessingLog
 from batching.postgres import add_to, column, column_name, execute
 from batching.postgres import copy_rows as copy_binary
+from batching.registry import operation_class
 from bench.namespace import (
     CATEGORY_PREFIX,
     ORDER_PREFIX,
@@ -75,8 +78,9 @@ from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import OptimizedBulkOperationsService
 
+Operation = BatchProcessingLog.Operation
 DEFAULT = "default"  # no chunk_size: the service's default (BULK_CHUNK_SIZE)
-VOLUME = "volume"  # the import commands' and jobs' default (BULK_VOLUME_CHUNK_SIZE)
+VOLUME = "volume"  # the import commands' and jobs' default (the operation's volume chunk)
 # A chunk setting: DEFAULT, VOLUME, or rows per chunk.
 Chunk = str | int
 DEFAULT_CHUNKS: tuple[Chunk, ...] = (DEFAULT, VOLUME, 50_000)
@@ -220,6 +224,12 @@ class Live(Workload):
     """
 
     size_at_scale_1: ClassVar[int]
+    # The registered operation the service runs it with (its volume chunk).
+    operation_name: ClassVar[str]
+
+    @classmethod
+    def operation(cls) -> type[BatchOperation]:
+        return operation_class(cls.operation_name)
 
     @classmethod
     def raw_label(cls) -> str:
@@ -240,6 +250,7 @@ class Live(Workload):
 
 class LiveViews(Live, ViewsWorkload):
     size_at_scale_1 = 200_000
+    operation_name = Operation.PRODUCT_VIEWS
 
     def create_base(self) -> None:
         """The kept base is all: 50 users, the 100 products."""
@@ -247,6 +258,7 @@ class LiveViews(Live, ViewsWorkload):
 
 class LiveScores(Live, ScoresWorkload):
     size_at_scale_1 = 200_000
+    operation_name = Operation.RECOMMENDATION_SCORES
 
     def create_base(self) -> None:
         """ScoresWorkload's base: products past the hot ones, and every even key's score."""
@@ -257,6 +269,7 @@ class LiveScores(Live, ScoresWorkload):
 
 class LiveUpdates(Live, UpdatesWorkload):
     size_at_scale_1 = 200_000
+    operation_name = Operation.PRODUCT_UPDATES
 
     def create_base(self) -> None:
         """Products past the hot ones, up to the size: the rows update each product once."""
@@ -265,6 +278,7 @@ class LiveUpdates(Live, UpdatesWorkload):
 
 class LiveOrders(Live, OrdersWorkload):
     size_at_scale_1 = 30_000
+    operation_name = Operation.ORDERS
 
     @classmethod
     def raw_label(cls) -> str:
@@ -328,6 +342,7 @@ class LiveOrders(Live, OrdersWorkload):
 
 class LiveImport(Live, ImportWorkload):
     size_at_scale_1 = 200_000
+    operation_name = Operation.PRODUCTS
 
     def create_base(self) -> None:
         """ImportWorkload's base: the first half of the skus exist, in the 4 base categories."""
@@ -469,12 +484,12 @@ def setting_label(chunk: Chunk) -> str:
     return str(chunk)
 
 
-def chunk_size_of(setting: Chunk) -> int | None:
-    """The service's ``chunk_size`` for a setting: none given, the volume default, or rows."""
+def chunk_size_of(setting: Chunk, operation: str) -> int | None:
+    """The service's ``chunk_size`` for a setting: none, the operation's volume default, or rows."""
     if setting == DEFAULT:
         return None
     if setting == VOLUME:
-        return settings.BULK_VOLUME_CHUNK_SIZE
+        return OPERATIONS[operation].operation().volume_chunk_size()
     return int(setting)
 
 
@@ -539,7 +554,7 @@ def run_live_bench(
                         workload,
                         hot,
                         setting_label(chunk),
-                        partial(workload.run_bulk, chunk_size_of(chunk)),
+                        partial(workload.run_bulk, chunk_size_of(chunk, name)),
                         report,
                     )
                     for chunk in chunks
@@ -583,7 +598,8 @@ def run_label(run: Run) -> str:
     if run.setting == RAW:
         return f"raw: {OPERATIONS[run.operation].raw_label()}"
     if run.setting in ENTRY_POINT_DEFAULTS:
-        return f"{run.setting} ({chunk_size_of(run.setting) or settings.BULK_CHUNK_SIZE:,})"
+        size = chunk_size_of(run.setting, run.operation) or settings.BULK_CHUNK_SIZE
+        return f"{run.setting} ({size:,})"
     return f"{int(run.setting):,}"
 
 
@@ -627,7 +643,7 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
             continue
         rows.append(
             (
-                f"{run.operation} at the volume chunk ({chunk_size_of(VOLUME):,}) ÷ "
+                f"{run.operation} at the volume chunk ({chunk_size_of(VOLUME, run.operation):,}) ÷ "
                 f"{OPERATIONS[run.operation].raw_label()}",
                 f"≥ {minimum:.2f}x",
                 format_ratio(run.ratio),

@@ -183,7 +183,7 @@ def claim_partition(partition_id: int) -> tuple[JobPartition, BatchProcessingLog
                 operation=partition.job.operation,
                 variant=BatchProcessingLog.Variant.OPTIMIZED,
                 status=LogStatus.INTERRUPTED,
-                chunk_size=settings.BULK_VOLUME_CHUNK_SIZE,
+                chunk_size=operation_class(partition.job.operation).volume_chunk_size(),
                 started_at=now,
                 heartbeat_at=now,
                 database_vendor=connection.vendor,

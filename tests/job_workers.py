@@ -56,7 +56,11 @@ START_TIMEOUT = 60
 # What each backend's worker prints once it takes tasks.
 READY = {"db": b"Starting worker", "celery": b" ready."}
 # Small chunks (many checkpoints) and a watchdog every second.
-WORKER_ENV = {"BULK_VOLUME_CHUNK_SIZE": "20", "JOB_WATCH_SECONDS": "1"}
+WORKER_ENV = {
+    "BULK_VOLUME_CHUNK_SIZE": "20",
+    "BULK_CATALOGUE_CHUNK_SIZE": "20",
+    "JOB_WATCH_SECONDS": "1",
+}
 
 
 @dataclass

@@ -240,8 +240,9 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
     assert "| checkout p99 during every bulk run (default and volume chunks) | ≤ 50 ms |" in (
         markdown
     )
-    assert "| orders at the volume chunk (3,000) ÷ raw orders path | ≥ 0.50x |" in markdown
+    assert "| orders at the volume chunk (5,000) ÷ raw orders path | ≥ 0.50x |" in markdown
     assert "\n| views | default (1,000) | " in markdown
+    assert "\n| import | volume (3,000) | " in markdown
     assert markdown.count("\n| views | ") == 4
     assert "\n| idle | " in markdown
     root = ET.fromstring(paths["svg"].read_text())

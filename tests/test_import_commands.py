@@ -182,9 +182,9 @@ class TestImportProducts:
         assert Product.objects.count() == count
 
     def test_a_file_is_imported_in_volume_chunks_unless_told(self, tmp_path, settings):
-        """The default is BULK_VOLUME_CHUNK_SIZE; --chunk-size wins (a resume keeps its own)."""
-        assert (settings.BULK_VOLUME_CHUNK_SIZE, settings.BULK_CHUNK_SIZE) == (3000, 1000)
-        settings.BULK_VOLUME_CHUNK_SIZE = 4
+        """The catalogue's volume default; --chunk-size wins (a resume keeps its own)."""
+        assert settings.BULK_CATALOGUE_CHUNK_SIZE == 3000
+        settings.BULK_CATALOGUE_CHUNK_SIZE = 4
         path = write_csv(tmp_path / "p.csv", [product_row(i) for i in range(10)])
         run("import_products", path, verbosity=0)
         log = only_log()
@@ -487,7 +487,7 @@ class TestResumeInProcess:
 
 
 class TestImportProductViews:
-    def test_csv(self, tmp_path):
+    def test_csv(self, tmp_path, settings):
         user = UserFactory()
         products = ProductFactory.create_batch(2)
         header = ["user_id", "product_id", "session_id", "interaction_type", "created_at"]
@@ -507,6 +507,9 @@ class TestImportProductViews:
         out = run("import_product_views", path)
 
         assert ProductView.objects.count() == 3
+        # BULK_VOLUME_CHUNK_SIZE, not the service's default (the file has 4 rows).
+        assert (settings.BULK_VOLUME_CHUNK_SIZE, settings.BULK_CHUNK_SIZE) == (5000, 1000)
+        assert only_log().chunk_size == 5000
         assert ProductView.objects.filter(interaction_type="click").count() == 1
         assert sorted(Product.objects.values_list("view_count", flat=True)) == [1, 2]
         log = only_log()

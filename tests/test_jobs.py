@@ -337,12 +337,18 @@ class TestRun:
         assert (partition.attempts, partition.log.resume_count) == (1, 1)
         assert_views_exactly_once(3)
 
-    def test_a_partition_runs_in_volume_chunks(self, catalogue, settings):
+    def test_a_partition_runs_in_its_operations_volume_chunks(self, catalogue, settings):
         settings.BULK_VOLUME_CHUNK_SIZE = 4
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
         run_partition.call(job.partitions.get().pk)
         log = job.partitions.get().log
         assert (log.status, log.chunk_size, log.chunks_committed) == ("completed", 4, 3)
+
+        settings.BULK_CATALOGUE_CHUNK_SIZE = 3
+        rows = [{"sku": "V-1", "name": "n", "category": "c", "price": "1", "stock_quantity": 1}]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        run_partition.call(job.partitions.get().pk)
+        assert job.partitions.get().log.chunk_size == 3
 
     def test_query_count_of_a_partition(self, catalogue, settings):
         """A fixed overhead around the engine's own count (which its tests pin per chunk)."""

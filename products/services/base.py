@@ -150,6 +150,8 @@ class ScoresOperation(BatchOperation):
 class ProductsOperation(BatchOperation):
     operation = BatchProcessingLog.Operation.PRODUCTS
     key_field = "sku"
+    # Its upsert locks the products it updates from the statement's start.
+    volume_chunk_setting = "BULK_CATALOGUE_CHUNK_SIZE"
     # A sku an earlier chunk wrote is found by the product's last_import mark.
     keys_in_database = True
 

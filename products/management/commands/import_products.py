@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from batching.engine import BatchResult, ResumeError, run_batch, run_log_of
@@ -90,9 +89,9 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help="Rows per transaction (default: settings.BULK_VOLUME_CHUNK_SIZE, "
-            f"{settings.BULK_VOLUME_CHUNK_SIZE:,}, for files: the live shop waits at most tens "
-            "of milliseconds for a chunk of it; a resumed run keeps its chunk size).",
+            help=f"Rows per transaction (default: settings.{self.volume_setting()}, "
+            f"{self.volume_chunk_size():,}, for files: the live shop waits at most tens of "
+            "milliseconds for a chunk of it; a resumed run keeps its chunk size).",
         )
         parser.add_argument(
             "--resume",
@@ -177,10 +176,16 @@ class ImportCommand(BaseCommand):
     # -- before the run ------------------------------------------------------
 
     def chunk_size(self, given: int | None) -> int | None:
-        """``--chunk-size``, else the volume default; a resumed run keeps its own (None)."""
+        """``--chunk-size``, else the operation's volume default; a resumed run keeps its own."""
         if given is not None or self.resuming:
             return given
-        return settings.BULK_VOLUME_CHUNK_SIZE
+        return self.volume_chunk_size()
+
+    def volume_setting(self) -> str:
+        return operation_class(self.operation).volume_chunk_setting
+
+    def volume_chunk_size(self) -> int:
+        return operation_class(self.operation).volume_chunk_size()
 
     def check_resumable(self, log_id: int) -> int:
         """Mark dead runs interrupted, refuse a live one; return the checkpoint.
