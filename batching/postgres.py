@@ -221,15 +221,13 @@ def array_value(values: Iterable[Any]) -> str | list[Any]:
     """
     values = values if isinstance(values, Sequence) else list(values)
     kinds = set(map(type, values))
-    if len(kinds) == 1:
-        # One type, no NULL: joined without a call per element.
-        (kind,) = kinds
+    if len(kinds) == 1 and (kind := kinds.pop()) in ELEMENT_TEXT:
+        # One type: its text function mapped over the column, no lookup per element.
         if kind is str:
             text = '","'.join(values)
             if "\\" not in text and '"' not in text:
-                return '{"' + text + '"}'
-        elif kind is int or kind is Decimal:
-            return "{" + ",".join(map(str, values)) + "}"
+                return '{"' + text + '"}'  # nothing to escape: one join
+        return "{" + ",".join(map(ELEMENT_TEXT[kind], values)) + "}"
     try:
         return "{" + ",".join([ELEMENT_TEXT[type(value)](value) for value in values]) + "}"
     except KeyError:

@@ -71,6 +71,7 @@ class ImportCommand(BaseCommand):
         return run_batch(operation, rows, chunk_size=chunk_size, resume=resume)
 
     def add_arguments(self, parser: ArgumentParser) -> None:
+        operation = operation_class(self.operation)
         parser.add_argument(
             "path",
             type=Path,
@@ -89,8 +90,8 @@ class ImportCommand(BaseCommand):
             type=positive_int,
             default=None,
             metavar="N",
-            help=f"Rows per transaction (default: settings.{self.volume_setting()}, "
-            f"{self.volume_chunk_size():,}, for files: the live shop waits at most tens of "
+            help=f"Rows per transaction (default: settings.{operation.volume_chunk_setting}, "
+            f"{operation.volume_chunk_size():,}, for files: the live shop waits at most tens of "
             "milliseconds for a chunk of it; a resumed run keeps its chunk size).",
         )
         parser.add_argument(
@@ -179,12 +180,6 @@ class ImportCommand(BaseCommand):
         """``--chunk-size``, else the operation's volume default; a resumed run keeps its own."""
         if given is not None or self.resuming:
             return given
-        return self.volume_chunk_size()
-
-    def volume_setting(self) -> str:
-        return operation_class(self.operation).volume_chunk_setting
-
-    def volume_chunk_size(self) -> int:
         return operation_class(self.operation).volume_chunk_size()
 
     def check_resumable(self, log_id: int) -> int:
