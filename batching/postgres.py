@@ -20,7 +20,9 @@ statement writes it:
 ``xmax = 0`` is true for a row the upsert inserted and false for one it
 updated, so created and updated are told apart without a prior SELECT.
 Identifiers are quoted by ``psycopg.sql``; column types come from the model's
-own fields; values always travel as parameters or COPY data.
+own fields; values always travel as parameters or COPY data. A statement's
+text depends on its shape only (models, fields, options), so each shape is
+composed once per process (``statement_text``).
 
 ``settings.BULK_PG_FAST_PATHS`` (default on) turns these paths off, so the
 portable path (the one SQLite always takes) can run on PostgreSQL too: the
@@ -152,6 +154,26 @@ def column(model: type[models.Model], name: str) -> sql.Identifier:
     return sql.Identifier(column_name(model, name))
 
 
+def statement_text(compose: Callable[..., sql.Composable]) -> Callable[..., str]:
+    """Cache the SQL text ``compose(connection, *shape)`` makes, per database alias and shape.
+
+    A statement's text depends only on its shape (models, field names,
+    options: hashable, positional arguments), never on the rows, so each
+    shape is composed and quoted once per process. Composing through
+    ``psycopg.sql`` took about 0.3 ms a chunk (0.14 ms for one
+    ``read_by_key`` of three tables): a fixed cost of every chunk, the same
+    for 10 rows as for 10,000.
+    """
+
+    @functools.cache
+    def text(using: str, *shape: Any) -> str:
+        connection = connections[using]
+        connection.ensure_connection()
+        return compose(connection, *shape).as_string(connection.connection)
+
+    return text
+
+
 def unnest(model: type[models.Model], fields: Sequence[str], connection) -> sql.Composed:
     """``unnest(%s::type[], ...)``: one array parameter per field, typed like its column."""
     return sql.SQL("unnest({})").format(
@@ -165,7 +187,7 @@ def unnest(model: type[models.Model], fields: Sequence[str], connection) -> sql.
 
 
 def insert_from_arrays(
-    model: type[models.Model], fields: Sequence[str], constants: Mapping[str, Any], connection
+    model: type[models.Model], fields: Sequence[str], constants: Sequence[str], connection
 ) -> sql.Composed:
     """``INSERT INTO t (fields, constants) SELECT v.fields, %s... FROM unnest(...) AS v``.
 
@@ -234,7 +256,7 @@ def array_value(values: Iterable[Any]) -> str | list[Any]:
         return list(values)
 
 
-def execute(using: str, statement: sql.Composable, params: Sequence[Any] | None = None):
+def execute(using: str, statement: sql.Composable | str, params: Sequence[Any] | None = None):
     """Run ``statement``; return (rowcount, its first row or None)."""
 
     def run(cursor, text):
@@ -253,12 +275,8 @@ def copy_rows(
         Like ``bulk_create``, this skips ``Model.save()`` and signals, and
         field defaults are not applied: pass every value in ``rows``.
     """
-    statement = sql.SQL("COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)").format(
-        table=sql.Identifier(model._meta.db_table),
-        columns=sql.SQL(", ").join(column(model, name) for name in fields),
-    )
-    connection = connections[using]
-    types = [MODIFIERS.sub("", db_type(model_field(model, name), connection)) for name in fields]
+    fields = tuple(fields)
+    types = _copy_types(using, model, fields)
 
     def run(cursor, text):
         with cursor.copy(text) as copy:
@@ -268,10 +286,28 @@ def copy_rows(
                 copy.write_row(row)
         return cursor.rowcount
 
-    return through_django(using, statement, run)
+    return through_django(using, _copy(using, model, fields), run)
 
 
-def through_django(using: str, statement: sql.Composable, run: Callable[[Any, str], Any]) -> Any:
+@statement_text
+def _copy(connection, model: type[models.Model], fields: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL("COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)").format(
+        table=sql.Identifier(model._meta.db_table),
+        columns=sql.SQL(", ").join(column(model, name) for name in fields),
+    )
+
+
+@functools.cache
+def _copy_types(using: str, model: type[models.Model], fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns' types as COPY's binary format names them (no modifiers)."""
+    connection = connections[using]
+    types = (db_type(model_field(model, name), connection) for name in fields)
+    return tuple(MODIFIERS.sub("", type_) for type_ in types)
+
+
+def through_django(
+    using: str, statement: sql.Composable | str, run: Callable[[Any, str], Any]
+) -> Any:
     """Call ``run(cursor, sql_text)`` as Django runs a statement.
 
     It passes through the connection's execute wrappers (the engine's query
@@ -284,7 +320,7 @@ def through_django(using: str, statement: sql.Composable, run: Callable[[Any, st
     connection = connections[using]
     connection.ensure_connection()
     connection.validate_no_broken_transaction()
-    text = statement.as_string(connection.connection)
+    text = statement if isinstance(statement, str) else statement.as_string(connection.connection)
 
     def executor(sql_text, params, many, context):
         with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
@@ -321,9 +357,33 @@ def upsert(
     """
     if not rows:
         return 0, 0
-    connection = connections[using]
     constants = dict(constants or {})
-    statement = sql.SQL(
+    statement = _upsert(
+        using,
+        model,
+        tuple(fields),
+        tuple(unique_fields),
+        tuple(update_fields),
+        tuple(constants),
+        tuple(only_if_distinct),
+    )
+    # The constants' placeholders come first: SELECT's list precedes FROM.
+    params = [*constants.values(), *columns_of(rows, len(fields))]
+    _, (created, total) = execute(using, statement, params)
+    return created, total - created
+
+
+@statement_text
+def _upsert(
+    connection,
+    model: type[models.Model],
+    fields: tuple[str, ...],
+    unique_fields: tuple[str, ...],
+    update_fields: tuple[str, ...],
+    constants: tuple[str, ...],
+    only_if_distinct: tuple[str, ...],
+) -> sql.Composable:
+    return sql.SQL(
         "WITH written AS ("
         "{insert} "
         "ON CONFLICT ({unique}) DO UPDATE SET {updates}{where} "
@@ -346,10 +406,6 @@ def upsert(
         if only_if_distinct
         else sql.SQL(""),
     )
-    # The constants' placeholders come first: SELECT's list precedes FROM.
-    params = [*constants.values(), *columns_of(rows, len(fields))]
-    _, (created, total) = execute(using, statement, params)
-    return created, total - created
 
 
 def insert_with_children(
@@ -378,10 +434,33 @@ def insert_with_children(
     """
     if not rows:
         return 0
-    connection = connections[using]
     constants = dict(constants or {})
+    statement = _insert_with_children(
+        using, parent, tuple(fields), key, child, link, tuple(child_fields), tuple(constants)
+    )
+    # The constants' placeholders come first: the parents' SELECT list precedes FROM.
+    params = [
+        *constants.values(),
+        *columns_of(rows, len(fields)),
+        *columns_of(child_rows, 1 + len(child_fields)),
+    ]
+    count, _ = execute(using, statement, params)
+    return count
+
+
+@statement_text
+def _insert_with_children(
+    connection,
+    parent: type[models.Model],
+    fields: tuple[str, ...],
+    key: str,
+    child: type[models.Model],
+    link: str,
+    child_fields: tuple[str, ...],
+    constants: tuple[str, ...],
+) -> sql.Composable:
     key_column = column(parent, key)
-    statement = sql.SQL(
+    return sql.SQL(
         "WITH parent AS ("
         "{insert} "
         "RETURNING {pk}, {key}"
@@ -411,14 +490,6 @@ def insert_with_children(
         ),
         child_names=sql.SQL(", ").join(column(child, name) for name in child_fields),
     )
-    # The constants' placeholders come first: the parents' SELECT list precedes FROM.
-    params = [
-        *constants.values(),
-        *columns_of(rows, len(fields)),
-        *columns_of(child_rows, 1 + len(child_fields)),
-    ]
-    count, _ = execute(using, statement, params)
-    return count
 
 
 def update(
@@ -448,8 +519,27 @@ def update(
     """
     if not rows:
         return set()
-    connection = connections[using]
     constants = dict(constants or {})
+    statement = _update(using, model, key, tuple(fields), tuple(constants), tuple(only_if_distinct))
+    # The arrays' placeholders come first: the CTE precedes SET.
+    params = [
+        *columns_of(rows, 1 + len(fields)),
+        *constants.values(),
+        *(constants[name] for name in only_if_distinct),
+    ]
+    _, (missing,) = execute(using, statement, params)
+    return set(missing)
+
+
+@statement_text
+def _update(
+    connection,
+    model: type[models.Model],
+    key: str,
+    fields: tuple[str, ...],
+    constants: tuple[str, ...],
+    only_if_distinct: tuple[str, ...],
+) -> sql.Composable:
     pk = column(model, model._meta.pk.name)
     key_column = column(model, key)
     assignments = [
@@ -458,7 +548,7 @@ def update(
         sql.SQL("{} = {}").format(column(model, name), sql.Placeholder(format=PyFormat.AUTO))
         for name in constants
     ]
-    statement = sql.SQL(
+    return sql.SQL(
         "WITH v AS MATERIALIZED (SELECT * FROM {source} AS v ({names})), "
         "locked AS MATERIALIZED ("
         "SELECT {pk}, {key} FROM {table} WHERE {key} = ANY(ARRAY(SELECT v.{key} FROM v)) "
@@ -488,14 +578,6 @@ def update(
         pk=pk,
         key=key_column,
     )
-    # The arrays' placeholders come first: the CTE precedes SET.
-    params = [
-        *columns_of(rows, 1 + len(fields)),
-        *constants.values(),
-        *(constants[name] for name in only_if_distinct),
-    ]
-    _, (missing,) = execute(using, statement, params)
-    return set(missing)
 
 
 def existing_ids(
@@ -506,8 +588,14 @@ def existing_ids(
     One array parameter per model (bound on the server, whatever its size),
     where ``pk__in`` would put each id into the SQL text.
     """
-    connection = connections[using]
-    statement = sql.SQL("SELECT {}").format(
+    statement = _existing_ids(using, tuple(model for model, _ in wanted))
+    _, found = execute(using, statement, [array_value(sorted(set(ids))) for _, ids in wanted])
+    return [set(ids) for ids in found]
+
+
+@statement_text
+def _existing_ids(connection, models_: tuple[type[models.Model], ...]) -> sql.Composable:
+    return sql.SQL("SELECT {}").format(
         sql.SQL(", ").join(
             sql.SQL("ARRAY(SELECT {pk} FROM {table} WHERE {pk} = ANY({ids}::{type}[]))").format(
                 pk=column(model, model._meta.pk.name),
@@ -515,11 +603,9 @@ def existing_ids(
                 ids=ARRAY,
                 type=sql.SQL(array_type(model._meta.pk, connection)),
             )
-            for model, _ in wanted
+            for model in models_
         )
     )
-    _, found = execute(using, statement, [array_value(sorted(set(ids))) for _, ids in wanted])
-    return [set(ids) for ids in found]
 
 
 def read_by_key(
@@ -532,32 +618,41 @@ def read_by_key(
     row whose ``key`` is among ``values``, as tuples (one array per field,
     bound on the server, read back in primary-key order and zipped).
     """
-    connection = connections[using]
-    selects = []
-    params: list[Any] = []
-    for model, key, values, fields in lookups:
-        wanted = array_value(sorted(set(values)))
-        for name in fields:
-            selects.append(
-                sql.SQL(
-                    "ARRAY(SELECT {field} FROM {table} WHERE {key} = ANY({values}::{type}[]) "
-                    "ORDER BY {pk})"
-                ).format(
-                    field=column(model, name),
-                    table=sql.Identifier(model._meta.db_table),
-                    key=column(model, key),
-                    values=ARRAY,
-                    type=sql.SQL(array_type(model_field(model, key), connection)),
-                    pk=column(model, model._meta.pk.name),
-                )
-            )
-            params.append(wanted)
-    _, found = execute(using, sql.SQL("SELECT {}").format(sql.SQL(", ").join(selects)), params)
+    shape = tuple((model, key, tuple(fields)) for model, key, _, fields in lookups)
+    params = [
+        array_value(sorted(set(values)))
+        for _, _, values, fields in lookups
+        for _ in fields  # the same array for each of the table's fields
+    ]
+    _, found = execute(using, _read_by_key(using, shape), params)
     tables, position = [], 0
     for _, _, _, fields in lookups:
         tables.append(list(zip(*found[position : position + len(fields)], strict=True)))
         position += len(fields)
     return tables
+
+
+@statement_text
+def _read_by_key(
+    connection, shape: tuple[tuple[type[models.Model], str, tuple[str, ...]], ...]
+) -> sql.Composable:
+    return sql.SQL("SELECT {}").format(
+        sql.SQL(", ").join(
+            sql.SQL(
+                "ARRAY(SELECT {field} FROM {table} WHERE {key} = ANY({values}::{type}[]) "
+                "ORDER BY {pk})"
+            ).format(
+                field=column(model, name),
+                table=sql.Identifier(model._meta.db_table),
+                key=column(model, key),
+                values=ARRAY,
+                type=sql.SQL(array_type(model_field(model, key), connection)),
+                pk=column(model, model._meta.pk.name),
+            )
+            for model, key, fields in shape
+            for name in fields
+        )
+    )
 
 
 def add_to(
@@ -580,10 +675,27 @@ def add_to(
     """
     if not amounts:
         return set()
+    ids = sorted(amounts)
+
+    def run(cursor, text):
+        cursor.execute(
+            text, {"ids": array_value(ids), "amounts": array_value([amounts[key] for key in ids])}
+        )
+        return {changed for (changed,) in cursor.fetchall()}
+
+    changed = through_django(using, _add_to(using, model, field, guard), run)
+    if guard and len(changed) != len(ids):
+        missing = len(ids) - len(changed)
+        raise IntegrityError(GUARD_FAILED.format(field=field, missing=missing, total=len(ids)))
+    return changed
+
+
+@statement_text
+def _add_to(connection, model: type[models.Model], field: str, guard: bool) -> sql.Composable:
     table = sql.Identifier(model._meta.db_table)
     pk = column(model, model._meta.pk.name)
     target = column(model, field)
-    statement = sql.SQL(
+    return sql.SQL(
         "WITH locked AS MATERIALIZED ("
         "SELECT {pk} FROM {table} WHERE {pk} = ANY(%(ids)s::bigint[]) "
         "ORDER BY {pk} FOR NO KEY UPDATE"
@@ -598,16 +710,3 @@ def add_to(
         pk=pk,
         guard=sql.SQL(" AND t.{} + v.amount >= 0").format(target) if guard else sql.SQL(""),
     )
-    ids = sorted(amounts)
-
-    def run(cursor, text):
-        cursor.execute(
-            text, {"ids": array_value(ids), "amounts": array_value([amounts[key] for key in ids])}
-        )
-        return {changed for (changed,) in cursor.fetchall()}
-
-    changed = through_django(using, statement, run)
-    if guard and len(changed) != len(ids):
-        missing = len(ids) - len(changed)
-        raise IntegrityError(GUARD_FAILED.format(field=field, missing=missing, total=len(ids)))
-    return changed

@@ -20,7 +20,7 @@ from django.db import IntegrityError, connection, transaction
 from psycopg import sql
 
 from batching.models import BatchProcessingLog
-from batching.postgres import ARRAY, add_to, array_value, execute
+from batching.postgres import ARRAY, _add_to, add_to, array_value, execute
 from products.models import Product
 from products.services import rows as r
 from tests.factories import ProductFactory, RecommendationScoreFactory
@@ -220,6 +220,18 @@ class TestFastPathDetails:
         changed = add_to(Product, "view_count", {product.pk: 2, 999_999: 5}, using="default")
         assert changed == {product.pk}
         assert Product.objects.get(pk=product.pk).view_count == 3
+
+    def test_a_statement_is_composed_once_per_shape(self, django_assert_num_queries):
+        """Its text is cached by shape (models, fields, options), never by the rows."""
+        product = ProductFactory(view_count=1)
+        _add_to.cache_clear()
+        with django_assert_num_queries(3):
+            add_to(Product, "view_count", {product.pk: 1}, using="default")
+            add_to(Product, "view_count", {product.pk: 2, 999_999: 1}, using="default")
+            add_to(Product, "view_count", {product.pk: -4}, using="default", guard=True)
+        info = _add_to.cache_info()
+        assert (info.misses, info.hits) == (2, 1)  # the guard is another shape
+        assert Product.objects.get(pk=product.pk).view_count == 0
 
     def test_a_row_copy_refuses_is_isolated(self, optimized, shop, monkeypatch):  # noqa: F811
         """COPY's errors are Django's: a too-long session id (validation loosened) is isolated."""
