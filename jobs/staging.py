@@ -23,12 +23,9 @@ one its run would report), on every database alike.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -47,7 +44,8 @@ FIELDS = ("job", "number", "data", "key", "refused")
 NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 NUL_IN_ROW = "must not contain NUL characters"
 
-encode = partial(json.dumps, cls=DjangoJSONEncoder)
+# One encoder for every row: json.dumps(cls=...) would build one per call.
+encode = DjangoJSONEncoder().encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +98,22 @@ def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "de
 def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
     """(job, number, data, its JSON text, key, refused) for each row."""
     keyed = op.key_field is not None
+    job_id = job.pk
     for number, raw in enumerate(rows):
         text = "" if isinstance(raw, Refused) else encode(raw)
         if "\\u0000" in text and NUL.search(text):
             raw = _refusal(op, raw)
         if isinstance(raw, Refused):
-            yield job.pk, number, {}, "{}", "", asdict(raw)
+            yield job_id, number, {}, "{}", "", asdict(raw)
             continue
-        key = ""
-        if keyed:
-            with contextlib.suppress(RowInvalid):
+        if not keyed:
+            key = ""
+        else:
+            try:
                 key = encode(op.key(op.prepare(raw)))
-        yield job.pk, number, raw, text, key, None
+            except RowInvalid:
+                key = ""  # staged without one: its run reports why
+        yield job_id, number, raw, text, key, None
 
 
 def _refusal(op: BatchOperation, raw: Any) -> Refused:
