@@ -1119,7 +1119,6 @@ class BatchRun:
         }
         if last:
             figures.update(self._ending(figures, errors, failure=None))
-        checkpoints = BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk)
         progress = self._progress(log)
         if log.pk is None:
             # The first checkpoint creates the row: one statement, not two. A
@@ -1131,14 +1130,15 @@ class BatchRun:
             row.save(using=self.op.using, force_insert=True)
             log.pk = self.context.log_id = row.pk
             log._state.adding = False
-        elif committed and not last:
-            if not checkpoints.filter(stop_requested=False).update(**(progress | figures)):
+        else:
+            checkpoints = BatchProcessingLog.objects.using(self.op.using).filter(pk=log.pk)
+            if not committed or last:
+                checkpoints.update(**(progress | figures))
+            elif not checkpoints.filter(stop_requested=False).update(**(progress | figures)):
                 # A stop was requested: this chunk commits, and the run ends with it.
                 figures.update(self._ending(figures, errors, failure=None, cancelled=True))
                 progress = self._progress(log)
                 checkpoints.update(**(progress | figures))
-        else:
-            checkpoints.update(**(progress | figures))
         # Not the chunk counters: the log object holds them, and a side effect
         # after this COMMIT may still count its failure there.
         return {name: progress[name] for name in ("query_count", "duration_seconds")} | figures
