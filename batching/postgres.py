@@ -45,12 +45,13 @@ from psycopg import sql
 
 LENGTH = re.compile(r"\((\d+)\)$")
 # An array parameter's placeholder, always cast (``%s::bigint[]``). Its value is the
-# array's text (``array_value``), sent as text of no declared type, so PostgreSQL
-# parses it as the cast's array type while binding: the planner sees a constant
-# array (its size, and a hash table for ``= ANY``). Declared as text (a ``%b``
-# placeholder), the cast ran at execution and ``= ANY`` compared each row with
-# every element: 21 s for one chunk of 16,667 order references.
-ARRAY = sql.Placeholder()
+# array's text (``array_value``), sent as text of no declared type (psycopg's
+# ``%s``: the server infers it), so PostgreSQL parses it as the cast's array type
+# while binding: the planner sees a constant array (its size, and a hash table
+# for ``= ANY``). Declared as text (a ``%b`` placeholder), the cast ran at
+# execution and ``= ANY`` compared each row with every element: 21 s for one
+# chunk of 16,667 order references.
+ARRAY = "%s"
 MODIFIERS = re.compile(r"\(.*\)$")  # numeric(12, 2) -> numeric, for COPY's binary types
 GUARD_FAILED = "{field} would go below zero (or the row is gone) for {missing} of {total} rows"
 
@@ -187,7 +188,7 @@ def quoted(connection, model: type[models.Model], *names: str) -> str:
 def unnest(model: type[models.Model], fields: Sequence[str], connection) -> str:
     """``unnest(%s::type[], ...)``: one array parameter per field, typed like its column."""
     types = (array_type(model_field(model, name), connection) for name in fields)
-    return "unnest({})".format(", ".join(f"%s::{type_}[]" for type_ in types))
+    return "unnest({})".format(", ".join(f"{ARRAY}::{type_}[]" for type_ in types))
 
 
 def insert_from_arrays(
@@ -454,7 +455,7 @@ def _insert_with_children(
     types = [array_type(model_field(parent, key), connection)] + [
         array_type(model_field(child, name), connection) for name in child_fields
     ]
-    source = "unnest({})".format(", ".join(f"%s::{type_}[]" for type_ in types))
+    source = "unnest({})".format(", ".join(f"{ARRAY}::{type_}[]" for type_ in types))
     return (
         f"WITH parent AS ({insert_from_arrays(parent, fields, constants, connection)} "
         f"RETURNING {pk}, {key_column}) "
@@ -565,7 +566,8 @@ def existing_ids(
 @statement_text
 def _existing_ids(connection, models_: tuple[type[models.Model], ...]) -> str:
     return "SELECT " + ", ".join(
-        "ARRAY(SELECT {pk} FROM {table} WHERE {pk} = ANY(%s::{type}[]))".format(
+        "ARRAY(SELECT {pk} FROM {table} WHERE {pk} = ANY({array}::{type}[]))".format(
+            array=ARRAY,
             pk=quoted(connection, model, model._meta.pk.name),
             table=quoted(connection, model),
             type=array_type(model._meta.pk, connection),
@@ -609,7 +611,7 @@ def _read_by_key(
         pk = quoted(connection, model, model._meta.pk.name)
         selects.extend(
             f"ARRAY(SELECT {quoted(connection, model, name)} FROM {table} "
-            f"WHERE {key_column} = ANY(%s::{type_}[]) ORDER BY {pk})"
+            f"WHERE {key_column} = ANY({ARRAY}::{type_}[]) ORDER BY {pk})"
             for name in fields
         )
     return "SELECT " + ", ".join(selects)

@@ -198,21 +198,20 @@ class TestFastPathDetails:
         """As the fast paths send it: bound on the server, cast to the column's type."""
         value = array_value(values)
         assert isinstance(value, str)
-        statement = sql.SQL("SELECT {}::{}[]").format(ARRAY, sql.SQL(type_))
-        assert execute("default", statement, [value]) == (1, (values,))
+        assert execute("default", f"SELECT {ARRAY}::{type_}[]", [value]) == (1, (values,))
 
     def test_an_array_reaches_the_planner_as_a_constant_of_its_type(self):
         """Not text cast at execution: ``= ANY`` then hashes it (and the row estimate knows it)."""
         statement = sql.SQL(
             "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE sku = ANY({}::varchar[])"
-        ).format(sql.Identifier(Product._meta.db_table), ARRAY)
+        ).format(sql.Identifier(Product._meta.db_table), sql.SQL(ARRAY))
         _, (plan,) = execute("default", statement, [array_value(["A", "B"])])
         assert "= ANY ('{A,B}'::text[])" in json.dumps(plan)
 
     def test_an_array_of_other_elements_is_left_to_psycopg(self):
         moments = [datetime(2026, 12, 4, 23, 0, tzinfo=UTC), None]
         assert array_value(moments) == moments
-        statement = sql.SQL("SELECT {}::timestamptz[]").format(ARRAY)
+        statement = f"SELECT {ARRAY}::timestamptz[]"
         assert execute("default", statement, [moments]) == (1, (moments,))
 
     def test_add_to_reports_the_rows_it_changed(self):
