@@ -187,7 +187,11 @@ def quoted(connection, model: type[models.Model], *names: str) -> str:
 
 def unnest(model: type[models.Model], fields: Sequence[str], connection) -> str:
     """``unnest(%s::type[], ...)``: one array parameter per field, typed like its column."""
-    types = (array_type(model_field(model, name), connection) for name in fields)
+    return unnest_of(array_type(model_field(model, name), connection) for name in fields)
+
+
+def unnest_of(types: Iterable[str]) -> str:
+    """``unnest(%s::type[], ...)``: one array parameter per type."""
     return "unnest({})".format(", ".join(f"{ARRAY}::{type_}[]" for type_ in types))
 
 
@@ -452,10 +456,10 @@ def _insert_with_children(
     pk = quoted(connection, parent, parent._meta.pk.name)
     key_column = quoted(connection, parent, key)
     columns = [quoted(connection, child, name) for name in child_fields]
-    types = [array_type(model_field(parent, key), connection)] + [
-        array_type(model_field(child, name), connection) for name in child_fields
-    ]
-    source = "unnest({})".format(", ".join(f"{ARRAY}::{type_}[]" for type_ in types))
+    source = unnest_of(
+        array_type(model_field(model, name), connection)
+        for model, name in [(parent, key), *((child, name) for name in child_fields)]
+    )
     return (
         f"WITH parent AS ({insert_from_arrays(parent, fields, constants, connection)} "
         f"RETURNING {pk}, {key_column}) "
