@@ -172,6 +172,10 @@ def database_from_env() -> dj_database_url.DBConfig:
             "init_command",
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         )
+        # The test database is a file too, not memory: the processes a test
+        # starts (job workers, a killed import) share it, as they share a
+        # PostgreSQL test database.
+        config.setdefault("TEST", {}).setdefault("NAME", str(BASE_DIR / "test-db.sqlite3"))
     config.setdefault("TEST", {})
     return config
 

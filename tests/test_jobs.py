@@ -3,8 +3,8 @@
 The unit tests call the task functions directly (``task.call``) on both
 databases. The worker tests start real worker processes against the test
 database, once on each task backend (``manage.py db_worker``, and Celery
-workers on RabbitMQ: ``tests/job_workers.py``), so they run on PostgreSQL only
-(SQLite's test database lives in this process's memory).
+workers on RabbitMQ: ``tests/job_workers.py``), on both databases (SQLite's
+test database is a file, so the workers share it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from functools import partial
 from io import StringIO
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 from django.db.models import Count
@@ -59,11 +58,6 @@ from tests.test_resume import dead_pid
 HOST = socket.gethostname()
 Operation = BatchProcessingLog.Operation
 LogStatus = BatchProcessingLog.Status
-
-on_postgresql = pytest.mark.skipif(
-    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"),
-    reason="the workers must share the test database: PostgreSQL only",
-)
 
 
 @pytest.fixture
@@ -685,7 +679,7 @@ class TestWorkerStatus:
         assert worker_status() == (True, WORKERS_BUSY.format(limit=settings.JOB_STALE_SECONDS))
 
 
-# -- real workers (PostgreSQL), on each task backend ------------------------------------------
+# -- real workers, on each task backend ------------------------------------------
 
 
 # The fixture: two worker processes, once per task backend.
@@ -702,7 +696,6 @@ def wait_for(job: Job, workers: Workers, timeout: float = 40) -> Job:
     pytest.fail(f"job {job.pk} did not finish:\n{workers.logs()}")
 
 
-@on_postgresql
 @pytest.mark.django_db(transaction=True)
 class TestWorkers:
     """Each test runs twice: on two db_workers, and on two Celery workers."""

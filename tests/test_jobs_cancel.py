@@ -43,7 +43,6 @@ from tests.test_jobs import (
     HOST,
     assert_views_exactly_once,
     enqueued,
-    on_postgresql,
     run_all,
     view_rows,
     wait_for,
@@ -511,10 +510,9 @@ class TestAdmin:
         assert job.status == Status.QUEUED
 
 
-# -- real workers (PostgreSQL) -------------------------------------------------------------
+# -- real workers -------------------------------------------------------------
 
 
-@on_postgresql
 @pytest.mark.django_db(transaction=True)
 class TestWorkers:
     def test_cancel_mid_run_then_resume_lands_every_row_once(self, catalogue, settings, workers):

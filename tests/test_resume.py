@@ -1,9 +1,8 @@
 """Dead runs are shown as interrupted, and a run killed mid-run resumes exactly.
 
 The kill-and-resume tests run ``manage.py import_products`` in a child process
-against the test database, SIGKILL it part-way, and resume the same run. They
-need a database two processes can share, so they run on PostgreSQL only
-(SQLite's test database lives in this process's memory).
+against the test database, SIGKILL it part-way, and resume the same run, on
+both databases (SQLite's test database is a file, which the child shares).
 
 The import is safe to repeat by sku, so it cannot show a chunk applied twice:
 views and orders can. ``TestChunkAndCheckpointCommitTogether`` interrupts a
@@ -46,11 +45,6 @@ from tests.factories import ProductFactory, UserFactory
 
 HOST = socket.gethostname()
 Status = BatchProcessingLog.Status
-
-on_postgresql = pytest.mark.skipif(
-    not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"),
-    reason="the child process must share the test database: PostgreSQL only",
-)
 
 
 def make_log(**fields) -> BatchProcessingLog:
@@ -237,6 +231,8 @@ def seed_existing(count: int, every: int) -> set[int]:
 def child_environment() -> dict[str, str]:
     """This environment, with DATABASE_URL pointing at the test database."""
     db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return os.environ | {"DATABASE_URL": f"sqlite:///{db['NAME']}", "PYTHONUNBUFFERED": "1"}
     credentials = quote(db["USER"] or "", safe="")
     if db.get("PASSWORD"):
         credentials += ":" + quote(db["PASSWORD"], safe="")
@@ -341,7 +337,6 @@ def resume_and_check(path: Path, log: BatchProcessingLog, rows: int, seeded: set
         call_command("import_products", str(path), resume=log.pk, stdout=StringIO())
 
 
-@on_postgresql
 @pytest.mark.django_db(transaction=True)
 class TestKillAndResume:
     def test_killed_while_reading_a_pipe(self, tmp_path):
