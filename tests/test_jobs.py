@@ -712,10 +712,16 @@ class TestWorkers:
         assert (data["result"]["created"], data["result"]["skipped"]) == (rows, 0)
         assert len(data["result"]["log_ids"]) == 6
         assert_views_exactly_once(rows)
-        # Both workers took partitions (a Celery worker runs them in its pool child).
+        # Every partition ran on a started worker (a Celery worker runs them in its
+        # pool child); on PostgreSQL both took some. SQLite has one writer at a time
+        # and its lock is not fair: the worker writing may take every partition.
         ran_on = set(job.partitions.values_list("log__worker", flat=True))
         owners = {workers.owner(worker).pid for worker in ran_on}
-        assert owners == {worker.pid for worker in workers.started}, ran_on
+        started = {worker.pid for worker in workers.started}
+        if connection.vendor == "postgresql":
+            assert owners == started, ran_on
+        else:
+            assert owners <= started, ran_on
 
     def test_a_killed_workers_partition_is_taken_over(self, catalogue, settings, workers):
         settings.JOB_PARTITION_ROWS = 2000
