@@ -180,9 +180,7 @@ def quoted(connection, model: type[models.Model], *names: str) -> str:
     """The model's table (no ``names``) or the columns of its fields ``names``, quoted, joined."""
     if not names:
         return sql.Identifier(model._meta.db_table).as_string(connection.connection)
-    return ", ".join(
-        sql.Identifier(column_name(model, name)).as_string(connection.connection) for name in names
-    )
+    return ", ".join(column(model, name).as_string(connection.connection) for name in names)
 
 
 def unnest(model: type[models.Model], fields: Sequence[str], connection) -> str:
