@@ -80,13 +80,12 @@ def begin_chunk(using: str) -> None:
     transactions never queue behind a waiting chunk. Both last until the
     chunk's COMMIT or ROLLBACK.
     """
-    statement = _begin_chunk(using, int(settings.BULK_LOCK_TIMEOUT_MS))
     with connections[using].cursor() as cursor:
-        cursor.execute(statement)
+        cursor.execute(_begin_chunk(int(settings.BULK_LOCK_TIMEOUT_MS)))
 
 
 @functools.cache
-def _begin_chunk(using: str, lock_timeout_ms: int) -> str:
+def _begin_chunk(lock_timeout_ms: int) -> str:
     return f"SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL lock_timeout = {lock_timeout_ms:d}"
 
 
