@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
 
@@ -529,6 +530,70 @@ def test_sweep_removes_jobs_held_for_more_than_a_day(staff, settings):
     Job.objects.update(created_at=timezone.now() - timedelta(days=2))
     imports.sweep(directory)
     assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+
+
+def test_sweep_passes_over_a_damaged_sidecar_and_removes_a_stray_file(staff, settings):
+    directory = Path(settings.ADMIN_IMPORT_DIR)
+    directory.mkdir(parents=True)
+    damaged, stray = directory / f"{'a' * 43}.json", directory / f"{'b' * 43}.claim"
+    damaged.write_text("{not json")
+    stray.write_text("")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (damaged, stray):
+        os.utime(path, (two_days_ago, two_days_ago))
+    imports.sweep(directory)
+    assert staged_files(settings) == [damaged.name]
+
+
+def test_an_upload_over_the_size_limit_is_refused_unread(staff, settings):
+    settings.ADMIN_IMPORT_MAX_BYTES = 10
+    file = SimpleUploadedFile("c.csv", (HEADER + product_lines(1)).encode())
+    with pytest.raises(imports.ImportFileError, match="larger than 10 bytes"):
+        imports.stage(file, imports.PRODUCTS, staff)
+    assert not Path(settings.ADMIN_IMPORT_DIR).exists()
+
+
+def test_a_failure_after_the_rows_were_staged_leaves_nothing(staff, settings, monkeypatch):
+    def broken(staged, job):
+        raise RuntimeError("the preview failed")
+
+    monkeypatch.setattr(imports, "preview", broken)
+    file = SimpleUploadedFile("c.csv", (HEADER + product_lines(3)).encode())
+    with pytest.raises(RuntimeError, match="the preview failed"):
+        imports.stage(file, imports.PRODUCTS, staff)
+    assert (Job.objects.count(), StagedRow.objects.count(), staged_files(settings)) == (0, 0, [])
+
+
+def test_confirming_an_upload_swept_meanwhile_is_not_found(client, staff, existing):
+    token = token_of(detail_url(upload(client, PRODUCTS_CSV)))
+    staged = imports.load(token, staff.pk)
+    job_services.discard_job(staged.job_id)
+    with pytest.raises(Http404):
+        imports.run(staged, staff)
+    assert not staged.claim_path.exists()  # a later upload of it may be claimed
+    assert not Product.objects.exclude(pk=existing.pk).exists()
+
+
+def test_an_interrupt_after_committed_rows_shows_what_they_did(
+    client, staff, existing, monkeypatch
+):
+    """The rows committed stay, the page shows their log, and the interrupt goes on up."""
+    token = token_of(detail_url(upload(client, PRODUCTS_CSV)))
+    run_batch = job_services.run_batch
+
+    def interrupted(operation, rows):
+        log = run_batch(operation, rows).log
+        stop = KeyboardInterrupt()
+        stop.batch_log = log  # as the engine marks a run's exception (run_log_of)
+        raise stop
+
+    monkeypatch.setattr(job_services, "run_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        imports.run(imports.load(token, staff.pk), staff)
+    staged = imports.load(token, staff.pk)
+    assert staged.state == imports.DONE
+    assert (staged.result["created"], staged.result["updated"]) == (2, 1)
+    assert staged.result["log_ids"] == [BatchProcessingLog.objects.get().pk]
 
 
 # -- limits: decompressed size, line length, preview rows ---------------------------

@@ -389,6 +389,38 @@ def test_admin_save_drops_the_card(
     assert product_cache.get_product_cards([product.pk])[product.pk]["price"] == "3.21"
 
 
+def test_admin_deletes_drop_the_cards_once_committed(
+    catalogue, calls, rf: RequestFactory, django_capture_on_commit_callbacks
+):
+    """One product deleted, then two by the bulk action: one ``delete_many`` each."""
+    model_admin = admin.site._registry[Product]
+    request = rf.post("/")
+    request.user = StaffFactory()
+    first, *rest = catalogue[:3]
+    calls.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        model_admin.delete_model(request, first)
+        assert calls["delete_many"] == 0  # not before the commit
+    with django_capture_on_commit_callbacks(execute=True):
+        model_admin.delete_queryset(request, Product.objects.filter(pk__in=ids_of(rest)))
+    assert calls["delete_many"] == 2
+    assert product_cache.get_product_cards([first.pk, *ids_of(rest)]) == {}
+
+
+def test_renaming_a_category_in_the_admin_retires_every_card(
+    catalogue, rf: RequestFactory, django_capture_on_commit_callbacks
+):
+    product = catalogue[0]
+    product_cache.get_product_cards([product.pk])
+    category = product.category
+    category.name = "Renamed"
+    request = rf.post("/")
+    request.user = StaffFactory()
+    with django_capture_on_commit_callbacks(execute=True):
+        admin.site._registry[type(category)].save_model(request, category, form=None, change=True)
+    assert product_cache.get_product_cards([product.pk])[product.pk]["category"] == "Renamed"
+
+
 # -- warm_cache ------------------------------------------------------------------
 
 

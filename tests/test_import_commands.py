@@ -409,6 +409,27 @@ class TestErrors:
             f"database is locked. Continue it with --resume {log.pk}"
         )
 
+    @pytest.mark.django_db(transaction=True)
+    def test_ctrl_c_after_a_committed_chunk_says_how_to_resume(self, tmp_path, monkeypatch):
+        write = OptimizedProducts.write
+
+        def interrupted_in_chunk_2(self, rows, run):
+            if rows[0].index:
+                raise KeyboardInterrupt
+            return write(self, rows, run)
+
+        monkeypatch.setattr(OptimizedProducts, "write", interrupted_in_chunk_2)
+        path = write_csv(tmp_path / "products.csv", [product_row(i) for i in range(3)])
+        err = StringIO()
+        with pytest.raises(KeyboardInterrupt):
+            call_command(
+                "import_products", str(path), "--chunk-size", "2", verbosity=0,
+                stdout=StringIO(), stderr=err,
+            )  # fmt: skip
+        log = only_log()
+        assert (log.status, log.checkpoint_position) == (BatchProcessingLog.Status.INTERRUPTED, 2)
+        assert err.getvalue() == f"interrupted: continue run #{log.pk} with --resume {log.pk}\n"
+
     def test_resume_unknown_run(self, tmp_path):
         path = write_csv(tmp_path / "products.csv", [product_row(1)])
         with pytest.raises(CommandError, match="no batch run #999 to resume"):
@@ -662,6 +683,50 @@ class TestReaders:
         with pytest.raises(ReaderError, match="cannot tell the format"):
             detect_format(Path(name))
 
+    def test_a_field_over_the_csv_limit_is_a_bad_line_and_reading_goes_on(self, tmp_path):
+        path = tmp_path / "rows.csv"
+        path.write_text(f"a,b\n{'x' * (csv.field_size_limit() + 1)},1\n2,3\n", encoding="utf-8")
+        with RowStream(path) as stream:
+            bad, good = list(stream)
+        assert isinstance(bad, BadLine) and len(bad) == 0 and list(bad) == []
+        assert (bad.line, bad.reason) == (
+            2,
+            "not valid CSV: field larger than field limit (131072)",
+        )
+        assert repr(bad) == f"BadLine(line=2, reason={bad.reason!r})"
+        assert good == {"a": "2", "b": "3"}
+
+    def test_a_header_the_csv_module_refuses_is_a_reader_error(self, tmp_path):
+        path = tmp_path / "rows.csv"
+        path.write_text("x" * (csv.field_size_limit() + 1) + "\n", encoding="utf-8")
+        with pytest.raises(ReaderError, match=r"rows.csv: not valid CSV: field larger than"):
+            RowStream(path)
+
+    def test_a_header_that_is_not_utf8_is_a_reader_error(self, tmp_path):
+        path = tmp_path / "rows.csv"
+        path.write_bytes(b"sku,n\xe9me\nA,B\n")
+        with pytest.raises(ReaderError, match=r"rows\.csv: the header is not valid UTF-8 text"):
+            RowStream(path)
+
+    @pytest.mark.parametrize(("name", "line"), [("rows.csv", b"\xff,1"), ("rows.jsonl", b"\xff")])
+    def test_a_row_that_is_not_utf8_is_a_bad_line(self, tmp_path, name, line):
+        path = tmp_path / name
+        header = b"a,b\n" if name.endswith(".csv") else b""
+        ok = b"2,3\n" if name.endswith(".csv") else b'{"a": "2"}\n'
+        path.write_bytes(header + line + b"\n" + ok)
+        with RowStream(path) as stream:
+            bad, good = list(stream)
+        assert (bad.line, bad.reason) == (2 if header else 1, "not valid UTF-8 text")
+        assert good["a"] == "2"
+
+    def test_an_unknown_format_is_named_with_the_choices(self):
+        with pytest.raises(ReaderError, match="unknown format 'xml': choose one of csv, jsonl"):
+            detect_format(Path("a.csv"), "xml")
+
+    def test_a_line_map_knows_no_row_before_it_starts(self):
+        with pytest.raises(IndexError, match="row 0 has not been read"):
+            line_at([(1, 2)], 0)
+
     def test_estimate_total(self, tmp_path):
         csv_path = write_csv(tmp_path / "a.csv", [product_row(i) for i in range(7)])
         jsonl_path = tmp_path / "a.jsonl"
@@ -713,6 +778,15 @@ class TestBackground:
         ]
         assert [index for index, _ in reported] == [2]
         assert "not valid JSON" in reported[0][1]
+
+    def test_past_twenty_unreadable_lines_only_their_count_is_listed(self, tmp_path):
+        path = write_lines(tmp_path / "catalogue.jsonl", ["{not json"] * 23)
+        err = StringIO()
+        call_command("import_products", str(path), "--background", stdout=StringIO(), stderr=err)
+        lines = err.getvalue().splitlines()
+        assert len(lines) == 21
+        assert lines[19].startswith("line 20: not valid JSON: ")
+        assert lines[20] == "... and 3 more lines refused"
 
     @pytest.mark.parametrize(
         ("extra", "named"),

@@ -46,7 +46,7 @@ from jobs.services import (
     submit_job,
     worker_status,
 )
-from jobs.staging import Refused, partition_input
+from jobs.staging import NUL_IN_ROW, Refused, partition_input
 from jobs.tasks import reap_stale_partitions, run_partition
 from products.models import Product, ProductView
 from products.services import rows as r
@@ -331,6 +331,26 @@ class TestRun:
         assert (partition.attempts, partition.log.resume_count) == (1, 1)
         assert_views_exactly_once(3)
 
+    def test_the_watchdog_watches_again_until_the_job_ends(self, catalogue, settings):
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
+        watches = DBTaskResult.objects.filter(task_path="jobs.tasks.watch_job")
+        before = timezone.now()
+        tasks.watch_job.call(str(job.pk))
+        assert watches.get().run_after >= before + timedelta(seconds=settings.JOB_WATCH_SECONDS)
+        run_all(job)
+        assert job.status == Status.COMPLETED
+        tasks.watch_job.call(str(job.pk))
+        assert watches.count() == 1  # a finished job is not watched again
+
+    def test_a_backend_that_cannot_defer_leaves_the_watch_to_the_reapers(self, settings):
+        """The immediate backend refuses ``run_after``: no watch is scheduled, nothing fails."""
+        settings.TASKS = {
+            "default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}
+        }
+        assert not tasks.watch_job.get_backend().supports_defer
+        tasks.schedule_watch("3f1c1e5e-0000-4000-8000-000000000000")
+        assert not DBTaskResult.objects.exists()
+
     def test_a_partition_runs_in_its_operations_volume_chunks(self, catalogue, settings):
         settings.BULK_VOLUME_CHUNK_SIZE = 4
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 10))
@@ -415,6 +435,29 @@ class TestHeld:
             {"index": 0, "field": "sku", "message": r.NUL_CHARACTER, "code": "invalid"}
         ]
         assert Product.objects.get(sku="C").name == "a \\u0000 b"
+
+    def test_a_nul_character_where_the_operation_reads_nothing_refuses_the_row(self):
+        row = {"sku": "A", "name": "n", "category": "c", "price": "1", "stock_quantity": 1}
+        rows = [row | {"note": "\x00"}]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        run_all(job)
+        assert job.as_dict()["result"]["errors"] == [
+            {"index": 0, "field": "row", "message": NUL_IN_ROW, "code": "invalid"}
+        ]
+        assert not Product.objects.exists()
+
+    def test_an_empty_held_job_is_complete_once_released(self):
+        job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=[])
+        release_job(job)
+        job.refresh_from_db()
+        assert (job.status, job.partitions.count()) == (Status.COMPLETED, 0)
+        assert job.finished_at is not None
+
+    def test_only_a_held_job_runs_in_process(self, catalogue):
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 2))
+        with pytest.raises(ValueError, match="is not held"):
+            run_held_job(job)
+        assert not ProductView.objects.exists()
 
     def test_a_dry_run_of_a_held_job_writes_nothing(self, catalogue, settings):
         settings.BULK_CHUNK_SIZE = 2

@@ -20,11 +20,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import Count
 
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
+from orders import operations as order_operations
+from orders.models import Order
+from orders.operations import OptimizedOrders
 from products.models import Product, ProductView
 from products.services import OptimizedBulkOperationsService
 from products.services import rows as r
@@ -36,9 +39,12 @@ from tests.concurrency_helpers import (
     transient_error,
 )
 from tests.factories import CategoryFactory, ProductFactory, UserFactory
-from tests.test_services import portable_locks, prologue
+from tests.test_services import order_rows, portable_locks, prologue
+from tests.test_services import shop as shop_fixture
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+shop = shop_fixture  # three users, four active products, one inactive
 
 Status = BatchProcessingLog.Status
 
@@ -156,6 +162,69 @@ def test_unexpected_error_in_chunk_3_keeps_chunks_1_and_2(monkeypatch, optimized
     assert faulty.calls == [CHUNK] * 6  # the committed chunks were not written again
     log.refresh_from_db()
     assert (log.resume_count, log.checkpoint_position, log.error_summary) == (1, 500, "")
+
+
+def test_a_database_error_that_is_not_transient_fails_the_run_at_once(monkeypatch, optimized):
+    """A full disk is not retried: chunk 3 is rolled back, the error is raised, 1-2 stay."""
+    delays = record_sleeps(monkeypatch)
+    rows = product_rows(5 * CHUNK)
+    faulty = inject_faults(
+        monkeypatch,
+        OptimizedProducts,
+        lambda call: transient_error("53100", "could not extend file") if call == 3 else None,
+    )
+
+    with pytest.raises(OperationalError, match="could not extend file"):
+        optimized.import_products(rows, chunk_size=CHUNK)
+
+    log = BatchProcessingLog.objects.get()
+    assert (log.status, log.error_summary) == (
+        Status.FAILED,
+        "OperationalError: could not extend file",
+    )
+    assert (log.checkpoint_position, log.chunks_rolled_back, log.chunks_retried) == (
+        2 * CHUNK,
+        0,
+        0,
+    )
+    assert imported_skus() == [row["sku"] for row in rows[: 2 * CHUNK]]
+    assert (faulty.calls, delays) == ([CHUNK] * 3, [])
+
+
+def test_a_transient_error_inside_the_callers_transaction_is_left_to_the_caller(
+    monkeypatch, optimized
+):
+    """The caller owns the transaction: the chunk is not retried, and its rollback takes it all."""
+    delays = record_sleeps(monkeypatch)
+    faulty = inject_faults(monkeypatch, OptimizedProducts, fail_from(2, deadlock))
+
+    with pytest.raises(OperationalError, match="deadlock detected"), transaction.atomic():
+        optimized.import_products(product_rows(3 * CHUNK), chunk_size=CHUNK)
+
+    assert (faulty.calls, delays) == ([CHUNK, CHUNK], [])
+    assert not Product.objects.exists()
+    assert not BatchProcessingLog.objects.exists()
+
+
+def test_a_log_that_cannot_be_finished_does_not_hide_the_runs_failure(
+    monkeypatch, optimized, caplog
+):
+    """The database goes away: the write's error is raised, the failed save only logged."""
+    inject_faults(monkeypatch, OptimizedProducts, lambda call: RuntimeError("write failed"))
+    save = BatchProcessingLog.save
+
+    def unreachable(log, *args, **kwargs):
+        if kwargs.get("update_fields") or log.status == Status.FAILED:
+            raise OperationalError("server closed the connection unexpectedly")
+        return save(log, *args, **kwargs)
+
+    monkeypatch.setattr(BatchProcessingLog, "save", unreachable)
+
+    with pytest.raises(RuntimeError, match="write failed"):
+        optimized.import_products(product_rows(CHUNK), chunk_size=CHUNK)
+
+    assert not Product.objects.exists()
+    assert "could not record the end of batch run" in caplog.text
 
 
 # -- transient errors -------------------------------------------------------------
@@ -398,3 +467,52 @@ def test_a_row_the_driver_cannot_encode_is_reported_not_raised(optimized):
     assert [(error.index, error.field, error.code) for error in result.errors] == [
         (1, "name", "invalid")
     ]
+
+
+# -- orders overtaken between their read and their write -------------------------------
+
+
+def test_a_reference_taken_before_the_insert_retries_the_chunk(monkeypatch, optimized, shop):
+    """Another run commits one of the chunk's references first: the chunk is rolled back and
+    re-run (the race is simulated inside the chunk's transaction, so the rollback undoes it)."""
+    insert, raced = OptimizedOrders.insert, []
+
+    def overtaken_once(self, orders, lines):
+        if not raced:
+            raced.append(orders[0][0])
+            Order.objects.create(reference=orders[0][0], user_id=orders[0][1], total=0)
+        insert(self, orders, lines)
+
+    monkeypatch.setattr(OptimizedOrders, "insert", overtaken_once)
+    result = optimized.process_orders(order_rows(shop, 2))
+
+    assert (result.status, result.written, result.errors) == (Status.COMPLETED, 2, [])
+    log = BatchProcessingLog.objects.get(pk=result.log_id)
+    assert (log.chunks_rolled_back, log.chunks_retried) == (1, 1)
+    assert sorted(Order.objects.values_list("reference", flat=True)) == ["REF-0000", "REF-0001"]
+    assert Order.objects.get(reference=raced[0]).items.count() == 3
+
+
+def test_stock_taken_before_the_update_retries_the_chunk_with_the_products_locked(
+    monkeypatch, optimized, shop
+):
+    """A checkout empties a product between the read and the stock update: the guard refuses,
+    and the chunk re-runs deciding under the products' locks (simulated as above)."""
+    add_to_each, products = order_operations.add_to_each, shop["products"]
+
+    def checkout_first(using, field, amounts, *, guard=False):
+        if not products_locked:
+            Product.objects.filter(pk=products[0].pk).update(stock_quantity=0)
+        products_locked.append(True)
+        add_to_each(using, field, amounts, guard=guard)
+
+    products_locked: list[bool] = []
+    monkeypatch.setattr(order_operations, "add_to_each", checkout_first)
+    result = optimized.process_orders(order_rows(shop, 2))
+
+    assert (result.status, result.written) == (Status.COMPLETED, 2)
+    log = BatchProcessingLog.objects.get(pk=result.log_id)
+    assert (log.chunks_rolled_back, log.chunks_retried) == (1, 1)
+    # Each order took one of each of three products, from 10 in stock.
+    stock = dict(Product.objects.values_list("pk", "stock_quantity"))
+    assert [stock[product.pk] for product in products] == [9, 8, 8, 9]

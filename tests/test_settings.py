@@ -51,6 +51,19 @@ def test_bad_boolean_is_a_clear_configuration_error():
     assert "DEBUG must be a boolean" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("BULK_CHUNK_SIZE", "1k", "BULK_CHUNK_SIZE must be an integer, not '1k'"),
+        ("BULK_RETRY_BASE_DELAY", "soon", "BULK_RETRY_BASE_DELAY must be a number, not 'soon'"),
+    ],
+)
+def test_a_bad_number_is_a_clear_configuration_error(name, value, message):
+    result = manage("check", **{name: value})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_debug_toolbar_exists_only_with_debug():
     assert settings.DEBUG is False
     assert "debug_toolbar" not in settings.INSTALLED_APPS
