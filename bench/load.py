@@ -44,7 +44,6 @@ from urllib.parse import urlsplit
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Permission
-from django.db import connection
 from django.db.models import Count, Sum
 
 from api.models import ApiToken, IdempotencyRecord
@@ -361,12 +360,6 @@ def rows(tally: Tally) -> list[Row]:
             )
         )
     return table
-
-
-def database_description() -> str:
-    """'PostgreSQL 15.8', 'SQLite 3.45.1': the server's (or library's) version."""
-    version = ".".join(str(part) for part in connection.get_database_version())
-    return f"{connection.display_name} {version}"
 
 
 def load_average() -> str:

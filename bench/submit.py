@@ -26,11 +26,12 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from psycopg import sql
 
 from batching.postgres import execute
-from bench.report import format_ratio, markdown_table, short_size
+from bench.report import format_ratio, markdown_table, section_head, short_size
 from bench.scale import database_url, peak_kib, reset_peak, resident_kib
 from bench.workloads import BenchError, ImportWorkload
 from jobs.models import Job
 
+TITLE = "Submitting a catalogue as a background job"
 RAW_TABLE = "bench_submit_lines"
 SUBMITTED = re.compile(r"Submitted job ([0-9a-f-]{36})")
 
@@ -119,7 +120,7 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
     return results
 
 
-def markdown(results: list[Submitted], command_line: str) -> str:
+def markdown(results: list[Submitted], command_line: str, database: str, date: str) -> str:
     rows = [
         (
             short_size(r.size),
@@ -134,10 +135,7 @@ def markdown(results: list[Submitted], command_line: str) -> str:
     header = ("Rows", "Submit", "Rows/s", "Raw COPY rows/s", "÷ raw", "Peak memory growth")
     return "\n".join(
         [
-            "## Submitting a catalogue as a background job",
-            "",
-            f"Command: `{command_line}`",
-            "",
+            *section_head(TITLE, command_line, database, date),
             "`import_products PATH --background` in a fresh process: the file read once, each "
             "row's key parsed, the rows COPYed into the job's staged input, repeated keys marked "
             "by one query, the partitions named. *Raw COPY* is the same file's lines COPYed as "

@@ -29,12 +29,13 @@ from django.conf import settings
 from django.db.models import Min
 
 from bench.namespace import reset_namespace
-from bench.report import markdown_table, short_size
+from bench.report import markdown_table, section_head, short_size
 from bench.scale import database_url
 from bench.submit import submitted_job
 from bench.workloads import BenchError, ImportWorkload
 from jobs.models import FINISHED, Job
 
+TITLE = "Scaling out: one catalogue job on 1, 2 and 4 workers"
 BACKENDS = ("db", "celery")
 QUEUE = "bench_workers"
 READY = {"db": "Starting worker", "celery": " ready."}
@@ -243,7 +244,7 @@ def run_scale_out(
     return results
 
 
-def markdown(results: list[ScaleOut], command_line: str) -> str:
+def markdown(results: list[ScaleOut], command_line: str, database: str, date: str) -> str:
     base = {r.backend: r.rows_per_second for r in results if r.workers == 1}
     rows = [
         (
@@ -264,11 +265,8 @@ def markdown(results: list[ScaleOut], command_line: str) -> str:
               "Workers' CPU", "PostgreSQL CPU", "Machine busy")  # fmt: skip
     return "\n".join(
         [
-            "## Scaling out: one catalogue job on 1, 2 and 4 workers",
-            "",
-            f"Command: `{command_line}`",
-            "",
-            f"Machine: {os.cpu_count()} CPUs, the database and the workers on it. A catalogue "
+            *section_head(TITLE, command_line, database, date),
+            "The database and the workers share the machine. A catalogue "
             "job (half the skus exist) submitted with `import_products PATH --background`; "
             "*Run* is from its first partition's claim to its end, *Staging* the submit "
             "before it. CPU seconds are the workers' (pool children included) and "

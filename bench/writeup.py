@@ -25,7 +25,7 @@ from django.db import DEFAULT_DB_ALIAS
 from batching.engine import BatchResult
 from batching.models import BatchProcessingLog
 from bench.namespace import DEFAULT_SEED, reset_namespace
-from bench.report import format_percent, format_speedup, markdown_table
+from bench.report import format_percent, format_speedup, markdown_table, section_head
 from bench.workloads import ImportWorkload, OrdersWorkload, ScoresWorkload, ViewsWorkload, Workload
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 
@@ -170,6 +170,8 @@ def run_benchmark(
 
 # -- reports -------------------------------------------------------------------
 
+TITLE = "The write-up: the naive and the optimized service on the same rows"
+
 COLUMNS = (
     "Operation",
     "Records",
@@ -219,14 +221,10 @@ def text_table(comparisons: Sequence[Comparison]) -> str:
 def markdown_report(
     comparisons: Sequence[Comparison], *, command_line: str, database: str, date: str
 ) -> str:
-    """A Markdown table for BENCHMARKS.md, headed by how it was produced."""
+    """A BENCHMARKS.md section: its head (``section_head``), then the table."""
     return "\n".join(
         [
-            f"Command: `{command_line}`",
-            "",
-            f"Database: {database}  ",
-            f"Date: {date}",
-            "",
+            *section_head(TITLE, command_line, database, date),
             *markdown_table(COLUMNS, "l" + "r" * (len(COLUMNS) - 1), table_rows(comparisons)),
         ]
     )

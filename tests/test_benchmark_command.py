@@ -19,6 +19,7 @@ from django.db import connection
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
+from bench import report, writeup
 from bench.workloads import STOCK_MARGIN, ImportWorkload, OrdersWorkload, ViewsWorkload, Workload
 from bench.writeup import OPERATIONS, WORKLOADS, run_benchmark
 from orders.models import Order, OrderItem
@@ -125,6 +126,8 @@ def test_json_figures_are_those_of_the_logs():
 def test_markdown_has_command_line_database_date_and_a_row_per_operation():
     output = bench("--size", "10", "--chunk-size", "4", "--markdown")
 
+    assert output.startswith(f"## {writeup.TITLE}\n")
+    assert f"Machine: {report.machine_description()}  " in output
     assert (
         "`python manage.py test_bulk_performance --size 10 --operation all --chunk-size 4 "
         "--seed " in output

@@ -480,3 +480,20 @@ def test_bench_cache_needs_redis(backend):
     else:
         with pytest.raises(CommandError, match="set REDIS_URL"):
             call_command("bench_cache", "--keys", "20")
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_bench_cache_markdown_is_a_benchmarks_section(backend):
+    out = StringIO()
+    call_command("bench_cache", "--keys", "20", "--markdown", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "## Cache: per-key against bulk operations on Redis"
+    assert "Command: `python manage.py bench_cache --keys 20 --markdown`" in lines
+    assert any(line.startswith("Database: Redis ") for line in lines)
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == "| operation | keys | per key (s) | bulk (s) | speedup |"
+    assert [row.split(" | ")[0:2] for row in table[2:]] == [
+        ["| set", "20"],
+        ["| get", "20"],
+        ["| delete", "20"],
+    ]

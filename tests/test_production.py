@@ -165,8 +165,9 @@ def test_static_files_are_compressed_and_cached_for_good(production_server):
 
 def test_bench_load_against_the_server(production_server):
     """bench_load at a tiny scale against the real server, on the server's database."""
+    command = ["bench_load", "--url", production_server.url, *TINY, "--markdown"]
     result = subprocess.run(
-        [sys.executable, "manage.py", "bench_load", "--url", production_server.url, *TINY],
+        [sys.executable, "manage.py", *command],
         cwd=settings.BASE_DIR,
         env={**os.environ, "DATABASE_URL": production_server.database_url},
         capture_output=True,
@@ -175,8 +176,19 @@ def test_bench_load_against_the_server(production_server):
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = result.stdout.splitlines()[-1]
-    assert summary.endswith("every posted row stored exactly once; 0 errors, 0 5xx"), summary
+    lines = result.stdout.splitlines()
+    assert lines[0] == "## The production server under load (`bench_load`)"
+    assert lines[2] == (
+        "Command: `python manage.py bench_load --clients 2 --seconds 2 --batch 10 "
+        "--products 20 --markdown`"
+    )
+    table = [line for line in lines if line.startswith("|")]
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| `POST /api/product-views/bulk`",
+        "| `GET /api/batch-logs`",
+    ]
+    summary = lines[-1]
+    assert summary.endswith("every posted row stored exactly once; 0 errors, 0 5xx."), summary
     posted = int(summary.split(" rows in ")[0].replace(",", ""))
     assert posted > 0 and posted % 10 == 0
 

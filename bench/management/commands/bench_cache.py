@@ -14,12 +14,17 @@ from argparse import ArgumentParser
 from collections.abc import Callable
 from typing import Any
 
+import redis
+from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
+from bench.report import markdown_table, section_head
 from common.cli import positive_int
 
+TITLE = "Cache: per-key against bulk operations on Redis"
 PREFIX = "bench-cache:"
 NEEDS_REDIS = "bench_cache measures Redis round trips: set REDIS_URL (the cache is {backend})"
 CARD = {
@@ -104,19 +109,31 @@ class Command(BaseCommand):
                 )
 
     def markdown(self, rows: list[dict], count: int) -> str:
-        lines = [
-            "## Cache: per-key against bulk operations on Redis",
-            "",
-            f"`manage.py bench_cache --keys {count} --markdown`: {count:,} product-card "
-            "values, one round trip per key against one per operation (`get_many` is MGET, "
-            "`set_many` one pipeline, `delete_many` one DEL).",
-            "",
-            "| operation | keys | per key (s) | bulk (s) | speedup |",
-            "| --- | ---: | ---: | ---: | ---: |",
-        ]
-        lines += [
-            f"| {row['operation']} | {row['keys']:,} | {row['per_key_seconds']:.3f} | "
-            f"{row['bulk_seconds']:.3f} | {row['speedup']}x |"
+        location = settings.CACHES["default"]["LOCATION"]  # one URL, or several
+        server = location if isinstance(location, str) else next(iter(location))
+        version = redis.Redis.from_url(server).info("server")["redis_version"]
+        table = [
+            (
+                row["operation"],
+                f"{row['keys']:,}",
+                f"{row['per_key_seconds']:.3f}",
+                f"{row['bulk_seconds']:.3f}",
+                f"{row['speedup']}x",
+            )
             for row in rows
         ]
-        return "\n".join(lines)
+        header = ("operation", "keys", "per key (s)", "bulk (s)", "speedup")
+        return "\n".join(
+            [
+                *section_head(
+                    TITLE,
+                    f"python manage.py bench_cache --keys {count} --markdown",
+                    f"Redis {version}",
+                    timezone.now().date().isoformat(),
+                ),
+                f"{count:,} product-card values, one round trip per key against one per "
+                "operation (`get_many` is MGET, `set_many` one pipeline, `delete_many` one DEL).",
+                "",
+                *markdown_table(header, "lrrrr", table),
+            ]
+        )

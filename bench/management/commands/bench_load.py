@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 
 from bench import load, server
 from bench.load import Tally
+from bench.report import database_description, markdown_table, section_head
 
+TITLE = "The production server under load (`bench_load`)"
 FAILED = "the load test failed:\n{problems}"
 NOT_POSITIVE = "{option} must be more than 0, not {value}"
 NO_URL_ON_MEMORY = (
@@ -170,14 +173,20 @@ class Command(BaseCommand):
         write = self.stdout.write
         total = sum(row.requests for row in table) / tally.elapsed if tally.elapsed else 0.0
         server_threads = options["workers"] * options["threads"]
-        write("## The production server under load (`bench_load`)")
-        write("")
+        command_line = (
+            f"python manage.py bench_load --clients {options['clients']} "
+            f"--seconds {options['seconds']:g} --batch {options['batch']} "
+            f"--products {options['products']} --markdown"
+        )
+        date = timezone.now().date().isoformat()
+        for line in section_head(TITLE, command_line, database_description(), date):
+            write(line)
         write(
             f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
             f"posting batches of {options['batch']} views of products drawn at random from "
             f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
             "`Idempotency-Key` per batch) and reading the first page of `GET /api/batch-logs`, "
-            f"in turn. Server: {setup['server']}; database: {load.database_description()}; "
+            f"in turn. Server: {setup['server']}; "
             f"{os.cpu_count()} cores shared with the clients (load average before "
             f"{setup['load_before']}, after {setup['load_after']}). Latency is the client's, "
             "request sent to answer read"
@@ -190,12 +199,20 @@ class Command(BaseCommand):
             )
         )
         write("")
-        write("| endpoint | requests | req/s | p50 ms | p99 ms | max ms | errors | 5xx |")
-        write("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for row in table:
-            write(
-                f"| `{row.endpoint}` | {row.requests:,} | {row.per_second:,.1f} | "
-                f"{row.p50_ms:,.1f} | {row.p99_ms:,.1f} | {row.max_ms:,.1f} | {row.errors} | "
-                f"{row.server_errors} |"
+        header = ("endpoint", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "5xx")
+        rows = [
+            (
+                f"`{row.endpoint}`",
+                f"{row.requests:,}",
+                f"{row.per_second:,.1f}",
+                f"{row.p50_ms:,.1f}",
+                f"{row.p99_ms:,.1f}",
+                f"{row.max_ms:,.1f}",
+                str(row.errors),
+                str(row.server_errors),
             )
+            for row in table
+        ]
+        for line in markdown_table(header, "lrrrrrrr", rows):
+            write(line)
         write(f"\n{summary}.")
