@@ -653,17 +653,13 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def markdown_report(
-    report: LiveReport, *, command_line: str, database: str, date: str, chart: str | None = None
-) -> str:
+def markdown_report(report: LiveReport, *, command_line: str, chart: str | None = None) -> str:
     """The section of BENCHMARKS.md; ``chart`` is the relative path of the SVG to link."""
     idle = report.idle
     lines = [
         *section_head(
             "Live shop during bulk work: checkout and admin-save latency",
             command_line,
-            database,
-            date,
         ),
         "One bulk operation at a time runs through the optimized service (chunk setting: "
         "*default* is no `chunk_size`, the service's default; *volume* is the default of the "

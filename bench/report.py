@@ -7,6 +7,7 @@ import platform
 from collections.abc import Iterable, Sequence
 
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.utils import timezone
 
 
 def short_size(size: int) -> str:
@@ -70,8 +71,15 @@ def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
     return f"{connection.vendor} ({connection.display_name} {version})"
 
 
-def section_head(title: str, command_line: str, database: str, date: str) -> list[str]:
-    """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when."""
+def section_head(
+    title: str, command_line: str, database: str | None = None, date: str | None = None
+) -> list[str]:
+    """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when.
+
+    ``database`` defaults to the default database's description, ``date`` to today.
+    """
+    database = database or database_description()
+    date = date or timezone.now().date().isoformat()
     return [
         f"## {title}",
         "",

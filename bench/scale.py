@@ -539,8 +539,6 @@ def markdown_report(
     report: ScaleReport,
     *,
     command_line: str,
-    database: str,
-    date: str,
     charts: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The section of BENCHMARKS.md: how it was made, the targets, one table per workload.
@@ -551,8 +549,6 @@ def markdown_report(
         *section_head(
             "At scale: the optimized service against raw COPY, django-pgbulk and Django",
             command_line,
-            database,
-            date,
         ),
         "Each strategy runs alone in a fresh process on the same deterministic rows, from the "
         "same starting state, and must leave the same end state. Time is the wall-clock time "

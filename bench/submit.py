@@ -120,7 +120,7 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
     return results
 
 
-def markdown(results: list[Submitted], command_line: str, database: str, date: str) -> str:
+def markdown(results: list[Submitted], command_line: str) -> str:
     rows = [
         (
             short_size(r.size),
@@ -135,7 +135,7 @@ def markdown(results: list[Submitted], command_line: str, database: str, date: s
     header = ("Rows", "Submit", "Rows/s", "Raw COPY rows/s", "÷ raw", "Peak memory growth")
     return "\n".join(
         [
-            *section_head(TITLE, command_line, database, date),
+            *section_head(TITLE, command_line),
             "`import_products PATH --background` in a fresh process: the file read once, each "
             "row's key parsed, the rows COPYed into the job's staged input, repeated keys marked "
             "by one query, the partitions named. *Raw COPY* is the same file's lines COPYed as "

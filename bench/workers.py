@@ -244,7 +244,7 @@ def run_scale_out(
     return results
 
 
-def markdown(results: list[ScaleOut], command_line: str, database: str, date: str) -> str:
+def markdown(results: list[ScaleOut], command_line: str) -> str:
     base = {r.backend: r.rows_per_second for r in results if r.workers == 1}
     rows = [
         (
@@ -265,7 +265,7 @@ def markdown(results: list[ScaleOut], command_line: str, database: str, date: st
               "Workers' CPU", "PostgreSQL CPU", "Machine busy")  # fmt: skip
     return "\n".join(
         [
-            *section_head(TITLE, command_line, database, date),
+            *section_head(TITLE, command_line),
             "The database and the workers share the machine. A catalogue "
             "job (half the skus exist) submitted with `import_products PATH --background`; "
             "*Run* is from its first partition's claim to its end, *Staging* the submit "

@@ -218,13 +218,11 @@ def text_table(comparisons: Sequence[Comparison]) -> str:
     )
 
 
-def markdown_report(
-    comparisons: Sequence[Comparison], *, command_line: str, database: str, date: str
-) -> str:
+def markdown_report(comparisons: Sequence[Comparison], *, command_line: str) -> str:
     """A BENCHMARKS.md section: its head (``section_head``), then the table."""
     return "\n".join(
         [
-            *section_head(TITLE, command_line, database, date),
+            *section_head(TITLE, command_line),
             *markdown_table(COLUMNS, "l" + "r" * (len(COLUMNS) - 1), table_rows(comparisons)),
         ]
     )

@@ -19,7 +19,6 @@ from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
 
 from bench.report import markdown_table, section_head
 from common.cli import positive_int
@@ -129,7 +128,6 @@ class Command(BaseCommand):
                     TITLE,
                     f"python manage.py bench_cache --keys {count} --markdown",
                     f"Redis {version}",
-                    timezone.now().date().isoformat(),
                 ),
                 f"{count:,} product-card values, one round trip per key against one per "
                 "operation (`get_many` is MGET, `set_many` one pipeline, `delete_many` one DEL).",

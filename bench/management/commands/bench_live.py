@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS
-from django.utils import timezone
 
 from bench import live
 from bench.namespace import DEFAULT_SEED, require_postgresql
-from bench.report import database_description
 
 ALL = "all"
 NEEDS_POSTGRESQL = (
@@ -158,8 +155,6 @@ class Command(BaseCommand):
         markdown = live.markdown_report(
             report,
             command_line=command_line,
-            database=database_description(DEFAULT_DB_ALIAS),
-            date=timezone.now().date().isoformat(),
             chart=chart,
         )
         if markdown_path is not None:

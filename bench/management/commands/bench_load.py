@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
 
 from bench import load, server
 from bench.load import Tally
-from bench.report import database_description, markdown_table, section_head
+from bench.report import markdown_table, section_head
 
 TITLE = "The production server under load (`bench_load`)"
 FAILED = "the load test failed:\n{problems}"
@@ -178,8 +177,7 @@ class Command(BaseCommand):
             f"--seconds {options['seconds']:g} --batch {options['batch']} "
             f"--products {options['products']} --markdown"
         )
-        date = timezone.now().date().isoformat()
-        for line in section_head(TITLE, command_line, database_description(), date):
+        for line in section_head(TITLE, command_line):
             write(line)
         write(
             f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "

@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS
-from django.utils import timezone
 
 from bench import scale as bench
 from bench.namespace import DEFAULT_SEED, require_postgresql
-from bench.report import database_description
 from bench.workloads import WORKLOADS, pgbulk
 
 ALL = "all"
@@ -223,8 +220,6 @@ class Command(BaseCommand):
         markdown = bench.markdown_report(
             report,
             command_line=command_line,
-            database=database_description(DEFAULT_DB_ALIAS),
-            date=timezone.now().date().isoformat(),
             charts=[(alt, os.path.relpath(path.resolve(), base)) for alt, path in charts],
         )
         if markdown_path is not None:

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand
-from django.utils import timezone
 
 from bench import submit
 from bench.management.commands.bench_scale import parse_sizes
 from bench.namespace import require_postgresql
-from bench.report import database_description
 
 NEEDS_POSTGRESQL = (
     "bench_submit compares staging with a raw COPY: PostgreSQL only; this database is {vendor}"
@@ -53,9 +51,7 @@ class Command(BaseCommand):
         work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-submit-"))
         results = submit.run_submit_bench(sizes, work_dir)
         command_line = f"python manage.py bench_submit --sizes {options['sizes']}"
-        report = submit.markdown(
-            results, command_line, database_description(), timezone.now().date().isoformat()
-        )
+        report = submit.markdown(results, command_line)
         if options["markdown"]:
             options["markdown"].write_text(report + "\n", encoding="utf-8")
         self.stdout.write(report)

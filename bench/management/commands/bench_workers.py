@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
 
 from bench import workers
 from bench.management.commands.bench_scale import parse_sizes
 from bench.namespace import require_postgresql
-from bench.report import database_description
 from common.cli import positive_int
 
 NEEDS_POSTGRESQL = (
@@ -66,9 +64,7 @@ class Command(BaseCommand):
             f"python manage.py bench_workers --size {options['size']} "
             f"--workers {options['workers']} --backends {options['backends']}"
         )
-        report = workers.markdown(
-            results, command_line, database_description(), timezone.now().date().isoformat()
-        )
+        report = workers.markdown(results, command_line)
         if options["markdown"]:
             options["markdown"].write_text(report + "\n", encoding="utf-8")
         self.stdout.write(report)

@@ -13,11 +13,8 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS
-from django.utils import timezone
 
 from bench.namespace import DEFAULT_SEED
-from bench.report import database_description
 from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark, text_table
 
 ALL = "all"
@@ -110,14 +107,7 @@ class Command(BaseCommand):
                 f"python manage.py test_bulk_performance --size {size} --operation {operation} "
                 f"--chunk-size {chunk_size} --seed {options['seed']}"
             )
-            self.stdout.write(
-                markdown_report(
-                    comparisons,
-                    command_line=command_line,
-                    database=database_description(DEFAULT_DB_ALIAS),
-                    date=timezone.now().date().isoformat(),
-                )
-            )
+            self.stdout.write(markdown_report(comparisons, command_line=command_line))
         elif verbosity >= 1:
             self.stdout.write(text_table(comparisons))
         self.check_fair(comparisons)
