@@ -375,49 +375,51 @@ def test_a_rolled_back_transaction_invalidates_nothing(
     assert calls == {}
 
 
-def test_admin_save_drops_the_card(
-    catalogue, rf: RequestFactory, django_capture_on_commit_callbacks
-):
+@pytest.fixture
+def staff_request(rf: RequestFactory):
+    """A POST by a staff user, as the admin's save and delete hooks receive it."""
+    request = rf.post("/")
+    request.user = StaffFactory()
+    return request
+
+
+def test_admin_save_drops_the_card(catalogue, staff_request, django_capture_on_commit_callbacks):
     product = catalogue[0]
     product_cache.get_product_cards([product.pk])
     model_admin = admin.site._registry[Product]
-    request = rf.post("/")
-    request.user = StaffFactory()
     product.price = Decimal("3.21")
     with django_capture_on_commit_callbacks(execute=True):
-        model_admin.save_model(request, product, form=None, change=True)
+        model_admin.save_model(staff_request, product, form=None, change=True)
     assert product_cache.get_product_cards([product.pk])[product.pk]["price"] == "3.21"
 
 
 def test_admin_deletes_drop_the_cards_once_committed(
-    catalogue, calls, rf: RequestFactory, django_capture_on_commit_callbacks
+    catalogue, calls, staff_request, django_capture_on_commit_callbacks
 ):
     """One product deleted, then two by the bulk action: one ``delete_many`` each."""
     model_admin = admin.site._registry[Product]
-    request = rf.post("/")
-    request.user = StaffFactory()
     first, *rest = catalogue[:3]
+    product_cache.get_product_cards(ids_of(catalogue[:3]))  # cached: a stale card would show
     calls.clear()
     with django_capture_on_commit_callbacks(execute=True):
-        model_admin.delete_model(request, first)
+        model_admin.delete_model(staff_request, first)
         assert calls["delete_many"] == 0  # not before the commit
     with django_capture_on_commit_callbacks(execute=True):
-        model_admin.delete_queryset(request, Product.objects.filter(pk__in=ids_of(rest)))
+        model_admin.delete_queryset(staff_request, Product.objects.filter(pk__in=ids_of(rest)))
     assert calls["delete_many"] == 2
     assert product_cache.get_product_cards([first.pk, *ids_of(rest)]) == {}
 
 
 def test_renaming_a_category_in_the_admin_retires_every_card(
-    catalogue, rf: RequestFactory, django_capture_on_commit_callbacks
+    catalogue, staff_request, django_capture_on_commit_callbacks
 ):
     product = catalogue[0]
     product_cache.get_product_cards([product.pk])
     category = product.category
     category.name = "Renamed"
-    request = rf.post("/")
-    request.user = StaffFactory()
+    model_admin = admin.site._registry[type(category)]
     with django_capture_on_commit_callbacks(execute=True):
-        admin.site._registry[type(category)].save_model(request, category, form=None, change=True)
+        model_admin.save_model(staff_request, category, form=None, change=True)
     assert product_cache.get_product_cards([product.pk])[product.pk]["category"] == "Renamed"
 
 
