@@ -19,10 +19,10 @@ statement writes it:
 
 ``xmax = 0`` is true for a row the upsert inserted and false for one it
 updated, so created and updated are told apart without a prior SELECT.
-Identifiers are quoted by Django's ``quote_name``; column types come from the model's
-own fields; values always travel as parameters or COPY data. A statement's
-text depends on its shape only (models, fields, options), so each shape is
-composed once per process (``statement_text``).
+Identifiers are quoted by Django's ``quote_name``; column types come from the
+model's own fields; values always travel as parameters or COPY data. A
+statement's text depends on its shape only (models, fields, options), so each
+shape is composed once per process (``statement_text``).
 
 ``settings.BULK_PG_FAST_PATHS`` (default on) turns these paths off, so the
 portable path (the one SQLite always takes) can run on PostgreSQL too: the
@@ -556,27 +556,9 @@ def _update(
 def existing_ids(
     using: str, wanted: Sequence[tuple[type[models.Model], Iterable[int]]]
 ) -> list[set[int]]:
-    """Which of the given primary keys exist, per model, in one statement.
-
-    One array parameter per model (bound on the server, whatever its size),
-    where ``pk__in`` would put each id into the SQL text.
-    """
-    statement = _existing_ids(using, tuple(model for model, _ in wanted))
-    _, found = execute(using, statement, [array_value(sorted(set(ids))) for _, ids in wanted])
-    return [set(ids) for ids in found]
-
-
-@statement_text
-def _existing_ids(connection, models_: tuple[type[models.Model], ...]) -> str:
-    return "SELECT " + ", ".join(
-        "ARRAY(SELECT {pk} FROM {table} WHERE {pk} = ANY({array}::{type}[]))".format(
-            array=ARRAY,
-            pk=quoted(connection, model, model._meta.pk.name),
-            table=quoted(connection, model),
-            type=array_type(model._meta.pk, connection),
-        )
-        for model in models_
-    )
+    """Which of the given primary keys exist, per model, in one statement (``read_by_key``)."""
+    lookups = [(model, model._meta.pk.name, ids, [model._meta.pk.name]) for model, ids in wanted]
+    return [{pk for (pk,) in rows} for rows in read_by_key(using, lookups)]
 
 
 def read_by_key(
