@@ -7,6 +7,11 @@ base state (``Workload.setup`` resets the namespace). The end states are
 compared in logical terms (usernames and skus, never ids), so the two runs
 must have done the same work even though their ids differ.
 
+With ``repeat``, the pair runs that many times, taking turns, and each
+variant's fastest run counts (as in ``bench_scale``): a run of a few
+milliseconds is swayed by whatever else the machine does, and the fastest of
+a few is the figure that repeats. Every run must end in the same state.
+
 Setup, row generation and snapshots happen outside the service call and are
 not measured: times and query counts are the ``BatchResult``'s, the same
 figures each run leaves in its ``BatchProcessingLog`` row (logs are kept).
@@ -15,7 +20,7 @@ figures each run leaves in its ``BatchProcessingLog`` row (logs are kept).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,9 @@ class Comparison:
     optimized: BatchResult
     naive_state: dict[str, Any]
     optimized_state: dict[str, Any]
+    # Every run of both variants ended in the same state.
+    states_match: bool
+    runs: int = 1
 
     @property
     def query_reduction(self) -> float | None:
@@ -72,10 +80,6 @@ class Comparison:
         if self.optimized.duration <= 0:
             return None
         return self.naive.duration / self.optimized.duration
-
-    @property
-    def states_match(self) -> bool:
-        return self.naive_state == self.optimized_state
 
     @property
     def completed(self) -> bool:
@@ -99,6 +103,7 @@ class Comparison:
             "naive_status": self.naive.status,
             "optimized_status": self.optimized.status,
             "states_match": self.states_match,
+            "runs": self.runs,
         }
 
 
@@ -110,41 +115,60 @@ def compare(
     seed: int = DEFAULT_SEED,
     using: str = DEFAULT_DB_ALIAS,
     work_dir: Path,
+    repeat: int = 1,
     progress: Progress | None = None,
 ) -> Comparison:
-    """Run ``operation`` naive, then optimized, each from the same base state."""
+    """Run ``operation`` naive, then optimized, each from the same base state.
+
+    ``repeat`` times, taking turns; each variant's fastest run counts.
+    """
     workload = WORKLOADS[operation](
         size, seed=seed, chunk_size=chunk_size, using=using, work_dir=work_dir
     )
-    outcomes: list[tuple[BatchResult, dict[str, Any]]] = []
-    for service in (
+    services = (
         NaiveBulkOperationsService(using=using),
         OptimizedBulkOperationsService(using=using),
-    ):
-        workload.setup()
-        workload.prepare()
-        result = workload.run_service(service, chunk_size)
-        if progress is not None:
-            progress(
-                f"{operation} ({service.variant}): {result.written} written, "
-                f"{result.query_count} queries, {result.duration:.3f}s (log #{result.log_id})"
-            )
-        outcomes.append((result, workload.snapshot()))
-    (naive, naive_state), (optimized, optimized_state) = outcomes
-    return Comparison(operation, size, naive, optimized, naive_state, optimized_state)
+    )
+    runs: list[list[tuple[BatchResult, dict[str, Any]]]] = [[], []]
+    for _ in range(repeat):
+        for service, outcomes in zip(services, runs, strict=True):
+            workload.setup()
+            workload.prepare()
+            result = workload.run_service(service, chunk_size)
+            if progress is not None:
+                progress(
+                    f"{operation} ({service.variant}): {result.written} written, "
+                    f"{result.query_count} queries, {result.duration:.3f}s "
+                    f"(log #{result.log_id})"
+                )
+            outcomes.append((result, workload.snapshot()))
+    (naive, naive_state), (optimized, optimized_state) = (
+        min(outcomes, key=lambda outcome: outcome[0].duration) for outcomes in runs
+    )
+    states = [state for outcomes in runs for _, state in outcomes]
+    return Comparison(
+        operation,
+        size,
+        naive,
+        optimized,
+        naive_state,
+        optimized_state,
+        states_match=all(state == states[0] for state in states),
+        runs=repeat,
+    )
 
 
 def run_benchmark(
-    operations: Sequence[str],
+    sizes: Mapping[str, int],
     *,
-    size: int,
     chunk_size: int,
     seed: int = DEFAULT_SEED,
     using: str = DEFAULT_DB_ALIAS,
     keep_data: bool = False,
+    repeat: int = 1,
     progress: Progress | None = None,
 ) -> list[Comparison]:
-    """Compare each operation; afterwards remove the namespace unless ``keep_data``.
+    """Compare each operation at its size; afterwards remove the namespace unless ``keep_data``.
 
     With ``keep_data`` the database is left as the last optimized run made
     it, to inspect; otherwise the demo shop shows no benchmark rows. The
@@ -159,9 +183,10 @@ def run_benchmark(
                 seed=seed,
                 using=using,
                 work_dir=Path(work_dir),
+                repeat=repeat,
                 progress=progress,
             )
-            for operation in operations
+            for operation, size in sizes.items()
         ]
     if not keep_data:
         reset_namespace(using)
@@ -170,7 +195,7 @@ def run_benchmark(
 
 # -- reports -------------------------------------------------------------------
 
-TITLE = "The write-up: the naive and the optimized service on the same rows"
+TITLE = "The naive and the optimized service on the same rows"
 
 COLUMNS = (
     "Operation",
@@ -220,9 +245,21 @@ def text_table(comparisons: Sequence[Comparison]) -> str:
 
 def markdown_report(comparisons: Sequence[Comparison], *, command_line: str) -> str:
     """A BENCHMARKS.md section: its head (``section_head``), then the table."""
+    runs = max((comparison.runs for comparison in comparisons), default=1)
+    method = (
+        [
+            f"Each time is the fastest of {runs} runs of its service, the two services "
+            "taking turns, every run from the same starting state.",
+            "",
+        ]
+        if runs > 1
+        else []
+    )
+    sizes = ", ".join(f"{c.records} {c.operation}" for c in comparisons)
     return "\n".join(
         [
-            *section_head(TITLE, command_line),
+            *section_head(f"{TITLE}: {sizes}", command_line),
+            *method,
             *markdown_table(COLUMNS, "l" + "r" * (len(COLUMNS) - 1), table_rows(comparisons)),
         ]
     )

@@ -19,7 +19,12 @@ from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark
 
 ALL = "all"
 SIZE_TOO_SMALL = "--size must be at least 1, not {value}"
+SIZE_NOT_UNDERSTOOD = (
+    "--size takes a number or sizes per operation such as views=100,orders=10, not {value!r}"
+)
+SIZES_WITH_OPERATION = "--size per operation already names the operations: leave out --operation"
 CHUNK_SIZE_TOO_SMALL = "--chunk-size must be at least 1, not {value}"
+REPEAT_TOO_SMALL = "--repeat must be at least 1, not {value}"
 STATES_DIFFER = "naive and optimized runs ended in different states: {operations}"
 ROWS_SKIPPED = "a run skipped rows, so the comparison is not like for like: {operations}"
 
@@ -36,9 +41,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--size",
-            type=int,
-            default=1000,
-            help="Rows (views, scores, products) or orders per operation (default: 1000).",
+            default="1000",
+            help="Rows (views, scores, products) or orders per operation (default: 1000); "
+            "or a size for each operation to run, such as views=100,scores=50,orders=10.",
         )
         parser.add_argument(
             "--operation",
@@ -61,6 +66,14 @@ class Command(BaseCommand):
             f"(default: {DEFAULT_SEED}).",
         )
         parser.add_argument(
+            "--repeat",
+            type=int,
+            default=1,
+            help="Run each service this many times, taking turns, every run from the same "
+            "starting state; the fastest run of each counts (default: 1). A few runs steady "
+            "the figures of small sizes, which take milliseconds.",
+        )
+        parser.add_argument(
             "--keep-data",
             action="store_true",
             help="Leave the benchmark rows as the last optimized run made them, to inspect.",
@@ -78,24 +91,27 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        size: int = options["size"]
-        if size < 1:
-            raise CommandError(SIZE_TOO_SMALL.format(value=size))
+        size: str = options["size"]
+        operation: str = options["operation"]
+        sizes = self.sizes(size, OPERATIONS if operation == ALL else (operation,))
+        if "=" in size and operation != ALL:
+            raise CommandError(SIZES_WITH_OPERATION)
         chunk_size: int = settings.BULK_CHUNK_SIZE
         if options["chunk_size"] is not None:
             chunk_size = options["chunk_size"]
             if chunk_size < 1:
                 raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=chunk_size))
+        repeat: int = options["repeat"]
+        if repeat < 1:
+            raise CommandError(REPEAT_TOO_SMALL.format(value=repeat))
         verbosity: int = options["verbosity"]
-        operation: str = options["operation"]
-        operations = OPERATIONS if operation == ALL else (operation,)
 
         comparisons = run_benchmark(
-            operations,
-            size=size,
+            sizes,
             chunk_size=chunk_size,
             seed=options["seed"],
             keep_data=options["keep_data"],
+            repeat=repeat,
             progress=self.stdout.write if verbosity >= 2 else None,
         )
 
@@ -105,12 +121,31 @@ class Command(BaseCommand):
         elif options["markdown"]:
             command_line = (
                 f"python manage.py test_bulk_performance --size {size} --operation {operation} "
-                f"--chunk-size {chunk_size} --seed {options['seed']}"
+                f"--chunk-size {chunk_size} --seed {options['seed']} --repeat {repeat}"
             )
             self.stdout.write(markdown_report(comparisons, command_line=command_line))
         elif verbosity >= 1:
             self.stdout.write(text_table(comparisons))
         self.check_fair(comparisons)
+
+    @staticmethod
+    def sizes(value: str, operations: tuple[str, ...]) -> dict[str, int]:
+        """Operation -> size, from ``--size``: one number for ``operations``, or ``name=N,...``."""
+        entries = [entry.partition("=") for entry in value.split(",")] if "=" in value else []
+        try:
+            sizes = (
+                {name.strip(): int(number) for name, _, number in entries}
+                if entries
+                else dict.fromkeys(operations, int(value))
+            )
+        except ValueError:
+            raise CommandError(SIZE_NOT_UNDERSTOOD.format(value=value)) from None
+        if not sizes.keys() <= set(OPERATIONS):
+            raise CommandError(SIZE_NOT_UNDERSTOOD.format(value=value))
+        for number in sizes.values():
+            if number < 1:
+                raise CommandError(SIZE_TOO_SMALL.format(value=number))
+        return sizes
 
     def check_fair(self, comparisons: list[Comparison]) -> None:
         """Fail (after printing) when the two variants did not do the same work."""
