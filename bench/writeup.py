@@ -55,7 +55,7 @@ def percent_less(naive: float, optimized: float) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
-    """One operation run naive then optimized on the same workload."""
+    """One operation run naive then optimized on the same workload; each one's fastest run."""
 
     operation: str
     records: int

@@ -135,9 +135,7 @@ def test_json_figures_are_those_of_the_logs():
 def test_markdown_has_command_line_database_date_and_a_row_per_operation():
     output = bench("--size", "10", "--chunk-size", "4", "--markdown")
 
-    assert output.startswith(
-        f"## {writeup.TITLE}: 10 views, 10 scores, 10 orders, 10 products\n"
-    )
+    assert output.startswith(f"## {writeup.TITLE}: 10 views, 10 scores, 10 orders, 10 products\n")
     assert f"Machine: {report.machine_description()}  " in output
     assert (
         "`python manage.py test_bulk_performance --size 10 --operation all --chunk-size 4 "
@@ -357,6 +355,7 @@ def test_the_command_fails_when_a_repeated_run_ends_differently(monkeypatch):
         (["--size", "ten"], "--size takes a number or sizes per operation"),
         (["--size", "views=1,refunds=2"], "--size takes a number or sizes per operation"),
         (["--size", "views=x"], "--size takes a number or sizes per operation"),
+        (["--size", "views=1,views=2"], "--size takes a number or sizes per operation"),
         (["--size", "views=4,orders=0"], "--size must be at least 1, not 0"),
         (["--size", "views=4", "--operation", "views"], "leave out --operation"),
         (["--json", "--markdown"], "not allowed with argument"),

@@ -93,9 +93,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         size: str = options["size"]
         operation: str = options["operation"]
-        sizes = self.sizes(size, OPERATIONS if operation == ALL else (operation,))
         if "=" in size and operation != ALL:
             raise CommandError(SIZES_WITH_OPERATION)
+        sizes = self.sizes(size, OPERATIONS if operation == ALL else (operation,))
         chunk_size: int = settings.BULK_CHUNK_SIZE
         if options["chunk_size"] is not None:
             chunk_size = options["chunk_size"]
@@ -140,7 +140,7 @@ class Command(BaseCommand):
             )
         except ValueError:
             raise CommandError(SIZE_NOT_UNDERSTOOD.format(value=value)) from None
-        if not sizes.keys() <= set(OPERATIONS):
+        if len(sizes) < len(entries) or not sizes.keys() <= set(OPERATIONS):
             raise CommandError(SIZE_NOT_UNDERSTOOD.format(value=value))
         for number in sizes.values():
             if number < 1:
