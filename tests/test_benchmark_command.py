@@ -102,6 +102,13 @@ def test_sizes_per_operation_run_those_operations_at_those_sizes():
     ]
 
 
+def test_call_command_takes_the_size_as_a_number():
+    out = StringIO()
+    call_command("test_bulk_performance", size=4, operation="views", json=True, stdout=out)
+
+    assert [entry["records"] for entry in json.loads(out.getvalue())] == [4]
+
+
 def test_json_has_the_figures_of_each_operation():
     figures = by_operation(bench_json("--size", "20"))
 

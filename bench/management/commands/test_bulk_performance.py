@@ -91,7 +91,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        size: str = options["size"]
+        size = str(options["size"])  # call_command may give it as a number
         operation: str = options["operation"]
         if "=" in size and operation != ALL:
             raise CommandError(SIZES_WITH_OPERATION)
