@@ -56,7 +56,7 @@ bench: venv
 		--markdown BENCHMARKS.section-2.md --json docs/bench-scale.json \
 		--chart docs/bench-throughput.svg --memory-chart docs/bench-memory.svg
 	REDIS_URL=$(BENCH_REDIS_URL) $(PY) manage.py bench_cache --keys 10000 --markdown > BENCHMARKS.section-3.md
-	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live \
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_live --repeat 3 \
 		--markdown BENCHMARKS.section-4.md --json docs/bench-live.json --chart docs/bench-live.svg
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) manage.py bench_submit --sizes 100000,1000000 \
 		--markdown BENCHMARKS.section-5.md

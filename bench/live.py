@@ -24,7 +24,7 @@ import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from functools import partial
 from pathlib import Path
@@ -439,16 +439,21 @@ class Players:
 
 @dataclass(slots=True)
 class Run:
-    """One timed run: an operation at one chunk setting (or its raw limit), and the live shop."""
+    """An operation at one chunk setting (or its raw limit), and the live shop beside it.
+
+    With ``--repeat`` the setting's runs are one ``Run``: the fastest one's
+    time, and the live transactions of all of them (``windows``) together.
+    """
 
     operation: str
     setting: str  # "default", a chunk size, or "raw"
     rows: int
     seconds: float | None = None
-    window: tuple[float, float] = (0.0, 0.0)
+    windows: list[tuple[float, float]] = field(default_factory=list)
     live: dict[str, Summary] = field(default_factory=dict)
     ratio: float | None = None  # rows/s divided by the raw limit's
     error: str = ""
+    runs: int = 1
 
     @property
     def rows_per_second(self) -> float | None:
@@ -456,7 +461,7 @@ class Run:
 
     def as_dict(self) -> dict[str, Any]:
         data = {**asdict(self), "rows_per_second": self.rows_per_second}
-        del data["window"]
+        del data["windows"]
         return data
 
 
@@ -496,7 +501,10 @@ def chunk_size_of(setting: Chunk, operation: str) -> int | None:
 def timed_run(
     workload: Workload, hot: Hot, setting: str, call: Callable[[], Any], report: LiveReport
 ) -> Run:
-    """Reset, the workload's base and input (not timed), then ``call`` alone, timed."""
+    """Reset, the workload's base and input (not timed), then ``call`` alone, timed.
+
+    A failure is reported in ``problems``; the run has no time then.
+    """
     run = Run(workload.name, setting, workload.size)
     reset(workload.using, hot)
     with transaction.atomic(using=workload.using):
@@ -512,11 +520,34 @@ def timed_run(
         report.problems.append(
             RUN_FAILED.format(operation=run.operation, setting=setting, error=exc)
         )
-    run.window = (started, time.monotonic())
+    ended = time.monotonic()
+    run.windows = [(started, ended)]
     if not run.error:
-        run.seconds = run.window[1] - started
-    report.runs.append(run)
+        run.seconds = ended - started
     return run
+
+
+def fastest(tries: Sequence[Run]) -> Run:
+    """A setting's runs as one: the fastest one's time, every one's window and the first error."""
+    timed = [run for run in tries if run.seconds is not None]
+    best = min(timed, key=lambda run: run.seconds or 0.0) if timed else tries[0]
+    return replace(
+        best,
+        windows=[window for run in tries for window in run.windows],
+        error=next((run.error for run in tries if run.error), ""),
+        runs=len(tries),
+    )
+
+
+def live_summary(samples: Samples, windows: Sequence[tuple[float, float]]) -> Summary:
+    """The transactions started in any of ``windows``, summarized together."""
+    latencies: list[float] = []
+    failures = 0
+    for window in windows:
+        found, failed = samples.between(*window)
+        latencies += found
+        failures += failed
+    return summarize(latencies, failures)
 
 
 def run_live_bench(
@@ -528,13 +559,16 @@ def run_live_bench(
     intervals: dict[str, float] | None = None,
     seed: int,
     work_dir: Path,
+    repeat: int = 1,
     using: str = DEFAULT_DB_ALIAS,
     progress: Callable[[str], None] | None = None,
 ) -> LiveReport:
     """Idle first, then per operation its raw limit and each chunk setting, players running.
 
-    The namespace is emptied before and after. A run that fails is reported in
-    ``problems`` and the others still run.
+    With ``repeat``, the raw limit and the settings run that many times,
+    taking turns (``fastest``): a machine whose speed drifts then sways every
+    setting alike. The namespace is emptied before and after. A run that fails
+    is reported in ``problems`` and the others still run.
     """
     sizes = {name: sizes_at(scale)[name] for name in operations}
     report = LiveReport(list(operations), sizes, [RAW, *map(setting_label, chunks)])
@@ -548,17 +582,16 @@ def run_live_bench(
             idle_window = (idle, time.monotonic())
             for name in operations:
                 workload = OPERATIONS[name](sizes[name], seed=seed, using=using, work_dir=work_dir)
-                runs = [timed_run(workload, hot, RAW, workload.run_limit, report)]
-                runs += [
-                    timed_run(
-                        workload,
-                        hot,
-                        setting_label(chunk),
-                        partial(workload.run_bulk, chunk_size_of(chunk, name)),
-                        report,
-                    )
+                calls = {RAW: workload.run_limit} | {
+                    setting_label(chunk): partial(workload.run_bulk, chunk_size_of(chunk, name))
                     for chunk in chunks
-                ]
+                }
+                tries: dict[str, list[Run]] = {setting: [] for setting in calls}
+                for _ in range(repeat):
+                    for setting, call in calls.items():
+                        tries[setting].append(timed_run(workload, hot, setting, call, report))
+                runs = [fastest(found) for found in tries.values()]
+                report.runs += runs
                 if progress is not None:
                     for run in runs:
                         rate = run.error or f"{run.rows_per_second:,.0f} {workload.unit}/s"
@@ -566,9 +599,9 @@ def run_live_bench(
             samples = players.stop()
     finally:
         reset_namespace(using)
-    report.idle = {kind: summarize(*found.between(*idle_window)) for kind, found in samples.items()}
+    report.idle = {kind: live_summary(found, [idle_window]) for kind, found in samples.items()}
     for run in report.runs:
-        run.live = {kind: summarize(*found.between(*run.window)) for kind, found in samples.items()}
+        run.live = {kind: live_summary(found, run.windows) for kind, found in samples.items()}
     limits = {run.operation: run for run in report.runs if run.setting == RAW}
     for run in report.runs:
         limit = limits.get(run.operation)
@@ -673,6 +706,13 @@ def markdown_report(report: LiveReport, *, command_line: str, chart: str | None 
         "started during the run; *idle* is before any bulk run. Method: docs/benchmarks.md.",
         "",
     ]
+    repeat = max((run.runs for run in report.runs), default=1)
+    if repeat > 1:
+        lines += [
+            f"Each setting ran {repeat} times, an operation's settings taking turns: *Time* "
+            "and *Rows/s* are its fastest run's, the latencies those of all its runs together.",
+            "",
+        ]
     if chart:
         lines += [f"![Live latency during bulk runs]({chart})", ""]
     targets = target_rows(report)

@@ -75,6 +75,32 @@ def test_samples_between_takes_the_transactions_started_in_the_window():
     assert samples.between(5.0, 6.0) == ([], 0)
 
 
+def test_live_summary_pools_the_transactions_of_every_window():
+    samples = Samples(
+        starts=[1.0, 2.0, 3.0, 4.0, 5.0],
+        latencies=[0.001, 0.002, 0.003, 0.004, 0.005],
+        failed=[False, True, False, False, True],
+    )
+
+    summary = live.live_summary(samples, [(1.0, 2.0), (4.0, 5.0)])
+
+    assert (summary.count, summary.failures, summary.max_ms) == (4, 2, pytest.approx(5.0))
+
+
+def test_fastest_takes_the_quickest_time_every_window_and_the_first_error():
+    tries = [
+        live.Run("views", "default", 10, seconds=3.0, windows=[(0.0, 3.0)]),
+        live.Run("views", "default", 10, windows=[(3.0, 4.0)], error="lock timeout"),
+        live.Run("views", "default", 10, seconds=2.0, windows=[(4.0, 6.0)]),
+    ]
+
+    run = live.fastest(tries)
+
+    assert run.seconds == 2.0 and run.runs == 3 and run.error == "lock timeout"
+    assert run.windows == [(0.0, 3.0), (3.0, 4.0), (4.0, 6.0)]
+    assert live.fastest(tries[1:2]).seconds is None
+
+
 # -- arguments -----------------------------------------------------------------------------
 
 
@@ -86,6 +112,7 @@ def test_samples_between_takes_the_transactions_started_in_the_window():
         (["--chunks", "big"], "not 'big'"),
         (["--scale", "0"], "--scale must be more than 0, not 0.0"),
         (["--idle-seconds", "-1"], "--idle-seconds must be more than 0"),
+        (["--repeat", "0"], "--repeat must be more than 0, not 0"),
     ],
 )
 def test_bad_arguments_are_command_errors(args, message):
@@ -248,3 +275,22 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
     root = ET.fromstring(paths["svg"].read_text())
     assert root.tag.endswith("svg")
     assert not Product.objects.filter(sku__startswith=SKU_PREFIX).exists()
+
+
+@postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_repeat_runs_each_setting_in_turn_and_reports_it_once(tmp_path):
+    paths = {name: tmp_path / f"live.{name}" for name in ("md", "json")}
+    run(
+        *("--operations", "views", "--chunks", "default", "--scale", "0.001"),
+        *("--idle-seconds", "0.3", "--repeat", "2"),
+        *("--markdown", str(paths["md"]), "--json", str(paths["json"])),
+    )
+
+    report = json.loads(paths["json"].read_text())
+    assert [(r["setting"], r["runs"]) for r in report["runs"]] == [("raw", 2), ("default", 2)]
+    assert report["problems"] == []
+    markdown = paths["md"].read_text()
+    assert "--repeat 2`" in markdown
+    assert "Each setting ran 2 times" in markdown
+    assert markdown.count("\n| views | ") == 2

@@ -103,6 +103,13 @@ class Command(BaseCommand):
             default=DEFAULT_SEED,
             help=f"Seed of the generated rows and the players' choices (default: {DEFAULT_SEED}).",
         )
+        parser.add_argument(
+            "--repeat",
+            type=int,
+            default=1,
+            help="Run the raw limit and each setting this many times, taking turns; the "
+            "fastest run's time counts and the latencies of all runs are pooled (default: 1).",
+        )
         parser.add_argument("--markdown", type=Path, help="Write the Markdown report here.")
         parser.add_argument("--json", type=Path, help="Write every run's figures as JSON here.")
         parser.add_argument(
@@ -112,7 +119,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         operations = parse_operations(options["operations"])
         chunks = parse_chunks(options["chunks"])
-        for option in ("scale", "idle_seconds"):
+        for option in ("scale", "idle_seconds", "repeat"):
             if options[option] <= 0:
                 name = "--" + option.replace("_", "-")
                 raise CommandError(NOT_POSITIVE.format(option=name, value=options[option]))
@@ -126,12 +133,14 @@ class Command(BaseCommand):
                 idle_seconds=options["idle_seconds"],
                 seed=options["seed"],
                 work_dir=Path(work_dir),
+                repeat=options["repeat"],
                 progress=progress,
             )
         command_line = (
             f"python manage.py bench_live --operations {','.join(operations)} "
             f"--scale {options['scale']:g} --chunks {','.join(map(live.setting_label, chunks))} "
-            f"--idle-seconds {options['idle_seconds']:g} --seed {options['seed']}"
+            f"--idle-seconds {options['idle_seconds']:g} --seed {options['seed']} "
+            f"--repeat {options['repeat']}"
         )
         self.write_outputs(report, options, command_line)
         if report.problems:
