@@ -781,7 +781,7 @@ def latency_chart(report: LiveReport) -> str:
         groups,
         series,
         title="Live transaction latency during bulk runs (PostgreSQL)",
-        y_label="ms (log scale)",
+        y_label="ms",
         log_scale=True,
         width=max(720, 112 * len(groups) + 120),
         height=400,

@@ -612,7 +612,7 @@ def throughput_chart(report: ScaleReport) -> str:
         groups,
         series,
         title="Throughput by strategy, workload and size (PostgreSQL)",
-        y_label="rows/s (log scale)",
+        y_label="rows/s",
         log_scale=True,
         width=max(720, 100 * len(groups) + 120),
         height=420,

@@ -274,6 +274,7 @@ def test_command_reports_every_run_beside_the_live_players(tmp_path):
     assert "\n| idle | " in markdown
     root = ET.fromstring(paths["svg"].read_text())
     assert root.tag.endswith("svg")
+    assert ">ms (log scale)</text>" in paths["svg"].read_text()
     assert not Product.objects.filter(sku__startswith=SKU_PREFIX).exists()
 
 

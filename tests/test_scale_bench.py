@@ -241,6 +241,7 @@ def test_command_writes_well_formed_outputs(tmp_path):
         root = ET.fromstring(svg.read_text())
         assert root.tag == "{http://www.w3.org/2000/svg}svg"
         assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 6
+    assert ">rows/s (log scale)</text>" in chart.read_text()
 
 
 def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
