@@ -112,7 +112,7 @@ def test_fastest_takes_the_quickest_time_every_window_and_the_first_error():
         (["--chunks", "big"], "not 'big'"),
         (["--scale", "0"], "--scale must be more than 0, not 0.0"),
         (["--idle-seconds", "-1"], "--idle-seconds must be more than 0"),
-        (["--repeat", "0"], "--repeat must be more than 0, not 0"),
+        (["--repeat", "0"], "--repeat: must be at least 1, not 0"),
     ],
 )
 def test_bad_arguments_are_command_errors(args, message):

@@ -357,7 +357,7 @@ def test_the_command_fails_when_a_repeated_run_ends_differently(monkeypatch):
         (["--size", "0"], "--size must be at least 1, not 0"),
         (["--size", "-5"], "--size must be at least 1, not -5"),
         (["--chunk-size", "0"], "--chunk-size must be at least 1, not 0"),
-        (["--repeat", "0"], "--repeat must be at least 1, not 0"),
+        (["--repeat", "0"], "--repeat: must be at least 1, not 0"),
         (["--operation", "refunds"], "invalid choice: 'refunds'"),
         (["--size", "ten"], "--size takes a number or sizes per operation"),
         (["--size", "views=1,refunds=2"], "--size takes a number or sizes per operation"),

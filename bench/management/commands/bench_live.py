@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bench import live
 from bench.namespace import DEFAULT_SEED, require_postgresql
+from common.cli import positive_int
 
 ALL = "all"
 NEEDS_POSTGRESQL = (
@@ -105,7 +106,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--repeat",
-            type=int,
+            type=positive_int,
             default=1,
             help="Run the raw limit and each setting this many times, taking turns; the "
             "fastest run's time counts and the latencies of all runs are pooled (default: 1).",
@@ -119,7 +120,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         operations = parse_operations(options["operations"])
         chunks = parse_chunks(options["chunks"])
-        for option in ("scale", "idle_seconds", "repeat"):
+        for option in ("scale", "idle_seconds"):
             if options[option] <= 0:
                 name = "--" + option.replace("_", "-")
                 raise CommandError(NOT_POSITIVE.format(option=name, value=options[option]))

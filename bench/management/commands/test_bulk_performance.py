@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bench.namespace import DEFAULT_SEED
 from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark, text_table
+from common.cli import positive_int
 
 ALL = "all"
 SIZE_TOO_SMALL = "--size must be at least 1, not {value}"
@@ -24,7 +25,6 @@ SIZE_NOT_UNDERSTOOD = (
 )
 SIZES_WITH_OPERATION = "--size per operation already names the operations: leave out --operation"
 CHUNK_SIZE_TOO_SMALL = "--chunk-size must be at least 1, not {value}"
-REPEAT_TOO_SMALL = "--repeat must be at least 1, not {value}"
 STATES_DIFFER = "naive and optimized runs ended in different states: {operations}"
 ROWS_SKIPPED = "a run skipped rows, so the comparison is not like for like: {operations}"
 
@@ -67,7 +67,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--repeat",
-            type=int,
+            type=positive_int,
             default=1,
             help="Run each service this many times, taking turns, every run from the same "
             "starting state; the fastest run of each counts (default: 1). A few runs steady "
@@ -102,8 +102,6 @@ class Command(BaseCommand):
             if chunk_size < 1:
                 raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=chunk_size))
         repeat: int = options["repeat"]
-        if repeat < 1:
-            raise CommandError(REPEAT_TOO_SMALL.format(value=repeat))
         verbosity: int = options["verbosity"]
 
         comparisons = run_benchmark(
