@@ -50,6 +50,7 @@ from psycopg import sql
 from batching.engine import BatchResult, chunked
 from batching.models import BatchProcessingLog
 from batching.postgres import array_type, column, copy_rows, execute, model_field
+from batching.readers import RowStream
 from bench.namespace import (
     CATEGORY_PREFIX,
     DEFAULT_SEED,
@@ -73,7 +74,6 @@ from bench.namespace import (
 )
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
-from products.readers import RowStream
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
 from products.services.base import BulkOperationsService
 

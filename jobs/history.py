@@ -3,7 +3,7 @@
 What is purged, "old" meaning finished (and started) before the cutoff:
 
 * **jobs** that completed (or completed with rows skipped), with their
-  partitions and the partitions' input rows;
+  partitions and the partitions' input records and keys;
 * **batch logs** that completed (or completed with rows skipped) and that no
   partition of a kept job refers to;
 * **task results** of ``django_tasks_db`` that finished (successful or
@@ -41,7 +41,7 @@ from django.db import models, transaction
 from django.db.models import Exists, OuterRef
 
 from batching.models import BatchProcessingLog
-from jobs.models import Job, JobPartition, StagedRow, Status
+from jobs.models import Job, JobPartition, StagedKey, StagedRecord, Status
 
 LogStatus = BatchProcessingLog.Status
 
@@ -65,9 +65,14 @@ def old_jobs(cutoff: datetime) -> models.QuerySet[Job]:
     return Job.objects.filter(status__in=DONE_JOBS, created_at__lt=cutoff, finished_at__lt=cutoff)
 
 
-def old_staged_rows(cutoff: datetime) -> models.QuerySet[StagedRow]:
+def old_staged_records(cutoff: datetime) -> models.QuerySet[StagedRecord]:
     # A finished partition deletes its own; what is left of a purged job goes here.
-    return StagedRow.objects.filter(job__in=old_jobs(cutoff))
+    return StagedRecord.objects.filter(job__in=old_jobs(cutoff))
+
+
+def old_staged_keys(cutoff: datetime) -> models.QuerySet[StagedKey]:
+    # A job that ends with nothing to resume deletes its own; the rest go here.
+    return StagedKey.objects.filter(job__in=old_jobs(cutoff))
 
 
 def old_partitions(cutoff: datetime) -> models.QuerySet[JobPartition]:
@@ -93,7 +98,8 @@ def old_task_results(cutoff: datetime) -> models.QuerySet:
 def steps() -> list[Step]:
     """The kinds of history in the order they are deleted (referrers first)."""
     found = [
-        Step("staged input rows", old_staged_rows),
+        Step("staged input records", old_staged_records),
+        Step("staged input keys", old_staged_keys),
         Step("job partitions", old_partitions),
         Step("jobs", old_jobs),
         Step("batch logs", old_logs),

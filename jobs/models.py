@@ -12,11 +12,11 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models import Prefetch
 
 from batching.models import BatchProcessingLog
+from batching.readers import JSONL
 
 
 class Status(models.TextChoices):
@@ -68,6 +68,9 @@ class Job(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # How its staged records are parsed (``batching.readers.parse_record``).
+    input_format = models.CharField(max_length=8, default=JSONL)
+    columns = models.JSONField(null=True, blank=True)
 
     objects = JobQuerySet.as_manager()
 
@@ -135,7 +138,7 @@ class JobPartition(models.Model):
     """A contiguous slice of a job's input, run as one resumable batch run.
 
     The slice is named, not copied: the staged rows numbered ``start`` to
-    ``start + size - 1`` (``StagedRow``). ``worker``, ``claimed_at`` and the
+    ``start + size - 1`` (``StagedRecord``). ``worker``, ``claimed_at`` and the
     log's heartbeat tell whether the partition's worker is alive (see
     ``jobs.tasks.reap_stale_partitions``).
     """
@@ -153,6 +156,8 @@ class JobPartition(models.Model):
         BatchProcessingLog, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     attempts = models.PositiveIntegerField(default=0)
+    # Its records' keys are staged (``jobs.staging.key_partitions``).
+    keyed = models.BooleanField(default=False)
     worker = models.CharField(max_length=128, blank=True)
     queued_at = models.DateTimeField()
     claimed_at = models.DateTimeField(null=True, blank=True)
@@ -192,35 +197,53 @@ class JobPartition(models.Model):
         ]
 
 
-class StagedRow(models.Model):
-    """One row of a job's input, staged once when the job is submitted.
+class StagedRecord(models.Model):
+    """One record of a job's input, staged once, as it was read, when the job is submitted.
 
-    ``number`` is the row's index in the whole input; a partition reads its
-    range of numbers. ``key`` is the operation's key of the row (JSON text;
-    empty when the operation has no key or the row does not parse) and
-    ``first``, set on a row whose key came before, the number where it first
-    came: a key repeated across partitions is reported as one run would.
-    ``refused`` holds the error of a row refused before staging (then ``data``
-    is empty). A partition's rows are deleted when it ends completed or
-    partial; a failed one keeps them, so it can be resumed.
+    ``number`` is the record's index in the whole input; a partition reads its
+    range of numbers. ``record`` is its text, parsed by the worker that runs
+    it (``Job.input_format``). ``refused`` holds the error of a record refused
+    before staging (a line its reader could not read; ``jobs.staging.Refused``):
+    the run reports it. A partition's records are deleted when it ends
+    completed or partial; a failed one keeps them, so it can be resumed.
     """
 
-    id = models.BigAutoField(primary_key=True)
-    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="+", db_index=False)
+    pk = models.CompositePrimaryKey("job_id", "number")
+    # No foreign key constraint: PostgreSQL would check each staged record
+    # against the job's row at COMMIT, which took longer than the COPY itself.
+    # Django still deletes them with their job; ``purge_history`` sweeps them.
+    job = models.ForeignKey(
+        Job, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
     number = models.PositiveBigIntegerField()
-    # The row as given; dates and decimals are stored as ISO text.
-    data = models.JSONField(encoder=DjangoJSONEncoder)
-    key = models.TextField(blank=True)
-    first = models.PositiveBigIntegerField(null=True, blank=True)
-    # The error of a row its submitter refused before staging (a line its
-    # reader could not parse; ``jobs.staging.Refused``): the run reports it.
+    record = models.TextField(blank=True)
     refused = models.JSONField(null=True, blank=True)
 
+    def __str__(self) -> str:
+        return f"record {self.number} of job {self.job_id}"
+
+
+class StagedKey(models.Model):
+    """The operation's key of one staged record (JSON text), staged by the workers.
+
+    A record that does not parse has none. Whether a key came earlier in the
+    input is read through the (job, key, number) index; see ``jobs.staging``.
+    The keys stay until the job ends with nothing left to resume.
+    """
+
+    pk = models.CompositePrimaryKey("job_id", "number")
+    # No foreign key constraint, as for ``StagedRecord``.
+    job = models.ForeignKey(
+        Job, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
+    )
+    number = models.PositiveBigIntegerField()
+    key = models.TextField()
+
     class Meta:
-        constraints = [
-            # A partition reads its range of numbers through this index.
-            models.UniqueConstraint(fields=["job", "number"], name="jobstaged_job_number_uniq"),
+        indexes = [
+            # "Where did this key first come?": an index-only probe per record.
+            models.Index(fields=["job", "key", "number"], name="jobkey_job_key_number_idx"),
         ]
 
     def __str__(self) -> str:
-        return f"row {self.number} of job {self.job_id}"
+        return f"key of record {self.number} of job {self.job_id}"

@@ -28,9 +28,9 @@ from django.db.models import Q
 from django.utils import timezone
 
 from batching.engine import BatchResult, DryRun, dry_run, run_batch, run_log_of
-from batching.registry import operation_class, operation_names
+from batching.registry import operation_names
 from jobs.models import Job, JobPartition, Status
-from jobs.staging import stage, staged_input
+from jobs.staging import Records, stage, staged_input
 from jobs.tasks import enqueue_partition, partition_operation, schedule_watch
 
 UNKNOWN_OPERATION = "unknown operation {operation!r}: expected one of {choices}"
@@ -44,13 +44,14 @@ NO_WORKER = (
 )
 
 
-def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -> Job:
+def submit_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any = None) -> Job:
     """Stage ``rows`` as a job of ``operation`` and enqueue its partitions.
 
     Args:
         operation: the name of a registered operation (``batching.registry``).
-        rows: the input, as the service's method takes it (dicts), in any
-            iterable: it is read once, in a stream (``jobs.staging``).
+        rows: the input: rows as the service's method takes them (dicts), in
+            any iterable, or a file's records (``batching.readers.RecordStream``). It
+            is read once, in a stream, and staged unparsed (``jobs.staging``).
         created_by: the user who submitted it (an anonymous user counts as none).
 
     Raises:
@@ -58,7 +59,7 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
             runs report them, indexed in the whole input.
 
     Keys repeated in the input (sku, order reference, score key) are found
-    while staging, across partitions, and reported as duplicates like a
+    by the workers, across partitions, and reported as duplicates like a
     single run would; everything else is validated by the runs.
     """
     with transaction.atomic():
@@ -67,7 +68,7 @@ def submit_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -
     return job
 
 
-def hold_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -> Job:
+def hold_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any = None) -> Job:
     """Stage ``rows`` as a held job of ``operation``: nothing is queued yet.
 
     The arguments and the staging are ``submit_job``'s. The job waits for
@@ -78,7 +79,9 @@ def hold_job(*, operation: str, rows: Iterable[Any], created_by: Any = None) -> 
         return _staged_job(operation, rows, created_by, Status.HELD)
 
 
-def _staged_job(operation: str, rows: Iterable[Any], created_by: Any, status: Status) -> Job:
+def _staged_job(
+    operation: str, rows: Iterable[Any] | Records, created_by: Any, status: Status
+) -> Job:
     """Create the job and stage its input (two queries and the staging); saves ``rows_total``."""
     names = operation_names()
     if operation not in names:
@@ -92,11 +95,11 @@ def _staged_job(operation: str, rows: Iterable[Any], created_by: Any, status: St
         created_by=created_by,
         status=status,
     )
-    job.rows_total = stage(job, operation_class(operation)(), rows)
+    job.rows_total = stage(job, rows)
     if job.status != Status.HELD and not job.rows_total:
         # Nothing to run: an empty job is complete at once.
         job.status, job.finished_at = Status.COMPLETED, timezone.now()
-    job.save(update_fields=["rows_total", "status", "finished_at"])
+    job.save(update_fields=["rows_total", "status", "finished_at", "input_format", "columns"])
     return job
 
 
@@ -150,9 +153,7 @@ def check_job(job: Job, *, rows: int) -> DryRun:
     """
     size = settings.BULK_CHUNK_SIZE
     stop = min(rows, job.rows_total)
-    chunks = (
-        staged_input(job.pk, start, min(start + size, stop)) for start in range(0, stop, size)
-    )
+    chunks = (staged_input(job, start, min(start + size, stop)) for start in range(0, stop, size))
     return dry_run(
         partition_operation(job.operation)(),
         (row for chunk in chunks for row in chunk),
@@ -174,7 +175,7 @@ def run_held_job(job: Job) -> BatchResult:
     """
     if job.status != Status.HELD:
         raise ValueError(NOT_HELD.format(job_id=job.pk))
-    rows = staged_input(job.pk, 0, job.rows_total)
+    rows = staged_input(job, 0, job.rows_total)
     try:
         result = run_batch(partition_operation(job.operation)(), rows)
     except BaseException as exc:

@@ -1,44 +1,49 @@
 """A job's input, staged once in the database, read by its partitions by range.
 
-The submitting process streams the input through: each row is written as it
-is read (COPY on PostgreSQL, batches of ``STAGE_BATCH`` elsewhere), so its
-memory stays flat whatever the input's size, and the partitions name ranges
-of row numbers instead of carrying copies. Every worker that reaches the
-database reaches the input.
+The submitting process only splits the input into records and COPYs them as
+they are (``StagedRecord``; batches of ``STAGE_BATCH`` rows off PostgreSQL):
+a file's records as its reader splits them (``batching.readers.RecordStream``),
+rows given as dicts as their JSON text. Nothing is parsed there, so staging
+runs at the speed of COPY and the process's memory stays flat whatever the
+input's size. The partitions name ranges of record numbers, and the worker
+that runs one parses its records (``parse_record``).
 
-Keys repeated across partitions are found here too: each row's key (the
-operation's own ``prepare`` and ``key``) is staged beside it, and one window
-query afterwards marks every row whose key came before with the number where
-it first came. Rows that fail ``prepare`` are staged with an empty key; their run
-reports them.
+Keys repeated across partitions are found by the workers. Before its run, a
+partition's worker stages the key of each of its records (``StagedKey``: the
+operation's own ``prepare`` and ``key``), then that of every earlier
+partition not keyed yet, each partition under its row's lock, so it never
+waits for a worker that is not there. Its run then reads, for each record,
+the first number where its key came (one index probe): a record whose key
+came earlier stands in as a ``RepeatedKey``, reported as one run would.
 
-A submitter that knows a row is bad before staging it (a line its reader
-could not parse, which is no JSON to stage) passes a ``Refused`` in its
-place: its error is staged, and the run reports it at the row's index like
-any invalid row, so the indexes of the staged input are those of the input.
-A row holding a NUL character, which PostgreSQL's ``jsonb`` cannot store, is
-staged refused too, with the error the operation's ``prepare`` gives it (the
-one its run would report), on every database alike.
+A record that cannot be staged as text is refused instead (``Refused``): a
+line its reader could not read, or one holding a NUL character, which
+PostgreSQL's text cannot store (with the error the operation's ``prepare``
+gives it, the one its run would report, on every database alike). The run
+reports it at the record's index, so the indexes of the staged input are
+those of the input.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db.models import F, Window
-from django.db.models.functions import FirstValue
-from psycopg.types.json import Jsonb
+from django.db import transaction
+from django.db.models import OuterRef, Subquery
 
-from batching.engine import BatchOperation, RowInvalid, chunked
-from batching.postgres import copy_rows, is_postgresql
-from jobs.models import Job, JobPartition, StagedRow
+from batching.engine import BatchOperation, RowInvalid
+from batching.postgres import copy_escape, copy_rows, copy_text, is_postgresql
+from batching.readers import JSONL, BadLine, parse_record
+from batching.registry import operation_class
+from jobs.models import Job, JobPartition, StagedKey, StagedRecord
 
 STAGE_BATCH = 5_000
-FIELDS = ("job", "number", "data", "key", "refused")
+FIELDS = ("job", "number", "record", "refused")
 # A NUL character in the JSON text of a row (an escaped backslash before
 # "u0000" is not one).
 NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -64,120 +69,260 @@ class Refused:
     code: str = "invalid"
 
 
-def stage(job: Job, op: BatchOperation, rows: Iterable[Any], *, using: str = "default") -> int:
-    """Stage ``rows`` as ``job``'s input, in a stream; return how many there were.
+@runtime_checkable
+class Records(Protocol):
+    """Records to stage as they are: a file's (``batching.readers.RecordStream``)."""
 
-    Runs inside the caller's transaction: a submit that fails stages nothing.
+    format: str
+    columns: list[str] | None
+
+    def batches(self) -> Iterator[list[Any]]:
+        """The records in order, in lists: text, or a ``BadLine`` or ``Refused``."""
+        ...
+
+
+class JsonRows:
+    """Rows given as dicts (an API batch, a test), staged as JSON Lines records."""
+
+    format = JSONL
+    columns: list[str] | None = None
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self.rows = rows
+
+    def batches(self) -> Iterator[list[Any]]:
+        # Each row is encoded as it comes: a batch holds text, not the rows.
+        batch: list[Any] = []
+        for row in self.rows:
+            batch.append(row if isinstance(row, Refused) else encode(row))
+            if len(batch) == STAGE_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") -> int:
+    """Stage ``rows`` (dicts, or a file's ``Records``) as ``job``'s input; return the count.
+
+    Sets the job's ``input_format`` and ``columns`` (unsaved). Runs inside the
+    caller's transaction: a submit that fails stages nothing.
     """
-    staged = _keyed(job, op, rows)
+    source = rows if isinstance(rows, Records) else JsonRows(rows)
+    job.input_format, job.columns = source.format, source.columns
+    batches = _stageable(job, source)
     if is_postgresql(using):
-        count = copy_rows(
-            StagedRow,
-            FIELDS,
-            (
-                # The row's JSON text is made once, by _keyed.
-                (job, number, Jsonb(text, dumps=str), key, refused and Jsonb(refused))
-                for job, number, _, text, key, refused in staged
-            ),
-            using=using,
+        blocks = (_copy_block(job.pk, *batch) for batch in batches)
+        return copy_text(StagedRecord, FIELDS, made_ahead(blocks), using=using)
+    count = 0
+    for start, batch, _ in batches:
+        StagedRecord.objects.using(using).bulk_create(
+            StagedRecord(job_id=job.pk, number=number, record=record, refused=refused)
+            for number, (record, refused) in enumerate(map(_columns, batch), start)
         )
-    else:
-        count = 0
-        queryset = StagedRow.objects.using(using)
-        for batch in chunked(staged, STAGE_BATCH):
-            queryset.bulk_create(
-                StagedRow(job_id=job_id, number=number, data=data, key=key, refused=refused)
-                for job_id, number, data, _, key, refused in batch
-            )
-            count += len(batch)
-    if op.key_field is not None:
-        mark_repeats(job, using=using)
+        count += len(batch)
     return count
 
 
-def _keyed(job: Job, op: BatchOperation, rows: Iterable[Any]) -> Iterator[tuple]:
-    """(job, number, data, its JSON text, key, refused) for each row."""
-    keyed = op.key_field is not None
-    job_id = job.pk
-    for number, raw in enumerate(rows):
-        text = "" if isinstance(raw, Refused) else encode(raw)
-        if "\\u0000" in text and NUL.search(text):
-            raw = _refusal(op, raw)
-        if isinstance(raw, Refused):
-            yield job_id, number, {}, "{}", "", asdict(raw)
-            continue
-        if not keyed:
-            key = ""
-        else:
-            try:
-                key = encode(op.key(op.prepare(raw)))
-            except RowInvalid:
-                key = ""  # staged without one: its run reports why
-        yield job_id, number, raw, text, key, None
+def made_ahead[T](items: Iterator[T]) -> Iterator[T]:
+    """``items``, each next one made in a helper thread while the caller uses this one.
+
+    COPY waits on the database while the next block of text is made: the
+    two overlap, and at most three blocks are held.
+    """
+    done: Any = object()
+    with ThreadPoolExecutor(1, "stage-ahead") as helper:
+        upcoming = helper.submit(next, items, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = helper.submit(next, items, done)
+            yield item
 
 
-def _refusal(op: BatchOperation, raw: Any) -> Refused:
-    """A row that cannot be staged as it is: refused with the error its run would report."""
+def _stageable(job: Job, source: Records) -> Iterator[tuple[int, list[str | Refused], bool]]:
+    """(first number, records, plain) for each batch of ``source``.
+
+    Plain: one-line texts with nothing COPY escapes and no NUL, the common
+    case, told by a few scans of the batch's text. Otherwise each record that
+    cannot be staged as text is refused (``_refused``).
+    """
+    start = 0
+    for batch in source.batches():
+        try:
+            body = "\n".join(batch)
+        except TypeError:  # a BadLine or Refused among the texts
+            body = "\\"
+        plain = body.count("\n") == len(batch) - 1 and not any(
+            character in body for character in "\\\t\r\x00"
+        )
+        if not plain:
+            batch = [_refused(job, record) or record for record in batch]
+        yield start, batch, plain
+        start += len(batch)
+
+
+def _columns(record: str | Refused) -> tuple[str, dict[str, str] | None]:
+    """(record, refused) as staged."""
+    if isinstance(record, Refused):
+        return "", asdict(record)
+    return record, None
+
+
+def _copy_block(job_id: Any, start: int, batch: list[str | Refused], plain: bool) -> str:
+    """The batch as lines of COPY's text format (``FIELDS``)."""
+    prefix = f"{job_id}\t"
+    if plain:
+        lines = enumerate(batch, start)
+        return "".join([f"{prefix}{number}\t{text}\t\\N\n" for number, text in lines])
+    escaped = []
+    for number, (record, refused) in enumerate(map(_columns, batch), start):
+        value = "\\N" if refused is None else copy_escape(encode(refused))
+        escaped.append(f"{prefix}{number}\t{copy_escape(record)}\t{value}\n")
+    return "".join(escaped)
+
+
+def _refused(job: Job, record: str | BadLine | Refused) -> Refused | None:
+    """Why a record cannot be staged as text; None if it can."""
+    if isinstance(record, Refused):
+        return record
+    if isinstance(record, BadLine):
+        error = record.error
+        return Refused(error.field, error.message, error.code)
+    if "\x00" not in record and not (job.input_format == JSONL and NUL.search(record)):
+        return None  # no NUL, or (JSON) an escaped backslash before "u0000"
+    row = parse_record(job.input_format, job.columns, record)
+    if isinstance(row, BadLine):
+        return _refused(job, row)
     try:
-        op.prepare(raw)
+        operation_class(job.operation)().prepare(row)
     except RowInvalid as exc:
         return Refused(exc.field, exc.message, exc.code)
     return Refused("row", NUL_IN_ROW)
 
 
-def mark_repeats(job: Job, *, using: str = "default") -> int:
-    """Set ``first`` on every staged row whose key came earlier; return how many.
+# -- keys, by the workers ----------------------------------------------------------------
 
-    One query sorts the keyed rows by key (a window over them); only the
-    repeats travel back, and they are updated in batches.
+
+def key_partitions(partition: JobPartition, *, using: str = "default") -> int:
+    """Stage the keys of ``partition``'s records, then of every earlier partition's
+    not keyed yet; return how many partitions this call keyed.
+
+    Each partition is keyed in its own transaction under its row's lock, so
+    of two workers keying one, the second waits for the first and finds it
+    keyed. Nothing to do for an operation without a key.
     """
-    rows = (
-        StagedRow.objects.using(using)
-        .filter(job=job)
-        .exclude(key="")
-        .annotate(
-            first_number=Window(FirstValue("number"), partition_by=[F("key")], order_by="number")
-        )
-        .filter(first_number__lt=F("number"))
-        .values_list("pk", "first_number")
+    job = partition.job
+    operation = operation_class(job.operation)()
+    if operation.key_field is None:
+        return 0
+    earlier = JobPartition.objects.using(using).filter(
+        job=job, number__lt=partition.number, keyed=False
     )
-    repeats = [StagedRow(pk=pk, first=first) for pk, first in rows.iterator(chunk_size=STAGE_BATCH)]
-    StagedRow.objects.using(using).bulk_update(repeats, ["first"], batch_size=STAGE_BATCH)
-    return len(repeats)
+    own = [] if partition.keyed else [partition.pk]
+    pending = [*own, *earlier.order_by("number").values_list("pk", flat=True)]
+    keyed = 0
+    for pk in pending:
+        with transaction.atomic(using=using):
+            locked = (
+                JobPartition.objects.using(using)
+                .select_for_update()
+                .filter(pk=pk, keyed=False)
+                .values_list("start", "size")
+                .first()
+            )
+            if locked is None:
+                continue  # keyed meanwhile, by its own worker or another
+            start, size = locked
+            _stage_keys(job, operation, start, start + size, using)
+            JobPartition.objects.using(using).filter(pk=pk).update(keyed=True)
+            keyed += 1
+    return keyed
 
 
-def staged_input(job_id: Any, start: int, stop: int) -> list[Any]:
-    """Rows ``start`` to ``stop - 1`` of a job's input, in order, as its runs take them.
-
-    One query. A row whose key came before stands in as a ``RepeatedKey``, a
-    refused one as its ``Refused`` (``jobs.tasks.partition_operation``
-    reports both).
-    """
-    rows = (
-        StagedRow.objects.filter(job=job_id, number__gte=start, number__lt=stop)
+def _stage_keys(job: Job, operation: BatchOperation, start: int, stop: int, using: str) -> None:
+    """Stage the keys of records ``start`` to ``stop - 1`` (one read, one write)."""
+    records = (
+        StagedRecord.objects.using(using)
+        .filter(job=job, number__gte=start, number__lt=stop, refused__isnull=True)
         .order_by("number")
-        .values_list("data", "first", "refused")
+        .values_list("number", "record")
     )
-    return [_as_input(data, first, refused) for data, first, refused in rows]
+    keys = []
+    for number, record in records.iterator(chunk_size=STAGE_BATCH):
+        row = parse_record(job.input_format, job.columns, record)
+        try:
+            key = operation.key(operation.prepare(row))
+        except RowInvalid:
+            continue  # no key: its run reports why
+        keys.append((job.pk, number, encode(key)))
+    if is_postgresql(using):
+        copy_rows(StagedKey, ("job", "number", "key"), keys, using=using)
+    else:
+        StagedKey.objects.using(using).bulk_create(
+            (StagedKey(job_id=job_id, number=number, key=key) for job_id, number, key in keys),
+            batch_size=STAGE_BATCH,
+        )
 
 
-def _as_input(data: Any, first: int | None, refused: dict[str, str] | None) -> Any:
+def discard_keys(job_id: Any, *, using: str = "default") -> int:
+    """Delete a job's staged keys (it ended with nothing to resume), a partition's
+    range at a time; return how many."""
+    deleted = 0
+    ranges = JobPartition.objects.using(using).filter(job=job_id).values_list("start", "size")
+    for start, size in ranges:
+        count, _ = (
+            StagedKey.objects.using(using)
+            .filter(job=job_id, number__gte=start, number__lt=start + size)
+            .delete()
+        )
+        deleted += count
+    return deleted
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def staged_input(job: Job, start: int, stop: int) -> list[Any]:
+    """Records ``start`` to ``stop - 1`` of a job's input, parsed, in order, as its runs take them.
+
+    One query. A row whose key came before (as far as keys are staged) stands
+    in as a ``RepeatedKey``, a refused one as its ``Refused``
+    (``jobs.tasks.partition_operation`` reports both).
+    """
+    key = StagedKey.objects.filter(job=OuterRef("job"), number=OuterRef("number")).values("key")
+    first = (
+        StagedKey.objects.filter(job=job.pk, key=OuterRef("key"), number__lt=OuterRef("number"))
+        .order_by("number")
+        .values("number")
+    )
+    rows = (
+        StagedRecord.objects.filter(job=job.pk, number__gte=start, number__lt=stop)
+        .annotate(key=Subquery(key[:1]))
+        .annotate(first=Subquery(first[:1]))
+        .order_by("number")
+        .values_list("record", "refused", "first")
+    )
+    return [_as_input(job, record, refused, first) for record, refused, first in rows]
+
+
+def _as_input(job: Job, record: str, refused: dict[str, str] | None, first: int | None) -> Any:
     if refused is not None:
         return Refused(**refused)
-    return data if first is None else RepeatedKey(first)
+    if first is not None:
+        return RepeatedKey(first)
+    return parse_record(job.input_format, job.columns, record)
 
 
 def partition_input(partition: JobPartition) -> Iterator[Any]:
     """The partition's rows (``staged_input``): one query, when the run first reads."""
-    yield from staged_input(partition.job_id, partition.start, partition.start + partition.size)
+    yield from staged_input(partition.job, partition.start, partition.start + partition.size)
 
 
 def discard(partition: JobPartition) -> int:
-    """Delete the partition's staged rows (it ended, never to run again); return how many.
+    """Delete the partition's staged records (it ended, never to run again); return how many.
 
     One DELETE of at most ``JOB_PARTITION_ROWS`` rows, in the caller's transaction.
     """
-    deleted, _ = StagedRow.objects.filter(
+    deleted, _ = StagedRecord.objects.filter(
         job=partition.job_id,
         number__gte=partition.start,
         number__lt=partition.start + partition.size,

@@ -16,6 +16,10 @@ in the same transaction as the chunk it describes, so a partition's rows land
 exactly once however often it is taken over. Its log's ``resume_count``
 therefore counts attempts.
 
+Before each attempt's run, the worker stages the keys its partition's
+repeats are found by (``jobs.staging.key_partitions``); a partition keyed
+once is not keyed again.
+
 Take-over does not depend on the task backend's own bookkeeping (a
 ``db_worker`` killed with SIGKILL leaves its task row "RUNNING" forever). A
 running partition is stale when its worker is on this host and its pid is gone,
@@ -63,7 +67,14 @@ from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
 from batching.models import BatchProcessingLog
 from batching.registry import operation_class
 from jobs.models import FINISHED, Job, JobPartition, Status
-from jobs.staging import Refused, RepeatedKey, discard, partition_input
+from jobs.staging import (
+    Refused,
+    RepeatedKey,
+    discard,
+    discard_keys,
+    key_partitions,
+    partition_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +138,7 @@ def run_partition(partition_id: int) -> dict[str, Any]:
     # A finished log: its worker died after the run ended, before the partition did.
     if status not in PARTITION_STATUS:
         try:
+            key_partitions(partition)
             status = run_batch(
                 partition_operation(partition.job.operation)(),
                 partition_input(partition),
@@ -227,6 +239,9 @@ def finish_partition(partition: JobPartition, log_status: str) -> None:
             job.status = job_status(statuses)
             job.finished_at = now
             job.save(update_fields=["status", "finished_at"])
+            if job.status in (Status.COMPLETED, Status.PARTIAL):
+                # Nothing will run again: its keys go (robust: the job's end stands).
+                transaction.on_commit(partial(discard_keys, job.pk), robust=True)
 
 
 def job_status(statuses: set[str]) -> str:

@@ -1,16 +1,16 @@
 """Imports uploaded in the admin: staged once, previewed without writing, confirmed.
 
 The upload is read once, in one streaming pass, as it is received
-(``RowStream`` over the uploaded file): each row goes straight into the
-staged input of a held job (``jobs.services.hold_job``), in the database,
-where every worker reaches it; a line the reader cannot parse is staged as a
-``Refused`` row carrying the reader's reason, so row indexes stay the file's.
-The reader's table of line numbers (``RowStream.line_map``: one entry per
+(``RecordStream`` over the uploaded file): each record goes straight, unparsed,
+into the staged input of a held job (``jobs.services.hold_job``), in the
+database, where every worker reaches it; a line the reader cannot read is
+staged refused with the reader's reason, so row indexes stay the file's.
+The reader's table of line numbers (``RecordStream.line_map``: one entry per
 blank line or multi-line record, none for a regular file) is kept to turn the
 indexes of errors into lines. Nothing else of the file is kept: the preview,
 the confirm and the result page read the staged rows or the runs' logs, never
 the file. The reader's limits (decompressed size, line length; see
-``products.readers``) and ``ADMIN_IMPORT_MAX_ROWS`` refuse a bad file during
+``batching.readers``) and ``ADMIN_IMPORT_MAX_ROWS`` refuse a bad file during
 that pass, as a form error, and its staging rolls back.
 
 The preview is a dry run of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` staged
@@ -61,6 +61,7 @@ from django.http import Http404
 
 from batching.engine import BatchResult, run_log_of
 from batching.models import BatchProcessingLog
+from batching.readers import InputTooLarge, ReaderError, RecordStream, detect_format, line_at
 from jobs.models import Job
 from jobs.services import (
     check_job,
@@ -70,8 +71,6 @@ from jobs.services import (
     release_job,
     run_held_job,
 )
-from jobs.staging import Refused
-from products.readers import BadLine, InputTooLarge, ReaderError, RowStream, detect_format, line_at
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class Staged:
     state: str = PREVIEW
     # The held job whose staged rows are the upload's; a background run's job.
     job_id: str | None = None
-    # RowStream.line_map() of the upload: row index -> line.
+    # RecordStream.line_map() of the upload: row index -> line.
     line_map: list[tuple[int, int]] = field(default_factory=list)
     preview: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
@@ -191,9 +190,9 @@ def stage(upload: UploadedFile, kind: str, user: Any) -> Staged:
         if upload.file is None:
             raise ReaderError("the upload has no file")
         upload.seek(0)
-        with RowStream(upload.file, name=staged.original_name) as stream:
-            job = hold_job(operation=kind, rows=admitted(stream), created_by=user)
-            staged.line_map = stream.line_map()
+        with RecordStream(upload.file, name=staged.original_name) as records:
+            job = hold_job(operation=kind, rows=Admitted(records), created_by=user)
+            staged.line_map = records.line_map()
         staged.job_id = str(job.pk)
         staged.preview = preview(staged, job)
         staged.save()
@@ -209,28 +208,26 @@ def stage(upload: UploadedFile, kind: str, user: Any) -> Staged:
     return staged
 
 
-def admitted(stream: RowStream) -> Iterator[Any]:
-    """The stream's rows as a job stages them; an unreadable line as a ``Refused`` row.
+class Admitted:
+    """The upload's records as a job stages them, refused past ``ADMIN_IMPORT_MAX_ROWS``."""
 
-    Raises:
-        ImportFileError: more rows than ``ADMIN_IMPORT_MAX_ROWS`` (the rest of
-            the file is then only counted, to say how many).
-    """
-    limit = settings.ADMIN_IMPORT_MAX_ROWS
-    for row in stream:
-        if stream.rows_yielded > limit:
-            rows = stream.rows_yielded + stream.count_rest()
-            raise ImportFileError(TOO_MANY_ROWS.format(rows=rows, limit=limit))
-        yield as_staged(row)
+    def __init__(self, records: RecordStream) -> None:
+        self.records = records
+        self.format, self.columns = records.format, records.columns
 
+    def batches(self) -> Iterator[list[Any]]:
+        """``RecordStream.batches``.
 
-def as_staged(row: Any) -> Any:
-    """A row as a job stages it: an unreadable line as a ``Refused`` row with the reader's
-    reason, so the job's run reports it at its index and row indexes stay the file's."""
-    if isinstance(row, BadLine):
-        error = row.error
-        return Refused(error.field, error.message, error.code)
-    return row
+        Raises:
+            ImportFileError: more rows than ``ADMIN_IMPORT_MAX_ROWS`` (the rest
+                of the file is then only counted, to say how many).
+        """
+        limit = settings.ADMIN_IMPORT_MAX_ROWS
+        for batch in self.records.batches():
+            if self.records.records_read > limit:
+                rows = self.records.records_read + self.records.count_rest()
+                raise ImportFileError(TOO_MANY_ROWS.format(rows=rows, limit=limit))
+            yield batch
 
 
 def load(token: str, user_id: int) -> Staged:

@@ -19,14 +19,15 @@ from django.http import Http404
 from django.urls import reverse
 from django.utils import timezone
 
+from batching import readers
 from batching.models import BatchProcessingLog
 from batching.postgres import fast_paths
+from batching.readers import RecordStream, RowStream
 from jobs import services as job_services
-from jobs.models import Job, StagedRow
+from jobs.models import Job, StagedRecord
 from jobs.tasks import run_partition
 from products import imports
 from products.models import Product, ProductView
-from products.readers import RowStream
 from products.services import rows as r
 from products.services.optimized import OptimizedBulkOperationsService
 from tests.factories import (
@@ -212,7 +213,7 @@ def test_more_rows_than_an_admin_import_takes_is_a_form_error(client, staff, set
         response.content.decode()
     )
     assert staged_files(settings) == []
-    assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+    assert (Job.objects.count(), StagedRecord.objects.count()) == (0, 0)
 
 
 def test_a_file_without_header_is_a_form_error(client, staff):
@@ -222,9 +223,9 @@ def test_a_file_without_header_is_a_form_error(client, staff):
 
 
 # An upload's queries before its preview: the sweep's look for abandoned held
-# jobs; then SAVEPOINT, the job, its rows (one COPY or INSERT), the window
-# query for repeated keys, the job's total, RELEASE.
-STAGING_QUERIES = 7
+# jobs; then SAVEPOINT, the job, its records (one COPY or INSERT), the job's
+# total, RELEASE. Nothing is parsed, so no operation adds any.
+STAGING_QUERIES = 6
 
 
 def lookups_per_chunk(kind: str) -> int:
@@ -253,9 +254,9 @@ def test_views_preview_queries_per_chunk(settings, staff, existing, django_asser
     text = "user_id,product_id,session_id\n" + f"{staff.pk},{existing.pk},s\n" * 5
     upload_file = SimpleUploadedFile("v.csv", text.encode())
     chunks = math.ceil(5 / 2)
-    # Views have no key: no window query for repeats.
-    staging = STAGING_QUERIES - 1
-    with django_assert_num_queries(staging + chunks * (1 + lookups_per_chunk("product_views"))):
+    with django_assert_num_queries(
+        STAGING_QUERIES + chunks * (1 + lookups_per_chunk("product_views"))
+    ):
         imports.stage(upload_file, imports.PRODUCT_VIEWS, staff)
 
 
@@ -370,33 +371,39 @@ def test_a_damaged_gzip_is_a_form_error_and_leaves_nothing(client, staff, settin
 def test_a_refused_upload_leaves_nothing(client, staff, settings):
     assert upload(client, ",\n").status_code == 200
     assert staged_files(settings) == []
-    assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+    assert (Job.objects.count(), StagedRecord.objects.count()) == (0, 0)
 
 
 # -- one read of the file, the services' own checks ----------------------------------
 
 
 @pytest.fixture
-def row_streams(monkeypatch):
-    """Every RowStream the import opens, counted."""
+def record_streams(monkeypatch):
+    """Every reader the import opens, counted."""
     opened = []
 
-    class Counted(RowStream):
+    class Counted(RecordStream):
         def __init__(self, *args, **kwargs):
             opened.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(imports, "RowStream", Counted)
+    monkeypatch.setattr(imports, "RecordStream", Counted)
     return opened
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["in-the-request", "background"])
 def test_the_file_is_read_once_per_upload(
-    client, staff, existing, settings, row_streams, background, django_capture_on_commit_callbacks
+    client,
+    staff,
+    existing,
+    settings,
+    record_streams,
+    background,
+    django_capture_on_commit_callbacks,
 ):
     settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 2 if background else 100
     url = detail_url(upload(client, PRODUCTS_CSV))
-    assert len(row_streams) == 1
+    assert len(record_streams) == 1
     client.get(url)
     with django_capture_on_commit_callbacks(execute=False):
         client.post(url)
@@ -408,10 +415,10 @@ def test_the_file_is_read_once_per_upload(
     assert (result["created"], result["updated"], result["skipped"]) == (2, 1, 3)
     assert [error["line"] for error in result["errors"]] == [4, 6, 7]
     # Read once, at the upload; nothing of the file is kept on disk but its sidecar.
-    assert len(row_streams) == 1
+    assert len(record_streams) == 1
     assert all(name.endswith((".json", ".claim")) for name in staged_files(settings))
     # The staged input is gone once the import has ended.
-    assert StagedRow.objects.count() == 0
+    assert StagedRecord.objects.count() == 0
     assert Job.objects.count() == (1 if background else 0)
 
 
@@ -526,10 +533,10 @@ def test_sweep_removes_jobs_held_for_more_than_a_day(staff, settings):
     staged.meta_path.unlink()
     directory = Path(settings.ADMIN_IMPORT_DIR)
     imports.sweep(directory)
-    assert StagedRow.objects.count() == 3  # held for less than a day
+    assert StagedRecord.objects.count() == 3  # held for less than a day
     Job.objects.update(created_at=timezone.now() - timedelta(days=2))
     imports.sweep(directory)
-    assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+    assert (Job.objects.count(), StagedRecord.objects.count()) == (0, 0)
 
 
 def test_sweep_passes_over_a_damaged_sidecar_and_removes_a_stray_file(staff, settings):
@@ -561,7 +568,7 @@ def test_a_failure_after_the_rows_were_staged_leaves_nothing(staff, settings, mo
     file = SimpleUploadedFile("c.csv", (HEADER + product_lines(3)).encode())
     with pytest.raises(RuntimeError, match="the preview failed"):
         imports.stage(file, imports.PRODUCTS, staff)
-    assert (Job.objects.count(), StagedRow.objects.count(), staged_files(settings)) == (0, 0, [])
+    assert (Job.objects.count(), StagedRecord.objects.count(), staged_files(settings)) == (0, 0, [])
 
 
 def test_confirming_an_upload_swept_meanwhile_is_not_found(client, staff, existing):
@@ -705,11 +712,13 @@ def test_a_preview_of_the_whole_file_says_nothing_of_a_bound(client, staff, sett
     assert 'id="preview-truncated"' not in page.content.decode()
 
 
-def test_a_background_import_holds_no_copy_of_the_file(staff, settings):
+def test_a_background_import_holds_no_copy_of_the_file(staff, settings, monkeypatch):
     """Uploading a large file, confirming it and showing its result stay flat in
-    the web process, from 5,000 to 25,000 rows: the rows stream into the job's
-    staged input as they are read, the confirm only names partitions, and the
-    result maps only its errors to lines."""
+    the web process, from 5,000 to 25,000 rows: the records stream into the
+    job's staged input as they are read, the confirm only names partitions,
+    and the result maps only its errors to lines. The reader holds one block
+    of the file: shrunk here, so that both files span many blocks."""
+    monkeypatch.setattr(readers, "BLOCK_SIZE", 1 << 14)
     settings.ADMIN_IMPORT_SYNC_MAX_ROWS = 10
     settings.JOB_PARTITION_ROWS = 50_000  # one partition at either size
 

@@ -15,11 +15,11 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 
+from batching.readers import RowStream
 from bench import live
 from bench.namespace import PRODUCT_POOL, SKU_PREFIX, product_sku
 from bench.players import HOT_STOCK, Samples
 from products.models import Product, ProductView, RecommendationScore
-from products.readers import RowStream
 
 postgres_only = pytest.mark.skipif(
     connection.vendor != "postgresql",

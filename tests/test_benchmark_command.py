@@ -19,12 +19,12 @@ from django.db import connection
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
+from batching.readers import RowStream
 from bench import report, writeup
 from bench.workloads import STOCK_MARGIN, ImportWorkload, OrdersWorkload, ViewsWorkload, Workload
 from bench.writeup import OPERATIONS, WORKLOADS, run_benchmark
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
-from products.readers import RowStream
 from products.services import OptimizedBulkOperationsService
 from tests.factories import (
     OrderItemFactory,

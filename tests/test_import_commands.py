@@ -29,8 +29,8 @@ from django.db import OperationalError, connection
 from django.utils import timezone
 
 from batching.models import BatchProcessingLog
+from batching.readers import BadLine, ReaderError, RowStream, detect_format, line_at
 from products.models import Product, ProductView
-from products.readers import BadLine, ReaderError, RowStream, detect_format, line_at
 from products.services import rows as r
 from products.services.optimized import OptimizedProducts
 from tests.factories import CategoryFactory, ProductFactory, UserFactory, gzip_bomb
@@ -744,7 +744,7 @@ class TestReaders:
 @pytest.mark.django_db
 class TestBackground:
     def test_the_rows_become_a_job_the_workers_run(self, tmp_path, settings):
-        from jobs.models import Job, StagedRow
+        from jobs.models import Job, StagedRecord
         from jobs.tasks import run_partition
 
         settings.JOB_PARTITION_ROWS = 2
@@ -754,16 +754,15 @@ class TestBackground:
             + ["{not json"]
             + [json.dumps(product_row(i)) for i in range(2, 5)],
         )
-        out, err = StringIO(), StringIO()
-        call_command("import_products", str(path), "--background", stdout=out, stderr=err)
+        out = StringIO()
+        call_command("import_products", str(path), "--background", stdout=out)
 
-        # The unreadable line is staged in its place, refused: row indexes stay the file's.
+        # Every line is staged as it is, the unreadable one too: row indexes stay the file's.
         job = Job.objects.get()
         assert (job.operation, job.rows_total, job.partitions.count()) == ("products", 6, 3)
         assert f"Submitted job {job.pk}: 6 rows in 3 partitions" in out.getvalue()
-        assert err.getvalue().startswith("line 3: not valid JSON")
-        assert err.getvalue().rstrip().endswith("(refused)")
-        assert StagedRow.objects.filter(job=job).count() == 6
+        staged = StagedRecord.objects.filter(job=job).order_by("number")
+        assert staged.values_list("record", flat=True)[2] == "{not json"
         assert not Product.objects.exists()  # nothing ran in the command
 
         for pk in job.partitions.values_list("pk", flat=True):
@@ -779,14 +778,37 @@ class TestBackground:
         assert [index for index, _ in reported] == [2]
         assert "not valid JSON" in reported[0][1]
 
-    def test_past_twenty_unreadable_lines_only_their_count_is_listed(self, tmp_path):
-        path = write_lines(tmp_path / "catalogue.jsonl", ["{not json"] * 23)
-        err = StringIO()
-        call_command("import_products", str(path), "--background", stdout=StringIO(), stderr=err)
-        lines = err.getvalue().splitlines()
-        assert len(lines) == 21
-        assert lines[19].startswith("line 20: not valid JSON: ")
-        assert lines[20] == "... and 3 more lines refused"
+    def test_a_job_imports_what_the_command_imports(self, tmp_path, settings):
+        """The workers parse the staged records as the command parses the file."""
+        from jobs.models import Job
+        from jobs.tasks import run_partition
+
+        settings.JOB_PARTITION_ROWS = 3
+        rows = [product_row(i) for i in range(7)]
+        rows[1]["name"] = 'A "quoted",\r\nmulti-line name'
+        rows[2]["name"] = "tab\tand back\\slash"  # what COPY's text format escapes
+        rows[4]["price"] = "not a price"
+        rows[5]["sku"] = rows[0]["sku"]  # a duplicate in another partition
+        path = write_csv(tmp_path / "catalogue.csv", rows)
+        with path.open("a") as out:
+            out.write("\nIMP-09999,too,few\n")  # a blank line, then too few fields
+
+        call_command("import_products", str(path), stdout=StringIO())
+        by_command = products_by_sku()
+        errors = [(e["index"], e["message"]) for e in only_log().row_errors]
+        Product.objects.all().delete()
+        BatchProcessingLog.objects.all().delete()
+
+        call_command("import_products", str(path), "--background", stdout=StringIO())
+        job = Job.objects.get()
+        for pk in job.partitions.order_by("-number").values_list("pk", flat=True):
+            run_partition.call(pk)  # the last first: it keys the earlier partitions itself
+        job.refresh_from_db()
+        assert products_by_sku() == by_command
+        assert by_command[rows[1]["sku"]][0] == 'A "quoted",\r\nmulti-line name'
+        assert by_command[rows[2]["sku"]][0] == "tab\tand back\\slash"
+        assert [(e["index"], e["message"]) for e in job.as_dict()["result"]["errors"]] == errors
+        assert [index for index, _ in errors] == [4, 5, 7]
 
     @pytest.mark.parametrize(
         ("extra", "named"),

@@ -31,8 +31,8 @@ from batching.engine import DUPLICATE_IN_INPUT
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker
 from batching.models import BatchProcessingLog
 from jobs import services as job_services
-from jobs import tasks
-from jobs.models import Job, JobPartition, StagedRow, Status
+from jobs import staging, tasks
+from jobs.models import Job, JobPartition, StagedKey, StagedRecord, Status
 from jobs.services import (
     NO_WORKER,
     NOTHING_WAITING,
@@ -76,6 +76,10 @@ def view_rows(catalogue, count: int) -> list[dict]:
         }
         for i in range(count)
     ]
+
+
+def product_row(sku: str, name: str) -> dict:
+    return {"sku": sku, "name": name, "category": "C", "price": "1.00", "stock_quantity": 1}
 
 
 def enqueued(callbacks) -> list[int]:
@@ -262,7 +266,7 @@ class TestRun:
         assert job.finished_at is not None
         # A partition that ended completed never runs again: its staged rows go.
         # A failed one keeps them, so it can be resumed.
-        staged = StagedRow.objects.filter(job=job).values_list("number", flat=True)
+        staged = StagedRecord.objects.filter(job=job).values_list("number", flat=True)
         assert sorted(staged) == ([0, 1] if failed else [])
 
     def test_submitting_holds_no_copy_of_the_input(self, catalogue):
@@ -289,7 +293,7 @@ class TestRun:
 
         small, large = peak(5_000), peak(25_000)
         assert large < 1.5 * small, (small, large)
-        assert StagedRow.objects.count() == 30_000
+        assert StagedRecord.objects.count() == 30_000
 
     def test_repeated_keys_across_partitions(self, settings):
         """A sku repeated in another partition is a duplicate, as in one run."""
@@ -321,6 +325,77 @@ class TestRun:
             "S-3": "P3",
             "S-5": "P5",
         }
+
+    def test_staged_rows_read_back_as_given(self):
+        """Whatever COPY's text format escapes, and non-ASCII text, round-trips."""
+        rows = [
+            {"name": "tab\t, back\\slash, line\nbreak, return\r", "n": 1},
+            Refused("row", "a refused\tone", "unreadable"),
+            {"name": "Café ☕", "list": [1, "two"], "none": None},
+            {"name": "plain"},
+        ]
+        job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=rows)
+        assert list(partition_input(job.partitions.select_related("job").get())) == rows
+
+    def test_repeated_keys_found_whatever_order_the_partitions_run_in(
+        self, settings, django_capture_on_commit_callbacks
+    ):
+        """The last partition runs first: it keys the earlier ones itself, once each."""
+        settings.JOB_PARTITION_ROWS = 2
+        rows = [product_row(f"S-{i % 3}", f"P{i}") for i in range(6)]  # S-0 S-1 S-2 S-0 S-1 S-2
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        assert not StagedKey.objects.exists()  # staging parses nothing
+        last, middle, first = job.partitions.order_by("-number")
+        run_partition.call(last.pk)
+        assert set(job.partitions.values_list("number", "keyed")) == {
+            (0, True),
+            (1, True),
+            (2, True),
+        }
+        assert StagedKey.objects.filter(job=job).count() == 6
+        run_partition.call(middle.pk)
+        with django_capture_on_commit_callbacks(execute=True):
+            run_partition.call(first.pk)
+        job.refresh_from_db()
+        errors = job.as_dict()["result"]["errors"]
+        assert [(e["index"], e["message"]) for e in errors] == [
+            (3, DUPLICATE_IN_INPUT.format(field="sku", first=0)),
+            (4, DUPLICATE_IN_INPUT.format(field="sku", first=1)),
+            (5, DUPLICATE_IN_INPUT.format(field="sku", first=2)),
+        ]
+        assert dict(Product.objects.values_list("sku", "name")) == {
+            "S-0": "P0",
+            "S-1": "P1",
+            "S-2": "P2",
+        }
+        # The job ended with nothing to resume: its keys and records are gone.
+        assert (job.status, StagedKey.objects.count(), StagedRecord.objects.count()) == (
+            Status.PARTIAL,
+            0,
+            0,
+        )
+
+    def test_keying_a_partition_is_one_read_and_one_write(
+        self, settings, django_assert_num_queries
+    ):
+        settings.JOB_PARTITION_ROWS = 2
+        rows = [product_row(f"K-{i}", "n") for i in range(3)] + [{"sku": ""}]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        first, second = job.partitions.order_by("number").select_related("job")
+        # The earlier partitions not keyed (one SELECT); then per partition:
+        # SAVEPOINT, its row FOR UPDATE, its records, its keys (one COPY or
+        # INSERT), UPDATE keyed, RELEASE.
+        with django_assert_num_queries(1 + 6 + 6):
+            assert staging.key_partitions(second) == 2
+        first = job.partitions.select_related("job").get(number=0)
+        with django_assert_num_queries(1):  # keyed, and nothing before it
+            assert staging.key_partitions(first) == 0
+        # A row that does not prepare has no key; its run reports why.
+        assert sorted(StagedKey.objects.values_list("number", "key")) == [
+            (0, '"K-0"'),
+            (1, '"K-1"'),
+            (2, '"K-2"'),
+        ]
 
     def test_a_task_delivered_twice_runs_once(self, catalogue):
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
@@ -474,7 +549,7 @@ class TestHeld:
         job = hold_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
         result = run_held_job(job)
         assert (result.created, result.skipped) == (3, 0)
-        assert (Job.objects.count(), StagedRow.objects.count()) == (0, 0)
+        assert (Job.objects.count(), StagedRecord.objects.count()) == (0, 0)
         assert_views_exactly_once(3)
 
     def test_a_run_in_process_that_commits_nothing_leaves_the_job_held(
@@ -488,7 +563,7 @@ class TestHeld:
         monkeypatch.setattr(job_services, "run_batch", broken)
         with pytest.raises(RuntimeError):
             run_held_job(job)
-        assert StagedRow.objects.filter(job=job).count() == 3
+        assert StagedRecord.objects.filter(job=job).count() == 3
         monkeypatch.undo()
         assert run_held_job(job).created == 3
 
@@ -504,7 +579,7 @@ class TestHeld:
         assert discard_job(submitted.pk) is False  # never a job that was submitted
         assert discard_held_jobs(older_than=timedelta(days=1)) == 1
         assert set(Job.objects.values_list("pk", flat=True)) == {kept.pk, submitted.pk}
-        assert StagedRow.objects.filter(job=kept).count() == 2
+        assert StagedRecord.objects.filter(job=kept).count() == 2
 
 
 # -- progress in a fixed number of queries ------------------------------------------------

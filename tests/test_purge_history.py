@@ -16,12 +16,12 @@ from django_tasks_db.models import DBTaskResult
 from batching.models import BatchProcessingLog
 from jobs import tasks
 from jobs.control import cancel_job, resume_job
-from jobs.models import Job, JobPartition, Status
+from jobs.models import Job, JobPartition, StagedKey, Status
 from jobs.services import submit_job
 from products.models import ProductView
 from tests.factories import BatchProcessingLogFactory
 from tests.test_jobs import catalogue as catalogue_fixture
-from tests.test_jobs import run_all, view_rows
+from tests.test_jobs import product_row, run_all, view_rows
 from tests.test_jobs_cancel import on_chunk
 
 pytestmark = pytest.mark.django_db
@@ -99,12 +99,15 @@ def purge(*args: str) -> str:
     return out.getvalue()
 
 
-def report(partitions: int, jobs: int, logs: int, results: int, *, verb="deleted", days=DAYS):
-    # A finished partition has deleted its staged rows already: none are left to purge.
+def report(
+    partitions: int, jobs: int, logs: int, results: int, *, keys=0, verb="deleted", days=DAYS
+):
+    # A finished partition has deleted its staged records already: none are left to purge.
     return "".join(
         f"{name}: {verb} {rows:,} older than {days} days\n"
         for name, rows in (
-            ("staged input rows", 0),
+            ("staged input records", 0),
+            ("staged input keys", keys),
             ("job partitions", partitions),
             ("jobs", jobs),
             ("batch logs", logs),
@@ -183,6 +186,17 @@ class TestWhatGoesAndWhatStays:
         assert JobPartition.objects.filter(job=job).count() == 2
         assert BatchProcessingLog.objects.count() == 2
 
+    def test_keys_a_finished_job_left_behind_go(self, settings):
+        """A job deletes its keys after its end commits; those a failure left go here."""
+        settings.JOB_PARTITION_ROWS = 2
+        rows = [product_row(f"P-{i}", "n") for i in range(3)]
+        job = submit_job(operation=Operation.PRODUCTS, rows=rows)
+        run_all(job)  # no commit in this test: the keys stay
+        assert (job.status, StagedKey.objects.count()) == (Status.COMPLETED, 3)
+        age_job(job, DAYS + 10)
+        assert purge() == report(2, 1, 2, 0, keys=3)
+        assert not StagedKey.objects.exists()
+
     def test_the_age_comes_from_the_option_or_the_setting(self, catalogue, settings):
         finished_job(catalogue, settings, DAYS + 10)
         settings.HISTORY_RETENTION_DAYS = DAYS + 20
@@ -215,12 +229,12 @@ class TestBatches:
             BatchProcessingLogFactory.build(started_at=when, finished_at=when) for _ in range(2500)
         )
         kept = log(LogStatus.COMPLETED, DAYS - 1)
-        # Staged rows, partitions, jobs: one empty SELECT each. Logs: per batch
+        # Staged records and keys, partitions, jobs: one empty SELECT each. Logs: per batch
         # a SELECT of ids, then SAVEPOINT, DELETE, RELEASE (a transaction of its
         # own outside the test's); the short third batch is the last. Task
         # results: one SELECT.
         with (
-            django_assert_num_queries(1 + 1 + 1 + 3 * 4 + 1),
+            django_assert_num_queries(1 + 1 + 1 + 1 + 3 * 4 + 1),
             CaptureQueriesContext(connection) as queries,
         ):
             assert purge("--batch-size", "1000") == report(0, 0, 2500, 0)
@@ -228,7 +242,7 @@ class TestBatches:
         assert len(deletes) == 3
         assert all("batching_batchprocessinglog" in sql for sql in deletes)
         sequence = [q["sql"].split()[0] for q in queries.captured_queries]
-        assert sequence[3:15] == ["SELECT", "SAVEPOINT", "DELETE", "RELEASE"] * 3
+        assert sequence[4:16] == ["SELECT", "SAVEPOINT", "DELETE", "RELEASE"] * 3
         assert list(BatchProcessingLog.objects.values_list("pk", flat=True)) == [kept.pk]
 
     def test_help(self):

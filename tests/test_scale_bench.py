@@ -267,15 +267,15 @@ def test_a_run_that_failed_without_row_errors_is_reported_with_its_cause():
 @postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_bench_submit_reports_and_leaves_no_job(tmp_path):
-    from jobs.models import Job, StagedRow
+    from jobs.models import Job, StagedRecord
 
     out = StringIO()
     call_command(
         "bench_submit", "--sizes", "60", "--work-dir", str(tmp_path), stdout=out, stderr=StringIO()
     )
     (row,) = [line for line in out.getvalue().splitlines() if line.startswith("| 60 |")]
-    assert row.count("|") == 7 and row.endswith("MB |")
-    assert not Job.objects.exists() and not StagedRow.objects.exists()
+    assert row.count("|") == 9 and row.endswith("MB |")
+    assert not Job.objects.exists() and not StagedRecord.objects.exists()
 
 
 @postgres_only

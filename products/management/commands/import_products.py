@@ -1,6 +1,6 @@
 """``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
 
-The file is read row by row (``products.readers.RowStream``) and handed to a
+The file is read row by row (``batching.readers.RowStream``) and handed to a
 bulk operation (``batching.registry``) as an iterator, so memory holds one chunk whatever the file's
 size. Bad lines are reported by line number and skipped; the good rows are
 imported. ``import_product_views`` shares this module's ``ImportCommand``.
@@ -25,10 +25,9 @@ from django.core.management.base import BaseCommand, CommandError
 from batching.engine import BatchResult, ResumeError, run_batch, run_log_of
 from batching.liveness import mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from batching.readers import FORMATS, ReaderError, RecordStream, RowStream
 from batching.registry import operation_class
 from common.cli import Progress, positive_int
-from products.imports import as_staged
-from products.readers import FORMATS, BadLine, ReaderError, RowStream
 
 # At most this many bad lines are printed; the rest are counted.
 MAX_REPORTED_LINES = 20
@@ -111,8 +110,7 @@ class ImportCommand(BaseCommand):
             "--background",
             action="store_true",
             help="Stage the file as a background job and return at once: its partitions run on "
-            "the workers (manage.py db_worker). Lines that cannot be read are listed now and "
-            "staged as refused, so the job reports them at their rows.",
+            "the workers (manage.py db_worker), which report bad lines at their rows.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -132,7 +130,7 @@ class ImportCommand(BaseCommand):
         variant = Variant.NAIVE if options["naive"] else Variant.OPTIMIZED
         self.log_id = resume
         self.resuming = resume is not None
-        with self.open_stream(path, options["format"]) as stream:
+        with self.open_stream(RowStream, path, options["format"]) as stream:
             resumed_at = self.check_resumable(resume) if resume is not None else 0
             progress = None
             if verbosity >= 1 and self.stdout.isatty():
@@ -204,9 +202,9 @@ class ImportCommand(BaseCommand):
             )
         return log.checkpoint_position
 
-    def open_stream(self, path: Path, format: str | None) -> RowStream:
+    def open_stream[S: RecordStream](self, reader: type[S], path: Path, format: str | None) -> S:
         try:
-            return RowStream(path, format=format)
+            return reader(path, format=format)
         except FileNotFoundError as exc:
             raise CommandError(NO_SUCH_FILE.format(path=path)) from exc
         except OSError as exc:
@@ -215,29 +213,14 @@ class ImportCommand(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def submit(self, path: Path, format: str | None) -> None:
-        """Stage the rows as a job (in a stream); list the unreadable lines.
+        """Stage the file's records as a job, in a stream and unparsed: the workers parse them.
 
-        An unreadable line is staged in its place, refused with the reader's
-        reason (``products.imports.as_staged``): the job's run reports it at
-        its row, and row indexes stay the file's.
+        A bad line is reported by the job's run at its row, as any bad row.
         """
         from jobs.services import submit_job
 
-        unreadable = 0
-
-        def staged(stream: RowStream) -> Iterator[Any]:
-            nonlocal unreadable
-            for row in stream:
-                if isinstance(row, BadLine):
-                    unreadable += 1
-                    if unreadable <= MAX_REPORTED_LINES:
-                        self.stderr.write(f"line {row.line}: {row.reason} (refused)")
-                yield as_staged(row)
-
-        with self.open_stream(path, format) as stream:
-            job = submit_job(operation=self.operation, rows=staged(stream))
-        if unreadable > MAX_REPORTED_LINES:
-            self.stderr.write(f"... and {unreadable - MAX_REPORTED_LINES:,} more lines refused")
+        with self.open_stream(RecordStream, path, format) as records:
+            job = submit_job(operation=self.operation, rows=records)
         self.stdout.write(
             SUBMITTED.format(
                 job=job.pk,
