@@ -45,12 +45,6 @@ JSON_SYNTAX = "invalid JSON: {error} (line {line}, column {column})"
 NOT_A_LIST = "the body must be a JSON list of row objects"
 ROWS_NOT_OBJECTS = "{count} rows are not JSON objects"
 TOO_MANY_ROWS = "{count} rows is more than the limit of {limit} rows per request"
-UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
-NOT_STORABLE = (
-    "a background job stores its rows as JSON in the database, which cannot hold text "
-    "with NUL characters or unpaired surrogates; send the batch without ?background "
-    "(and no more than API_SYNC_MAX_ROWS rows) to have such rows reported one by one"
-)
 NOTHING_WRITTEN = (
     "batch run #{log_id} wrote nothing: {error}. The shop is busy; send the same batch again "
     "after Retry-After seconds"
@@ -60,8 +54,6 @@ RETRY_AFTER_SECONDS = 1
 MAX_LISTED_ERRORS = 100
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-# Escapes for what jsonb refuses: NUL, and surrogates (paired or not, checked below).
-_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
 def read_body(request: HttpRequest) -> bytes:
@@ -138,41 +130,6 @@ def parse_rows(body: bytes) -> list[dict[str, Any]]:
     return data
 
 
-def unstorable_field(value: Any, path: str = "") -> str | None:
-    """The first key or text in ``value`` that jsonb cannot store, as a path; or None."""
-    if isinstance(value, str):
-        bad = "\x00" in value
-        if not bad:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                bad = True
-        return (path or "row") if bad else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else key
-            found = unstorable_field(key, where) or unstorable_field(item, where)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for position, item in enumerate(value):
-            if where := unstorable_field(item, f"{path}[{position}]"):
-                return where
-    return None
-
-
-def check_storable(body: bytes, rows: list[dict[str, Any]]) -> None:
-    """400 naming the rows a background job could not store (see NOT_STORABLE)."""
-    if not _UNSTORABLE_ESCAPE.search(body):  # the usual case: one scan of the bytes
-        return
-    errors = []
-    for index, row in enumerate(rows):
-        if field := unstorable_field(row):
-            errors.append(row_error(index, field, UNSTORABLE_TEXT))
-    if errors:
-        raise ApiError(400, NOT_STORABLE, errors[:MAX_LISTED_ERRORS])
-
-
 def fingerprint(request: HttpRequest, body: bytes) -> str:
     """What makes two requests the same request, for idempotency."""
     digest = hashlib.sha256()
@@ -199,8 +156,6 @@ def run_rows(
     # A row weighs 1, an order its lines: the operation's own weight, as in a chunk.
     weight = sum(map(operation_class(operation)().weight, rows))
     later = background or weight > settings.API_SYNC_MAX_ROWS
-    if later:
-        check_storable(body, rows)
 
     # What the endpoint's authentication returned: ninja sets it, untyped.
     user = request.auth  # type: ignore[attr-defined]

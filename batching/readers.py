@@ -407,6 +407,10 @@ def parse_record(
             return json.loads(text)
         except json.JSONDecodeError as exc:
             return BadLine(line, NOT_JSON.format(error=exc.msg, column=exc.colno))
+        except (ValueError, RecursionError) as exc:
+            # An integer of more digits than Python converts, or nesting deeper
+            # than its recursion limit: unreadable, like any bad JSON.
+            return BadLine(line, NOT_JSON.format(error=exc, column=1))
     assert columns is not None, "a CSV record is read by its header's columns"
     try:
         fields = next(csv.reader((text,)), [])
@@ -673,7 +677,3 @@ class RowStream(RecordStream, Iterator[Mapping[str, Any]]):
                         row = BadLine(self.line_of(self.rows_yielded), row.reason)
                 self.rows_yielded += 1
                 yield row
-
-    def count_rest(self) -> int:
-        """The records split but not yielded yet, and the lines left (``RecordStream``)."""
-        return self.records_read - self.rows_yielded + super().count_rest()

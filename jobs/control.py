@@ -108,7 +108,8 @@ def resume_job(job_id: Any) -> Job:
             stop_requested=False,
             error_summary=RESUMED.format(status=job.status),
         )
-        ids = list(resumable.values_list("pk", flat=True))
+        # In number order: a partition keys the earlier ones it finds unkeyed.
+        ids = list(resumable.order_by("number").values_list("pk", flat=True))
         JobPartition.objects.filter(pk__in=ids).update(
             status=Status.QUEUED, queued_at=now, worker="", finished_at=None
         )

@@ -71,7 +71,8 @@ def old_staged_records(cutoff: datetime) -> models.QuerySet[StagedRecord]:
 
 
 def old_staged_keys(cutoff: datetime) -> models.QuerySet[StagedKey]:
-    # A job that ends with nothing to resume deletes its own; the rest go here.
+    # A job that ends with nothing to resume deletes its own after its end
+    # commits; any left behind (the delete failed) go here.
     return StagedKey.objects.filter(job__in=old_jobs(cutoff))
 
 

@@ -27,7 +27,7 @@ those of the input.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -202,13 +202,17 @@ def _refused(job: Job, record: str | BadLine | Refused) -> Refused | None:
 # -- keys, by the workers ----------------------------------------------------------------
 
 
-def key_partitions(partition: JobPartition, *, using: str = "default") -> int:
+def key_partitions(
+    partition: JobPartition, *, alive: Callable[[], Any] = lambda: None, using: str = "default"
+) -> int:
     """Stage the keys of ``partition``'s records, then of every earlier partition's
     not keyed yet; return how many partitions this call keyed.
 
     Each partition is keyed in its own transaction under its row's lock, so
     of two workers keying one, the second waits for the first and finds it
-    keyed. Nothing to do for an operation without a key.
+    keyed. ``alive`` is called after each (the worker's heartbeat: keying
+    many partitions must not look like a dead worker). Nothing to do for an
+    operation without a key.
     """
     job = partition.job
     operation = operation_class(job.operation)()
@@ -235,6 +239,7 @@ def key_partitions(partition: JobPartition, *, using: str = "default") -> int:
             _stage_keys(job, operation, start, start + size, using)
             JobPartition.objects.using(using).filter(pk=pk).update(keyed=True)
             keyed += 1
+        alive()
     return keyed
 
 
@@ -253,7 +258,8 @@ def _stage_keys(job: Job, operation: BatchOperation, start: int, stop: int, usin
             key = operation.key(operation.prepare(row))
         except RowInvalid:
             continue  # no key: its run reports why
-        keys.append((job.pk, number, encode(key)))
+        if key is not None:  # as the engine: a row without a key repeats nothing
+            keys.append((job.pk, number, encode(key)))
     if is_postgresql(using):
         copy_rows(StagedKey, ("job", "number", "key"), keys, using=using)
     else:

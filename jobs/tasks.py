@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 LogStatus = BatchProcessingLog.Status
 CLAIMED = "job {job} partition {number}: claimed, not started yet"
 SHUT_DOWN = "interrupted: its worker shut down; re-queued"
+KEYING_FAILED = "failed before its run, staging the keys of its input: {error}"
 
 # A partition's status once its run's log has finished.
 PARTITION_STATUS: dict[str, Status] = {
@@ -138,7 +139,7 @@ def run_partition(partition_id: int) -> dict[str, Any]:
     # A finished log: its worker died after the run ended, before the partition did.
     if status not in PARTITION_STATUS:
         try:
-            key_partitions(partition)
+            _keyed(partition, log)
             status = run_batch(
                 partition_operation(partition.job.operation)(),
                 partition_input(partition),
@@ -149,6 +150,23 @@ def run_partition(partition_id: int) -> dict[str, Any]:
             raise
     finish_partition(partition, status)
     return {"partition": partition_id, "ran": True, "log_id": log.pk, "status": str(status)}
+
+
+def _keyed(partition: JobPartition, log: BatchProcessingLog) -> None:
+    """``key_partitions``, heartbeating the log; a failure that is not the
+    database's fails the run (a requeue would only meet it again)."""
+    logs = BatchProcessingLog.objects.filter(pk=log.pk)
+    try:
+        key_partitions(partition, alive=lambda: logs.update(heartbeat_at=timezone.now()))
+    except DatabaseError:
+        raise  # the database's: re-queued, as for a shut-down worker
+    except Exception as exc:
+        logs.update(
+            status=LogStatus.FAILED,
+            finished_at=timezone.now(),
+            error_summary=KEYING_FAILED.format(error=repr(exc)[:500]),
+        )
+        raise
 
 
 @task

@@ -15,7 +15,7 @@ that pass, as a form error, and its staging rolls back.
 
 The preview is a dry run of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` staged
 rows (``jobs.services.check_job``): the registered optimized operation's own
-``prepare``, the duplicate keys found while staging, and the operation's
+``prepare``, duplicate keys among them, and the operation's
 ``check``, which makes the reads its ``write`` makes (existing skus; users and
 products) and writes nothing. Its counts and errors are therefore what the
 run reports for those rows, short of rows only the database refuses.

@@ -14,6 +14,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -36,6 +37,7 @@ from tests.factories import (
     ProductFactory,
     StaffFactory,
 )
+from tests.test_jobs import run_all
 from tests.test_resilience import deadlock
 from tests.test_services import (
     SAVEPOINTS,
@@ -210,17 +212,23 @@ class TestBatchRunsInTheBackground:
         assert Job.objects.get().rows_total == 5
 
     @pytest.mark.parametrize("text", ["nul\\u0000", "lone \\ud800"])
-    def test_text_a_job_cannot_store_is_refused_whole(self, api, text):
-        body = '[{"session_id": "ok \\ud83d\\ude00"}, {"session_id": "' + text + '"}]'
-        response = post_views(api, body, QUERY_STRING="background=1")
-        assert response.status_code == 400
-        assert response.json()["errors"] == [
-            {"index": 1, "field": "session_id", "message": batch_flow.UNSTORABLE_TEXT}
-        ]
-        assert not Job.objects.exists()
-        # Run at once, the same row is reported by the service, like any bad row.
-        body = post_views(api, '[{"session_id": "' + text + '"}]').json()
-        assert body["errors"][0]["field"] in {"user_id", "session_id"}
+    def test_text_the_database_cannot_store_is_reported_by_the_job_as_by_a_run(
+        self, api, shop, text
+    ):
+        """A background job stages such a row (as JSON text) and reports it at its
+        index, with the message the run at once gives."""
+        rows = view_rows(shop, 2)
+        rows[0]["session_id"] = "ok \U0001f600"
+        rows[1]["session_id"] = "PLACEHOLDER"
+        body = json.dumps(rows, cls=DjangoJSONEncoder).replace("PLACEHOLDER", text)
+        assert post_views(api, body, QUERY_STRING="background=1").status_code == 202
+        job = Job.objects.get()
+        run_all(job)
+        result = job.as_dict()["result"]
+        at_once = post_views(api, body).json()["errors"]
+        assert result["errors"] == at_once
+        assert [(e["index"], e["field"]) for e in at_once] == [(1, "session_id")]
+        assert result["created"] == 1
 
     def test_job_status(self, api, shop, django_assert_num_queries):
         job_id = post_views(api, view_rows(shop, 5), QUERY_STRING="background=1").json()["id"]

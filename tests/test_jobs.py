@@ -397,6 +397,27 @@ class TestRun:
             (2, '"K-2"'),
         ]
 
+    def test_a_keying_failure_fails_the_partition_instead_of_requeueing_it(
+        self, settings, monkeypatch
+    ):
+        settings.JOB_PARTITION_ROWS = 2
+        job = submit_job(operation=Operation.PRODUCTS, rows=[product_row("F-1", "n")] * 3)
+        second = job.partitions.get(number=1)
+
+        def broken(*args):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(staging, "parse_record", broken)
+        with pytest.raises(RuntimeError, match="a bug"):
+            run_partition.call(second.pk)
+        second.refresh_from_db()
+        assert (second.status, second.attempts, second.log.status) == (
+            Status.FAILED,
+            1,
+            LogStatus.FAILED,
+        )
+        assert second.log.error_summary == tasks.KEYING_FAILED.format(error="RuntimeError('a bug')")
+
     def test_a_task_delivered_twice_runs_once(self, catalogue):
         job = submit_job(operation=Operation.PRODUCT_VIEWS, rows=view_rows(catalogue, 3))
         partition = job.partitions.get()

@@ -20,6 +20,7 @@ import pytest
 
 from batching import readers
 from batching.readers import (
+    JSONL,
     LINE_TOO_LONG,
     NOT_UTF8,
     BadLine,
@@ -432,12 +433,10 @@ def test_a_line_over_the_limit_among_plain_lines(
     ]
 
 
-def test_count_rest_counts_the_records_split_but_not_yielded(tmp_path):
-    text, _ = csv_plain(0, 10)
-    path = tmp_path / "rows.csv"
-    path.write_text(f"a,b\n{text}", encoding="utf-8")
-    with RowStream(path) as stream:
-        for _ in range(4):
-            next(stream)
-        assert stream.records_read == 10
-        assert stream.count_rest() == 6
+@pytest.mark.parametrize(
+    "text", ["1" * 5000, "[" * 100_000 + "]" * 100_000], ids=["long-integer", "deep-nesting"]
+)
+def test_json_python_cannot_convert_is_a_bad_line_not_an_error(text):
+    row = parse_record(JSONL, None, text, line=7)
+    assert isinstance(row, BadLine) and row.line == 7
+    assert row.reason.startswith("not valid JSON: ")
