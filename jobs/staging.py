@@ -112,8 +112,12 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
     job.input_format, job.columns = source.format, source.columns
     batches = _stageable(job, source)
     if is_postgresql(using):
-        blocks = (_copy_block(job.pk, *batch) for batch in batches)
-        return copy_text(StagedRecord, FIELDS, made_ahead(blocks), using=using)
+        blocks: Iterator[str] = (_copy_block(job.pk, *batch) for batch in batches)
+        if source is rows:
+            # A file is read in a helper thread, overlapping the COPY. Rows
+            # given as dicts are read here: they may come from the database.
+            blocks = made_ahead(blocks)
+        return copy_text(StagedRecord, FIELDS, blocks, using=using)
     count = 0
     for start, batch, _ in batches:
         StagedRecord.objects.using(using).bulk_create(
