@@ -30,6 +30,8 @@ from batching.postgres import column_name, model_field
 def adapter(field: models.Field, connection: Any) -> Callable[[Any], Any] | None:
     """What a value of ``field`` needs before the driver takes it; None: nothing."""
     ops = connection.ops
+    if isinstance(field, models.ForeignKey):
+        return adapter(field.target_field, connection)  # a key is stored as its target
     if isinstance(field, models.DecimalField):
         return partial(
             ops.adapt_decimalfield_value,

@@ -65,19 +65,12 @@ def old_jobs(cutoff: datetime) -> models.QuerySet[Job]:
     return Job.objects.filter(status__in=DONE_JOBS, created_at__lt=cutoff, finished_at__lt=cutoff)
 
 
-def old_staged_records(cutoff: datetime) -> models.QuerySet[StagedRecord]:
-    # A finished partition deletes its own; what is left of a purged job goes here.
-    return StagedRecord.objects.filter(job__in=old_jobs(cutoff))
-
-
-def old_staged_keys(cutoff: datetime) -> models.QuerySet[StagedKey]:
-    # A job that ends with nothing to resume deletes its own after its end
-    # commits; any left behind (the delete failed) go here.
-    return StagedKey.objects.filter(job__in=old_jobs(cutoff))
-
-
-def old_partitions(cutoff: datetime) -> models.QuerySet[JobPartition]:
-    return JobPartition.objects.filter(job__in=old_jobs(cutoff))
+def of_old_jobs(model: type[models.Model]) -> Callable[[datetime], models.QuerySet]:
+    """The rows of ``model`` that belong to old jobs: their partitions, and what is
+    left of their staged records and keys (a finished partition deletes its
+    records, a job that ends with nothing to resume its keys, after its end
+    commits)."""
+    return lambda cutoff: model._default_manager.filter(job__in=old_jobs(cutoff))
 
 
 def old_logs(cutoff: datetime) -> models.QuerySet[BatchProcessingLog]:
@@ -99,9 +92,9 @@ def old_task_results(cutoff: datetime) -> models.QuerySet:
 def steps() -> list[Step]:
     """The kinds of history in the order they are deleted (referrers first)."""
     found = [
-        Step("staged input records", old_staged_records),
-        Step("staged input keys", old_staged_keys),
-        Step("job partitions", old_partitions),
+        Step("staged input records", of_old_jobs(StagedRecord)),
+        Step("staged input keys", of_old_jobs(StagedKey)),
+        Step("job partitions", of_old_jobs(JobPartition)),
         Step("jobs", old_jobs),
         Step("batch logs", old_logs),
     ]

@@ -27,7 +27,7 @@ those of the input.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -37,6 +37,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 
 from batching.engine import BatchOperation, RowInvalid
+from batching.portable import insert_rows
 from batching.postgres import copy_escape, copy_rows, copy_text, is_postgresql
 from batching.readers import JSONL, BadLine, parse_record
 from batching.registry import operation_class
@@ -112,7 +113,7 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
     job.input_format, job.columns = source.format, source.columns
     batches = _stageable(job, source)
     if is_postgresql(using):
-        blocks: Iterator[str] = (_copy_block(job.pk, *batch) for batch in batches)
+        blocks: Iterator[str] = (copy_block(job.pk, *batch) for batch in batches)
         if source is rows:
             # A file is read in a helper thread, overlapping the COPY. Rows
             # given as dicts are read here: they may come from the database.
@@ -120,10 +121,8 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
         return copy_text(StagedRecord, FIELDS, blocks, using=using)
     count = 0
     for start, batch, _ in batches:
-        StagedRecord.objects.using(using).bulk_create(
-            StagedRecord(job_id=job.pk, number=number, record=record, refused=refused)
-            for number, (record, refused) in enumerate(map(_columns, batch), start)
-        )
+        rows = [(number, *_columns(record)) for number, record in enumerate(batch, start)]
+        insert_rows(StagedRecord, FIELDS[1:], rows, constants={"job": job.pk}, using=using)
         count += len(batch)
     return count
 
@@ -171,8 +170,11 @@ def _columns(record: str | Refused) -> tuple[str, dict[str, str] | None]:
     return record, None
 
 
-def _copy_block(job_id: Any, start: int, batch: list[str | Refused], plain: bool) -> str:
-    """The batch as lines of COPY's text format (``FIELDS``)."""
+def copy_block(job_id: Any, start: int, batch: Sequence[str | Refused], plain: bool) -> str:
+    """The batch (numbered from ``start``) as lines of COPY's text format (``FIELDS``).
+
+    ``plain``: every record is one-line text with nothing to escape (``_stageable``).
+    """
     prefix = f"{job_id}\t"
     if plain:
         lines = enumerate(batch, start)
@@ -264,13 +266,8 @@ def _stage_keys(job: Job, operation: BatchOperation, start: int, stop: int, usin
             continue  # no key: its run reports why
         if key is not None:  # as the engine: a row without a key repeats nothing
             keys.append((job.pk, number, encode(key)))
-    if is_postgresql(using):
-        copy_rows(StagedKey, ("job", "number", "key"), keys, using=using)
-    else:
-        StagedKey.objects.using(using).bulk_create(
-            (StagedKey(job_id=job_id, number=number, key=key) for job_id, number, key in keys),
-            batch_size=STAGE_BATCH,
-        )
+    insert = copy_rows if is_postgresql(using) else insert_rows
+    insert(StagedKey, ("job", "number", "key"), keys, using=using)
 
 
 def discard_keys(job_id: Any, *, using: str = "default") -> int:
