@@ -124,6 +124,7 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
         rows = [(number, *_columns(record)) for number, record in enumerate(batch, start)]
         insert_rows(StagedRecord, FIELDS[1:], rows, constants={"job": job.pk}, using=using)
         count += len(batch)
+        del batch, rows
     return count
 
 
@@ -157,10 +158,12 @@ def _stageable(job: Job, source: Records) -> Iterator[tuple[int, list[str | Refu
         plain = body.count("\n") == len(batch) - 1 and not any(
             character in body for character in "\\\t\r\x00"
         )
+        del body  # nothing of a batch is held while the next one is read
         if not plain:
             batch = [_refused(job, record) or record for record in batch]
         yield start, batch, plain
         start += len(batch)
+        del batch
 
 
 def _columns(record: str | Refused) -> tuple[str, dict[str, str] | None]:
