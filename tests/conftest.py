@@ -9,6 +9,14 @@ from products.services import NaiveBulkOperationsService, OptimizedBulkOperation
 from tests.browser_helpers import CHROMIUM, SCREENSHOTS_KEY, require_browser
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """Each test run gets its own SQLite file, so runs in one checkout never share one."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database["TEST"]["NAME"] = str(Path(settings.BASE_DIR) / f"test-db-{os.getpid()}.sqlite3")
+
+
 @pytest.fixture(autouse=True)
 def _plain_http(settings):
     """Tests speak plain HTTP to the test client; deploy settings ask for HTTPS."""
