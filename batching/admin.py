@@ -1,9 +1,7 @@
-"""Admin for bulk runs: a read-only window onto ``BatchProcessingLog``.
+"""Admin for bulk runs: a read-only window onto ``BatchProcessingLog``, and its dashboard.
 
-The log is written only by the engine (``batching.engine``); a row edited or
-deleted by hand would misreport what a run did and could break a resume, which
-trusts ``checkpoint_position``. So staff can list, filter, search and open runs
-but never add, change or delete them.
+Only the engine writes the log: a row edited by hand would misreport a run and
+could break a resume, which trusts ``checkpoint_position``.
 """
 
 from __future__ import annotations
@@ -39,9 +37,7 @@ ROW_ERRORS_CAPPED = (
     "(the log keeps at most settings.BULK_LOG_MAX_ROW_ERRORS)."
 )
 
-
-# The admin index shows a "Reports" module (the run dashboard, the sales
-# report) above the app list; see templates/admin/reports_index.html.
+# The admin index shows a "Reports" module (run dashboard, sales report) above the app list.
 admin.site.index_template = "admin/reports_index.html"
 
 DASHBOARD_DEFAULT_DAYS = 30
@@ -59,9 +55,8 @@ class DashboardForm(forms.Form):
 def row_error_cells(entries: list[Any]) -> Iterator[tuple[Any, ...]]:
     """One tuple of cell values per entry, in ``ROW_ERROR_COLUMNS`` order.
 
-    ``row_errors`` is JSON, so an entry is not guaranteed to be the engine's
-    ``{index, field, message, code}``: anything else is shown as text in the
-    message column rather than breaking the page.
+    An entry that is not the engine's mapping (``row_errors`` is JSON) is shown
+    as text in the message column rather than breaking the page.
     """
     for entry in entries:
         if isinstance(entry, Mapping):
@@ -87,13 +82,10 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         "started_at",
     ]
     list_display_links = ["id", "operation"]
-    # operation, variant and status are choice lists (no query to build them);
-    # database_vendor lists the distinct vendors seen, one small query on a
-    # table that holds one row per run.
+    # database_vendor lists the vendors seen: one small query; the others are choices.
     list_filter = ["operation", "variant", "status", "database_vendor"]
     date_hierarchy = "started_at"
-    # id__exact (not "=id") so a word typed in the box is skipped for the id
-    # instead of being compared with an integer column.
+    # id__exact (not "=id"): a word typed in the box is skipped for the id, not compared.
     search_fields = ["id__exact", "operation", "error_summary", "worker"]
     search_help_text = "Run id, operation, error summary or worker (host:pid)."
     fieldsets = [
@@ -129,8 +121,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         ("Timings", {"fields": ["started_at", "finished_at", "duration", "throughput"]}),
         ("Errors", {"fields": ["error_summary", "row_errors_table"]}),
     ]
-    # Everything on the detail page is read-only; the computed entries must be
-    # listed here for the fieldsets above to name them.
+    # Everything is read-only; the computed entries must be listed for the fieldsets.
     readonly_fields = flatten_fieldsets(fieldsets)
 
     def get_urls(self) -> list[URLPattern]:
@@ -142,11 +133,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         return [dashboard, *super().get_urls()]
 
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
-        """Charts and tables of the runs of a period: see ``batching.dashboard``.
-
-        A fixed number of queries whatever the number of runs. A bad period is
-        answered with the form's error and status 400, never a 500.
-        """
+        """Charts and tables of a period's runs (``batching.dashboard``); a bad period is a 400."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         form = DashboardForm(request.GET)
@@ -169,25 +156,13 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[BatchProcessingLog]:
-        """Leave the error text out of the list; ``get_object`` puts it back.
-
-        ``row_errors`` holds up to BULK_LOG_MAX_ROW_ERRORS entries per run and
-        ``error_summary`` up to 2,000 characters; the list shows neither, so
-        fetching them for every row of every page would be wasted transfer.
-        The search box still filters on ``error_summary``: a deferred column
-        can be used in WHERE without being selected.
-        """
+        """Leave the heavy error columns out of the list (search still filters on them)."""
         return super().get_queryset(request).defer("row_errors", "error_summary")
 
     def get_object(
         self, request: HttpRequest, object_id: str, from_field: str | None = None
     ) -> BatchProcessingLog | None:
-        """``ModelAdmin.get_object`` on the undeferred queryset.
-
-        The detail page shows the errors, so the run is loaded whole in one
-        query; with the list's deferral, each deferred field read would cost
-        one more.
-        """
+        """``ModelAdmin.get_object`` undeferred: the detail page shows the errors, in one query."""
         queryset = self.get_queryset(request).defer(None)
         field = self.opts.pk if from_field is None else self.opts.get_field(from_field)
         if not isinstance(field, Field):  # a reverse relation holds no value of the row
@@ -215,12 +190,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
 
     @admin.display(description="row errors")
     def row_errors_table(self, log: BatchProcessingLog) -> SafeString:
-        """The first row errors as an HTML table; every value is escaped.
-
-        Messages can quote input (a sku, a reference) and database errors, so
-        nothing here is marked safe: format_html and format_html_join escape
-        each cell.
-        """
+        """The first row errors as an HTML table; every cell is escaped (messages quote input)."""
         entries = log.row_errors
         if not entries:
             return format_html("<p>{}</p>", NO_ROW_ERRORS)
@@ -229,16 +199,13 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
         note = ""
         if log.rows_skipped > len(entries):
             note = format_html(
-                "<p>{}</p>",
-                ROW_ERRORS_CAPPED.format(shown=len(entries), skipped=log.rows_skipped),
+                "<p>{}</p>", ROW_ERRORS_CAPPED.format(shown=len(entries), skipped=log.rows_skipped)
             )
         header = format_html_join(
             "", '<th scope="col">{}</th>', ((h,) for _, h in ROW_ERROR_COLUMNS)
         )
         body = format_html_join(
-            "\n",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            row_error_cells(entries),
+            "\n", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", row_error_cells(entries)
         )
         return format_html(
             '{}<table class="row-errors"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',

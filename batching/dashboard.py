@@ -1,21 +1,15 @@
 """Figures for the batch-run dashboard: three aggregate queries, whatever the number of runs.
 
-1. One row per operation and variant: runs, failed, partial, rows read and
-   skipped, mean rows per second and mean duration (GROUP BY).
-2. The latest ``MAX_POINTS`` finished runs of the period, five columns each,
-   for the charts over time (bounded, so the page stays small however many
-   runs the table holds).
-3. The ``SLOWEST`` slowest runs of the period.
-
-The charts are drawn on the server (``common.charts``): the page loads nothing
-from anywhere else.
+One row per operation and variant, the latest ``MAX_POINTS`` finished runs for
+the charts over time (bounded, so the page stays small), the ``SLOWEST`` runs.
+Charts are drawn on the server (``common.charts``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from django.db.models import Avg, Count, Q, QuerySet, Sum
 from django.utils import timezone
@@ -66,7 +60,6 @@ class OperationSummary:
 @dataclass(frozen=True)
 class OperationCharts:
     operation: str
-    label: str
     throughput: SafeString
     duration: SafeString
 
@@ -74,7 +67,6 @@ class OperationCharts:
 @dataclass
 class Dashboard:
     days: int | None
-    since: datetime | None
     summaries: list[OperationSummary] = field(default_factory=list)
     slowest: list[Log] = field(default_factory=list)
     points: int = 0
@@ -84,17 +76,12 @@ class Dashboard:
     operation_charts: list[OperationCharts] = field(default_factory=list)
 
 
-def runs_in_period(days: int | None) -> tuple[QuerySet[Log], datetime | None]:
-    since = timezone.now() - timedelta(days=days) if days else None
-    runs = Log.objects.all() if since is None else Log.objects.filter(started_at__gte=since)
-    return runs, since
-
-
 def build_dashboard(*, days: int | None = None) -> Dashboard:
     """The dashboard of the runs started in the last ``days`` days (None: all runs)."""
-    runs, since = runs_in_period(days)
-    dashboard = Dashboard(days=days, since=since)
-    dashboard.summaries = summarise(runs)
+    runs = Log.objects.all()
+    if days:
+        runs = runs.filter(started_at__gte=timezone.now() - timedelta(days=days))
+    dashboard = Dashboard(days=days, summaries=summarise(runs))
     dashboard.slowest = list(
         runs.filter(duration_seconds__isnull=False)
         .defer("row_errors", "error_summary")
@@ -168,28 +155,19 @@ def draw(dashboard: Dashboard, points: list[tuple]) -> None:
     variant_labels = dict(Log.Variant.choices)
     groups = [operations.get(op, op) for op in shown]
 
-    def bars(attribute: str) -> dict[str, list[float | None]]:
-        return {
+    def bars(attribute: str, title: str, y_label: str) -> SafeString:
+        series = {
             variant_labels[v]: [
                 getattr(by_key[(op, v)], attribute) if (op, v) in by_key else None for op in shown
             ]
             for v in VARIANTS
         }
+        return bar_chart(groups, series, title=title, y_label=y_label, log_scale=True)
 
-    dashboard.throughput_chart = bar_chart(
-        groups,
-        bars("mean_rows_per_second"),
-        title="Mean rows per second by operation",
-        y_label="rows per second",
-        log_scale=True,
+    dashboard.throughput_chart = bars(
+        "mean_rows_per_second", "Mean rows per second by operation", "rows per second"
     )
-    dashboard.duration_chart = bar_chart(
-        groups,
-        bars("mean_duration"),
-        title="Mean duration by operation",
-        y_label="seconds",
-        log_scale=True,
-    )
+    dashboard.duration_chart = bars("mean_duration", "Mean duration by operation", "seconds")
 
     over_time: dict[str, dict[str, dict[str, list]]] = defaultdict(
         lambda: {"throughput": defaultdict(list), "duration": defaultdict(list)}
@@ -200,6 +178,14 @@ def draw(dashboard: Dashboard, points: list[tuple]) -> None:
         moment = started_at.astimezone(zone)
         over_time[operation]["throughput"][label].append((moment, rows_per_second))
         over_time[operation]["duration"][label].append((moment, duration))
+
+    def lines(series: dict[str, list], title: str, y_label: str) -> SafeString:
+        # Naive first, optimized second, so each variant keeps its colour on every chart.
+        ordered = {label: series.get(label, []) for _, label in Log.Variant.choices} | series
+        return line_chart(
+            ordered, title=title, y_label=y_label, log_scale=True, width=560, height=280
+        )
+
     for operation in shown:
         if operation not in over_time:
             continue
@@ -208,28 +194,9 @@ def draw(dashboard: Dashboard, points: list[tuple]) -> None:
         dashboard.operation_charts.append(
             OperationCharts(
                 operation=operation,
-                label=name,
-                throughput=line_chart(
-                    _in_variant_order(series["throughput"]),
-                    title=f"{name}: rows per second",
-                    y_label="rows per second",
-                    log_scale=True,
-                    width=560,
-                    height=280,
+                throughput=lines(
+                    series["throughput"], f"{name}: rows per second", "rows per second"
                 ),
-                duration=line_chart(
-                    _in_variant_order(series["duration"]),
-                    title=f"{name}: duration",
-                    y_label="seconds",
-                    log_scale=True,
-                    width=560,
-                    height=280,
-                ),
+                duration=lines(series["duration"], f"{name}: duration", "seconds"),
             )
         )
-
-
-def _in_variant_order(series: dict[str, list]) -> dict[str, list]:
-    """Naive first, optimized second, so each variant keeps its colour on every chart."""
-    labels = [label for value, label in Log.Variant.choices]
-    return {label: series.get(label, []) for label in labels} | series

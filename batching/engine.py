@@ -1,114 +1,15 @@
 """The one engine that runs every bulk operation, naive or optimized.
 
-Transaction design
-------------------
-A run reads its input lazily, ``chunk_size`` rows at a time, and never holds
-more than two chunks: the one it writes and the next, read ahead (below).
-Each row first goes through the operation's ``prepare`` (pure Python: shape,
-types, ranges, duplicate keys within the input); rows that fail are reported
-by index and never reach the database.
+docs/architecture.md ("The engine") gives the design: input read lazily and
+one chunk ahead, one transaction per chunk with its checkpoint inside, bad
+rows isolated by halving, transient failures retried with backoff, the log
+row written by the chunks' own transactions, dry runs. How a stop request
+ends a run is in docs/operations-history.md; each operation's lock timeline
+in ``products.services.optimized``.
 
-The prepared rows of a chunk are written by the operation's ``write`` inside
-one ``transaction.atomic()``. The same transaction records the chunk's
-checkpoint (the input position it ends at) and the run's counters on the
-``BatchProcessingLog`` row, so the checkpoint can never claim work that was
-rolled back, nor miss work that was committed.
-
-When the database rejects a chunk (an integrity or data error from a row that
-passed validation), the chunk is rolled back and re-run in halves until the
-failing rows are isolated: every good row is committed and every bad row is
-reported with the database's reason. ``write`` is therefore re-runnable on any
-subset of a chunk: it prefetches what it needs afresh each time.
-
-Transient failures (deadlock, serialization failure, a lost connection, a
-locked SQLite database) are retried per chunk with exponential backoff and
-jitter, up to ``settings.BULK_RETRY_ATTEMPTS`` times; then the run ends as
-failed. Chunks committed before keep their work.
-
-Every chunk after the first is read ahead: once a chunk's rows are read, a
-helper thread (one per run) reads the next chunk and runs ``prepare`` on its
-rows while the chunk's statements and COMMIT wait on the database (see
-``ReadAhead``). Only the input and ``prepare`` run in the helper; duplicate
-keys, errors and the database stay with the run's thread.
-
-Duplicate keys are found across the whole input from a dict of every key seen,
-unless the operation finds keys written by earlier chunks itself
-(``keys_in_database``: the catalogue import, the price update and the score
-refresh mark each row they write with their run and input row); then the
-engine compares keys within a chunk only, and a run's memory does not grow
-with its input. Either way a repeat is named in one place: the run's
-``RunContext``, which the engine keeps (the run's log id, the chunk's repeated
-rows) and hands to each ``write``, not attributes set on the operation.
-
-The log row costs the run no commit of its own: it is inserted by the first
-chunk's transaction and finished by the last chunk's checkpoint (the run
-reads one row ahead to know the chunk is the last), so a one-chunk run
-commits once. It costs no statement of its own either, unless the operation
-marks its rows with the run (``keys_in_database``) and needs the row's id
-before it writes: otherwise the first checkpoint is the INSERT, and a
-one-chunk run writes its log row with one statement. A chunk that rolls
-back takes the row's INSERT with it; the
-next attempt inserts it again, and a run that commits no chunk at all (an
-empty input, a failure) inserts it when it ends, with how it ended: a
-failing chunk never takes the trace of its own failure with it. Its
-counters, errors and checkpoint are only ever those of committed chunks: a
-run that fails midway is finished with the figures its last checkpoint
-wrote, never with the rows it read but did not commit.
-
-Locks late and short (PostgreSQL). Every chunk transaction opens with one
-statement (``batching.postgres.begin_chunk``): foreign keys checked by each
-statement, not inside COMMIT, and a ``lock_timeout``, so a chunk that waits
-on a live transaction's row lock gives up (``55P03``, retried with backoff
-like any transient failure) instead of making the live traffic queue behind
-it. Operations write their own rows first and change the rows the live shop
-writes last. Each chunk's timeline (``products.services.optimized``):
-
-    views    BEGIN; SET; read users+products; COPY views; UPDATE view_count
-             (locks products, pk order); checkpoint; COMMIT
-    orders   BEGIN; SET; read products+references+users; INSERT orders
-             (reference order) and lines; UPDATE stock, guarded (locks
-             products, pk order);
-             checkpoint; COMMIT. Overtaken: ChunkConflict, retried; a
-             reference committed first is then read as taken, and after
-             the stock guard refused the run locks products first
-    scores   BEGIN; SET; read users+products; upsert scores; checkpoint; COMMIT
-             (no product locked)
-    import   BEGIN; SET; read categories; upsert products (locks the rows it
-             updates); checkpoint; COMMIT
-    prices   BEGIN; SET; one UPDATE locking the products by sku in pk order;
-             checkpoint; COMMIT
-
-The foreign-key checks of the rows written take ``FOR KEY SHARE`` on the
-products they reference, which no checkout or price save waits for.
-
-Side effects of a committed chunk (``committed``: cache invalidation) run
-after its COMMIT and can never fail the run: an error there is logged and
-counted on the log row (``after_commit_failures``), and the chunk stays
-committed. A stale cache entry it leaves behind lives at most
-``CACHE_TIMEOUT``.
-
-Stopping on request. Whoever wants a run to stop (a job's cancel) sets
-``stop_requested`` on its log row. The run reads the flag in the WHERE of the
-checkpoint UPDATE it already sends at the end of each chunk but the last: when
-that UPDATE matches no row, a second one records the checkpoint with the run
-ended as ``cancelled``, in the same transaction. So the chunk that was being
-written commits, no later chunk starts, and an uncancelled run pays no query
-for the check. A run resumed while its flag is set (a stop requested before
-it started) ends as cancelled at once. Resuming a cancelled run clears the
-flag: the request it honoured is spent.
-
-A dry run (``dry_run``) says what a run would do without writing: the same
-``prepare`` and duplicate-key rule, then the operation's ``check`` on each
-chunk's valid rows, which makes the reads its ``write`` makes (are the
-references there? which keys exist?) and writes nothing. No transaction, no
-log row. Nothing is written, so no mark finds a key an earlier chunk had: a
-dry run compares keys across the whole input, as a run of an operation
-without ``keys_in_database`` does.
-
-A run that raises (an unexpected error, an interrupt) hands its log row to
-the caller on the exception (``run_log_of``), so a caller that must not run
-the same input twice (an idempotent API request, a confirmed import) can tell
-whether anything was committed.
+``write`` may be re-run on any subset of a chunk after a rollback, so it
+reads what it needs afresh each time. A run's log row only ever holds the
+figures of committed chunks.
 """
 
 from __future__ import annotations
@@ -120,9 +21,10 @@ import random
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
 from typing import Any, ClassVar
@@ -146,34 +48,15 @@ from batching.postgres import analyze_if_empty, begin_chunk, is_postgresql
 
 logger = logging.getLogger(__name__)
 
-# SQLSTATEs worth retrying: the same work can succeed on a second attempt.
 UNIQUE_VIOLATION = "23505"
-TRANSIENT_SQLSTATES = frozenset(
-    {
-        "40001",  # serialization_failure
-        "40P01",  # deadlock_detected
-        "55P03",  # lock_not_available
-        "57P01",  # admin_shutdown
-        "08000",  # connection_exception
-        "08003",  # connection_does_not_exist
-        "08006",  # connection_failure
-    }
-)
+# Worth retrying: serialization failure, deadlock, lock timeout, admin shutdown, lost connection.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57P01", "08000", "08003", "08006"})
 
-# What the end of a run writes on its log row; the figures of the committed
-# work (rows, errors, checkpoint) are written by each chunk's checkpoint.
-ENDING_FIELDS = [
-    "status",
-    "error_summary",
-    "finished_at",
-    "heartbeat_at",
-    "duration_seconds",
-    "query_count",
-    "chunks_rolled_back",
-    "chunks_retried",
-    "chunks_rerun",
-    "after_commit_failures",
-]
+# The run's costs, kept on the log object and written by each checkpoint and the run's end.
+COUNTERS = ("chunks_rolled_back", "chunks_retried", "chunks_rerun", "after_commit_failures")
+# How a run ended (``_ending``); with its cost, what its end writes (checkpoints wrote the rest).
+ENDING = ("status", "error_summary", "finished_at", "heartbeat_at", "duration_seconds")
+ENDING_FIELDS = [*ENDING, "query_count", *COUNTERS]
 
 DUPLICATE_IN_INPUT = "duplicate {field} in this input (first seen at row {first})"
 RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {error}"
@@ -198,12 +81,7 @@ class RowInvalid(Exception):
 
 
 class ChunkConflict(Exception):
-    """A chunk's write found its decisions overtaken by a concurrent writer.
-
-    Raised by ``write`` (inside the chunk's transaction, which then rolls
-    back); the engine retries the chunk like a transient failure, with
-    backoff, and the operation decides afresh.
-    """
+    """Raised by ``write`` when a concurrent writer overtook its decisions: the chunk is retried."""
 
 
 class ResumeError(ValueError):
@@ -220,12 +98,7 @@ class RowError:
     code: str = "invalid"
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "field": self.field,
-            "message": self.message,
-            "code": self.code,
-        }
+        return asdict(self)
 
 
 @dataclass(slots=True)
@@ -267,16 +140,14 @@ class BatchResult:
         return self.log.pk
 
     def as_dict(self) -> dict[str, Any]:
+        log = self.log
+        figures = ("read", "written", "created", "updated", "skipped")
         return {
             "log_id": self.log_id,
-            "operation": self.log.operation,
-            "variant": self.log.variant,
+            "operation": log.operation,
+            "variant": log.variant,
             "status": self.status,
-            "read": self.read,
-            "written": self.written,
-            "created": self.created,
-            "updated": self.updated,
-            "skipped": self.skipped,
+            **{name: getattr(self, name) for name in figures},
             "errors": [error.as_dict() for error in self.errors],
             "query_count": self.query_count,
             "duration": self.duration,
@@ -285,9 +156,7 @@ class BatchResult:
 
 @dataclass(slots=True)
 class DryRun(ChunkOutcome):
-    """What a run would do with an input (``dry_run``): the outcome its chunks'
-    ``check`` found (errors sorted by row index), and the rows read. Nothing
-    was written."""
+    """What a run would do with an input (``dry_run``), errors sorted by row; nothing written."""
 
     read: int = 0
 
@@ -298,11 +167,7 @@ class DryRun(ChunkOutcome):
 
 @dataclass(slots=True)
 class Prepared:
-    """A validated row and its input position.
-
-    Built once per row: a plain slotted dataclass costs about half as much to
-    build as a frozen one.
-    """
+    """A validated row and its input position (not frozen: built once per row, it is cheaper)."""
 
     index: int
     item: Any
@@ -312,14 +177,10 @@ class Prepared:
 class RunContext:
     """What a run hands its operation's ``write``: the run's id, and where repeats are named.
 
-    One per run, owned by the engine. ``log_id`` is the run's
-    BatchProcessingLog id, set once the row exists (for an operation with
-    ``keys_in_database``, before its first ``write``): the mark the rows it
-    writes carry. ``first_rows`` maps each repeated row of the chunk so far
-    to the row its key first came in; the engine starts it afresh with each
-    chunk whose keys it compares within the chunk only (``keys_in_database``).
-    Every duplicate key of a run is named here, by the engine and the
-    operation alike.
+    ``log_id`` is the run's log id, set once the row exists (with
+    ``keys_in_database``, before the first ``write``): the mark its rows carry.
+    ``first_rows`` maps each repeated row to the row its key first came in;
+    with ``keys_in_database`` the engine starts it afresh with each chunk.
     """
 
     key_field: str | None = None
@@ -345,8 +206,7 @@ class RunContext:
     ) -> list[Prepared]:
         """The rows whose key this run has not written yet; the others go to ``errors``.
 
-        ``marks`` maps a key found in the database to the run that last wrote
-        it and that run's input row (see ``BatchOperation.keys_in_database``).
+        ``marks`` maps a key found in the database to (run, input row) of its last write.
         """
         fresh = []
         for row in rows:
@@ -366,9 +226,7 @@ class RunContext:
     ) -> list[RowError]:
         """The errors of the rows whose key an earlier row of this run wrote.
 
-        ``first_rows`` maps each key this run has written (as its marks say)
-        to the input row that wrote it; a row that wrote its key itself is
-        not a repeat.
+        ``first_rows`` maps each key this run wrote (its marks) to the row that wrote it.
         """
         return [
             self.repeated(row.index, first_rows[row_key])
@@ -381,31 +239,22 @@ class BatchOperation(ABC):
     """What one chunk of one operation does; the engine decides how chunks run.
 
     Subclasses implement ``prepare`` (validate one raw row, raise RowInvalid)
-    and ``write`` (apply a list of prepared rows; it runs inside a transaction
-    the engine opens and may be re-run on any subset after a rollback).
-    ``key`` names the input key that must not repeat within one input.
-
-    The engine writes nothing onto an operation: ``write`` is handed the
-    run's ``RunContext`` (its log id, the mark of the rows it writes, and the
-    methods that name a repeated key), and passes it to whatever it calls.
+    and ``write`` (apply prepared rows inside the engine's transaction; it may
+    be re-run on any subset after a rollback). ``key`` gives the input key
+    that must not repeat. ``write`` gets the run's ``RunContext``; the engine
+    sets nothing on the operation.
     """
 
     operation: ClassVar[str]
     variant: ClassVar[str]
     key_field: ClassVar[str | None] = None
-    # True when ``write`` recognises a key written by an earlier chunk of the
-    # run itself (from a mark the run leaves on the rows it writes, with its
-    # context's ``log_id``; ``RunContext.not_written_yet`` and ``repeats_in``):
-    # the engine then compares keys within a chunk only and remembers none
-    # across chunks, so its memory stays flat at any size.
+    # ``write`` finds keys earlier chunks wrote, from the run's marks on its rows
+    # (``RunContext``): the engine compares keys within a chunk only, memory stays flat.
     keys_in_database: ClassVar[bool] = False
-    # Tables ``write`` inserts into that its own rows reference by foreign key
-    # (orders, for their items): on PostgreSQL the engine refreshes their
-    # statistics after a run's first chunk if they still say empty
-    # (``postgres.analyze_if_empty``).
+    # Tables ``write`` fills that its own rows reference (orders, for their items):
+    # analyzed after the first chunk on PostgreSQL while still empty (``analyze_if_empty``).
     fills: ClassVar[tuple[type[Model], ...]] = ()
-    # The setting that gives this operation's chunk size where large volumes
-    # enter (the import commands, job partitions): ``volume_chunk_size``.
+    # The chunk size setting where large volumes enter (import commands, job partitions).
     volume_chunk_setting: ClassVar[str] = "BULK_VOLUME_CHUNK_SIZE"
 
     def __init__(self, using: str = "default") -> None:
@@ -430,21 +279,17 @@ class BatchOperation(ABC):
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome: ...
 
     def check(self, rows: list[Prepared]) -> ChunkOutcome:
-        """What ``write`` would do with ``rows``, without writing (``dry_run``).
+        """What ``write`` would do with ``rows`` (``dry_run``): its reads, through the same code.
 
-        It makes the reads ``write`` makes, through the same code, and returns
-        the counts and the row errors ``write`` would; it runs outside any
-        transaction and must write nothing. Operations without a dry run
-        raise NotImplementedError.
+        It runs outside any transaction and must write nothing.
         """
         raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
 
     def committed(self, rows: list[Prepared]) -> None:
-        """Called once the transaction that wrote ``rows`` has committed.
+        """Called after the transaction that wrote ``rows`` committed (cache invalidation).
 
-        The place for side effects that must not outlive a rollback (cache
-        invalidation): a piece the engine rolls back never gets here. It must
-        not query the database: it runs outside the chunk's transaction.
+        A rolled-back piece never gets here. It runs outside the chunk's
+        transaction and must not query the database.
         """
         return
 
@@ -461,8 +306,7 @@ class QueryCounter:
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
-    cause = exc.__cause__ or exc
-    return getattr(cause, "sqlstate", None)
+    return getattr(exc.__cause__ or exc, "sqlstate", None)
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -476,13 +320,10 @@ def is_unique_violation(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """Deadlocks, serialization failures, lost connections, a locked SQLite file, conflicts."""
-    if isinstance(exc, ChunkConflict) or sqlstate_of(exc) in TRANSIENT_SQLSTATES:
-        return True
-    if isinstance(exc, InterfaceError):
-        return True  # the connection is gone: a new one may work
+    if isinstance(exc, ChunkConflict | InterfaceError) or sqlstate_of(exc) in TRANSIENT_SQLSTATES:
+        return True  # InterfaceError: the connection is gone, a new one may work
     if isinstance(exc, OperationalError) and sqlstate_of(exc) is None:
-        # psycopg raises OperationalError without a SQLSTATE when the
-        # server closes the connection; SQLite says "database is locked".
+        # psycopg's closed connection has no SQLSTATE; SQLite says "database is locked".
         text = str(exc).lower()
         return any(
             marker in text for marker in ("locked", "closed", "terminat", "connection", "server")
@@ -492,12 +333,11 @@ def is_transient(exc: BaseException) -> bool:
 
 def describe_database_error(exc: DatabaseError) -> tuple[str, str]:
     """(field, message) for a database's rejection of one row."""
-    cause = exc.__cause__
-    diag = getattr(cause, "diag", None)
-    column = getattr(diag, "column_name", None) if diag else None
-    constraint = getattr(diag, "constraint_name", None) if diag else None
-    primary = getattr(diag, "message_primary", None) if diag else None
-    detail = getattr(diag, "message_detail", None) if diag else None
+    diag = getattr(exc.__cause__, "diag", None)
+    column, constraint, primary, detail = (
+        getattr(diag, name, None) if diag else None
+        for name in ("column_name", "constraint_name", "message_primary", "message_detail")
+    )
     message = primary or str(exc).strip().splitlines()[0]
     if detail:
         message = f"{message} ({detail})"
@@ -526,10 +366,9 @@ def one_chunk(rows: Iterator[Any], size: int, weight: Callable[[Any], int]) -> I
 
 
 class Lookahead:
-    """The run's input, which can tell whether another row follows by reading it ahead.
+    """The run's input, which tells whether a row follows by reading it ahead.
 
-    An error the input raises while a row is read ahead is raised by the
-    next ``next()``, where the run would have met it anyway.
+    An error met reading ahead is raised by the next ``next()``, where the run would meet it.
     """
 
     def __init__(self, rows: Iterator[Any]) -> None:
@@ -570,28 +409,17 @@ def parsed_already(item: Any) -> Any:
 
 # Rows the read-ahead helper parses between offering the GIL to the run's thread.
 YIELD_EVERY = 32
-# Sleeping releases the GIL, and the run's thread takes it if it waits. Bound
-# now: tests replace this module's ``time`` to record the backoff's sleeps.
+# Sleeping releases the GIL. Bound now: tests replace this module's ``time``.
 offer_gil = partial(time.sleep, 0)
 
 
 class ReadAhead:
-    """The input's next chunk, read and parsed in the run's helper thread while a chunk is written.
+    """The input's next chunk, read and parsed by the run's helper thread while a chunk is written.
 
-    The run's thread reads a chunk's rows whole before writing them, so from
-    then on the input is free: the helper reads the next chunk and runs the
-    operation's ``prepare`` on each row while the chunk's statements and its
-    COMMIT wait on the database (with the GIL released). Only the input and
-    ``prepare`` (pure Python) run in the helper: the database, duplicate keys
-    and errors stay with the run's thread, which takes each parsed row (an
-    item or its ``RowInvalid``) in order. The helper is one thread for the
-    whole run (``executor``): handing it a chunk costs no thread start.
-
-    The helper gives the GIL up every ``YIELD_EVERY`` rows. Otherwise, when a
-    statement's answer arrives, the run's thread waits for the helper's turn
-    to end (the interpreter's switch interval, 5 ms) before it can go on: a
-    catalogue import of 200,000 rows in chunks of 5,000 waited 0.7 s so, 15%
-    of its time. Parsing is off the critical path; the run's thread is on it.
+    Only the input and ``prepare`` (pure Python) run in the helper; the run's
+    thread takes each parsed row (an item or its ``RowInvalid``) in order.
+    The helper offers the GIL every ``YIELD_EVERY`` rows, so the run's thread
+    does not wait out a switch interval when a statement's answer arrives.
     """
 
     def __init__(
@@ -641,7 +469,6 @@ class BatchRun:
         resume: int | BatchProcessingLog | None = None,
     ) -> None:
         self.op = operation
-        # The run's id and the repeats it names, handed to every ``write``.
         self.context = RunContext(key_field=operation.key_field)
         self.connection = connections[operation.using]
         self.resume_log = self._resumable_log(resume) if resume is not None else None
@@ -657,15 +484,12 @@ class BatchRun:
         self.committed_errors = 0
         self.seen: dict[Hashable, int] = {}
         self.chunk_errors_from = 0  # where this chunk's errors start in ``errors``
-        # The run's input, and its next chunk while it is read ahead.
         self.input = Lookahead(iter(()))
         self.read_ahead: ReadAhead | None = None
         self.helper: ThreadPoolExecutor | None = None
-        # The last chunk's checkpoint also finished the log row.
-        self.finished = False
-        # Resumed with a stop requested before it started: it ends at once.
-        self.stop_pending = False
-        # A dry run (``dry_run``): nothing written, keys compared across the input.
+        self.finished = False  # a checkpoint also finished the log row
+        self.stop_pending = False  # resumed with a stop requested before it started
+        # A dry run writes no marks, so it compares keys across the whole input.
         self.dry = False
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
@@ -674,46 +498,37 @@ class BatchRun:
         if log is None:
             raise ResumeError(RESUME_NOT_FOUND.format(log_id=log_id))
         if log.operation != self.op.operation or log.variant != self.op.variant:
+            expected = f"{self.op.variant} {self.op.operation}"
             raise ResumeError(
                 RESUME_WRONG_KIND.format(
-                    log_id=log_id,
-                    variant=log.variant,
-                    operation=log.operation,
-                    expected=f"{self.op.variant} {self.op.operation}",
+                    log_id=log_id, variant=log.variant, operation=log.operation, expected=expected
                 )
             )
-        if log.status == BatchProcessingLog.Status.RUNNING:
-            # Two live processes must never import the same rows.
+        Status = BatchProcessingLog.Status
+        if log.status == Status.RUNNING:  # two live processes must never import the same rows
             raise ResumeError(RESUME_STILL_RUNNING.format(log_id=log_id, worker=log.worker))
-        if log.status not in (
-            BatchProcessingLog.Status.INTERRUPTED,
-            BatchProcessingLog.Status.FAILED,
-            BatchProcessingLog.Status.CANCELLED,
-        ):
+        if log.status not in (Status.INTERRUPTED, Status.FAILED, Status.CANCELLED):
             raise ResumeError(RESUME_FINISHED.format(log_id=log_id, status=log.status))
         return log
 
-    # -- the run -----------------------------------------------------------
-
     def run(self, rows: Iterable[Any]) -> BatchResult:
-        started = self.started = time.perf_counter()
+        self.started = time.perf_counter()
         with self.connection.execute_wrapper(self.counter):
-            log = self._start_log()
+            log = self.log = self._start_log()
             self.context.log_id = log.pk
             failure: BaseException | None = None
             try:
                 if not self.stop_pending:
-                    self._run_chunks(log, iter(rows))
+                    self._run_chunks(iter(rows))
             except TransientFailure as exc:
                 failure = exc
                 logger.warning("batch run #%s failed: %s", log.pk, exc)
             except BaseException as exc:
-                self._finish_log(log, started, failure=exc)
+                self._finish_log(failure=exc)
                 exc.batch_log = log  # type: ignore[attr-defined]  # see run_log_of
                 raise
-            self._finish_log(log, started, failure=failure)
-        # The committed figures: after a failure, the rows of the chunk that
-        # failed are neither read nor skipped (a resume reads them again).
+            self._finish_log(failure=failure)
+        # The committed figures: a failed chunk's rows count as not read (a resume reads them).
         return BatchResult(
             log=log,
             read=log.rows_read,
@@ -722,14 +537,13 @@ class BatchRun:
             updated=log.rows_updated,
             skipped=log.rows_skipped,
             errors=self.errors[: self.committed_errors],
-            # As the log recorded it: a caller's transaction's RELEASE of the
-            # last chunk's savepoint is not the run's.
+            # As the log recorded it: a caller's RELEASE of the last savepoint is not the run's.
             query_count=log.query_count - self._earlier_queries,
             duration=log.duration_seconds or 0.0,
         )
 
     def dry_run(self, rows: Iterable[Any]) -> DryRun:
-        """What ``run`` would do with ``rows``, writing nothing; see the module docstring."""
+        """What ``run`` would do with ``rows``, writing nothing."""
         self.dry = True
         result = DryRun()
         rows = iter(rows)
@@ -747,24 +561,22 @@ class BatchRun:
             return islice(rows, self.chunk_size)
         return one_chunk(rows, self.chunk_size, self.op.weight)
 
-    def _run_chunks(self, log: BatchProcessingLog, rows: Iterator[Any]) -> None:
+    def _run_chunks(self, rows: Iterator[Any]) -> None:
         position = 0
         if self.resume_log is not None and self.op.keys_in_database:
             # The committed prefix's keys are marked in the database: skip it.
-            position = sum(1 for _ in islice(rows, log.checkpoint_position))
+            position = sum(1 for _ in islice(rows, self.log.checkpoint_position))
         elif self.resume_log is not None:
-            # Re-read the committed prefix only to remember its keys, so a
-            # duplicate after the checkpoint is still recognised as one.
-            for prefix in chunked(islice(rows, log.checkpoint_position), self.chunk_size):
+            # Re-read the committed prefix only to remember its keys.
+            for prefix in chunked(islice(rows, self.log.checkpoint_position), self.chunk_size):
                 self._prepare_chunk(position, prefix, errors=[])
                 position += len(prefix)
         rows = self.input = Lookahead(rows)
         try:
             while not self.finished:  # the last chunk, or a stop requested, ended the run
-                start = position
+                start = self.chunk_start = position
                 prepare: Callable[[Any], Any] | None = None
-                if self.read_ahead is not None:
-                    # Read and parsed while the chunk before committed.
+                if self.read_ahead is not None:  # read and parsed while the last chunk committed
                     rows_of_chunk, prepare = self.read_ahead.take(), parsed_already
                     self.read_ahead = None
                 else:
@@ -772,16 +584,16 @@ class BatchRun:
                         return
                     rows_of_chunk = list(self._chunk_of(rows))
                 if not rows.exhausted():
-                    # The input is free until the next chunk, which has a row at
-                    # least: the helper reads it meanwhile. (A run of one chunk
-                    # starts no thread.)
+                    # The helper reads the next chunk meanwhile (a one-chunk run starts no thread).
                     self.helper = self.helper or ThreadPoolExecutor(1, "batch-read-ahead")
                     self.read_ahead = ReadAhead(self.helper, self._chunk_of(rows), self.op.prepare)
                 position += len(rows_of_chunk)
                 prepared = self._prepare_chunk(
                     start, rows_of_chunk, errors=self.errors, prepare=prepare
                 )
-                self._write_chunk(log, prepared, start=start, end=position)
+                if not self._write_isolating(prepared, checkpoint=position, final=True):
+                    # No piece of the chunk committed: its counters and checkpoint alone.
+                    self._commit_with_retries([], checkpoint=position, final=True)
         finally:
             if self.read_ahead is not None:
                 self.read_ahead.stop()
@@ -789,45 +601,20 @@ class BatchRun:
                 self.helper.shutdown()
 
     def _input_ended(self) -> bool:
-        """Whether no row follows the chunk being written.
-
-        A chunk read ahead is only ever started with a row in it; without one,
-        the input is asked here (the helper is not reading it then).
-        """
+        """Whether no row follows the chunk being written (a read-ahead has a row at least)."""
         return self.read_ahead is None and self.input.exhausted()
-
-    def _write_chunk(
-        self, log: BatchProcessingLog, prepared: list[Prepared], *, start: int, end: int
-    ) -> None:
-        completed = self._write_isolating(log, prepared, checkpoint=end, first=start, final=True)
-        if not completed:
-            # The chunk's last piece was not committed (all rows invalid or
-            # rejected): record its counters and checkpoint on their own.
-            self._commit_with_retries(log, [], checkpoint=end, first=start, final=True)
 
     def _prepare_chunk(
         self,
         start: int,
-        chunk: list[Any],
+        chunk: Iterable[Any],
         *,
         errors: list[RowError],
         prepare: Callable[[Any], Any] | None = None,
     ) -> list[Prepared]:
-        """The chunk's valid rows; each invalid or repeated row is added to ``errors``."""
-        return list(self._prepare_rows(start, chunk, errors, prepare))
+        """The chunk's valid rows; invalid or repeated ones go to ``errors``.
 
-    def _prepare_rows(
-        self,
-        start: int,
-        chunk: Iterable[Any],
-        errors: list[RowError],
-        prepare: Callable[[Any], Any] | None = None,
-    ) -> Iterator[Prepared]:
-        """Each valid row of ``chunk`` as it is prepared; invalid or repeated ones go to ``errors``.
-
-        Every input row goes through this loop, so what it looks up once per
-        row is looked up once per chunk instead. ``prepare`` replaces the
-        operation's (``parsed_already``, for a chunk a ``ReadAhead`` parsed).
+        ``prepare`` replaces the operation's (``parsed_already``: a ``ReadAhead`` parsed it).
         """
         prepare = prepare or self.op.prepare
         # The base class has no key: skip a call per row that returns None.
@@ -837,6 +624,7 @@ class BatchRun:
             self.context.first_rows = {}
             self.chunk_errors_from = len(errors)
         seen = self.seen
+        prepared = []
         for index, raw in enumerate(chunk, start):
             try:
                 item = prepare(raw)
@@ -848,57 +636,36 @@ class BatchRun:
                 if first != index:
                     errors.append(self.context.repeated(index, first))
                     continue
-            yield Prepared(index, item)
+            prepared.append(Prepared(index, item))
+        return prepared
 
-    def _write_isolating(
-        self,
-        log: BatchProcessingLog,
-        rows: list[Prepared],
-        *,
-        checkpoint: int,
-        first: int,
-        final: bool,
-    ) -> bool:
-        """Commit ``rows``, halving on database rejections.
+    def _write_isolating(self, rows: list[Prepared], *, checkpoint: int, final: bool) -> bool:
+        """Commit ``rows``, halving on database rejections; whether the ``final`` piece committed.
 
-        ``final`` marks the piece that completes the chunk (the last half of
-        each split); its commit counts the chunk as committed, and the return
-        value says whether it was.
+        The ``final`` piece (each split's last half) completes the chunk: it counts as committed.
         """
         if not rows:
             return False
         try:
-            self._commit_with_retries(log, rows, checkpoint=checkpoint, first=first, final=final)
+            self._commit_with_retries(rows, checkpoint=checkpoint, final=final)
             return True
         except (IntegrityError, DataError) as exc:
-            log.chunks_rolled_back += 1
+            self.log.chunks_rolled_back += 1
             if len(rows) == 1:
                 field_name, message = describe_database_error(exc)
                 self.errors.append(RowError(rows[0].index, field_name, message, "database"))
                 return False
             middle = len(rows) // 2
             left, right = rows[:middle], rows[middle:]
-            log.chunks_rerun += 2
-            self._write_isolating(
-                log, left, checkpoint=left[-1].index + 1, first=first, final=False
-            )
-            return self._write_isolating(
-                log, right, checkpoint=checkpoint, first=first, final=final
-            )
+            self.log.chunks_rerun += 2
+            self._write_isolating(left, checkpoint=left[-1].index + 1, final=False)
+            return self._write_isolating(right, checkpoint=checkpoint, final=final)
 
-    def _commit_with_retries(
-        self,
-        log: BatchProcessingLog,
-        rows: list[Prepared],
-        *,
-        checkpoint: int,
-        first: int,
-        final: bool,
-    ) -> None:
-        attempts = settings.BULK_RETRY_ATTEMPTS
+    def _commit_with_retries(self, rows: list[Prepared], *, checkpoint: int, final: bool) -> None:
+        first, attempts = self.chunk_start, settings.BULK_RETRY_ATTEMPTS
         for attempt in range(1, attempts + 1):
             try:
-                self._commit(log, rows, checkpoint=checkpoint, final=final)
+                self._commit(rows, checkpoint=checkpoint, final=final)
                 return
             except (IntegrityError, DataError):
                 raise
@@ -906,35 +673,25 @@ class BatchRun:
                 # InterfaceError (the connection is gone) is not a DatabaseError.
                 if not is_transient(exc):
                     raise
-                log.chunks_rolled_back += 1
+                self.log.chunks_rolled_back += 1
                 if self.connection.in_atomic_block:
-                    # Inside a caller's transaction the chunk cannot be
-                    # retried on its own: the caller owns the rollback.
-                    raise
+                    raise  # in a caller's transaction, the caller owns the rollback
                 self.connection.close_if_unusable_or_obsolete()
                 if attempt == attempts:
                     raise TransientFailure(
                         RUN_FAILED_TRANSIENT.format(start=first, attempts=attempts, error=exc)
                     ) from exc
-                log.chunks_retried += 1
+                self.log.chunks_retried += 1
                 delay = backoff_delay(attempt)
                 logger.info("retrying chunk at row %s in %.3fs after: %s", first, delay, exc)
                 time.sleep(delay)
 
-    def _commit(
-        self,
-        log: BatchProcessingLog,
-        rows: list[Prepared],
-        *,
-        checkpoint: int,
-        final: bool,
-    ) -> None:
+    def _commit(self, rows: list[Prepared], *, checkpoint: int, final: bool) -> None:
+        log = self.log
         creates_log = log.pk is None
         failures = log.after_commit_failures
         try:
-            saved, outcome, errors = self._commit_chunk(
-                log, rows, checkpoint=checkpoint, final=final
-            )
+            saved, outcome, errors = self._commit_chunk(rows, checkpoint=checkpoint, final=final)
         except BaseException:
             if creates_log:  # its INSERT was rolled back with the chunk
                 log.pk = self.context.log_id = None
@@ -948,16 +705,15 @@ class BatchRun:
             setattr(log, name, value)
         self.finished = "status" in saved
         if self.finished and log.after_commit_failures != failures:
-            # The run's last side effects failed after its final checkpoint: one more UPDATE.
-            self._save_quietly(log, ["after_commit_failures"])
+            # The last side effects failed after the final checkpoint: one more UPDATE.
+            self._save_quietly(["after_commit_failures"])
         if creates_log and not self.finished and self.op.fills:
             self._refresh_statistics()
 
     def _refresh_statistics(self) -> None:
-        """After the first chunk: fresh statistics for a table the run fills from empty.
+        """After the first chunk (no lock held), on PostgreSQL: analyze a table filled from empty.
 
-        Only on PostgreSQL, between chunks (no lock is held), and it never
-        fails the run: a missed ANALYZE costs speed, not rows.
+        A failure only costs speed: it never fails the run.
         """
         if not is_postgresql(self.op.using):
             return
@@ -970,26 +726,21 @@ class BatchRun:
                 logger.info("batch run: analyzed %s, filled from empty", ", ".join(analyzed))
 
     def _commit_chunk(
-        self,
-        log: BatchProcessingLog,
-        rows: list[Prepared],
-        *,
-        checkpoint: int,
-        final: bool,
+        self, rows: list[Prepared], *, checkpoint: int, final: bool
     ) -> tuple[dict[str, Any], ChunkOutcome, list[RowError]]:
-        """One chunk's transaction; see the module docstring for its lock timeline."""
+        """One chunk's transaction: the write, then its checkpoint on the log row."""
+        log = self.log
         with transaction.atomic(using=self.op.using):
             if is_postgresql(self.op.using):
                 begin_chunk(self.op.using)
             if log.pk is None and self.op.keys_in_database:
-                # Its marks name the run: the row is created before the write.
-                log.save(using=self.op.using)
+                log.save(using=self.op.using)  # the rows' marks name the run: create it first
                 self.context.log_id = log.pk
             outcome = self.op.write(rows, self.context) if rows else ChunkOutcome()
             if self.op.keys_in_database:
                 self._name_first_rows()
             if rows:
-                transaction.on_commit(partial(self._after_commit, log, rows), using=self.op.using)
+                transaction.on_commit(partial(self._after_commit, rows), using=self.op.using)
             totals = ChunkOutcome(
                 written=self.totals.written + outcome.written,
                 created=self.totals.created + outcome.created,
@@ -999,27 +750,21 @@ class BatchRun:
             if not final:
                 # A piece of a split chunk: the rows after it are not committed yet.
                 errors = [error for error in errors if error.index < checkpoint]
-            # The last chunk's checkpoint also finishes the run: one commit less.
-            last = final and self._input_ended()
+            last = final and self._input_ended()  # the last checkpoint also ends the run
             saved = self._save_checkpoint(
-                log, totals, errors, checkpoint, committed=int(final), last=last
+                totals, errors, checkpoint, committed=int(final), last=last
             )
         return saved, outcome, errors
 
-    def _after_commit(self, log: BatchProcessingLog, rows: list[Prepared]) -> None:
-        """The operation's side effects of a committed chunk; they never fail the run.
-
-        The chunk is committed whatever happens here: an error (a cache that
-        is down) is logged and counted on the log row, saved with the next
-        checkpoint or the end of the run.
-        """
+    def _after_commit(self, rows: list[Prepared]) -> None:
+        """The operation's side effects of a committed chunk: a failure is logged and counted."""
         try:
             self.op.committed(rows)
         except Exception:
-            log.after_commit_failures += 1
+            self.log.after_commit_failures += 1
             logger.exception(
                 "batch run #%s: a side effect after the commit of rows %s-%s failed",
-                log.pk,
+                self.log.pk,
                 rows[0].index,
                 rows[-1].index,
             )
@@ -1027,10 +772,8 @@ class BatchRun:
     def _name_first_rows(self) -> None:
         """Make a repeat within the chunk name its key's first row in the whole run.
 
-        The engine compares keys within a chunk: when rows j and i of a chunk
-        share a key, i is reported as a repeat of j. If the write then finds
-        j's key written by an earlier chunk (row f), j is a repeat of f, and
-        so is i.
+        If rows j and i of a chunk share a key, i repeats j; if the write then
+        finds j's key written by an earlier chunk's row f, both repeat f.
         """
         context = self.context
         first_rows = context.first_rows
@@ -1057,7 +800,7 @@ class BatchRun:
             log.heartbeat_at = now
             log.finished_at = None
             fields = ["status", "resume_count", "worker", "heartbeat_at", "finished_at"]
-            if self.resume_log.status == BatchProcessingLog.Status.CANCELLED:
+            if log.status == BatchProcessingLog.Status.CANCELLED:
                 # Resuming a cancelled run asks it to go on: its stop request is spent.
                 log.stop_requested = False
                 fields.append("stop_requested")
@@ -1069,8 +812,7 @@ class BatchRun:
         self._resumed_skipped = 0
         self._earlier_queries = 0
         self._earlier_duration = 0.0
-        # Saved by the first chunk's transaction, or by the end of a run that
-        # commits none (see _commit_chunk).
+        # Saved by the first chunk's transaction, or by the end of a run that commits none.
         return BatchProcessingLog(
             operation=self.op.operation,
             variant=self.op.variant,
@@ -1081,16 +823,8 @@ class BatchRun:
             worker=worker,
         )
 
-    def _capped_errors(self, log: BatchProcessingLog, errors: list[RowError]) -> list[dict]:
-        cap = settings.BULK_LOG_MAX_ROW_ERRORS
-        earlier = log.row_errors if self.resume_log is not None else []
-        kept = list(earlier[:cap]) if self.resume_log is not None else []
-        kept.extend(error.as_dict() for error in errors[: max(cap - len(kept), 0)])
-        return kept
-
     def _save_checkpoint(
         self,
-        log: BatchProcessingLog,
         totals: ChunkOutcome,
         errors: list[RowError],
         checkpoint: int,
@@ -1100,30 +834,30 @@ class BatchRun:
     ) -> dict[str, Any]:
         """Record the chunk's checkpoint and the run's figures in its transaction.
 
-        Returns the figures that describe committed work, which the log
-        object takes once the transaction has committed; for the ``last``
-        chunk of the input, or a run asked to stop, also how the run ended.
-
-        A chunk boundary with input left after it (``committed`` and not
-        ``last``) is where a requested stop is honoured: the UPDATE's WHERE
-        reads ``stop_requested``, so the check costs no query of its own.
+        Returns the figures of the committed work, for the log object once
+        committed; for the ``last`` chunk, or a run asked to stop, how it ended.
+        A committed chunk boundary with input after it honours a requested stop:
+        the UPDATE's WHERE reads ``stop_requested``, at no query of its own.
         """
+        log = self.log
+        cap = settings.BULK_LOG_MAX_ROW_ERRORS
+        kept = list(log.row_errors[:cap]) if self.resume_log is not None else []
+        kept.extend(error.as_dict() for error in errors[: max(cap - len(kept), 0)])
         figures = {
             "checkpoint_position": checkpoint,
             "rows_written": totals.written,
             "rows_created": totals.created,
             "rows_updated": totals.updated,
             "rows_skipped": self._resumed_skipped + len(errors),
-            "row_errors": self._capped_errors(log, errors),
+            "row_errors": kept,
             "chunks_committed": log.chunks_committed + committed,
         }
         if last:
             figures.update(self._ending(figures, errors, failure=None))
-        progress = self._progress(log)
+        progress = self._progress()
         if log.pk is None:
-            # The first checkpoint creates the row: one statement, not two. A
-            # copy takes the figures, so a rollback leaves the log object as
-            # the committed work left it. (Nobody can have asked it to stop.)
+            # The first checkpoint creates the row. A copy takes the figures, so a
+            # rollback leaves the log object as the committed work left it.
             row = copy.copy(log)
             for name, value in (progress | figures).items():
                 setattr(row, name, value)
@@ -1137,21 +871,15 @@ class BatchRun:
             elif not checkpoints.filter(stop_requested=False).update(**(progress | figures)):
                 # A stop was requested: this chunk commits, and the run ends with it.
                 figures.update(self._ending(figures, errors, failure=None, cancelled=True))
-                progress = self._progress(log)
+                progress = self._progress()
                 checkpoints.update(**(progress | figures))
-        # Not the chunk counters: the log object holds them, and a side effect
-        # after this COMMIT may still count its failure there.
+        # Not the chunk counters: a side effect after this COMMIT may still count there.
         return {name: progress[name] for name in ("query_count", "duration_seconds")} | figures
 
-    def _progress(self, log: BatchProcessingLog) -> dict[str, Any]:
+    def _progress(self) -> dict[str, Any]:
         """The run's cost and liveness so far, for a checkpoint UPDATE."""
-        return {
-            "chunks_rolled_back": log.chunks_rolled_back,
-            "chunks_retried": log.chunks_retried,
-            "chunks_rerun": log.chunks_rerun,
-            "after_commit_failures": log.after_commit_failures,
-            # So far, this checkpoint's own UPDATE included: a killed run's
-            # cost and time still count when it is resumed.
+        return {name: getattr(self.log, name) for name in COUNTERS} | {
+            # This UPDATE included: a killed run's cost and time count when it is resumed.
             "query_count": self._earlier_queries + self.counter.count + 1,
             "duration_seconds": self._earlier_duration + (time.perf_counter() - self.started),
             "heartbeat_at": timezone.now(),
@@ -1165,67 +893,47 @@ class BatchRun:
         failure: BaseException | None,
         cancelled: bool = False,
     ) -> dict[str, Any]:
-        """How the run ended: its status, summary, end time and speed."""
+        """How the run ended: its status, summary, end time and duration."""
         finished = timezone.now()
         duration = self._earlier_duration + (time.perf_counter() - self.started)
+        Status = BatchProcessingLog.Status
         if cancelled and failure is None:
-            status = BatchProcessingLog.Status.CANCELLED
+            status = Status.CANCELLED
             summary = CANCELLED_AT.format(position=figures["checkpoint_position"])
         elif isinstance(failure, KeyboardInterrupt | SystemExit):
-            status = BatchProcessingLog.Status.INTERRUPTED
+            status = Status.INTERRUPTED
             summary = f"interrupted by {type(failure).__name__}; resume with its id"
         elif failure is not None:
-            status = BatchProcessingLog.Status.FAILED
-            summary = f"{type(failure).__name__}: {failure}"[:2000]
+            status, summary = Status.FAILED, f"{type(failure).__name__}: {failure}"[:2000]
         elif figures["rows_skipped"]:
-            status = BatchProcessingLog.Status.PARTIAL
-            summary = summarize(errors)
+            status, summary = Status.PARTIAL, summarize(errors)
         else:
-            status = BatchProcessingLog.Status.COMPLETED
-            summary = ""
-        return {
-            "status": status,
-            "error_summary": summary,
-            "finished_at": finished,
-            "heartbeat_at": finished,
-            "duration_seconds": duration,
-        }
+            status, summary = Status.COMPLETED, ""
+        return dict(zip(ENDING, (status, summary, finished, finished, duration), strict=True))
 
-    def _finish_log(
-        self, log: BatchProcessingLog, started: float, *, failure: BaseException | None
-    ) -> None:
-        """Record how the run ended, unless its last chunk's checkpoint did.
-
-        The row's figures are those its last checkpoint committed (see
-        ``_commit``); only how the run ended is added here.
-        """
+    def _finish_log(self, *, failure: BaseException | None) -> None:
+        """Record how the run ended, unless its last checkpoint did; figures stay as committed."""
+        log = self.log
         if self.finished:
             return
         figures = {"checkpoint_position": log.checkpoint_position, "rows_skipped": log.rows_skipped}
-        for name, value in self._ending(
-            figures,
-            self.errors[: self.committed_errors],
-            failure=failure,
-            cancelled=self.stop_pending,
-        ).items():
+        committed = self.errors[: self.committed_errors]
+        ending = self._ending(figures, committed, failure=failure, cancelled=self.stop_pending)
+        for name, value in ending.items():
             setattr(log, name, value)
         # The final save counts itself, so query_count covers the whole run.
         log.query_count = self._earlier_queries + self.counter.count + 1
         if self.connection.in_atomic_block and self.connection.needs_rollback:
-            # The caller's transaction is broken: its rollback would take the
-            # log with it, so nothing more can be written through it here.
-            return
+            return  # the caller's broken transaction would take the log with it
         # No chunk committed: the row is created now, with how the run ended.
-        # Otherwise not the figures: the checkpoints wrote them with the chunks.
-        self._save_quietly(log, ENDING_FIELDS if log.pk is not None else None)
+        self._save_quietly(ENDING_FIELDS if log.pk is not None else None)
 
-    def _save_quietly(self, log: BatchProcessingLog, fields: list[str] | None) -> None:
+    def _save_quietly(self, fields: list[str] | None) -> None:
         try:
-            log.save(using=self.op.using, update_fields=fields)
+            self.log.save(using=self.op.using, update_fields=fields)
         except Error:
-            # The database is unreachable: the run's outcome cannot be stored,
-            # but must not hide the failure that brought us here.
-            logger.exception("could not record the end of batch run #%s", log.pk)
+            # The outcome cannot be stored, but must not hide the failure that brought us here.
+            logger.exception("could not record the end of batch run #%s", self.log.pk)
 
 
 def run_log_of(exc: BaseException) -> BatchProcessingLog | None:
@@ -1244,9 +952,7 @@ def worker_name() -> str:
 
 def summarize(errors: list[RowError]) -> str:
     """'12 rows skipped: 10 not_found, 2 invalid'."""
-    counts: dict[str, int] = {}
-    for error in errors:
-        counts[error.code] = counts.get(error.code, 0) + 1
+    counts = Counter(error.code for error in errors)
     parts = ", ".join(f"{count} {code}" for code, count in sorted(counts.items()))
     noun = "row" if len(errors) == 1 else "rows"
     return f"{len(errors)} {noun} skipped: {parts}"
@@ -1259,15 +965,12 @@ def run_batch(
     chunk_size: int | None = None,
     resume: int | BatchProcessingLog | None = None,
 ) -> BatchResult:
-    """Run ``operation`` over ``rows``; see the module docstring for the design."""
+    """Run ``operation`` over ``rows`` (docs/architecture.md, "The engine")."""
     return BatchRun(operation, chunk_size=chunk_size, resume=resume).run(rows)
 
 
 def dry_run(
     operation: BatchOperation, rows: Iterable[Any], *, chunk_size: int | None = None
 ) -> DryRun:
-    """What ``run_batch`` would do with ``rows``, writing nothing (see the module docstring).
-
-    The operation must implement ``check``.
-    """
+    """What ``run_batch`` would do with ``rows``, writing nothing (the operation's ``check``)."""
     return BatchRun(operation, chunk_size=chunk_size).dry_run(rows)

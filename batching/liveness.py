@@ -1,23 +1,13 @@
 """Finding runs whose process died: "running" must not mean "running forever".
 
-A run's log row names its worker (``hostname:pid``) and is stamped with a
-heartbeat at its start and after every committed chunk. A process killed
-with SIGKILL, or a machine that lost power, cannot say it stopped, so a
-running log is judged from outside:
-
-* its worker is on this host and the pid no longer exists: certainly dead;
-* or its heartbeat is older than ``settings.BULK_STALE_RUN_SECONDS``: a run
-  on another host (whose pid cannot be checked from here), or a local
-  process stuck for that long, or a pid reused by an unrelated process.
-
-An interrupted run keeps its checkpoint and can be resumed with
-``--resume``. Marking never deletes or rolls back anything: the chunk that was
-in flight was rolled back by the database when the connection died.
+A running log is interrupted when its worker (``hostname:pid``) is on this
+host and the pid is gone, or its heartbeat (stamped at the start and by every
+checkpoint) is older than ``settings.BULK_STALE_RUN_SECONDS`` (another host, a
+stuck process, a reused pid). It keeps its checkpoint and can be resumed; the
+chunk in flight was rolled back when the connection died.
 
 Note:
-    A killed child process stays a zombie, and its pid "alive", until its
-    parent reaps it (``Popen.wait()``); a process started from a shell is
-    reaped by the shell.
+    A killed child stays a zombie, its pid "alive", until its parent reaps it.
 """
 
 from __future__ import annotations
@@ -64,9 +54,8 @@ def mark_interrupted_runs(*, stale_after: timedelta | None = None, using: str = 
     """Mark running logs whose worker is dead or silent as interrupted; return how many.
 
     One query reads the running logs, then one UPDATE per reason and batch of
-    ids. Each UPDATE repeats its condition (still running, same dead worker,
-    or still no heartbeat since the cutoff), so a run that finished or was
-    resumed by a live process in between is left alone.
+    ids, repeating its condition: a run that finished or was resumed meanwhile
+    is left alone.
     """
     if stale_after is None:
         stale_after = timedelta(seconds=settings.BULK_STALE_RUN_SECONDS)

@@ -5,9 +5,8 @@ from django.db.models.functions import NullIf
 class BatchProcessingLog(models.Model):
     """One row per bulk run: what ran, how it went and what it cost.
 
-    The row is written outside the chunk transactions (created before the
-    first chunk, updated after each committed chunk and at the end), so a run
-    that fails still leaves its trace.
+    Each chunk's transaction writes its checkpoint here, and a run that commits
+    nothing still leaves its row with how it ended (``batching.engine``).
     """
 
     class Operation(models.TextChoices):
@@ -60,19 +59,14 @@ class BatchProcessingLog(models.Model):
     # [{"index": 12, "field": "product_id", "message": "..."}].
     row_errors = models.JSONField(default=list, blank=True)
 
-    # Checkpoint: the input position after the last committed chunk. It is
-    # written in the same transaction as that chunk, so a resumed run starts
-    # exactly where the committed work ends.
+    # The input position after the last committed chunk, written in its transaction.
     checkpoint_position = models.PositiveBigIntegerField(default=0)
     # How many times the run was resumed after an interruption.
     resume_count = models.PositiveIntegerField(default=0)
-    # Who runs it, and when it was last seen alive: a run whose process died
-    # is shown as interrupted rather than running forever.
+    # Who runs it, and when it was last seen alive (``batching.liveness``).
     worker = models.CharField(max_length=128, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-    # Set by whoever wants the run to stop (a job's cancel): the run reads it
-    # in its checkpoint UPDATE, so it ends as cancelled after the chunk that
-    # was committing, at no query of its own (see batching.engine).
+    # Set by whoever wants the run to stop (a job's cancel); docs/operations-history.md.
     stop_requested = models.BooleanField(default=False)
 
     class Meta:
@@ -114,11 +108,10 @@ class BatchProcessingLog(models.Model):
 
 
 def run_mark() -> models.ForeignKey:
-    """A row's mark of the batch run that last wrote it (with ``keys_in_database``).
+    """A row's mark of the batch run that last wrote it (``keys_in_database``).
 
-    Paired with the input row it came from, it lets a run recognise a key an
-    earlier chunk of its own wrote, without keeping keys in memory. No
-    constraint and no index: each row written would pay for them.
+    With the input row it came from, it names a key an earlier chunk of the run
+    wrote. No constraint and no index: each row written would pay for them.
     """
     return models.ForeignKey(
         BatchProcessingLog,

@@ -1,19 +1,13 @@
 """The portable path's inserts: one statement, its rows as parameters (``executemany``).
 
-``bulk_create`` builds a model instance per row and prepares every value
-through its field, then compiles one statement per batch: on SQLite, where
-there is no COPY, that Python work is most of a chunk's time (1,000 products:
-38 ms against 6 ms here). The operations' parsed rows already hold the
-values as the database takes them (str, int, bool, Decimal, aware datetime),
-so each column is adapted once, by the one conversion its type needs on this
-database (``adapter``), and one ``INSERT ... VALUES (%s, ...)`` runs with
-every row. With ``unique_fields`` it is an upsert: ``ON CONFLICT (...) DO
-UPDATE SET`` the ``update_fields`` from the inserted row (SQLite 3.24+,
-PostgreSQL). Identifiers are quoted by the connection; values are parameters.
+Unlike ``bulk_create``, no model instance per row: the parsed rows already
+hold the values as the database takes them, so each column gets only the one
+conversion its type needs (``adapter``). With ``unique_fields`` it is an
+upsert (``ON CONFLICT ... DO UPDATE``).
 
 Note:
-    Like ``bulk_create``, this skips ``Model.save()`` and signals, and field
-    defaults are not applied: pass every value in ``rows`` or ``constants``.
+    Like ``bulk_create``, this skips ``Model.save()`` and signals and applies
+    no field default.
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
-"""PostgreSQL fast paths for bulk writes, chosen by vendor.
+"""PostgreSQL fast paths for bulk writes (docs/architecture.md, "PostgreSQL fast paths").
 
-Django's ``bulk_create``, ``bulk_update`` and ``F()``-with-``Case`` updates
-build one model instance, one group of placeholders or one ``WHEN`` per row;
-their cost grows with the chunk in Python before the database sees anything.
-Here a chunk travels as one array per column (or as ``COPY`` data), and one
-statement writes it:
-
-    INSERT INTO t (a, b) SELECT * FROM unnest(%s::type_a[], %s::type_b[])
-    ON CONFLICT (a) DO UPDATE SET b = EXCLUDED.b
-    RETURNING (xmax = 0)
-
-    WITH v AS (SELECT * FROM unnest(%s::type_a[], %s::type_b[]) AS v (a, b)),
-    locked AS (SELECT id, a FROM t WHERE a = ANY(...) ORDER BY id FOR NO KEY UPDATE),
-    changed AS (UPDATE t SET b = v.b FROM locked JOIN v ... WHERE t.id = locked.id)
-    SELECT ARRAY(the keys of v that were not found)
-
-    COPY t (a, b) FROM STDIN
-
-``xmax = 0`` is true for a row the upsert inserted and false for one it
-updated, so created and updated are told apart without a prior SELECT.
-Identifiers are quoted by Django's ``quote_name``; column types come from the
-model's own fields; values always travel as parameters or COPY data. A
-statement's text depends on its shape only (models, fields, options), so each
-shape is composed once per process (``statement_text``).
-
-``settings.BULK_PG_FAST_PATHS`` (default on) turns these paths off, so the
-portable path (the one SQLite always takes) can run on PostgreSQL too: the
-tests run the same input through both and compare the database state.
+A chunk travels as one array per column (bound on the server) or as ``COPY``
+data, and one statement writes it, instead of one model instance, one group
+of placeholders or one ``WHEN`` per row. Identifiers are the models' own,
+quoted by Django's ``quote_name``; values always travel as parameters or COPY
+data. An upsert tells created from updated by ``xmax = 0`` (true for an
+inserted row), with no prior SELECT.
 """
 
 from __future__ import annotations
@@ -44,13 +23,9 @@ from django.db.backends.utils import debug_transaction
 from psycopg import sql
 
 LENGTH = re.compile(r"\((\d+)\)$")
-# An array parameter's placeholder, always cast (``%s::bigint[]``). Its value is the
-# array's text (``array_value``), sent as text of no declared type (psycopg's
-# ``%s``: the server infers it), so PostgreSQL parses it as the cast's array type
-# while binding: the planner sees a constant array (its size, and a hash table
-# for ``= ANY``). Declared as text (a ``%b`` placeholder), the cast ran at
-# execution and ``= ANY`` compared each row with every element: 21 s for one
-# chunk of 16,667 order references.
+# An array parameter's placeholder, always cast (``%s::bigint[]``): its text (``array_value``)
+# goes untyped, so PostgreSQL parses it while binding and the planner sees a constant array
+# (a hash table for ``= ANY``). Typed as text (``%b``), the cast would run per row.
 ARRAY = "%s"
 MODIFIERS = re.compile(r"\(.*\)$")  # numeric(12, 2) -> numeric, for COPY's binary types
 GUARD_FAILED = "{field} would go below zero (or the row is gone) for {missing} of {total} rows"
@@ -68,17 +43,10 @@ def fast_paths(using: str) -> bool:
 def begin_chunk(using: str) -> None:
     """The first statement of every chunk transaction on PostgreSQL (one round trip).
 
-    ``SET CONSTRAINTS ALL IMMEDIATE``: Django creates foreign keys
-    ``DEFERRABLE INITIALLY DEFERRED``, so their checks would all run inside
-    COMMIT, while the chunk holds its locks on the rows live traffic writes;
-    immediate, each statement checks its own rows as it writes them, before
-    those locks are taken, and COMMIT has nothing left to check.
-
-    ``lock_timeout`` (``settings.BULK_LOCK_TIMEOUT_MS``): a statement that
-    waits longer than this for a row lock held by a live transaction gives up
-    with ``55P03``, which the engine retries with backoff, so live
-    transactions never queue behind a waiting chunk. Both last until the
-    chunk's COMMIT or ROLLBACK.
+    Foreign keys checked by each statement as it writes, not inside COMMIT
+    (Django makes them ``DEFERRABLE INITIALLY DEFERRED``) while the chunk holds
+    its locks; and ``lock_timeout`` (``BULK_LOCK_TIMEOUT_MS``): a chunk waiting on
+    a live transaction's row lock gives up with ``55P03``, which the engine retries.
     """
     with connections[using].cursor() as cursor:
         cursor.execute(_begin_chunk(int(settings.BULK_LOCK_TIMEOUT_MS)))
@@ -92,13 +60,9 @@ def _begin_chunk(lock_timeout_ms: int) -> str:
 def analyze_if_empty(tables: Sequence[type[models.Model]], *, using: str) -> list[str]:
     """ANALYZE each of ``tables`` whose statistics still say it is empty; return their names.
 
-    A run that fills a table from empty (a new shop's first orders) checks
-    each child row's foreign key against it with a plan PostgreSQL cached
-    while the table looked empty: a sequential scan, kept as the table grows,
-    so every chunk costs more than the one before. After the first chunk the
-    engine asks here: one query, and the ANALYZE (which invalidates those
-    plans) only for a table that needs it. ANALYZE blocks no reads or writes;
-    it waits at most ``BULK_LOCK_TIMEOUT_MS`` for an autovacuum of the table.
+    The foreign-key checks against a table filled from empty keep a plan made
+    while it looked empty (a sequential scan); ANALYZE invalidates it. It blocks
+    no reads or writes and waits at most ``BULK_LOCK_TIMEOUT_MS`` for an autovacuum.
     """
     names = [model._meta.db_table for model in tables]
     with connections[using].cursor() as cursor:
@@ -120,9 +84,8 @@ def analyze_if_empty(tables: Sequence[type[models.Model]], *, using: str) -> lis
 def array_type(field: models.Field, connection) -> str:
     """The column's type without its length: ``varchar(64)`` becomes ``varchar``.
 
-    An explicit cast to ``varchar(n)`` silently cuts longer values; without the
-    length the value reaches the column whole and a too-long one is refused
-    there ("value too long"), as a plain INSERT would be.
+    A cast to ``varchar(n)`` would silently cut longer values; without it the
+    column refuses them ("value too long"), as a plain INSERT would.
     """
     return LENGTH.sub("", db_type(field, connection))
 
@@ -157,12 +120,8 @@ def column(model: type[models.Model], name: str) -> sql.Identifier:
 def statement_text(compose: Callable[..., str]) -> Callable[..., str]:
     """Cache the SQL text ``compose(connection, *shape)`` makes, per database alias and shape.
 
-    A statement's text depends only on its shape (models, field names,
-    options: hashable, positional arguments), never on the rows, so each
-    shape is composed once per process. The builders format plain strings
-    around quoted names (``quoted``): composing whole statements from
-    ``psycopg.sql`` objects took about 0.35 ms for each of an orders chunk's
-    two large statements on a process's first run, and 0.3 ms a chunk after it.
+    The text depends only on the shape (models, field names, options: hashable,
+    positional), never on the rows, so each shape is composed once per process.
     """
 
     @functools.cache
@@ -173,11 +132,7 @@ def statement_text(compose: Callable[..., str]) -> Callable[..., str]:
 
 
 def quoted(connection, model: type[models.Model], *names: str) -> str:
-    """The model's table (no ``names``) or the columns of its fields ``names``, quoted, joined.
-
-    Quoted by Django (``quote_name``): the names are the models' own, never
-    input, and quoting them costs a third of what ``psycopg.sql`` does.
-    """
+    """The model's table (no ``names``) or the columns of its fields ``names``, quoted, joined."""
     quote = connection.ops.quote_name
     if not names:
         return quote(model._meta.db_table)
@@ -237,12 +192,9 @@ ELEMENT_TEXT: dict[type, Callable[[Any], str]] = {
 def array_value(values: Iterable[Any]) -> str | list[Any]:
     """``values`` as an array parameter: the array's text, ``{"a","b\\"c",NULL}``.
 
-    psycopg dumps a list element by element in Python: about 5 microseconds a
-    row for an import chunk's seven columns, on the run's thread while the
-    database waits. Joining the elements' text costs about 1 (a column of one
-    type in one ``join``), and PostgreSQL parses it as fast. An element of
-    another type (a datetime) leaves the list to psycopg. The parameter's cast
-    (``::type[]``) tells PostgreSQL the elements' type either way (``ARRAY``).
+    Joined in Python, far cheaper than psycopg's dump element by element; a
+    list with an element of another type (a datetime) is left to psycopg. The
+    placeholder's cast (``ARRAY``) gives PostgreSQL the elements' type.
     """
     values = values if isinstance(values, Sequence) else list(values)
     kinds = set(map(type, values))
@@ -275,15 +227,15 @@ def copy_rows(
     """``COPY`` ``rows`` (tuples in ``fields`` order) into the model's table; return the count.
 
     Note:
-        Like ``bulk_create``, this skips ``Model.save()`` and signals, and
-        field defaults are not applied: pass every value in ``rows``.
+        Like ``bulk_create``, this skips ``Model.save()`` and signals and
+        applies no field default.
     """
     fields = tuple(fields)
     types = _copy_types(using, model, fields)
 
     def run(cursor, text):
         with cursor.copy(text) as copy:
-            # Binary: no text to format and parse per value (about 3x faster).
+            # Binary: no text to format and parse per value.
             copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
@@ -309,12 +261,7 @@ def _copy_types(using: str, model: type[models.Model], fields: tuple[str, ...]) 
 def copy_text(
     model: type[models.Model], fields: Sequence[str], blocks: Iterable[str], *, using: str
 ) -> int:
-    """``COPY`` text-format ``blocks`` into the model's table; return the rows.
-
-    Each block is whole lines of COPY's text format: values in ``fields``
-    order, tab-separated, escaped (``copy_escape``), ``\\N`` for NULL. For
-    rows that are mostly text already: one write per block, no work per value.
-    """
+    """``COPY`` text-format ``blocks`` (whole lines, ``copy_escape``d) into the table; the rows."""
     fields = tuple(fields)
 
     def run(cursor, text):
@@ -339,12 +286,10 @@ def through_django(
 ) -> Any:
     """Call ``run(cursor, sql_text)`` as Django runs a statement.
 
-    It passes through the connection's execute wrappers (the engine's query
-    counter) and query log (``django_assert_num_queries``), and its errors
-    arrive as Django's (IntegrityError, DataError), so the engine isolates
-    and retries it like any other. The cursor binds parameters on the server:
-    Django's cursors bind on the client, which quotes every element of a
-    10,000-element array into the SQL text in Python.
+    Through the connection's execute wrappers (the engine's query counter) and
+    query log, its errors as Django's, so the engine isolates and retries it.
+    Its cursor binds parameters on the server (Django's would quote each array
+    element into the SQL text).
     """
     connection = connections[using]
     connection.ensure_connection()
@@ -374,28 +319,19 @@ def upsert(
 ) -> tuple[int, int]:
     """Insert or update ``rows`` (tuples in ``fields`` order); return (created, updated).
 
-    ``constants`` gives the same value to every row (``updated_at``, say): one
-    parameter instead of an array of copies. With ``only_if_distinct``, an
-    existing row is updated only if one of these columns differs from the new
-    row's; the others are left as they are and counted in neither figure.
+    ``constants`` gives every row the same value (one parameter). With
+    ``only_if_distinct``, an existing row is updated only if one of these
+    columns differs; the others are counted in neither figure.
 
     Note:
-        Like ``bulk_create``, this skips ``Model.save()`` and signals, and
-        ``auto_now`` fields are not filled in: pass their values in ``rows``
-        or ``constants``. A key may appear only once in ``rows``.
+        Like ``bulk_create``, this skips ``Model.save()`` and signals and fills
+        no ``auto_now`` field. A key may appear only once in ``rows``.
     """
     if not rows:
         return 0, 0
     constants = dict(constants or {})
-    statement = _upsert(
-        using,
-        model,
-        tuple(fields),
-        tuple(unique_fields),
-        tuple(update_fields),
-        tuple(constants),
-        tuple(only_if_distinct),
-    )
+    shape = map(tuple, (fields, unique_fields, update_fields, constants, only_if_distinct))
+    statement = _upsert(using, model, *shape)
     # The constants' placeholders come first: SELECT's list precedes FROM.
     params = [*constants.values(), *columns_of(rows, len(fields))]
     _, (created, total) = execute(using, statement, params)
@@ -444,14 +380,13 @@ def insert_with_children(
 ) -> int:
     """Insert parent rows and their children in one statement; return the children's count.
 
-    ``rows`` are tuples in ``fields`` order, which include the unique ``key``;
-    ``child_rows`` are tuples ``(key, *child_fields)``: each names its parent
-    by that key, and gets the parent's new primary key in its ``link``
-    column. ``constants`` gives every parent the same value (one parameter).
+    ``rows`` are tuples in ``fields`` order, the unique ``key`` among them;
+    ``child_rows`` are ``(key, *child_fields)`` and get their parent's new
+    primary key in ``link``. ``constants`` gives every parent the same value.
 
     Note:
-        Like ``bulk_create``, this skips ``Model.save()`` and signals, and
-        field defaults are not applied: pass them in ``rows`` or ``constants``.
+        Like ``bulk_create``, this skips ``Model.save()`` and signals and
+        applies no field default.
     """
     if not rows:
         return 0
@@ -510,18 +445,15 @@ def update(
 ) -> set[Any]:
     """Lock and update existing rows found by a unique ``key``; return the keys not updated.
 
-    ``rows`` are tuples ``(key, *values)`` in ``fields`` order; a ``None``
-    value keeps the column as it is (for NOT NULL columns, where ``None``
-    cannot mean NULL). ``constants`` sets the same value on every row
-    (``updated_at``, say). One statement locks the rows in primary-key order
-    (``FOR NO KEY UPDATE``: one global order, so concurrent runs queue instead
-    of deadlocking), updates them, and lists the keys it did not update: those
-    with no row and, with ``only_if_distinct`` (constants), those whose row
-    already holds the same values in all of these columns.
+    ``rows`` are ``(key, *values)`` in ``fields`` order; ``None`` keeps the
+    column (NOT NULL columns). ``constants`` sets one value on every row. One
+    statement locks the rows in primary-key order (one global order: concurrent
+    runs queue, never deadlock), updates them and lists the keys without a row
+    or, with ``only_if_distinct`` (constants), already holding those values.
 
     Note:
-        Like ``bulk_update``, this skips ``Model.save()`` and signals, and
-        ``auto_now`` fields are not filled in: pass them in ``constants``.
+        Like ``bulk_update``, this skips ``Model.save()`` and signals and fills
+        no ``auto_now`` field.
     """
     if not rows:
         return set()
@@ -590,14 +522,12 @@ def existing_ids(
 
 
 def read_by_key(
-    using: str,
-    lookups: Sequence[tuple[type[models.Model], str, Iterable[Any], Sequence[str]]],
+    using: str, lookups: Sequence[tuple[type[models.Model], str, Iterable[Any], Sequence[str]]]
 ) -> list[list[tuple[Any, ...]]]:
     """Rows of several tables found by a key, in one statement.
 
-    Each lookup is ``(model, key, values, fields)``: the ``fields`` of each
-    row whose ``key`` is among ``values``, as tuples (one array per field,
-    bound on the server, read back in primary-key order and zipped).
+    Each lookup ``(model, key, values, fields)`` gives the ``fields`` of the
+    rows whose ``key`` is among ``values``, as tuples in primary-key order.
     """
     shape = tuple((model, key, tuple(fields)) for model, key, _, fields in lookups)
     params = [
@@ -640,13 +570,10 @@ def add_to(
 ) -> set[int]:
     """``field = field + amount`` by primary key in one statement; return the ids changed.
 
-    The rows are locked first in primary-key order (``FOR NO KEY UPDATE``, one
-    global order, so concurrent runs queue instead of deadlocking) and then
-    updated, in the same statement; an id without a row is left out of the
-    result. With ``guard``, a row is changed only if ``field`` stays at zero or
-    above, and a row left unchanged raises ``IntegrityError``, rolling back the
-    chunk: the last line of defence behind the callers' own lock-then-decide
-    logic.
+    The rows are locked in primary-key order, then updated; an id without a row
+    is left out. With ``guard``, a row changes only if ``field`` stays at zero
+    or above, and one left unchanged raises ``IntegrityError`` (the chunk rolls
+    back): the last defence behind the callers' lock-then-decide logic.
     """
     if not amounts:
         return set()

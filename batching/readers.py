@@ -1,65 +1,18 @@
 """Readers for import files: CSV or JSON Lines, optionally gzipped.
 
-Two steps, so that a file is staged at the speed of COPY and parsed later:
+``RecordStream`` splits a file into records, as text, a block at a time (so
+it can be staged at the speed of COPY); ``parse_record`` reads one record into
+a row; ``RowStream`` does both. A line that cannot be read becomes a
+``BadLine``, rejected like any invalid row, and the stream goes on.
 
-- ``RecordStream`` splits a file into its records, as text, and holds one
-  block of them at a time; a record it cannot keep as text is a ``BadLine``.
-- ``parse_record`` reads one record's text: a row (a dict of the header's
-  columns to strings, or a JSON value), or a ``BadLine``.
+A block of plain records (one a line, no blank or overlong line, no bad byte,
+no quoted line break) is split with one ``str.split``; any other is read
+record by record. A stream holds a few blocks and one bounded record whatever
+the file holds, and refuses a gzipped file inflating past
+``IMPORT_MAX_DECOMPRESSED_BYTES``: every import reads through here.
 
-``RowStream`` is both together: one row at a time, for the imports that parse
-as they read. The format comes from the name (``.csv``, ``.jsonl``/``.ndjson``,
-each optionally ``.gz``) unless given.
-
-Bad lines do not stop the stream. A line that cannot be read (invalid JSON, a
-CSV record with the wrong number of fields, bytes that are not UTF-8) is
-yielded as a ``BadLine``; the service rejects it like any invalid row, with
-the reader's reason, and goes on with the next line.
-
-Splitting
----------
-The file is cut into blocks of about ``BLOCK_SIZE`` characters of whole lines
-(``Lines.block()``). A block whose lines are plain records (all ended by
-``\\n``, or all by ``\\r\\n``; no blank line, no line over the limit, no
-undecodable byte and, in a CSV file, no quoted line break) is split with one
-``str.split``: the fast path, with no Python work per line (a CSV block with a
-``"`` costs one pass of the csv module over it, in C, to rule out a quoted
-line break). Any other block is read record by record (``Lines``, and the csv
-module over them for CSV), which may read on past it for a record that does
-not end there (a quoted line break, a line over the limit); the next block
-starts after that record.
-
-Limits
-------
-Whatever the file holds, a stream holds at most a few blocks and one bounded
-record in memory and inflates a bounded number of bytes; every import (the
-admin's, the commands', the jobs', the benchmark's) reads through here, so
-they share these limits:
-
-- A line longer than ``settings.IMPORT_MAX_LINE_LENGTH`` characters (a CSV
-  record: all its lines together, line breaks included) is a ``BadLine``. It
-  is read in bounded pieces and dropped, never held whole: a gigabyte with no
-  line break costs a few megabytes, not a gigabyte.
-- A gzipped file is refused with ``InputTooLarge`` (a ``ReaderError``) once it
-  has inflated to more than ``settings.IMPORT_MAX_DECOMPRESSED_BYTES``, which
-  stops a "gzip bomb" (a small file of gigabytes of zeros) where it starts.
-  A plain file is not capped here: its size on disk is what it is (the admin
-  caps uploads with ``ADMIN_IMPORT_MAX_BYTES``).
-
-Row indexes and line numbers
-----------------------------
-The services report rows by their 0-based index in the stream. Blank lines
-are skipped and a quoted CSV field may span several lines, so the line of a
-row is not always ``index + 2`` (CSV) or ``index + 1`` (JSON Lines).
-``line_of(index)`` gives the exact line where a record starts. It keeps
-one entry per change of the gap between index and line (one per blank line or
-multi-line record, none for a regular file), not one per record: ``line_map()``
-hands that table over, so whoever keeps only the errors' indexes (the admin's
-import) tells their lines later without reading the file again (``line_at``).
-
-Skipping blank lines is deterministic, so the same file always yields the
-same records at the same indexes: a resumed run skips exactly the rows that
-its checkpoint counts.
+Blank lines are skipped deterministically, so a resume skips exactly its
+checkpoint's rows; ``line_of`` tells a row index's line.
 """
 
 from __future__ import annotations
@@ -72,11 +25,11 @@ import json
 import re
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import partial
 from itertools import chain
 from operator import itemgetter
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self, cast
 
 from django.conf import settings
@@ -137,11 +90,9 @@ class LineTooLong(Exception):
 class BadLine(Mapping[str, Any]):
     """A line that could not be read, yielded in place of its row.
 
-    It is a Mapping so that it passes the row parsers' "row must be an object"
-    check; reading any field then raises ``RowInvalid`` with the reader's
-    reason. The engine records that like any invalid row, so the run's result,
-    its log and the command all show the real cause ("not valid JSON: ...")
-    at the right index, with no side channel between reader and command.
+    A Mapping, so it passes the row parsers' "row must be an object" check;
+    reading any field raises ``RowInvalid`` with the reader's reason, which
+    the engine records like any invalid row, at the right index.
     """
 
     __slots__ = ("line", "reason")
@@ -185,11 +136,7 @@ def detect_format(path: Path, format: str | None = None) -> tuple[str, bool]:
 
 
 class Inflated(io.RawIOBase):
-    """The decompressed bytes of a gzip file (``gzip.open``), refused past ``limit``.
-
-    Counted as they are read, so the file is never inflated further than the
-    limit (plus one block): the cap costs nothing and needs no first pass.
-    """
+    """The decompressed bytes of a gzip file, refused once more than ``limit`` are read."""
 
     def __init__(self, file: gzip.GzipFile, limit: int, name: str) -> None:
         self._gzip = file
@@ -215,20 +162,15 @@ class Inflated(io.RawIOBase):
 class Lines(Iterator[str]):
     """The physical lines of a file, each read in at most ``limit`` characters.
 
-    ``limit`` bounds a record, not only a line: the reader calls
-    ``new_record()`` before each record, and the lines of a multi-line CSV
-    record share one budget. A line over the budget raises ``LineTooLong``; the
-    next call first reads past the rest of that line in bounded pieces and
-    drops them. The iterator stays usable after raising (a class, not a
-    generator, for that), so the csv module's reader goes on with the next line.
+    ``limit`` bounds a record: ``new_record()`` starts a budget the lines of a
+    multi-line CSV record share. A line over it raises ``LineTooLong``, and the
+    next call drops the rest of that line in bounded pieces; the iterator stays
+    usable after raising (a class, not a generator), so the csv reader goes on.
 
-    The file is decoded here as ``open(encoding="utf-8-sig",
-    errors="surrogateescape", newline="")`` would (the byte order mark that
-    spreadsheets put before the header dropped; a line ended by "\\n", "\\r\\n"
-    or "\\r", kept, so that the csv module sees quoted line breaks) and read
-    ahead. The fast path takes whole blocks of lines read ahead (``block()``,
-    ``take()``) or has one read here line by line (``read_on()``). A pipe is
-    read as it comes: the lines it holds are not kept waiting for more.
+    Decoded as ``open(encoding="utf-8-sig", errors="surrogateescape",
+    newline="")`` would. The fast path takes whole blocks read ahead
+    (``block()``, ``take()``) or has one read line by line (``read_on()``). A
+    pipe is read as it comes.
     """
 
     def __init__(self, file: IO[bytes], limit: int) -> None:
@@ -251,11 +193,8 @@ class Lines(Iterator[str]):
         self.taken = []
 
     def record(self) -> str:
-        """The lines read since ``new_record()``, without the last one's line break.
-
-        A record that the end of the file cut short (in an open quote) keeps it:
-        it is inside a field.
-        """
+        """The lines read since ``new_record()``, without the last line break (unless the
+        file ended the record, in an open quote: the break is inside a field)."""
         text = "".join(self.taken)
         return text if self.ended else text.removesuffix("\n").removesuffix("\r")
 
@@ -289,9 +228,8 @@ class Lines(Iterator[str]):
     def block(self) -> str:
         """Whole lines read ahead, up to about ``BLOCK_SIZE`` characters; "" at the end.
 
-        It reads ahead only when no whole line is left (a pipe may hold no
-        more). With no line break within the limit, the text up to the limit:
-        the file's last line, or the start of a line over the limit.
+        It reads ahead only when no whole line is left. With no line break within
+        the limit: the text up to it (the last line, or a line over the limit).
         """
         while True:
             text, at = self._text, self._at
@@ -322,11 +260,9 @@ class Lines(Iterator[str]):
             self._fill(BLOCK_SIZE)
 
     def _fill(self, size: int) -> None:
-        """Read ahead ``size`` bytes, in reads of at most ``READ_SIZE``; fewer at the end or
-        when a read comes short (a pipe that holds no more for now).
+        """Read ahead ``size`` bytes, in reads of ``READ_SIZE``; fewer when a read comes short.
 
-        A read error after some bytes is raised by the next call: what was read
-        before it is used first, as when read line by line.
+        A read error after some bytes is raised by the next call, once those are used.
         """
         if self._error is not None:
             raise self._error
@@ -374,15 +310,23 @@ class Lines(Iterator[str]):
 def one_record_a_line(lines: list[str]) -> bool:
     """Whether the csv module reads each of ``lines`` as one record (no quoted line break).
 
-    One pass of the csv module, in C: a line that ends inside a quoted field
-    takes the next one (the last, an empty one) into its record, so the
-    records are fewer than the lines and the empty one.
+    A line ending inside a quoted field takes the next into its record, so the
+    records would be fewer than the lines and the empty one added.
     """
     try:
         last = deque(enumerate(csv.reader(chain(lines, [""])), 1), maxlen=1)
     except csv.Error:
         return False
     return last[0][0] == len(lines) + 1
+
+
+def count_lines[T: (str, bytes)](blocks: Iterable[T], newline: T) -> int:
+    """The lines in ``blocks`` (non-empty): their line breaks, and a last line without one."""
+    lines, last = 0, newline
+    for block in blocks:
+        lines += block.count(newline)
+        last = block[-1:]
+    return lines if last == newline else lines + 1
 
 
 def line_at(line_map: Sequence[Sequence[int]], index: int) -> int:
@@ -398,9 +342,8 @@ def parse_record(
 ) -> Mapping[str, Any] | BadLine:
     """What one record of ``RecordStream.batches()`` reads as, or a ``BadLine`` on ``line``.
 
-    JSON Lines: any JSON value, as it is (the row parser rejects one that is
-    not an object). CSV: the fields by the header's ``columns``; parsing the
-    record's text alone gives the fields the file's csv reader gave.
+    JSON Lines: any JSON value (the row parser rejects a non-object). CSV: the
+    fields by the header's ``columns``.
     """
     if format == JSONL:
         try:
@@ -408,8 +351,7 @@ def parse_record(
         except json.JSONDecodeError as exc:
             return BadLine(line, NOT_JSON.format(error=exc.msg, column=exc.colno))
         except (ValueError, RecursionError) as exc:
-            # An integer of more digits than Python converts, or nesting deeper
-            # than its recursion limit: unreadable, like any bad JSON.
+            # An integer too long to convert, or nesting past the recursion limit.
             return BadLine(line, NOT_JSON.format(error=exc, column=1))
     assert columns is not None, "a CSV record is read by its header's columns"
     try:
@@ -422,28 +364,18 @@ def parse_record(
 
 
 class RecordStream:
-    """The records of one CSV or JSON Lines file, split, not parsed; see the module docstring.
+    """The records of one CSV or JSON Lines file, split, not parsed; a context manager.
 
     The file is opened (and a CSV header read) on construction, so a missing
-    file or a bad header fails before any run starts. Use it as a context
-    manager to close the file. ``path`` may also be a binary file object
-    (an upload): it is read from where it stands, ``name`` then names its
-    format, and closing the stream closes it.
-
-    Reading it may raise ``InputTooLarge`` (see Limits above), and for a
-    damaged gzip file ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
-
-    Raises:
-        OSError: the file cannot be opened.
-        ReaderError: unknown format or a CSV file without a usable header.
+    file (``OSError``) or a bad header (``ReaderError``) fails before any run.
+    ``path`` may be a binary file object (an upload), read from where it
+    stands, its format named by ``name``; closing the stream closes it.
+    Reading may raise ``InputTooLarge``, and for a damaged gzip file
+    ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
     """
 
     def __init__(
-        self,
-        path: str | Path | IO[bytes],
-        *,
-        format: str | None = None,
-        name: str | None = None,
+        self, path: str | Path | IO[bytes], *, format: str | None = None, name: str | None = None
     ) -> None:
         self.source: IO[bytes] | None = None
         if isinstance(path, (str, Path)):
@@ -493,13 +425,11 @@ class RecordStream:
         if not isinstance(header, list) or not any(name.strip() for name in header):
             raise ReaderError(NO_HEADER.format(name=self.name))
         names = [name.strip() for name in header]
-        seen: set[str] = set()
         for position, name in enumerate(names, start=1):
             if not name:
                 raise ReaderError(BLANK_COLUMN.format(name=self.name, position=position))
-            if name in seen:
+            if name in names[: position - 1]:
                 raise ReaderError(DUPLICATE_COLUMN.format(name=self.name, column=name))
-            seen.add(name)
         if any(UNDECODABLE.search(name) for name in names):
             raise ReaderError(f"{self.name}: the header is {NOT_UTF8}")
         return names
@@ -509,11 +439,9 @@ class RecordStream:
     def batches(self) -> Iterator[list[str | BadLine]]:
         """The records in order, in lists (one per block read).
 
-        A record is its text without its final line break (a multi-line CSV
-        record keeps its inner ones as they are), or a ``BadLine`` at its first
-        line if it cannot be kept as text: longer than the limit, not UTF-8, or
-        refused by the csv module. Blank lines are skipped. Records read before
-        a read error are yielded before it is raised.
+        A record is its text without its final line break, or a ``BadLine`` at
+        its first line (over the limit, not UTF-8, refused by the csv module).
+        Records read before a read error are yielded before it is raised.
         """
         lines = self._lines
         while block := lines.block():
@@ -586,7 +514,11 @@ class RecordStream:
     # -- positions ---------------------------------------------------------------
 
     def line_of(self, index: int) -> int:
-        """The line on which the record at ``index`` (0-based, already read) starts."""
+        """The line on which the record at ``index`` (0-based, already read) starts.
+
+        Kept as one entry per change of the gap between index and line (a blank
+        line, a multi-line record), handed over by ``line_map()`` for ``line_at``.
+        """
         return line_at(self._line_map, index)
 
     def line_map(self) -> list[tuple[int, int]]:
@@ -596,35 +528,20 @@ class RecordStream:
     def count_rest(self) -> int:
         """Read the rest of the file without splitting it; the number of lines in it.
 
-        Inflating the rest enforces the decompressed cap on the whole file
-        (``InputTooLarge``) at the cost of the decompression alone; its lines
-        are about the records left (see ``estimate_total``). The stream is
-        exhausted afterwards.
+        It enforces the decompressed cap on the whole file (``InputTooLarge``).
+        The stream is exhausted afterwards.
         """
-        lines = 0
-        last = "\n"
-        for block in self._lines.rest():
-            lines += block.count("\n")
-            last = block[-1]
-        return lines if last == "\n" else lines + 1
+        return count_lines(self._lines.rest(), "\n")
 
     def estimate_total(self) -> int | None:
-        """About how many records the file holds, from a fast count of its line breaks.
+        """About how many records the file holds (for a progress bar), from its line breaks.
 
-        Blank lines and multi-line CSV records make it an estimate, good for a
-        progress bar only. None for a gzipped file (it would mean decompressing
-        it twice) or anything that is not a regular file (a pipe).
+        None for a gzipped file (it would be inflated twice) or a pipe.
         """
         if self.gzipped or self.source is not None or not self.path.is_file():
             return None
-        lines = 0
-        last = b"\n"
         with open(self.path, "rb") as raw:
-            while block := raw.read(BLOCK_SIZE):
-                lines += block.count(b"\n")
-                last = block[-1:]
-        if last != b"\n":
-            lines += 1  # the last line has no line break
+            lines = count_lines(iter(partial(raw.read, BLOCK_SIZE), b""), b"\n")
         header = 1 if self.format == CSV else 0
         return max(lines - header, 0)
 
@@ -638,20 +555,14 @@ class RecordStream:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
 class RowStream(RecordStream, Iterator[Mapping[str, Any]]):
     """Rows of one CSV or JSON Lines file, read lazily: ``parse_record`` of each record.
 
-    A ``BadLine`` of the splitter is yielded as it is. ``rows_yielded`` counts
-    the rows yielded so far; the splitter may have read a block further.
+    ``rows_yielded`` counts the rows yielded; the splitter may be a block further.
     """
 
     rows_yielded = 0

@@ -1,11 +1,7 @@
 """The one list of bulk operations: (operation name, variant) -> its ``BatchOperation`` class.
 
-The apps that own the operations fill it from ``AppConfig.ready()``
-(``products``: views, scores, the catalogue import and the price update;
-``orders``: orders), so whoever runs an operation by name (the services, the
-API, background jobs, the commands) finds it here, and the engine's package
-knows no product or order code. Lookups happen when an operation runs, never
-at import time, so the order in which modules are imported does not matter.
+The apps owning the operations fill it from ``AppConfig.ready()``; lookups
+happen when an operation runs, never at import time.
 """
 
 from __future__ import annotations
