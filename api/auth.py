@@ -1,21 +1,11 @@
 """Who may call the API: active staff with the model permissions an endpoint declares.
 
-Every endpoint declares its permissions with ``needs(...)`` as its ``auth``,
-the same Django model permissions the admin asks for the same work (add and
-change product for the import, view order for the sales report...). A token
-and a session end at the same rule, so revoking a user's staff status or a
-permission also disarms their tokens. Without credentials the answer is 401;
-with credentials of a user who is not active staff, or who lacks a
-permission, 403. An endpoint that declares nothing is refused to everyone
-(the API's default auth): a forgotten declaration fails closed.
-
-Permissions are read from the request's user object, so Django's per-object
-cache makes them cost two queries a request (the user's and their groups'),
-none for a superuser.
-
-A session is ambient (the browser sends its cookie to any request), so a
-session's unsafe requests must carry the CSRF token; a bearer token is sent
-deliberately and needs none.
+Each endpoint's ``auth`` is ``needs(...)`` with the permissions the admin asks
+for the same work; a token and a session end at the same rule, so revoking a
+user's staff status or a permission disarms their tokens too. No credentials:
+401; not active staff, or a permission missing: 403. An endpoint that declares
+nothing is refused to everyone (fails closed). A session's unsafe requests
+need the CSRF token (the cookie is ambient); a bearer token needs none.
 """
 
 from __future__ import annotations
@@ -37,15 +27,11 @@ UNDECLARED = "this endpoint declares no permissions, so it is refused to everyon
 CSRF_FAILED = "CSRF check failed: send the csrftoken cookie's value in the X-CSRFToken header"
 
 
-def allowed(user: Any) -> bool:
-    return bool(user.is_active and user.is_staff)
-
-
 def check(user: Any, permissions: tuple[str, ...] | None) -> None:
     """Raise the 403 for a user who may not call an endpoint needing ``permissions``."""
     if permissions is None:
         raise AuthorizationError(message=UNDECLARED)
-    if not allowed(user):
+    if not (user.is_active and user.is_staff):
         raise AuthorizationError(message=FORBIDDEN)
     if missing := missing_permissions(user, permissions):
         raise AuthorizationError(message=MISSING_PERMISSIONS.format(missing=", ".join(missing)))
@@ -59,14 +45,8 @@ class TokenAuth(HttpBearer):
         self.permissions = permissions
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
-        if not token:
-            return None
-        found = (
-            ApiToken.objects.active()
-            .select_related("user")
-            .filter(digest=token_digest(token))
-            .first()
-        )
+        tokens = ApiToken.objects.active().select_related("user")
+        found = tokens.filter(digest=token_digest(token)).first() if token else None
         if found is None:
             return None
         check(found.user, self.permissions)
@@ -98,10 +78,7 @@ class StaffSessionAuth(APIKeyCookie):
 
 
 def needs(*permissions: str) -> list[Any]:
-    """An endpoint's ``auth``: active staff holding every one of ``permissions``.
-
-    Tried in order: a request with a valid token never needs a session.
-    """
+    """An endpoint's ``auth``: active staff holding every one of ``permissions``."""
     return [TokenAuth(permissions), StaffSessionAuth(permissions)]
 
 

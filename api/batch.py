@@ -1,19 +1,8 @@
 """The flow every batch endpoint shares: read the rows, then run them now or later.
 
-What the API checks and what it leaves to the services:
-
-* The API owns the envelope: the body's size (413), that it is JSON (400,
-  naming the row the syntax error is in), that it is a list of objects (400,
-  naming each row that is not an object), and the number of rows (413).
-  These say nothing about any row's fields, so a request that fails them is
-  refused whole before anything runs.
-* The services own the rows: every field of every object, with the shared
-  messages of ``products.services.rows``. A row that fails there is reported
-  in the 200 result by index and field, and the good rows are written.
-
-Up to ``API_SYNC_MAX_ROWS`` rows run at once (an order counts its lines, as
-it does in a chunk); more, or ``?background=1``, become a background job (202
-with its status URL).
+The API owns the envelope (body size, JSON, a list of objects, the number of
+rows: refused whole, 400 or 413); the services own every row's fields (a bad
+row is reported in the 200 result, and the good rows are written). docs/api.md.
 """
 
 from __future__ import annotations
@@ -50,8 +39,7 @@ NOTHING_WRITTEN = (
     "after Retry-After seconds"
 )
 RETRY_AFTER_SECONDS = 1
-# At most this many rows are listed in one 400 answer.
-MAX_LISTED_ERRORS = 100
+MAX_LISTED_ERRORS = 100  # rows listed in one 400 answer
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
@@ -77,32 +65,26 @@ def _reject_constant(name: str) -> Any:
 
 
 def _skip_whitespace(text: str, position: int) -> int:
-    """The position of the first character at or after ``position`` that is not JSON whitespace."""
     match = _WHITESPACE.match(text, position)
     return match.end() if match else position  # it always matches, perhaps nothing
 
 
 def syntax_error_row(text: str) -> int | None:
-    """The index of the top-level element a JSON syntax error is in, if any.
-
-    Only called after ``json.loads`` failed: decodes the list one element at
-    a time until the failing one.
-    """
+    """The index of the top-level element a JSON syntax error is in, if any: the list
+    decoded one element at a time until the failing one."""
     decoder = json.JSONDecoder(parse_constant=_reject_constant)
     position = _skip_whitespace(text, 0)
     if not text.startswith("[", position):
         return None
-    position = _skip_whitespace(text, position + 1)
     index = 0
     while True:
         try:
-            _, position = decoder.raw_decode(text, position)
+            _, position = decoder.raw_decode(text, _skip_whitespace(text, position + 1))
         except (ValueError, RecursionError):
             return index
         position = _skip_whitespace(text, position)
         if not text.startswith(",", position):
             return index  # a missing comma or bracket, right after this row
-        position = _skip_whitespace(text, position + 1)
         index += 1
 
 
@@ -117,8 +99,7 @@ def parse_rows(body: bytes) -> list[dict[str, Any]]:
     except json.JSONDecodeError as exc:
         message = JSON_SYNTAX.format(error=exc.msg, line=exc.lineno, column=exc.colno)
         raise ApiError(400, message, [row_error(syntax_error_row(text), "row", message)]) from None
-    except (ValueError, RecursionError) as exc:
-        # NaN/Infinity, integers beyond Python's digit limit, absurd nesting.
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, huge integers, absurd nesting
         message = NOT_JSON.format(error=exc if isinstance(exc, ValueError) else "nested too deeply")
         raise ApiError(400, message, [row_error(syntax_error_row(text), "row", message)]) from None
     if not isinstance(data, list):
@@ -141,29 +122,20 @@ def fingerprint(request: HttpRequest, body: bytes) -> str:
 
 
 def run_rows(
-    request: HttpRequest,
-    operation: str,
-    *,
-    background: bool = False,
-    idempotency_key: str | None = None,
+    request: HttpRequest, operation: str, background: bool, idempotency_key: str | None
 ) -> Status:
     """Read the request's rows and run ``operation`` on them: the status and answer."""
     body = read_body(request)
     rows = parse_rows(body)
     if len(rows) > settings.API_MAX_ROWS:
-        message = TOO_MANY_ROWS.format(count=len(rows), limit=settings.API_MAX_ROWS)
-        raise ApiError(413, message)
-    # A row weighs 1, an order its lines: the operation's own weight, as in a chunk.
+        raise ApiError(413, TOO_MANY_ROWS.format(count=len(rows), limit=settings.API_MAX_ROWS))
+    # A row weighs 1, an order its lines, as in a chunk.
     weight = sum(map(operation_class(operation)().weight, rows))
     later = background or weight > settings.API_SYNC_MAX_ROWS
-
-    # What the endpoint's authentication returned: ninja sets it, untyped.
-    user = request.auth  # type: ignore[attr-defined]
+    user = request.auth  # type: ignore[attr-defined]  # what the endpoint's auth returned
 
     def run() -> tuple[int, dict[str, Any]]:
-        if later:
-            return 202, submit(operation, rows, user)
-        return 200, run_now(operation, rows)
+        return (202, submit(operation, rows, user)) if later else (200, run_now(operation, rows))
 
     if idempotency_key:
         status, answer = replay_or_run(
@@ -177,11 +149,8 @@ def run_rows(
 def run_now(operation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Run the registered (optimized) operation on ``rows`` in this request.
 
-    A run that failed (a chunk's retries ran out: live traffic held its locks,
-    or the database kept refusing) is an error, not a 200: 503 with
-    ``Retry-After`` when nothing was committed (the same batch may simply be
-    sent again, and an ``Idempotency-Key`` is freed for it), else the 500 of a
-    run that failed after committing some chunks (see ``api.idempotency``).
+    A failed run is an error: 503 with ``Retry-After`` when nothing was
+    committed (the same batch may be sent again), else the 500 of ``api.idempotency``.
     """
     result = run_batch(operation_class(operation)(), rows)
     if result.status != BatchProcessingLog.Status.FAILED:

@@ -1,8 +1,6 @@
 """One error shape for every API failure, and the one place that maps errors to HTTP.
 
-Every error answer is ``{"detail": "...", "errors": [{"index", "field",
-"message"}]}``: ``errors`` names the offending rows and fields when there are
-any (a malformed batch), and is empty otherwise.
+Every error answer is ``{"detail": "...", "errors": [{"index", "field", "message"}]}``.
 """
 
 from __future__ import annotations
@@ -25,18 +23,12 @@ class ApiError(Exception):
     """An error answer: status code, a message and optionally row/field errors."""
 
     def __init__(
-        self,
-        status: int,
-        detail: str,
-        errors: list[dict[str, Any]] | None = None,
-        *,
-        headers: dict[str, str] | None = None,
+        self, status: int, detail: str, errors: list | None = None, *, headers: dict | None = None
     ) -> None:
         super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.errors = errors or []
-        self.headers = headers or {}
+        self.status, self.detail = status, detail
+        self.errors: list[dict[str, Any]] = errors or []
+        self.headers: dict[str, str] = headers or {}
 
 
 def row_error(index: int | None, field: str | None, message: str) -> dict[str, Any]:
@@ -49,11 +41,6 @@ def body_too_large() -> str:
 
 def error_body(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"detail": detail, "errors": errors or []}
-
-
-def _location(loc: tuple | list) -> str:
-    """'query.since' from pydantic's ('query', 'since')."""
-    return ".".join(str(part) for part in loc)
 
 
 def install_error_handlers(api: NinjaAPI) -> None:
@@ -85,10 +72,9 @@ def install_error_handlers(api: NinjaAPI) -> None:
 
     @api.exception_handler(ValidationError)
     def invalid(request: HttpRequest, exc: ValidationError) -> HttpResponse:
-        # Query, path and header parameters (batch bodies are parsed by the
-        # batch flow itself): 400 with the parameter named, never ninja's 422.
+        # Parameters (the batch flow parses bodies): 400 naming "query.since", not a 422.
         errors = [
-            row_error(None, _location(error.get("loc", ())), error.get("msg", "invalid"))
+            row_error(None, ".".join(map(str, error.get("loc", ()))), error.get("msg", "invalid"))
             for error in exc.errors
         ]
         return respond(request, 400, INVALID_PARAMETERS, errors)

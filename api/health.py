@@ -1,7 +1,6 @@
 """``/health``: 200 when the database, the cache and the job worker answer; 503 otherwise.
 
-Open to anyone (load balancers and orchestrators probe it): the body names
-each part and whether it is healthy, never a connection string or secret.
+Open to anyone: the body names each part, never a connection string or secret.
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ def check_cache() -> tuple[bool, str]:
     cache.set(key, "ok", timeout=10)
     stored = cache.get(key)
     cache.delete(key)
-    if stored != "ok":
-        return False, "the cache did not return what was just stored"
-    return True, "set, get and delete answered"
+    if stored == "ok":
+        return True, "set, get and delete answered"
+    return False, "the cache did not return what was just stored"
 
 
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {

@@ -1,25 +1,14 @@
 """``Idempotency-Key``: a replayed batch POST gets the first answer and runs nothing.
 
-The (user, key) pair is unique in the database. A request first inserts its
-record, committed at once and outside any chunk transaction, and only then
-runs; a second request with the same key cannot insert, so it never runs a
-second time:
-
-* the first answer is stored: the same request gets it back (same status and
-  body); another request (a different hash of method, path, query and body)
-  gets 409;
-* the first is still running: 409, retry later.
-
-If the run fails with an exception before committing anything, its record is
-deleted so the client can retry with the same key. If it fails after some of
-its chunks committed, the record is kept with a 500 answer naming the run and
-what it committed, and that answer is what a retry gets: sending the batch
-again would apply the committed rows twice. If the
-process dies instead, nothing deletes it: a record still without an answer
-after ``settings.IDEMPOTENCY_PENDING_SECONDS`` is taken as abandoned, and the
-next request with the key deletes it and takes the key (the delete and the
-insert go through the unique constraint, so of two such retries one runs).
-``manage.py purge_idempotency_keys`` deletes old records.
+The unique (user, key) pair is the lock: a request inserts its record,
+committed at once and outside any chunk transaction, before it runs, so a
+second request with the key cannot insert and never runs twice (409, or the
+stored answer). A run that raises before committing anything deletes its
+record (the key is free again); one that raises after committing chunks keeps
+it with a 500 answer, which retries get: sending the batch again would apply
+the committed rows twice. A record still unanswered after
+``IDEMPOTENCY_PENDING_SECONDS`` belongs to a dead process: the next request
+deletes it and takes the key (through the constraint: of two such, one runs).
 """
 
 from __future__ import annotations
@@ -48,11 +37,7 @@ FAILED_AFTER_COMMIT = (
 
 
 def replay_or_run(
-    *,
-    user: Any,
-    key: str,
-    request_hash: str,
-    run: Callable[[], tuple[int, dict[str, Any]]],
+    *, user: Any, key: str, request_hash: str, run: Callable[[], tuple[int, dict[str, Any]]]
 ) -> tuple[int, dict[str, Any]]:
     """The stored answer for (user, key), or ``run()``'s, stored for next time."""
     record = _reserve(user, key, request_hash)
@@ -71,27 +56,24 @@ def replay_or_run(
             record.delete()
             raise
         status, answer = 500, failed_after_commit(log)
-        _answer(record, status, answer)
         if not isinstance(exc, Exception):  # an interrupt goes on up, its answer kept
+            _answer(record, status, answer)
             raise
         logger.exception("batch run #%s failed after committing rows", log.pk)
-        return status, answer
     _answer(record, status, answer)
     return status, answer
 
 
 def _answer(record: IdempotencyRecord, status: int, answer: dict[str, Any]) -> None:
-    # An UPDATE of no row if the record was taken for abandoned meanwhile.
+    # Updates no row if the record was taken for abandoned meanwhile.
     IdempotencyRecord.objects.filter(pk=record.pk).update(status_code=status, response=answer)
 
 
 def failed_after_commit(log: Any) -> dict[str, Any]:
     """The answer kept for a run that raised after some of its chunks committed."""
+    rows, written = log.checkpoint_position, log.rows_written
     message = FAILED_AFTER_COMMIT.format(
-        log_id=log.pk,
-        rows=log.checkpoint_position,
-        written=log.rows_written,
-        error=log.error_summary,
+        log_id=log.pk, rows=rows, written=written, error=log.error_summary
     )
     return {**error_body(message), "log_id": log.pk}
 
@@ -115,11 +97,9 @@ def _release_abandoned(record: IdempotencyRecord) -> bool:
 
 
 def _replay(record: IdempotencyRecord | None, request_hash: str) -> tuple[int, dict[str, Any]]:
-    if record is None:
-        # The first request failed and released the key just now.
-        raise ApiError(409, KEY_IN_PROGRESS)
-    if record.request_hash != request_hash:
+    if record is not None and record.request_hash != request_hash:
         raise ApiError(409, KEY_REUSED)
-    if record.status_code is None or record.response is None:  # not finished
+    # Not finished, or gone: the first request failed and released the key just now.
+    if record is None or record.status_code is None or record.response is None:
         raise ApiError(409, KEY_IN_PROGRESS)
     return record.status_code, record.response

@@ -1,9 +1,4 @@
-"""The JSON API: one NinjaAPI, a router per topic (``api.routers``), one error shape, one auth rule.
-
-Mounted at ``/api/``: the OpenAPI schema is ``/api/openapi.json`` and the
-interactive docs ``/api/docs`` (Swagger UI from ninja's own static files, so
-the page loads nothing from the internet; the online validator is off).
-"""
+"""The JSON API: one NinjaAPI, a router per topic, one error shape, one auth rule."""
 
 from ninja import NinjaAPI, Swagger
 

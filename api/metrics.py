@@ -1,17 +1,8 @@
-"""``/metrics``: Prometheus text, read from the database at scrape time.
+"""``/metrics``: Prometheus text, read from the database at scrape time (docs/api.md).
 
-Nothing is counted in process memory: every figure is an aggregate over
-``BatchProcessingLog`` (and the jobs table), so the answer is the same
-whichever process or worker serves the scrape, and survives restarts. A
-scrape costs two queries whatever the number of runs: one grouped aggregate
-over the logs (runs, rows, chunks, duration buckets, last success) and one
-count of jobs by status.
-
-Counters derived this way go down if log rows are deleted; Prometheus treats
-that as a counter reset.
-
-Access: open unless ``METRICS_TOKEN`` is set; then the scraper must send
-``Authorization: Bearer <METRICS_TOKEN>``.
+Every figure is an aggregate over ``BatchProcessingLog`` and the jobs table, so
+any process answers the same, and a scrape costs two queries whatever the
+number of runs. Deleting log rows lowers the counters: Prometheus sees a reset.
 """
 
 from __future__ import annotations
@@ -40,7 +31,7 @@ from jobs.models import Job
 Log = BatchProcessingLog
 Status = Log.Status
 
-# Run duration buckets, in seconds (an API batch of 5,000 rows takes about a second).
+# Run duration buckets, in seconds.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 # A run that finished without failing: some rows may have been skipped.
 SUCCEEDED = (Status.COMPLETED, Status.PARTIAL)
@@ -48,10 +39,21 @@ SUCCEEDED = (Status.COMPLETED, Status.PARTIAL)
 STOPPED = (Status.FAILED, Status.INTERRUPTED)
 JOB_STATES = (Job.Status.QUEUED, Job.Status.RUNNING)
 UNAUTHORIZED = "metrics need Authorization: Bearer <METRICS_TOKEN>"
-
-
-def _bucket_name(index: int) -> str:
-    return f"le_{index}"
+# The per-variant counters of chunks: (metric, help, the group's figure).
+CHUNK_COUNTERS = (
+    ("shop_batch_chunks_rolled_back", "Chunk transactions rolled back.", "rolled_back"),
+    ("shop_batch_chunks_retried", "Chunks retried after a transient failure.", "retried"),
+    (
+        "shop_batch_after_commit_failures",
+        "Side effects of committed chunks (cache invalidation) that failed; "
+        "the chunks stayed committed.",
+        "after_commit_failures",
+    ),
+)
+OUTCOMES = ("written", "skipped", "failed")
+LABELS = ["operation", "variant"]
+# Summed per (operation, variant), with the duration buckets.
+SUMMED = (*OUTCOMES, *(figure for *_, figure in CHUNK_COUNTERS), "finished_runs", "duration_sum")
 
 
 class BatchCollector(Collector):
@@ -64,10 +66,9 @@ class BatchCollector(Collector):
     def _runs(self) -> Iterator[Metric]:
         finished = Q(duration_seconds__isnull=False, finished_at__isnull=False)
         buckets = {
-            _bucket_name(i): Count("id", filter=finished & Q(duration_seconds__lte=bound))
+            f"le_{i}": Count("id", filter=finished & Q(duration_seconds__lte=bound))
             for i, bound in enumerate(DURATION_BUCKETS)
         }
-        # Mappings: the bucket names below are not literals.
         groups: Iterable[Mapping[str, Any]] = (
             Log.objects.order_by()
             .values("operation", "variant", "status")
@@ -91,34 +92,19 @@ class BatchCollector(Collector):
         runs = CounterMetricFamily(
             "shop_batch_runs",
             "Batch runs by operation, variant and status.",
-            labels=["operation", "variant", "status"],
+            labels=[*LABELS, "status"],
         )
         rows = CounterMetricFamily(
             "shop_batch_rows",
             "Rows by outcome: written, skipped (rejected rows), failed "
             "(read by a run that failed or was interrupted, neither written nor skipped).",
-            labels=["operation", "variant", "outcome"],
+            labels=[*LABELS, "outcome"],
         )
-        rolled_back = CounterMetricFamily(
-            "shop_batch_chunks_rolled_back",
-            "Chunk transactions rolled back.",
-            labels=["operation", "variant"],
-        )
-        retried = CounterMetricFamily(
-            "shop_batch_chunks_retried",
-            "Chunks retried after a transient failure.",
-            labels=["operation", "variant"],
-        )
-        after_commit_failures = CounterMetricFamily(
-            "shop_batch_after_commit_failures",
-            "Side effects of committed chunks (cache invalidation) that failed; "
-            "the chunks stayed committed.",
-            labels=["operation", "variant"],
-        )
+        counters = [
+            CounterMetricFamily(name, text, labels=LABELS) for name, text, _ in CHUNK_COUNTERS
+        ]
         duration = HistogramMetricFamily(
-            "shop_batch_run_duration_seconds",
-            "Duration of finished batch runs.",
-            labels=["operation", "variant"],
+            "shop_batch_run_duration_seconds", "Duration of finished batch runs.", labels=LABELS
         )
         last_success = GaugeMetricFamily(
             "shop_batch_last_success_timestamp_seconds",
@@ -133,48 +119,32 @@ class BatchCollector(Collector):
             operation, variant = group["operation"], group["variant"]
             runs.add_metric([operation, variant, group["status"]], group["runs"])
             totals = per_variant[(operation, variant)]
-            for name in (
-                "written",
-                "skipped",
-                "failed",
-                "rolled_back",
-                "retried",
-                "after_commit_failures",
-                "finished_runs",
-                "duration_sum",
-                *buckets,
-            ):
+            for name in (*SUMMED, *buckets):
                 totals[name] += max(group[name] or 0, 0)
             if group["last_success"] is not None:
                 stamp = group["last_success"].timestamp()
                 latest[operation] = max(latest.get(operation, 0.0), stamp)
         for (operation, variant), totals in sorted(per_variant.items()):
-            for outcome in ("written", "skipped", "failed"):
+            for outcome in OUTCOMES:
                 rows.add_metric([operation, variant, outcome], totals[outcome])
-            rolled_back.add_metric([operation, variant], totals["rolled_back"])
-            retried.add_metric([operation, variant], totals["retried"])
-            after_commit_failures.add_metric([operation, variant], totals["after_commit_failures"])
+            for counter, (*_, figure) in zip(counters, CHUNK_COUNTERS, strict=True):
+                counter.add_metric([operation, variant], totals[figure])
             cumulative = [
-                (str(bound), totals[_bucket_name(i)]) for i, bound in enumerate(DURATION_BUCKETS)
+                (str(bound), totals[f"le_{i}"]) for i, bound in enumerate(DURATION_BUCKETS)
             ]
             cumulative.append(("+Inf", totals["finished_runs"]))
             duration.add_metric([operation, variant], cumulative, totals["duration_sum"])
         for operation, stamp in sorted(latest.items()):
             last_success.add_metric([operation], stamp)
-        yield from (runs, rows, rolled_back, retried, after_commit_failures, duration, last_success)
+        yield from (runs, rows, *counters, duration, last_success)
 
     def _jobs(self) -> Metric:
         jobs = GaugeMetricFamily(
             "shop_jobs", "Background jobs waiting or running.", labels=["status"]
         )
         counts: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
-        for row in (
-            Job.objects.order_by()
-            .filter(status__in=JOB_STATES)
-            .values("status")
-            .annotate(count=Count("pk"))
-        ):
-            counts[row["status"]] = row["count"]
+        by_status = Job.objects.order_by().filter(status__in=JOB_STATES).values("status")
+        counts.update(by_status.annotate(count=Count("pk")).values_list("status", "count"))
         for status, count in counts.items():
             jobs.add_metric([status], count)
         return jobs

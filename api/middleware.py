@@ -5,17 +5,13 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse
 from django.utils.cache import patch_cache_control
 
-# Every API answer (per-user data, job progress, idempotent replays) and the
-# product list (live stock and counts, staff only).
+# Per-user API answers and the staff product list (live stock and counts).
 NO_STORE_PREFIXES = ("/api/", "/products/")
 
 
 class NoStoreMiddleware:
-    """``Cache-Control: no-store`` on every answer under ``NO_STORE_PREFIXES``.
-
-    A middleware rather than a decorator per view, so that ninja's own answers
-    (errors, the schema, the docs) and Django's (a 404, a CSRF failure) get it too.
-    """
+    """``Cache-Control: no-store`` on every answer under ``NO_STORE_PREFIXES``, ninja's and
+    Django's own (errors, the schema, a CSRF failure) included: hence not a view decorator."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response

@@ -1,9 +1,7 @@
 """API tokens and idempotency records.
 
-A token's secret is shown once, when it is created, and stored only as its
-SHA-256 digest: the secrets are 256 random bits, so a fast hash is enough (a
-slow password hash protects guessable secrets, which these are not), and a
-token is found by an indexed lookup of its digest in one query.
+A token's secret (256 random bits) is shown once and stored only as its SHA-256
+digest: unguessable secrets need no slow hash, and the lookup is one indexed query.
 """
 
 from __future__ import annotations
@@ -40,8 +38,7 @@ class ApiToken(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
     )
     name = models.CharField(max_length=100, blank=True)
-    # The secret's first characters: enough to tell tokens apart in lists and
-    # to revoke one, useless to authenticate with.
+    # The secret's first characters: enough to tell tokens apart, useless to authenticate.
     prefix = models.CharField(max_length=PREFIX_LENGTH)
     digest = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -64,19 +61,13 @@ class ApiToken(models.Model):
     def issue(cls, user, *, name: str = "") -> tuple[ApiToken, str]:
         """Create a token for ``user``; returns it and its secret (shown once)."""
         secret = secrets.token_urlsafe(TOKEN_BYTES)
-        token = cls.objects.create(
-            user=user, name=name, prefix=secret[:PREFIX_LENGTH], digest=token_digest(secret)
-        )
-        return token, secret
+        prefix, digest = secret[:PREFIX_LENGTH], token_digest(secret)
+        return cls.objects.create(user=user, name=name, prefix=prefix, digest=digest), secret
 
 
 class IdempotencyRecord(models.Model):
-    """The first answer to a batch POST sent with an ``Idempotency-Key``.
-
-    The unique (user, key) pair is the lock: the first request inserts its row
-    before it runs (``status_code`` still null), so a concurrent request with
-    the same key fails to insert and is told to retry instead of running twice.
-    """
+    """The first answer to a batch POST sent with an ``Idempotency-Key``: inserted before
+    the run (``status_code`` null), its unique (user, key) is the lock (``api.idempotency``)."""
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="idempotency_records"

@@ -6,27 +6,17 @@ from uuid import UUID
 
 from ninja import Field, Header, Query, Schema
 
+KEY_HELP = "Replaying a request with the same key returns the first answer."
 IdempotencyKey = Annotated[
     str | None,
-    Header(
-        None,
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        description="Replaying a request with the same key returns the first answer.",
-    ),
+    Header(None, alias="Idempotency-Key", min_length=1, max_length=255, description=KEY_HELP),
 ]
-
-Background = Annotated[
-    bool,
-    Query(
-        description=(
-            "Up to API_SYNC_MAX_ROWS rows (order lines, for orders) run at once and answer "
-            "200 with the result; more rows, or background=true, answer 202 with a job and "
-            "its status URL."
-        )
-    ),
-]
+BACKGROUND_HELP = (
+    "Up to API_SYNC_MAX_ROWS rows (order lines, for orders) run at once and answer "
+    "200 with the result; more rows, or background=true, answer 202 with a job and "
+    "its status URL."
+)
+Background = Annotated[bool, Query(description=BACKGROUND_HELP)]
 
 
 class RowErrorOut(Schema):
@@ -90,15 +80,6 @@ BATCH_RESPONSES = {200: BatchResultOut, 202: JobAcceptedOut, 500: FailedAfterCom
 
 def rows_body(description: str, example: list[dict[str, Any]]) -> dict[str, Any]:
     """OpenAPI for a batch body: a JSON list of objects (the flow parses it itself)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "description": description,
-            "content": {
-                "application/json": {
-                    "schema": {"type": "array", "items": {"type": "object"}},
-                    "example": example,
-                }
-            },
-        }
-    }
+    schema = {"type": "array", "items": {"type": "object"}}
+    content = {"application/json": {"schema": schema, "example": example}}
+    return {"requestBody": {"required": True, "description": description, "content": content}}

@@ -1,40 +1,27 @@
-"""Small server-side SVG charts: grouped bars and lines over time, no JavaScript.
+"""Small server-side SVG charts (grouped bars, lines over time): no JavaScript, no CDN.
 
-The admin pages draw their charts here so that no page loads anything from the
-internet (no charting library, no CDN) and every chart works with scripts off.
-
-Safety: every piece of text that reaches the markup (title, axis label, group
-and series names, tooltips) goes through ``django.utils.html.escape``, which
-escapes ``& < > " '`` and so is safe in XML text and in quoted attributes. The
-result is marked safe for templates only because of that.
-
-Accessibility: the ``<svg>`` has ``role="img"`` and an ``aria-label`` (the
-title); a ``<title>`` and a ``<desc>`` summarise it for assistive technology,
-and each bar and point carries its own ``<title>`` (a tooltip with its value).
-Text and axes use ``currentColor``, so the charts follow the admin's light and
-dark themes; series colours come from the Okabe-Ito palette, which stays
-distinguishable with the common forms of colour blindness.
+Every text in the markup goes through ``escape``: that alone is why the result is
+marked safe. Text and axes use ``currentColor`` (the admin's light and dark themes).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
-from typing import TypeGuard
+from itertools import groupby
+from typing import TypeGuard, cast
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-__all__ = ["NO_DATA", "bar_chart", "line_chart", "nice_ticks"]
-
 NO_DATA = "No data"
 MIXED_X = "line_chart: series {name!r} mixes x values of different kinds ({first} and {other})"
 BAD_X = "line_chart: series {name!r} has an x value of type {kind}, not a datetime, date or number"
-SERIES_LENGTH = "bar_chart: series {name!r} has {values} values for {groups} groups"
-TOO_SMALL = "chart size {width}x{height} is too small (at least {min_width}x{min_height})"
+SERIES_LENGTH = "bar_chart: series {!r} has {} values for {} groups"
+TOO_SMALL = "chart size {}x{} is too small (at least {}x{})"
 
+# Okabe-Ito: distinguishable with the common forms of colour blindness.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000")
 FONT_SIZE = 12
 # Average glyph advance of a sans-serif font at FONT_SIZE, for layout estimates.
@@ -55,9 +42,6 @@ _TIME_STEPS = (
 )  # fmt: skip
 
 
-# Numbers and ticks ----------------------------------------------------------
-
-
 def _usable(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
@@ -75,11 +59,7 @@ def _decimals(step: float) -> int:
 
 
 def nice_ticks(low: float, high: float, target: int = TARGET_TICKS) -> list[float]:
-    """Round tick values covering ``[low, high]``: about ``target`` steps of 1, 2 or 5 x 10^n.
-
-    The first tick is at or below ``low`` and the last at or above ``high``, so
-    the ticks also give the axis its range.
-    """
+    """Round ticks from ``low`` or below to ``high`` or above: ~``target`` steps of 1, 2, 5x10^n."""
     if low > high:
         low, high = high, low
     if low == high:
@@ -102,10 +82,7 @@ def _log_ticks(low: float, high: float) -> list[float]:
     if decades <= 2:
         ticks = [m * 10.0**e for e in range(first, last) for m in (1, 2, 5)]
         return [*ticks, 10.0**last]
-    stride = math.ceil(decades / 8)
-    return [10.0 ** (first + i) for i in range(0, decades + stride, stride)][
-        : decades // stride + 1
-    ]
+    return [10.0 ** (first + i) for i in range(0, decades + 1, math.ceil(decades / 8))]
 
 
 def format_number(value: float, decimals: int | None = None) -> str:
@@ -115,17 +92,11 @@ def format_number(value: float, decimals: int | None = None) -> str:
         if magnitude >= size:
             divisor = 1e3 if suffix == "k" else size
             return f"{value / divisor:.3g}{suffix}"
+    if decimals is None and magnitude < 1 and value != int(value):
+        return f"{value:.3g}"
     if decimals is None:
-        if magnitude >= 100 or value == int(value):
-            decimals = 0
-        elif magnitude >= 1:
-            decimals = 2
-        else:
-            return f"{value:.3g}"
+        decimals = 0 if magnitude >= 100 or value == int(value) else 2
     return f"{value:,.{decimals}f}"
-
-
-# Markup helpers --------------------------------------------------------------
 
 
 def _text_width(text: str) -> float:
@@ -147,31 +118,16 @@ def _text(x: float, y: float, text: str, *, anchor: str = "start", extra: str = 
     return f'<text x="{_num(x)}" y="{_num(y)}" text-anchor="{anchor}"{extra}>{escape(text)}</text>'
 
 
-@dataclass
-class _Frame:
-    """The plot area inside the margins, and the SVG around it."""
-
-    width: int
-    height: int
-    left: float
-    top: float
-    right: float
-    bottom: float
-
-    @property
-    def plot_width(self) -> float:
-        return self.right - self.left
-
-    @property
-    def plot_height(self) -> float:
-        return self.bottom - self.top
+def _line(x1: float, x2: float, y1: float, y2: float, opacity: str = "0.6") -> str:
+    return (
+        f'<line x1="{_num(x1)}" x2="{_num(x2)}" y1="{_num(y1)}" y2="{_num(y2)}" '
+        f'stroke="currentColor" stroke-opacity="{opacity}"/>'
+    )
 
 
 def _check_size(width: int, height: int) -> None:
     if width < MIN_WIDTH or height < MIN_HEIGHT:
-        raise ValueError(
-            TOO_SMALL.format(width=width, height=height, min_width=MIN_WIDTH, min_height=MIN_HEIGHT)
-        )
+        raise ValueError(TOO_SMALL.format(width, height, MIN_WIDTH, MIN_HEIGHT))
 
 
 def _svg(width: int, height: int, title: str, desc: str, body: Iterable[str]) -> SafeString:
@@ -217,81 +173,46 @@ def _legend(names: Sequence[str], width: int, top: float) -> tuple[list[str], fl
     return parts, y + row_height - top
 
 
-def _y_axis(
-    frame: _Frame,
-    ticks: list[float],
-    scale: Callable[[float], float],
-    labels: list[str],
+def _plot(
+    size: tuple[int, int],
+    names: Sequence[str],
+    values: list[float],
     y_label: str,
-) -> list[str]:
-    parts = ['<g class="y-axis">']
-    for tick, label in zip(ticks, labels, strict=True):
-        y = scale(tick)
-        parts.append(
-            f'<line x1="{_num(frame.left)}" x2="{_num(frame.right)}" y1="{_num(y)}" '
-            f'y2="{_num(y)}" stroke="currentColor" stroke-opacity="0.15"/>'
-        )
-        parts.append(_text(frame.left - 6, y + 4, label, anchor="end"))
-    mid = frame.top + frame.plot_height / 2
-    parts.append(
-        _text(
-            14,
-            mid,
-            _truncate(y_label, frame.plot_height),
-            anchor="middle",
-            extra=f' transform="rotate(-90 14 {_num(mid)})"',
-        )
-    )
-    parts.append(
-        f'<line x1="{_num(frame.left)}" x2="{_num(frame.left)}" y1="{_num(frame.top)}" '
-        f'y2="{_num(frame.bottom)}" stroke="currentColor" stroke-opacity="0.6"/>'
-    )
-    parts.append("</g>")
-    return parts
+    log_scale: bool,
+    right_pad: float = 0,
+) -> tuple[tuple[float, float, float], Callable[[float], float], list[str]]:
+    """The plot area's left, right and bottom, the value to y function, and the legend and
+    value axis markup.
 
-
-def _axis_label(label: str, log_scale: bool) -> str:
-    return f"{label} (log scale)" if log_scale else label
-
-
-def _frame(
-    width: int, height: int, names: Sequence[str], tick_labels: list[str]
-) -> tuple[_Frame, list[str]]:
-    legend, legend_height = _legend(names, width, 30)
-    left = 28 + max(_text_width(label) for label in tick_labels) + 8
-    frame = _Frame(
-        width=width,
-        height=height,
-        left=left,
-        top=30 + legend_height + 10,
-        right=width - 16,
-        bottom=height - 28,
-    )
-    return frame, legend
-
-
-def _value_ticks(values: list[float], log_scale: bool) -> tuple[list[float], list[str]]:
-    """Ticks of the value axis (zero always included on a linear one) and their labels."""
+    A linear value axis always includes zero.
+    """
     if log_scale:
         ticks = _log_ticks(min(values), max(values))
-        return ticks, [format_number(t) for t in ticks]
-    ticks = nice_ticks(min(0.0, *values), max(0.0, *values))
-    decimals = _decimals(ticks[1] - ticks[0])
-    return ticks, [format_number(t, decimals) for t in ticks]
-
-
-def _value_scale(ticks: list[float], frame: _Frame, log_scale: bool) -> Callable[[float], float]:
-    """The function from a value to its y coordinate in ``frame``."""
+        labels = [format_number(t) for t in ticks]
+    else:
+        ticks = nice_ticks(min(0.0, *values), max(0.0, *values))
+        labels = [format_number(t, _decimals(ticks[1] - ticks[0])) for t in ticks]
+    width, height = size
+    parts, legend_height = _legend(names, width, 30)
+    left = 28 + max(_text_width(label) for label in labels) + 8
+    top, right, bottom = 30 + legend_height + 10, width - 16 - right_pad, height - 28
     transform = math.log10 if log_scale else float
     low, high = transform(ticks[0]), transform(ticks[-1])
 
     def scale(value: float) -> float:
-        return frame.bottom - (transform(value) - low) / (high - low) * frame.plot_height
+        return bottom - (transform(value) - low) / (high - low) * (bottom - top)
 
-    return scale
-
-
-# Bar chart ---------------------------------------------------------------------
+    parts.append('<g class="y-axis">')
+    for tick, label in zip(ticks, labels, strict=True):
+        y = scale(tick)
+        parts.append(_line(left, right, y, y, "0.15"))
+        parts.append(_text(left - 6, y + 4, label, anchor="end"))
+    mid = top + (bottom - top) / 2
+    label = _truncate(f"{y_label} (log scale)" if log_scale else y_label, bottom - top)
+    rotate = f' transform="rotate(-90 14 {_num(mid)})"'
+    parts.append(_text(14, mid, label, anchor="middle", extra=rotate))
+    parts += [_line(left, left, top, bottom), "</g>"]
+    return (left, right, bottom), scale, parts
 
 
 def bar_chart(
@@ -306,22 +227,14 @@ def bar_chart(
 ) -> SafeString:
     """Grouped bars: one group per entry of ``groups``, one bar per series in each.
 
-    ``series`` maps a series name to one value per group; ``None`` (or NaN) is
-    a missing bar and leaves a gap. With ``log_scale`` the value axis is
-    logarithmic (for figures that differ by orders of magnitude, such as naive
-    against optimized query counts); values at or below zero cannot be drawn
-    on it and are left out like missing ones.
-
-    Returns:
-        SVG markup, marked safe (every label in it is escaped).
+    ``series`` maps a name to one value per group; ``None`` (or NaN) leaves a
+    gap, as does a value at or below zero on a ``log_scale`` axis.
     """
     _check_size(width, height)
     names = list(series)
     for name in names:
         if len(series[name]) != len(groups):
-            raise ValueError(
-                SERIES_LENGTH.format(name=name, values=len(series[name]), groups=len(groups))
-            )
+            raise ValueError(SERIES_LENGTH.format(name, len(series[name]), len(groups)))
 
     def drawable(value: float | None) -> TypeGuard[float]:
         return _usable(value) and (not log_scale or value > 0)
@@ -330,17 +243,13 @@ def bar_chart(
     if not groups or not values:
         return _no_data(width, height, title)
 
-    ticks, tick_labels = _value_ticks(values, log_scale)
-    frame, legend = _frame(width, height, names, tick_labels)
-    scale = _value_scale(ticks, frame, log_scale)
-    baseline = frame.bottom if log_scale else scale(0.0)
-
-    body = [*legend, *_y_axis(frame, ticks, scale, tick_labels, _axis_label(y_label, log_scale))]
-    group_width = frame.plot_width / len(groups)
+    (left, right, bottom), scale, body = _plot((width, height), names, values, y_label, log_scale)
+    baseline = bottom if log_scale else scale(0.0)
+    group_width = (right - left) / len(groups)
     bar_width = group_width * 0.8 / max(1, len(names))
     body.append('<g class="bars">')
     for g, group in enumerate(groups):
-        group_left = frame.left + g * group_width + group_width * 0.1
+        group_left = left + g * group_width + group_width * 0.1
         for s, name in enumerate(names):
             value = series[name][g]
             if not drawable(value):
@@ -354,16 +263,12 @@ def bar_chart(
                 f"<title>{escape(f'{group} - {name}: {format_number(value)}')}</title></rect>"
             )
     body.append("</g>")
-    body.append('<g class="x-axis">')
-    body.append(
-        f'<line x1="{_num(frame.left)}" x2="{_num(frame.right)}" y1="{_num(baseline)}" '
-        f'y2="{_num(baseline)}" stroke="currentColor" stroke-opacity="0.6"/>'
-    )
+    body += ['<g class="x-axis">', _line(left, right, baseline, baseline)]
     for g, group in enumerate(groups):
-        centre = frame.left + (g + 0.5) * group_width
+        centre = left + (g + 0.5) * group_width
         label = _truncate(group, group_width - 4)
         body.append(
-            f'<text x="{_num(centre)}" y="{_num(frame.bottom + 18)}" text-anchor="middle">'
+            f'<text x="{_num(centre)}" y="{_num(bottom + 18)}" text-anchor="middle">'
             f"<title>{escape(group)}</title>{escape(label)}</text>"
         )
     body.append("</g>")
@@ -375,16 +280,10 @@ def bar_chart(
     return _svg(width, height, title, desc, body)
 
 
-# Line chart --------------------------------------------------------------------
-
-
 def _x_kind(value: object) -> str:
-    if isinstance(value, datetime):
-        return "datetime"
-    if isinstance(value, date):
-        return "date"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "number"
+    for kind, types in (("datetime", datetime), ("date", date), ("number", int | float)):
+        if isinstance(value, types) and not isinstance(value, bool):
+            return kind
     return type(value).__name__
 
 
@@ -403,12 +302,9 @@ def _time_ticks(low: float, high: float, dates_only: bool) -> list[float]:
 
 
 def _time_label(seconds: float, step: float, dates_only: bool) -> str:
-    moment = _NAIVE_EPOCH + timedelta(seconds=seconds)
-    if dates_only or step >= _DAY:
-        return moment.strftime("%Y-%m-%d")
-    if step >= 60:
-        return moment.strftime("%m-%d %H:%M")
-    return moment.strftime("%H:%M:%S")
+    days = dates_only or step >= _DAY
+    pattern = "%Y-%m-%d" if days else "%m-%d %H:%M" if step >= 60 else "%H:%M:%S"
+    return (_NAIVE_EPOCH + timedelta(seconds=seconds)).strftime(pattern)
 
 
 def line_chart(
@@ -422,21 +318,10 @@ def line_chart(
 ) -> SafeString:
     """One line per series over a time or number axis, with a point per value.
 
-    The x values of a chart are all datetimes, all dates or all numbers.
-    Aware datetimes are drawn in the time zone of the first one (convert them
-    with ``django.utils.timezone.localtime`` first to show local time); ticks
-    fall on round minutes, hours or days. Points are sorted by x; a ``None``
-    (or NaN) y breaks the line. With ``log_scale`` the value axis is
-    logarithmic (naive and optimized throughput on one chart), and values at
-    or below zero are left out. A series of more than ``MAX_MARKERS`` points
-    is drawn as a line without a marker (and tooltip) per point, to keep the
-    markup small.
-
-    Returns:
-        SVG markup, marked safe (every label in it is escaped).
-
-    Raises:
-        TypeError: x values of different kinds, or of an unsupported type.
+    The x values are all datetimes (drawn in the first one's time zone), all
+    dates or all numbers, else TypeError. A ``None`` (or NaN) y breaks the
+    line; on a ``log_scale`` axis values at or below zero are left out. A
+    series of more than ``MAX_MARKERS`` points has no marker per point.
     """
     _check_size(width, height)
     names = list(series)
@@ -454,7 +339,6 @@ def line_chart(
                 zone = x.tzinfo if isinstance(x, datetime) else None
             elif x_kind != kind:
                 raise TypeError(MIXED_X.format(name=name, first=kind, other=x_kind))
-            # x is of the chart's one kind (checked above).
             if isinstance(x, datetime):
                 wall = (x.astimezone(zone) if zone and x.tzinfo else x).replace(tzinfo=None)
                 position = (wall - _NAIVE_EPOCH).total_seconds()
@@ -485,45 +369,33 @@ def line_chart(
         step = x_ticks[1] - x_ticks[0]
         x_labels = [_time_label(t, step, dates_only) for t in x_ticks]
 
-    ticks, tick_labels = _value_ticks(values, log_scale)
-    frame, legend = _frame(width, height, names, tick_labels)
-    frame.right -= _text_width(x_labels[-1]) / 2
-    scale = _value_scale(ticks, frame, log_scale)
+    right_pad = _text_width(x_labels[-1]) / 2
+    size = (width, height)
+    (left, right, bottom), scale, body = _plot(size, names, values, y_label, log_scale, right_pad)
     x_first, x_last = x_ticks[0], x_ticks[-1]
 
     def x_scale(position: float) -> float:
-        return frame.left + (position - x_first) / (x_last - x_first) * frame.plot_width
+        return left + (position - x_first) / (x_last - x_first) * (right - left)
 
-    body = [*legend, *_y_axis(frame, ticks, scale, tick_labels, _axis_label(y_label, log_scale))]
-    body.append('<g class="x-axis">')
-    body.append(
-        f'<line x1="{_num(frame.left)}" x2="{_num(frame.right)}" y1="{_num(frame.bottom)}" '
-        f'y2="{_num(frame.bottom)}" stroke="currentColor" stroke-opacity="0.6"/>'
-    )
+    body += ['<g class="x-axis">', _line(left, right, bottom, bottom)]
     # Thin the labels out when they would overlap; every tick keeps its mark.
     label_width = max(_text_width(label) for label in x_labels) + 12
-    every = max(1, math.ceil(label_width / (frame.plot_width / max(1, len(x_ticks) - 1))))
+    every = max(1, math.ceil(label_width / ((right - left) / max(1, len(x_ticks) - 1))))
     for index, (tick, label) in enumerate(zip(x_ticks, x_labels, strict=True)):
         x = x_scale(tick)
-        body.append(
-            f'<line x1="{_num(x)}" x2="{_num(x)}" y1="{_num(frame.bottom)}" '
-            f'y2="{_num(frame.bottom + 4)}" stroke="currentColor" stroke-opacity="0.6"/>'
-        )
+        body.append(_line(x, x, bottom, bottom + 4))
         if index % every == 0:
-            body.append(_text(x, frame.bottom + 18, label, anchor="middle"))
+            body.append(_text(x, bottom + 18, label, anchor="middle"))
     body.append("</g>")
 
     for s, name in enumerate(names):
         color = PALETTE[s % len(PALETTE)]
         body.append(f'<g class="series" stroke="{color}" fill="{color}">')
-        segments: list[list[tuple[float, float, datetime | date | float]]] = [[]]
-        for x, y, original in points[name]:
-            if y is None:
-                segments.append([])
-            else:
-                segments[-1].append((x, y, original))
         markers = len(points[name]) <= MAX_MARKERS
-        for segment in segments:
+        for gap, run in groupby(points[name], key=lambda point: point[1] is None):
+            if gap:
+                continue
+            segment = cast(list[tuple[float, float, datetime | date | float]], list(run))
             if len(segment) > 1:
                 line = " ".join(f"{_num(x_scale(x))},{_num(scale(y))}" for x, y, _ in segment)
                 body.append(f'<polyline points="{line}" fill="none" stroke-width="2"/>')

@@ -18,33 +18,23 @@ def positive_int(value: str) -> int:
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class Progress:
-    """A one-line progress bar on a terminal: rows, rows per second, time left.
-
-    ``track`` wraps the row iterator, so the bar follows the rows as the
-    engine consumes them, without any hook in the engine. It redraws at most
-    every ``interval`` seconds; without a total (a gzipped file) it shows the
-    count and the rate only.
-    """
+    """A one-line terminal progress bar (rows, rows/s, time left) following the rows ``track``
+    yields, with no hook in the engine; without a total, the count and rate only."""
 
     def __init__(
         self, out: OutputWrapper, total: int | None, *, interval: float = 0.2, width: int = 30
     ) -> None:
-        self.out = out
-        self.total = total
-        self.interval = interval
-        self.width = width
+        self.out, self.total, self.interval, self.width = out, total, interval, width
         self.label = ""
-        self.count = 0
+        self.count = self._drawn = 0
         self.started = time.monotonic()
         self._next_draw = self.started + interval
-        self._drawn = 0
 
     def track[T](self, rows: Iterable[T]) -> Iterator[T]:
         for row in rows:
@@ -72,7 +62,7 @@ class Progress:
 
     def draw(self, now: float) -> None:
         text = self.line(now)
-        # Pad with spaces to wipe the rest of a longer previous line.
+        # Padded to wipe the rest of a longer previous line.
         self.out.write("\r" + text.ljust(self._drawn), ending="")
         self.out.flush()
         self._drawn = len(text)

@@ -7,17 +7,14 @@ from typing import Any
 
 
 def missing_permissions(user: Any, permissions: Iterable[str]) -> list[str]:
-    """The ``app_label.codename`` permissions of ``permissions`` that ``user`` lacks.
+    """The permissions (``app_label.codename``) ``user`` lacks.
 
-    The admin's rule (``ModelAdmin.has_view_permission``): the change
-    permission also grants the view permission of its model.
+    The admin's rule (``ModelAdmin.has_view_permission``): a change permission grants the view one.
     """
-    missing = []
-    for permission in permissions:
-        granted = user.has_perm(permission)
+
+    def granted(permission: str) -> bool:
         app_label, _, codename = permission.partition(".")
-        if not granted and codename.startswith("view_"):
-            granted = user.has_perm(f"{app_label}.change_{codename.removeprefix('view_')}")
-        if not granted:
-            missing.append(permission)
-    return missing
+        change = f"{app_label}.change_{codename.removeprefix('view_')}"
+        return user.has_perm(permission) or (codename.startswith("view_") and user.has_perm(change))
+
+    return [permission for permission in permissions if not granted(permission)]

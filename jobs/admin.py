@@ -1,12 +1,5 @@
-"""Admin for background jobs: read-only, with each job's progress.
-
-Jobs and partitions are written only by ``jobs.services``, ``jobs.control``
-and the workers; a hand edit could double-run or lose a partition, so staff
-can look, not touch. Two actions cancel and resume the selected jobs
-(``jobs.control``), for staff with the ``jobs.change_job`` permission.
-The list prefetches the partitions and their logs (never their input rows):
-two queries for the page, whatever the number of jobs and partitions.
-"""
+"""Background jobs' admin: read-only (a hand edit could double-run or lose a partition),
+with progress (two queries a page) and cancel and resume actions (``jobs.change_job``)."""
 
 from __future__ import annotations
 
@@ -51,17 +44,7 @@ class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     list_filter = ("status", "operation", "created_at")
     list_select_related = ("created_by",)
     date_hierarchy = "created_at"
-    fields = (
-        "id",
-        "operation",
-        "status",
-        "progress",
-        "rows_total",
-        "partition_size",
-        "created_by",
-        "created_at",
-        "finished_at",
-    )
+    fields = (*list_display[:4], "rows_total", "partition_size", *list_display[4:])
     readonly_fields = fields
     inlines = [JobPartitionInline]
     actions = ["cancel_jobs", "resume_jobs"]
@@ -77,7 +60,7 @@ class JobAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
         return f"{done:,} / {job.rows_total:,} rows ({percent}%)"
 
     def has_control_permission(self, request: HttpRequest) -> bool:
-        """Cancel and resume: the model's change permission (the form itself stays read-only)."""
+        """Cancel and resume: the change permission (the form itself stays read-only)."""
         return request.user.has_perm("jobs.change_job")
 
     @admin.action(description="Cancel the selected jobs", permissions=["control"])

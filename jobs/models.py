@@ -1,9 +1,7 @@
-"""Background import jobs: a job is its input split into partitions.
+"""Background jobs: a job is its input, staged, split into partitions.
 
-Each partition is one resumable run of the optimized service
-(a ``BatchProcessingLog`` row), executed by a ``django.tasks`` task on any
-worker. A job's status and progress are its partitions' summed up; see
-``jobs/tasks.py`` for how partitions are claimed, run and taken over.
+Each partition is one resumable run (a ``BatchProcessingLog``) on any worker;
+a job's status and progress are its partitions' summed up (``jobs.tasks``).
 """
 
 from __future__ import annotations
@@ -22,8 +20,7 @@ from batching.readers import JSONL
 class Status(models.TextChoices):
     """Shared by jobs and their partitions."""
 
-    # A job only: its input is staged, no partition yet; it waits to be
-    # released (``jobs.services.release_job``), run in-process or discarded.
+    # A job only: its input is staged, no partition yet (``jobs.services.hold_job``).
     HELD = "held", "Held (staged, not submitted yet)"
     QUEUED = "queued", "Queued"
     RUNNING = "running", "Running"
@@ -42,10 +39,7 @@ RESUMABLE = frozenset({Status.FAILED, Status.CANCELLED})
 
 class JobQuerySet(models.QuerySet["Job"]):
     def with_partitions(self) -> JobQuerySet:
-        """Prefetch what ``as_dict`` and ``progress`` read: one query for all jobs.
-
-        The partitions' input rows are deferred: a list of jobs never loads them.
-        """
+        """Prefetch what ``as_dict`` and ``progress`` read: one query for all jobs."""
         return self.prefetch_related(Prefetch("partitions", queryset=JobPartition.progress_rows()))
 
 
@@ -60,11 +54,7 @@ class Job(models.Model):
     rows_total = models.PositiveBigIntegerField(default=0)
     partition_size = models.PositiveIntegerField()
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="+",
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -96,7 +86,7 @@ class Job(models.Model):
         return self.status in FINISHED
 
     def progress_partitions(self) -> list[JobPartition]:
-        """The partitions with their logs: prefetched, or one query (rows deferred)."""
+        """The partitions with their logs: prefetched, or one query."""
         cache = getattr(self, "_prefetched_objects_cache", {})
         if "partitions" in cache:
             return list(cache["partitions"])
@@ -105,23 +95,17 @@ class Job(models.Model):
     def as_dict(self) -> dict[str, Any]:
         """Status, progress and (once finished) the summed result of the partitions.
 
-        Row errors carry their index in the whole job input. A log keeps at
-        most ``settings.BULK_LOG_MAX_ROW_ERRORS`` errors per partition, while
-        ``skipped`` counts every skipped row.
+        Row errors are indexed in the whole job input; a log keeps at most
+        ``BULK_LOG_MAX_ROW_ERRORS`` of them, while ``skipped`` counts every row.
         """
         partitions = self.progress_partitions()
         logs = [p.log for p in partitions if p.log is not None]
         result = None
         if self.is_finished:
-            result = {
-                "read": sum(log.rows_read for log in logs),
-                "written": sum(log.rows_written for log in logs),
-                "created": sum(log.rows_created for log in logs),
-                "updated": sum(log.rows_updated for log in logs),
-                "skipped": sum(log.rows_skipped for log in logs),
-                "errors": [error for p in partitions for error in p.job_errors()],
-                "log_ids": [log.pk for log in logs],
-            }
+            counts = ("read", "written", "created", "updated", "skipped")
+            result = {name: sum(getattr(log, f"rows_{name}") for log in logs) for name in counts}
+            result["errors"] = [error for p in partitions for error in p.job_errors()]
+            result["log_ids"] = [log.pk for log in logs]
         return {
             "id": str(self.pk),
             "operation": self.operation,
@@ -135,13 +119,8 @@ class Job(models.Model):
 
 
 class JobPartition(models.Model):
-    """A contiguous slice of a job's input, run as one resumable batch run.
-
-    The slice is named, not copied: the staged rows numbered ``start`` to
-    ``start + size - 1`` (``StagedRecord``). ``worker``, ``claimed_at`` and the
-    log's heartbeat tell whether the partition's worker is alive (see
-    ``jobs.tasks.reap_stale_partitions``).
-    """
+    """A contiguous slice of a job's input (the ``StagedRecord`` numbers ``start`` to
+    ``start + size - 1``), run as one resumable batch run."""
 
     Status = Status
 
@@ -150,8 +129,7 @@ class JobPartition(models.Model):
     start = models.PositiveBigIntegerField()
     size = models.PositiveIntegerField()
     status = models.CharField(max_length=16, choices=Status, default=Status.QUEUED)
-    # The partition's run; created when a worker first claims the partition
-    # and resumed by every later attempt, so its checkpoint is the progress.
+    # Created by the first claim, resumed by every attempt: its checkpoint is the progress.
     log = models.ForeignKey(
         BatchProcessingLog, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -178,12 +156,11 @@ class JobPartition(models.Model):
 
     @classmethod
     def progress_rows(cls) -> models.QuerySet[JobPartition]:
-        """Partitions with their logs."""
         return cls.objects.select_related("log")
 
     @property
     def rows_done(self) -> int:
-        """Rows committed so far: the log's checkpoint, which the engine keeps exact."""
+        """Rows committed so far: the log's checkpoint."""
         return self.log.checkpoint_position if self.log is not None else 0
 
     def job_errors(self) -> list[dict[str, Any]]:
@@ -198,19 +175,11 @@ class JobPartition(models.Model):
 
 
 class StagedRecord(models.Model):
-    """One record of a job's input, staged once, as it was read, when the job is submitted.
-
-    ``number`` is the record's index in the whole input; a partition reads its
-    range of numbers. ``record`` is its text, parsed by the worker that runs
-    it (``Job.input_format``). ``refused`` holds the error of a record refused
-    before staging (a line its reader could not read; ``jobs.staging.Refused``):
-    the run reports it. A partition's records are deleted when it ends
-    completed or partial; a failed one keeps them, so it can be resumed.
-    """
+    """One record of a job's input (its text, or ``refused``: a ``jobs.staging.Refused``),
+    numbered by its index in the input; kept until its partition ends not to be resumed."""
 
     pk = models.CompositePrimaryKey("job_id", "number")
-    # No foreign key constraint: PostgreSQL would check each staged record
-    # against the job's row at COMMIT, which took longer than the COPY itself.
+    # No foreign key constraint: its check at COMMIT would outlast the COPY.
     # Django still deletes them with their job; ``purge_history`` sweeps them.
     job = models.ForeignKey(
         Job, on_delete=models.CASCADE, related_name="+", db_index=False, db_constraint=False
@@ -224,12 +193,8 @@ class StagedRecord(models.Model):
 
 
 class StagedKey(models.Model):
-    """The operation's key of one staged record (JSON text), staged by the workers.
-
-    A record that does not parse has none. Whether a key came earlier in the
-    input is read through the (job, key, number) index; see ``jobs.staging``.
-    The keys stay until the job ends with nothing left to resume.
-    """
+    """The operation's key (JSON text) of a staged record, staged by the workers; kept
+    until the job ends with nothing left to resume."""
 
     pk = models.CompositePrimaryKey("job_id", "number")
     # No foreign key constraint, as for ``StagedRecord``.

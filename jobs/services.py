@@ -1,19 +1,9 @@
-"""Submitting background jobs, and whether workers are there to run them.
+"""Submitting background jobs, and whether workers are there to run them (docs/jobs.md).
 
-``submit_job`` stages the input (``jobs.staging``), names partitions of
-``settings.JOB_PARTITION_ROWS`` rows in it and enqueues one ``django.tasks``
-task per partition once the job is committed (``transaction.on_commit``): a
-worker never sees a job that is not in the database yet, and a job submitted
-inside a transaction that rolls back is never run.
-
-A submitter that wants to look at its input before running it (the admin's
-import: preview, then confirm) holds the job instead (``hold_job``): the input
-is staged, once, and nothing is queued. A dry run of its first rows
-(``check_job``) says what the runs would do, writing nothing; then the job is
-released to the workers (``release_job``), run whole in the calling process
-(``run_held_job``, for an input small enough for a request) or discarded
-(``discard_job``). Held jobs nobody came back for are swept by
-``discard_held_jobs``.
+A job's partitions are enqueued once it is committed (``transaction.on_commit``):
+a worker never sees an uncommitted job, and one whose transaction rolls back
+never runs. A held job (``hold_job``: the admin's preview, then confirm) is
+staged and queued nothing; it is then released, run here or discarded.
 """
 
 from __future__ import annotations
@@ -49,18 +39,12 @@ def submit_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any
 
     Args:
         operation: the name of a registered operation (``batching.registry``).
-        rows: the input: rows as the service's method takes them (dicts), in
-            any iterable, or a file's records (``batching.readers.RecordStream``). It
-            is read once, in a stream, and staged unparsed (``jobs.staging``).
+        rows: dicts as the service's method takes them, or a file's records
+            (``batching.readers.RecordStream``); read once, in a stream.
         created_by: the user who submitted it (an anonymous user counts as none).
 
     Raises:
-        ValueError: an unknown operation. Bad rows never raise: the partitions'
-            runs report them, indexed in the whole input.
-
-    Keys repeated in the input (sku, order reference, score key) are found
-    by the workers, across partitions, and reported as duplicates like a
-    single run would; everything else is validated by the runs.
+        ValueError: an unknown operation. Bad rows never raise: the runs report them.
     """
     with transaction.atomic():
         job = _staged_job(operation, rows, created_by, Status.QUEUED)
@@ -69,12 +53,7 @@ def submit_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any
 
 
 def hold_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any = None) -> Job:
-    """Stage ``rows`` as a held job of ``operation``: nothing is queued yet.
-
-    The arguments and the staging are ``submit_job``'s. The job waits for
-    ``release_job``, ``run_held_job`` or ``discard_job``; one left held longer
-    than its submitter cares is swept by ``discard_held_jobs``.
-    """
+    """Stage ``rows`` (as ``submit_job``) as a held job of ``operation``: nothing is queued."""
     with transaction.atomic():
         return _staged_job(operation, rows, created_by, Status.HELD)
 
@@ -96,8 +75,7 @@ def _staged_job(
         status=status,
     )
     job.rows_total = stage(job, rows)
-    if job.status != Status.HELD and not job.rows_total:
-        # Nothing to run: an empty job is complete at once.
+    if job.status != Status.HELD and not job.rows_total:  # nothing to run: complete at once
         job.status, job.finished_at = Status.COMPLETED, timezone.now()
     job.save(update_fields=["rows_total", "status", "finished_at", "input_format", "columns"])
     return job
@@ -109,18 +87,13 @@ def _partition(job: Job) -> None:
     size = job.partition_size
     partitions = JobPartition.objects.bulk_create(
         JobPartition(
-            job=job,
-            number=number,
-            start=start,
-            size=min(size, job.rows_total - start),
-            queued_at=now,
+            job=job, number=n, start=start, size=min(size, job.rows_total - start), queued_at=now
         )
-        for number, start in enumerate(range(0, job.rows_total, size))
+        for n, start in enumerate(range(0, job.rows_total, size))
     )
     if partitions:
         ids = [partition.pk for partition in partitions]
-        # robust: a queue that refuses the job cannot undo its commit (logged;
-        # /health then reports the queued work no worker took).
+        # robust: a queue that refuses the job cannot undo its commit (/health reports it).
         transaction.on_commit(lambda: _enqueue(job.pk, ids), robust=True)
 
 
@@ -131,7 +104,6 @@ def release_job(job: Job) -> None:
         ValueError: the job is not held (released, run or discarded already).
     """
     with transaction.atomic():
-        # An empty job is complete at once, as submit_job makes it.
         status, finished = Status.QUEUED, None
         if not job.rows_total:
             status, finished = Status.COMPLETED, timezone.now()
@@ -145,33 +117,22 @@ def release_job(job: Job) -> None:
 
 
 def check_job(job: Job, *, rows: int) -> DryRun:
-    """A dry run of the job's first ``rows`` rows (``batching.engine.dry_run``).
-
-    What its runs would do with them, writing nothing: the operation's own
-    ``prepare``, duplicate keys and ``check``. The staged rows are read one
-    chunk (``settings.BULK_CHUNK_SIZE``) at a time, one query each.
-    """
+    """A dry run (``batching.engine.dry_run``) of the job's first ``rows`` rows, writing
+    nothing; read one chunk (``BULK_CHUNK_SIZE``) at a time, one query each."""
     size = settings.BULK_CHUNK_SIZE
     stop = min(rows, job.rows_total)
     chunks = (staged_input(job, start, min(start + size, stop)) for start in range(0, stop, size))
-    return dry_run(
-        partition_operation(job.operation)(),
-        (row for chunk in chunks for row in chunk),
-        chunk_size=size,
-    )
+    rows_read = (row for chunk in chunks for row in chunk)
+    return dry_run(partition_operation(job.operation)(), rows_read, chunk_size=size)
 
 
 def run_held_job(job: Job) -> BatchResult:
     """Run a held job's whole input now, in this process, as one run; then discard the job.
 
-    For an input small enough for a request: its staged rows are read into a
-    list first (one query), since the engine reads ahead in a helper thread.
-    A run that raises before committing anything leaves the job held, to be
-    run (or released) again; once anything is committed the job is discarded
-    whatever happens, since its input must not run twice.
-
-    Raises:
-        ValueError: the job is not held.
+    Its rows are read into a list first (the engine reads ahead in a helper
+    thread). A run that raises before committing anything leaves the job held;
+    once anything is committed it is discarded whatever happens: its input must
+    not run twice. ValueError if the job is not held.
     """
     if job.status != Status.HELD:
         raise ValueError(NOT_HELD.format(job_id=job.pk))
@@ -209,12 +170,8 @@ def _enqueue(job_id: Any, partition_ids: list[int]) -> None:
 def worker_status() -> tuple[bool, str]:
     """(ok, detail) for /health: can queued job work expect a worker?
 
-    Workers poll the queue and write nothing while idle, so an idle worker
-    cannot be told from no worker. The check is therefore: no partition has
-    been queued for longer than ``settings.JOB_STALE_SECONDS``; or, if one
-    has, a running partition was claimed or heartbeated (after every chunk)
-    within that time, i.e. the workers are alive and busy. Two queries at
-    most, both on the partitions' (status, queued_at) index.
+    An idle worker writes nothing, so: ok when no partition has been queued
+    longer than ``JOB_STALE_SECONDS``, or a running one showed life within it.
     """
     limit = settings.JOB_STALE_SECONDS
     now = timezone.now()

@@ -1,27 +1,12 @@
-"""A job's input, staged once in the database, read by its partitions by range.
+"""A job's input, staged once in the database, read by its partitions by range (docs/jobs.md).
 
-The submitting process only splits the input into records and COPYs them as
-they are (``StagedRecord``; batches of ``STAGE_BATCH`` rows off PostgreSQL):
-a file's records as its reader splits them (``batching.readers.RecordStream``),
-rows given as dicts as their JSON text. Nothing is parsed there, so staging
-runs at the speed of COPY and the process's memory stays flat whatever the
-input's size. The partitions name ranges of record numbers, and the worker
-that runs one parses its records (``parse_record``).
-
-Keys repeated across partitions are found by the workers. Before its run, a
-partition's worker stages the key of each of its records (``StagedKey``: the
-operation's own ``prepare`` and ``key``), then that of every earlier
-partition not keyed yet, each partition under its row's lock, so it never
-waits for a worker that is not there. Its run then reads, for each record,
-the first number where its key came (one index probe): a record whose key
-came earlier stands in as a ``RepeatedKey``, reported as one run would.
-
-A record that cannot be staged as text is refused instead (``Refused``): a
-line its reader could not read, or one holding a NUL character, which
-PostgreSQL's text cannot store (with the error the operation's ``prepare``
-gives it, the one its run would report, on every database alike). The run
-reports it at the record's index, so the indexes of the staged input are
-those of the input.
+The submitter only splits the input into records and COPYs them unparsed
+(``StagedRecord``), so its memory stays flat; the worker that runs a partition
+parses them. Before its run, a partition's worker stages its records' keys
+(``StagedKey``), then those of every earlier partition not keyed yet, each
+under its partition row's lock, so it never waits for an absent worker. A
+record whose key came earlier stands in as a ``RepeatedKey``; one that cannot
+be staged as text (a bad line, a NUL) as a ``Refused``, reported at its index.
 """
 
 from __future__ import annotations
@@ -30,6 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import batched
 from typing import Any, Protocol, runtime_checkable
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -45,8 +31,7 @@ from jobs.models import Job, JobPartition, StagedKey, StagedRecord
 
 STAGE_BATCH = 5_000
 FIELDS = ("job", "number", "record", "refused")
-# A NUL character in the JSON text of a row (an escaped backslash before
-# "u0000" is not one).
+# A NUL character in a row's JSON text (not an escaped backslash before "u0000").
 NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 NUL_IN_ROW = "must not contain NUL characters"
 
@@ -83,7 +68,7 @@ class Records(Protocol):
 
 
 class JsonRows:
-    """Rows given as dicts (an API batch, a test), staged as JSON Lines records."""
+    """Rows given as dicts, staged as JSON Lines records."""
 
     format = JSONL
     columns: list[str] | None = None
@@ -92,31 +77,21 @@ class JsonRows:
         self.rows = rows
 
     def batches(self) -> Iterator[list[Any]]:
-        # Each row is encoded as it comes: a batch holds text, not the rows.
-        batch: list[Any] = []
-        for row in self.rows:
-            batch.append(row if isinstance(row, Refused) else encode(row))
-            if len(batch) == STAGE_BATCH:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        records = (row if isinstance(row, Refused) else encode(row) for row in self.rows)
+        yield from map(list, batched(records, STAGE_BATCH))
 
 
 def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") -> int:
     """Stage ``rows`` (dicts, or a file's ``Records``) as ``job``'s input; return the count.
 
-    Sets the job's ``input_format`` and ``columns`` (unsaved). Runs inside the
-    caller's transaction: a submit that fails stages nothing.
+    Sets (unsaved) the job's ``input_format`` and ``columns``. In the caller's transaction.
     """
     source = rows if isinstance(rows, Records) else JsonRows(rows)
     job.input_format, job.columns = source.format, source.columns
     batches = _stageable(job, source)
     if is_postgresql(using):
         blocks: Iterator[str] = (copy_block(job.pk, *batch) for batch in batches)
-        if source is rows:
-            # A file is read in a helper thread, overlapping the COPY. Rows
-            # given as dicts are read here: they may come from the database.
+        if source is rows:  # a file; dict rows may come from the database: read here
             blocks = made_ahead(blocks)
         return copy_text(StagedRecord, FIELDS, blocks, using=using)
     count = 0
@@ -129,11 +104,7 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
 
 
 def made_ahead[T](items: Iterator[T]) -> Iterator[T]:
-    """``items``, each next one made in a helper thread while the caller uses this one.
-
-    COPY waits on the database while the next block of text is made: the
-    two overlap, and at most three blocks are held.
-    """
+    """``items``, each next one made in a helper thread while the caller uses this one."""
     done: Any = object()
     with ThreadPoolExecutor(1, "stage-ahead") as helper:
         upcoming = helper.submit(next, items, done)
@@ -145,9 +116,8 @@ def made_ahead[T](items: Iterator[T]) -> Iterator[T]:
 def _stageable(job: Job, source: Records) -> Iterator[tuple[int, list[str | Refused], bool]]:
     """(first number, records, plain) for each batch of ``source``.
 
-    Plain: one-line texts with nothing COPY escapes and no NUL, the common
-    case, told by a few scans of the batch's text. Otherwise each record that
-    cannot be staged as text is refused (``_refused``).
+    Plain: one-line texts with nothing COPY escapes and no NUL (the common case).
+    Otherwise each record that cannot be staged as text is refused.
     """
     start = 0
     for batch in source.batches():
@@ -174,10 +144,7 @@ def _columns(record: str | Refused) -> tuple[str, dict[str, str] | None]:
 
 
 def copy_block(job_id: Any, start: int, batch: Sequence[str | Refused], plain: bool) -> str:
-    """The batch (numbered from ``start``) as lines of COPY's text format (``FIELDS``).
-
-    ``plain``: every record is one-line text with nothing to escape (``_stageable``).
-    """
+    """The batch (numbered from ``start``) as lines of COPY's text format (``FIELDS``)."""
     prefix = f"{job_id}\t"
     if plain:
         lines = enumerate(batch, start)
@@ -208,20 +175,14 @@ def _refused(job: Job, record: str | BadLine | Refused) -> Refused | None:
     return Refused("row", NUL_IN_ROW)
 
 
-# -- keys, by the workers ----------------------------------------------------------------
-
-
 def key_partitions(
     partition: JobPartition, *, alive: Callable[[], Any] = lambda: None, using: str = "default"
 ) -> int:
     """Stage the keys of ``partition``'s records, then of every earlier partition's
     not keyed yet; return how many partitions this call keyed.
 
-    Each partition is keyed in its own transaction under its row's lock, so
-    of two workers keying one, the second waits for the first and finds it
-    keyed. ``alive`` is called after each (the worker's heartbeat: keying
-    many partitions must not look like a dead worker). Nothing to do for an
-    operation without a key.
+    Each in its own transaction under its row's lock: of two workers keying one,
+    the second finds it keyed. ``alive`` (the worker's heartbeat) is called after each.
     """
     job = partition.job
     operation = operation_class(job.operation)()
@@ -274,29 +235,16 @@ def _stage_keys(job: Job, operation: BatchOperation, start: int, stop: int, usin
 
 
 def discard_keys(job_id: Any, *, using: str = "default") -> int:
-    """Delete a job's staged keys (it ended with nothing to resume), a partition's
-    range at a time; return how many."""
-    deleted = 0
+    """Delete a job's staged keys, a partition's range at a time; return how many."""
+    keys = StagedKey.objects.using(using).filter(job=job_id)
     ranges = JobPartition.objects.using(using).filter(job=job_id).values_list("start", "size")
-    for start, size in ranges:
-        count, _ = (
-            StagedKey.objects.using(using)
-            .filter(job=job_id, number__gte=start, number__lt=start + size)
-            .delete()
-        )
-        deleted += count
-    return deleted
-
-
-# -- reading ----------------------------------------------------------------------------
+    return sum(keys.filter(number__gte=s, number__lt=s + size).delete()[0] for s, size in ranges)
 
 
 def staged_input(job: Job, start: int, stop: int) -> list[Any]:
-    """Records ``start`` to ``stop - 1`` of a job's input, parsed, in order, as its runs take them.
+    """Records ``start`` to ``stop - 1`` of a job's input, parsed, in order (one query).
 
-    One query. A row whose key came before (as far as keys are staged) stands
-    in as a ``RepeatedKey``, a refused one as its ``Refused``
-    (``jobs.tasks.partition_operation`` reports both).
+    A row whose key came before (as far as keys are staged) is a ``RepeatedKey``.
     """
     key = StagedKey.objects.filter(job=OuterRef("job"), number=OuterRef("number")).values("key")
     first = (
@@ -328,10 +276,7 @@ def partition_input(partition: JobPartition) -> Iterator[Any]:
 
 
 def discard(partition: JobPartition) -> int:
-    """Delete the partition's staged records (it ended, never to run again); return how many.
-
-    One DELETE of at most ``JOB_PARTITION_ROWS`` rows, in the caller's transaction.
-    """
+    """Delete the partition's staged records (one DELETE, in the caller's transaction); how many."""
     deleted, _ = StagedRecord.objects.filter(
         job=partition.job_id,
         number__gte=partition.start,

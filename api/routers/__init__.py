@@ -1,1 +1,0 @@
-"""The API's routers, one per topic; ``api.main`` mounts them all on the one NinjaAPI."""

@@ -97,10 +97,8 @@ VIEW_LOGS = needs("batching.view_batchprocessinglog")
 def batch_logs(request: HttpRequest, filters: Query[BatchLogFilters]):
     """Newest first; two queries: the count and the page (row errors are not loaded)."""
     logs = Log.objects.defer("row_errors")
-    for name in ("operation", "variant", "status"):
-        value = getattr(filters, name)
-        if value is not None:
-            logs = logs.filter(**{name: value})
+    chosen = {name: getattr(filters, name) for name in ("operation", "variant", "status")}
+    logs = logs.filter(**{name: value for name, value in chosen.items() if value is not None})
     if filters.since is not None:
         logs = logs.filter(started_at__gte=as_utc(filters.since, "query.since"))
     return logs

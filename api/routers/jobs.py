@@ -8,12 +8,10 @@ from ninja import Router
 from api.auth import needs
 from api.errors import ApiError
 from api.schemas import ERRORS, JobOut
-from jobs.control import JobNotFound, JobStateError, cancel_job, resume_job
+from jobs.control import JOB_NOT_FOUND, JobNotFound, JobStateError, cancel_job, resume_job
 from jobs.models import Job
 
 router = Router(tags=["jobs"])
-
-JOB_NOT_FOUND = "no job {job_id}"
 
 
 @router.get(

@@ -58,9 +58,7 @@ class Command(BaseCommand):
 
     def handle_list(self, *, all: bool, **options) -> None:
         tokens = ApiToken.objects.select_related("user").order_by("id")
-        if not all:
-            tokens = tokens.active()
-        for token in tokens:
+        for token in tokens if all else tokens.active():
             state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
             self.stdout.write(
                 f"{token.pk}\t{token.prefix}\t{token.user.get_username()}\t"

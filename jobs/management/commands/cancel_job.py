@@ -41,16 +41,10 @@ class Command(BaseCommand):
         done = sum(partition.rows_done for partition in partitions)
         if options["verbosity"] < 1:
             return
+        counts = {"job_id": job.pk, "done": done, "total": job.rows_total}
         if job.status == Status.CANCELLING:
             running = sum(partition.status == Status.RUNNING for partition in partitions)
-            message = CANCELLING.format(
-                job_id=job.pk, running=running, done=done, total=job.rows_total
-            )
-        else:
-            # Cancelled; or failed, when a partition had failed before.
-            message = ENDED.format(
-                job_id=job.pk, status=job.status, done=done, total=job.rows_total
-            )
-            if job.status in RESUMABLE:
-                message += RESUME_LATER
-        self.stdout.write(message)
+            self.stdout.write(CANCELLING.format(running=running, **counts))
+        else:  # cancelled; or failed, when a partition had failed before
+            resume = RESUME_LATER if job.status in RESUMABLE else ""
+            self.stdout.write(ENDED.format(status=job.status, **counts) + resume)

@@ -35,8 +35,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         seconds = options["stale_after"]
-        stale_after = timedelta(seconds=seconds) if seconds is not None else None
-        requeued = reap_stale_partitions(stale_after=stale_after)
+        requeued = reap_stale_partitions(stale_after=seconds and timedelta(seconds=seconds))
         if options["verbosity"] >= 1:
             noun = "partition" if requeued == 1 else "partitions"
             self.stdout.write(f"{requeued} {noun} re-queued.")
