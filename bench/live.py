@@ -1,25 +1,18 @@
 """The benchmark behind ``manage.py bench_live``: bulk work while a live shop runs beside it.
 
-One bulk operation at a time runs through ``OptimizedBulkOperationsService`` in
-this process, at each chunk setting, while two other OS processes
-(``bench.players``) play the live shop on the 100 hot products the bulk rows
-reference: checkouts (one unit of stock per transaction) and admin saves (one
-product's price and stock per transaction). Each operation's raw-SQL limit
-runs the same rows the same way, beside the same players, so the throughput
-ratio compares like with like. See docs/benchmarks.md for the method.
-
-The rows and the raw limits are ``bench.workloads``'; only
-the base state differs: the hot products (skus ``BENCH-P-000000`` to
-``-000099``), a catalogue of 10,000 more, the 50 users and 4 categories are
-created once and kept, since
-the players hold the products' ids, and every run starts from a reset that
-deletes the rest of the namespace and restores the hot products' stock.
+Each operation runs through ``OptimizedBulkOperationsService`` at each chunk
+setting, and as its raw-SQL limit, while the players (``bench.players``)
+check out and save the 100 hot products the bulk rows reference. The rows and
+raw limits are ``bench.workloads``'; the base state differs: the hot
+products, a catalogue around them, the users and categories are created once
+and kept (the players hold the products' ids), and every run starts from a
+reset that deletes the rest and restores the hot products. Method:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import multiprocessing
 import time
 from collections import Counter
@@ -33,37 +26,40 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
-from psycopg import sql
 
 from batching.engine import BatchOperation
 from batching.models import BatchProcessingLog
-from batching.postgres import add_to, column, column_name, execute
-from batching.postgres import copy_rows as copy_binary
+from batching.postgres import add_to, column_name, copy_rows
 from batching.registry import operation_class
 from bench.namespace import (
-    CATEGORY_PREFIX,
-    ORDER_PREFIX,
     PRODUCT_POOL,
     SKU_PREFIX,
     USER_POOL,
+    Kept,
     category_name,
     copy_products,
     create_categories,
     create_users,
-    like_prefix,
     product_ids,
     reset_namespace,
-    table,
     user_ids,
-    vacuum,
 )
-from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, Table, play
-from bench.report import format_ratio, markdown_table, section_head, short_size
-from bench.scale import database_url
+from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, play
+from bench.report import (
+    BenchError,
+    checks,
+    format_ratio,
+    markdown_table,
+    met,
+    percentile,
+    section_head,
+    short_size,
+    take_turns,
+)
+from bench.server import database_url
 from bench.workloads import (
     OPTIMIZED,
     RAW,
-    BenchError,
     ImportWorkload,
     OrdersWorkload,
     ScoresWorkload,
@@ -75,14 +71,13 @@ from bench.workloads import (
 )
 from common.charts import bar_chart
 from orders.models import Order, OrderItem
-from products.models import Category, Product, ProductView, RecommendationScore
+from products.models import Category, Product
 from products.services import OptimizedBulkOperationsService
 
 Operation = BatchProcessingLog.Operation
 DEFAULT = "default"  # no chunk_size: the service's default (BULK_CHUNK_SIZE)
 VOLUME = "volume"  # the import commands' and jobs' default (the operation's volume chunk)
-# A chunk setting: DEFAULT, VOLUME, or rows per chunk.
-Chunk = str | int
+Chunk = str | int  # DEFAULT, VOLUME, or rows per chunk
 DEFAULT_CHUNKS: tuple[Chunk, ...] = (DEFAULT, VOLUME, 50_000)
 ENTRY_POINT_DEFAULTS = (DEFAULT, VOLUME)
 DEFAULT_IDLE_SECONDS = 5.0
@@ -103,19 +98,7 @@ RUN_FAILED = "{operation} {setting}: {error}"
 LATENCY_P99_MS = 50.0
 LATENCY_MAX_MS = 250.0
 RATIO_TARGETS = {"views": 0.8, "scores": 0.7, "orders": 0.5, "import": 0.7, "updates": 0.7}
-
-
-# -- summaries ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``; None if empty."""
-    if not 0 < q <= 100:
-        raise ValueError("q must be in (0, 100]")
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+reset = reset_namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,106 +120,42 @@ def summarize(latencies: Sequence[float], failures: int = 0) -> Summary:
     )
 
 
-# -- the base state around the hot products ----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Hot:
-    """What every run keeps: the hot products' ids (product number order), their category,
-    and the ids of every product kept (the hot ones and the catalogue around them)."""
-
-    products: list[int]
-    category: int
-    kept: list[int]
-
-
-def create_hot(using: str) -> Hot:
-    """An empty namespace, then the kept base: users, categories, the hot products."""
+def create_hot(using: str) -> Kept:
+    """An empty namespace, then the kept base: users, categories, the hot products and the
+    catalogue around them (with the hot products alone, PostgreSQL checks foreign keys
+    against the table by sequential scans, which a long raw transaction beside the players
+    makes slower with every row)."""
     reset_namespace(using)
     with transaction.atomic(using=using):
         create_users(using, USER_POOL)
-        categories = create_categories(using, BASE_CATEGORIES)
-        copy_products(using, range(PRODUCT_POOL), lambda _: categories[0], HOT_PRICE, HOT_STOCK)
-        # The catalogue around them. With only the hot products the table is a
-        # few pages, PostgreSQL plans foreign-key checks against it as
-        # sequential scans, and a long raw transaction beside the players (whose
-        # updates it keeps from being pruned) makes each scan longer than the
-        # last: on a fresh database the raw views COPY ran for ten minutes.
-        copy_products(using, CATALOGUE, lambda _: categories[0], HOT_PRICE, HOT_STOCK)
+        category = create_categories(using, BASE_CATEGORIES)[0]
+        for numbers in (range(PRODUCT_POOL), CATALOGUE):
+            copy_products(using, numbers, lambda _: category, HOT_PRICE, HOT_STOCK)
     kept = Product.objects.using(using).filter(sku__startswith=SKU_PREFIX)
-    return Hot(
-        product_ids(using, PRODUCT_POOL), categories[0], list(kept.values_list("pk", flat=True))
-    )
-
-
-def reset(using: str, hot: Hot) -> None:
-    """Delete the namespace's rows except the kept base; give the hot products back their stock.
-
-    One statement per table (like ``namespace.reset_namespace``); the hot
-    products are updated in place, so the players' ids stay valid.
-    """
-    bench_products = {"product__sku__startswith": SKU_PREFIX}
-    # Fresh statistics first, as reset_namespace does: just after a run the planner
-    # may still expect empty tables and delete by nested loops for minutes.
-    for model in (ProductView, RecommendationScore, Product):
-        execute(using, sql.SQL("ANALYZE {}").format(table(model)))
-    with transaction.atomic(using=using):
-        OrderItem.objects.using(using).filter(order__reference__startswith=ORDER_PREFIX).delete()
-        execute(
-            using,
-            sql.SQL("DELETE FROM {} WHERE {} LIKE %s").format(
-                table(Order), column(Order, "reference")
-            ),
-            [like_prefix(ORDER_PREFIX)],
-        )
-        ProductView.objects.using(using).filter(**bench_products).delete()
-        RecommendationScore.objects.using(using).filter(**bench_products).delete()
-    vacuum(using, (OrderItem, Order, ProductView, RecommendationScore))
-    with transaction.atomic(using=using):
-        Product.objects.using(using).filter(pk__in=hot.products).update(
-            price=HOT_PRICE,
-            stock_quantity=HOT_STOCK,
-            view_count=0,
-            is_active=True,
-            category_id=hot.category,
-        )
-        execute(
-            using,
-            sql.SQL("DELETE FROM {} WHERE {} LIKE %s AND NOT {} = ANY(%s)").format(
-                table(Product), column(Product, "sku"), column(Product, "id")
-            ),
-            [like_prefix(SKU_PREFIX), hot.kept],
-        )
-        kept = [category_name(number) for number in range(BASE_CATEGORIES)]
-        Category.objects.using(using).filter(name__startswith=CATEGORY_PREFIX).exclude(
-            name__in=kept
-        ).delete()
-    vacuum(using, (Product, Category))
-
-
-# -- the operations: bench.scale's workloads on the kept base -----------------------------
+    hot = product_ids(using, PRODUCT_POOL)
+    kept_ids = list(kept.values_list("pk", flat=True))
+    return Kept(hot, category, kept_ids, BASE_CATEGORIES, HOT_PRICE, HOT_STOCK)
 
 
 class Live(Workload):
-    """What ``bench_live`` adds to a workload: its size at scale 1 and its raw limit's label.
+    """What ``bench_live`` adds to a workload; ``create_base`` adds what the kept base lacks."""
 
-    ``create_base`` adds only what the kept base lacks.
-    """
-
-    size_at_scale_1: ClassVar[int]
-    # The registered operation the service runs it with (its volume chunk).
-    operation_name: ClassVar[str]
+    size_at_scale_1: ClassVar[int] = 200_000
+    operation_name: ClassVar[str]  # the registered operation (its volume chunk)
+    raw_label: ClassVar[str] = ""
 
     @classmethod
     def operation(cls) -> type[BatchOperation]:
         return operation_class(cls.operation_name)
 
     @classmethod
-    def raw_label(cls) -> str:
-        return cls.strategy(RAW).label
+    def limit_label(cls) -> str:
+        return cls.raw_label or cls.strategy(RAW).label
+
+    def create_base(self) -> None:
+        """The kept base is all: 50 users, the 100 products (their stock covers every order)."""
 
     def copy_products_past_the_hot_ones(self, stop: int) -> None:
-        """Products numbered from the hot ones' end up to ``stop``, in the hot category."""
         category = Category.objects.using(self.using).get(name=category_name(0)).pk
         copy_products(self.using, range(PRODUCT_POOL, stop), lambda _: category, "10.00", 100)
 
@@ -249,65 +168,48 @@ class Live(Workload):
 
 
 class LiveViews(Live, ViewsWorkload):
-    size_at_scale_1 = 200_000
     operation_name = Operation.PRODUCT_VIEWS
-
-    def create_base(self) -> None:
-        """The kept base is all: 50 users, the 100 products."""
 
 
 class LiveScores(Live, ScoresWorkload):
-    size_at_scale_1 = 200_000
     operation_name = Operation.RECOMMENDATION_SCORES
 
     def create_base(self) -> None:
-        """ScoresWorkload's base: products past the hot ones, and every even key's score."""
         pool = max(PRODUCT_POOL, self.product_pool)
         self.copy_products_past_the_hot_ones(pool)
         self.copy_existing_scores(user_ids(self.using), product_ids(self.using, pool))
 
 
 class LiveUpdates(Live, UpdatesWorkload):
-    size_at_scale_1 = 200_000
     operation_name = Operation.PRODUCT_UPDATES
 
     def create_base(self) -> None:
-        """Products past the hot ones, up to the size: the rows update each product once."""
         self.copy_products_past_the_hot_ones(self.size)
 
 
 class LiveOrders(Live, OrdersWorkload):
     size_at_scale_1 = 30_000
     operation_name = Operation.ORDERS
-
-    @classmethod
-    def raw_label(cls) -> str:
-        return "raw orders path"
-
-    def create_base(self) -> None:
-        """The kept base is all; the hot products' stock covers every order and checkout."""
+    raw_label = "raw orders path"
 
     def run_limit(self) -> None:
-        """COPY the orders, COPY their items, one UPDATE ... FROM unnest of stock; one transaction.
-
-        Order ids are reserved from the sequence first, so the items can
-        reference them without reading the orders back. Nothing is checked
-        but the foreign keys, by each statement (``raw_transaction``).
-        """
+        """COPY the orders, COPY their items, one UPDATE ... FROM unnest of stock; one
+        transaction. Order ids are reserved from the sequence first, so the items can
+        reference them without reading the orders back."""
         using, orders = self.using, self.orders
         with raw_transaction(using):
             wanted = {item["product_id"] for order in orders for item in order["items"]}
-            prices = dict(
-                Product.objects.using(using).filter(pk__in=wanted).values_list("pk", "price")
-            )
+            products = Product.objects.using(using).filter(pk__in=wanted)
+            prices = dict(products.values_list("pk", "price"))
             with connections[using].cursor() as cursor:
                 cursor.execute(
                     "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
                     [Order._meta.db_table, Order._meta.pk.column, len(orders)],
                 )
                 ids = [row[0] for row in cursor.fetchall()]
-            now = timezone.now()
-            copy_binary(
+            now, confirmed = timezone.now(), Order.Status.CONFIRMED.value
+            numbered = list(zip(ids, orders, strict=True))
+            copy_rows(
                 Order,
                 ["id", "reference", "user", "status", "total", "created_at"],
                 (
@@ -315,20 +217,20 @@ class LiveOrders(Live, OrdersWorkload):
                         order_id,
                         order["reference"],
                         order["user_id"],
-                        Order.Status.CONFIRMED.value,
+                        confirmed,
                         sum(prices[i["product_id"]] * i["quantity"] for i in order["items"]),
                         now,
                     )
-                    for order_id, order in zip(ids, orders, strict=True)
+                    for order_id, order in numbered
                 ),
                 using=using,
             )
-            copy_binary(
+            copy_rows(
                 OrderItem,
                 ["order", "product", "quantity", "unit_price"],
                 (
                     (order_id, i["product_id"], i["quantity"], prices[i["product_id"]])
-                    for order_id, order in zip(ids, orders, strict=True)
+                    for order_id, order in numbered
                     for i in order["items"]
                 ),
                 using=using,
@@ -341,23 +243,10 @@ class LiveOrders(Live, OrdersWorkload):
 
 
 class LiveImport(Live, ImportWorkload):
-    size_at_scale_1 = 200_000
     operation_name = Operation.PRODUCTS
 
-    def create_base(self) -> None:
-        """ImportWorkload's base: the first half of the skus exist, in the 4 base categories."""
-        names = [category_name(number) for number in range(BASE_CATEGORIES)]
-        ids = dict(
-            Category.objects.using(self.using).filter(name__in=names).values_list("name", "pk")
-        )
-        categories = [ids[name] for name in names]
-        copy_products(
-            self.using,
-            range(PRODUCT_POOL, self.size // 2),
-            lambda number: categories[number % BASE_CATEGORIES],
-            "1.00",
-            1,
-        )
+    first_product = PRODUCT_POOL
+    create_base = ImportWorkload.create_base
 
 
 OPERATIONS: dict[str, type[Live]] = {
@@ -369,16 +258,6 @@ def sizes_at(scale: float) -> dict[str, int]:
     return {name: max(1, round(cls.size_at_scale_1 * scale)) for name, cls in OPERATIONS.items()}
 
 
-# -- the players' processes ---------------------------------------------------------------
-
-
-def product_table() -> Table:
-    return Table(
-        Product._meta.db_table,
-        *(column_name(Product, name) for name in ("id", "price", "stock_quantity", "updated_at")),
-    )
-
-
 class Players:
     """The live players, one spawned process each (nothing of Django is inherited)."""
 
@@ -386,6 +265,9 @@ class Players:
         self, dsn: str, products: list[int], *, intervals: dict[str, float], seed: int
     ) -> None:
         context = multiprocessing.get_context("spawn")
+        names = [Product._meta.db_table] + [
+            column_name(Product, name) for name in ("id", "price", "stock_quantity", "updated_at")
+        ]
         self.stopping = context.Event()
         self.players: dict[str, tuple[Any, Any, Any]] = {}
         for kind, interval in intervals.items():
@@ -393,7 +275,7 @@ class Players:
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(
                 target=play,
-                args=(kind, dsn, product_table(), products, interval, seed, ready, self.stopping),
+                args=(kind, dsn, names, products, interval, seed, ready, self.stopping),
                 kwargs={"results": sender},
                 name=f"bench-live-{kind}",
                 daemon=True,
@@ -434,16 +316,10 @@ class Players:
         return samples
 
 
-# -- running ------------------------------------------------------------------------------
-
-
 @dataclass(slots=True)
 class Run:
-    """An operation at one chunk setting (or its raw limit), and the live shop beside it.
-
-    With ``--repeat`` the setting's runs are one ``Run``: the fastest one's
-    time, and the live transactions of all of them (``windows``) together.
-    """
+    """An operation at one chunk setting (or its raw limit), and the live shop beside it;
+    with ``--repeat``, the fastest run's time and the live transactions of all runs."""
 
     operation: str
     setting: str  # "default", a chunk size, or "raw"
@@ -485,10 +361,6 @@ class LiveReport:
         }
 
 
-def setting_label(chunk: Chunk) -> str:
-    return str(chunk)
-
-
 def chunk_size_of(setting: Chunk, operation: str) -> int | None:
     """The service's ``chunk_size`` for a setting: none, the operation's volume default, or rows."""
     if setting == DEFAULT:
@@ -499,17 +371,12 @@ def chunk_size_of(setting: Chunk, operation: str) -> int | None:
 
 
 def timed_run(
-    workload: Workload, hot: Hot, setting: str, call: Callable[[], Any], report: LiveReport
+    workload: Workload, hot: Kept, setting: str, call: Callable[[], Any], report: LiveReport
 ) -> Run:
-    """Reset, the workload's base and input (not timed), then ``call`` alone, timed.
-
-    A failure is reported in ``problems``; the run has no time then.
-    """
+    """Reset, base state and input (not timed), then ``call`` alone, timed; a failure is
+    reported in ``problems`` and leaves the run without a time."""
     run = Run(workload.name, setting, workload.size)
-    reset(workload.using, hot)
-    with transaction.atomic(using=workload.using):
-        workload.create_base()
-    vacuum(workload.using, workload.tables)
+    workload.setup(hot)
     workload.prepare()
     gc.collect()
     started = time.monotonic()
@@ -563,15 +430,11 @@ def run_live_bench(
     using: str = DEFAULT_DB_ALIAS,
     progress: Callable[[str], None] | None = None,
 ) -> LiveReport:
-    """Idle first, then per operation its raw limit and each chunk setting, players running.
-
-    With ``repeat``, the raw limit and the settings run that many times,
-    taking turns (``fastest``): a machine whose speed drifts then sways every
-    setting alike. The namespace is emptied before and after. A run that fails
-    is reported in ``problems`` and the others still run.
-    """
+    """Idle first, then per operation its raw limit and each chunk setting, ``repeat`` times
+    taking turns, the players running. The namespace is emptied before and after; a
+    failed run is reported in ``problems`` and the others still run."""
     sizes = {name: sizes_at(scale)[name] for name in operations}
-    report = LiveReport(list(operations), sizes, [RAW, *map(setting_label, chunks)])
+    report = LiveReport(list(operations), sizes, [RAW, *map(str, chunks)])
     intervals = intervals or {CHECKOUT: CHECKOUT_INTERVAL, ADMIN: ADMIN_INTERVAL}
     hot = create_hot(using)
     try:
@@ -583,27 +446,29 @@ def run_live_bench(
             for name in operations:
                 workload = OPERATIONS[name](sizes[name], seed=seed, using=using, work_dir=work_dir)
                 calls = {RAW: workload.run_limit} | {
-                    setting_label(chunk): partial(workload.run_bulk, chunk_size_of(chunk, name))
+                    str(chunk): partial(workload.run_bulk, chunk_size_of(chunk, name))
                     for chunk in chunks
                 }
-                tries: dict[str, list[Run]] = {setting: [] for setting in calls}
-                for _ in range(repeat):
-                    for setting, call in calls.items():
-                        tries[setting].append(timed_run(workload, hot, setting, call, report))
+                tries = take_turns(
+                    {
+                        s: partial(timed_run, workload, hot, s, call, report)
+                        for s, call in calls.items()
+                    },
+                    repeat,
+                )
                 runs = [fastest(found) for found in tries.values()]
                 report.runs += runs
-                if progress is not None:
-                    for run in runs:
-                        rate = run.error or f"{run.rows_per_second:,.0f} {workload.unit}/s"
+                for run in runs:
+                    rate = run.error or f"{run.rows_per_second:,.0f} {workload.unit}/s"
+                    if progress is not None:
                         progress(f"{name} {run.setting}: {rate}")
             samples = players.stop()
     finally:
         reset_namespace(using)
     report.idle = {kind: live_summary(found, [idle_window]) for kind, found in samples.items()}
-    for run in report.runs:
-        run.live = {kind: live_summary(found, run.windows) for kind, found in samples.items()}
     limits = {run.operation: run for run in report.runs if run.setting == RAW}
     for run in report.runs:
+        run.live = {kind: live_summary(found, run.windows) for kind, found in samples.items()}
         limit = limits.get(run.operation)
         if run.setting != RAW and run.rows_per_second and limit and limit.rows_per_second:
             run.ratio = run.rows_per_second / limit.rows_per_second
@@ -629,7 +494,7 @@ def latencies(summary: Summary | None) -> str:
 
 def run_label(run: Run) -> str:
     if run.setting == RAW:
-        return f"raw: {OPERATIONS[run.operation].raw_label()}"
+        return f"raw: {OPERATIONS[run.operation].limit_label()}"
     if run.setting in ENTRY_POINT_DEFAULTS:
         size = chunk_size_of(run.setting, run.operation) or settings.BULK_CHUNK_SIZE
         return f"{run.setting} ({size:,})"
@@ -637,11 +502,8 @@ def run_label(run: Run) -> str:
 
 
 def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
-    """The goals: the live shop during every bulk run at the entry points'
-    defaults (the service's, the volume entry points'), and throughput at the
-    volume default. The other chunk settings are in the table of runs for
-    comparison (50,000 rows a chunk holds locks far longer, by design).
-    """
+    """The goals, at the entry points' default chunks (the other settings are in the
+    table of runs for comparison: 50,000 rows a chunk holds locks far longer)."""
     bulk = [run for run in report.runs if run.setting in ENTRY_POINT_DEFAULTS and run.live]
     if not bulk:
         return []
@@ -658,17 +520,12 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
                     f"{label} {name} during every bulk run (default and volume chunks)",
                     f"≤ {limit:.0f} ms",
                     f"{ms(value)} ms ({worst.operation} {run_label(worst)})",
-                    "yes" if value <= limit else "**no**",
+                    met(value <= limit),
                 )
             )
     failures = sum(summary.failures for run in bulk for summary in run.live.values())
     rows.append(
-        (
-            "failed live transactions during bulk runs",
-            "0",
-            str(failures),
-            "yes" if failures == 0 else "**no**",
-        )
+        ("failed live transactions during bulk runs", "0", str(failures), met(not failures))
     )
     for run in bulk:
         minimum = RATIO_TARGETS.get(run.operation)
@@ -677,18 +534,19 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 f"{run.operation} at the volume chunk ({chunk_size_of(VOLUME, run.operation):,}) ÷ "
-                f"{OPERATIONS[run.operation].raw_label()}",
+                f"{OPERATIONS[run.operation].limit_label()}",
                 f"≥ {minimum:.2f}x",
                 format_ratio(run.ratio),
-                "n/a" if run.ratio is None else ("yes" if run.ratio >= minimum else "**no**"),
+                "n/a" if run.ratio is None else met(run.ratio >= minimum),
             )
         )
     return rows
 
 
-def markdown_report(report: LiveReport, *, command_line: str, chart: str | None = None) -> str:
-    """The section of BENCHMARKS.md; ``chart`` is the relative path of the SVG to link."""
-    idle = report.idle
+def markdown_report(
+    report: LiveReport, *, command_line: str, charts: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The BENCHMARKS.md section; ``charts`` are (alt text, relative path) pairs to link."""
     lines = [
         *section_head(
             "Live shop during bulk work: checkout and admin-save latency",
@@ -713,15 +571,9 @@ def markdown_report(report: LiveReport, *, command_line: str, chart: str | None 
             "and *Rows/s* are its fastest run's, the latencies those of all its runs together.",
             "",
         ]
-    if chart:
-        lines += [f"![Live latency during bulk runs]({chart})", ""]
-    targets = target_rows(report)
-    if targets:
-        lines += ["### Figures to reach", ""]
-        lines += markdown_table(("Figure", "Target", "Measured", "Met"), "lrrl", targets)
-        lines.append("")
-    if report.problems:
-        lines += ["### Problems", "", *(f"- {problem}" for problem in report.problems), ""]
+    lines += [f"![{alt}]({path})" for alt, path in charts] + ([""] if charts else [])
+    lines += checks("Figures to reach", target_rows(report), report.problems)
+    idle = report.idle
     rows = [
         (
             "idle",
@@ -749,28 +601,24 @@ def markdown_report(report: LiveReport, *, command_line: str, chart: str | None 
                 str(sum(summary.failures for summary in run.live.values())),
             )
         )
-    header = (
-        "Operation",
-        "Chunk",
-        "Rows",
-        "Time",
-        "Rows/s",
-        "÷ raw",
-        "Checkout p50 / p99 / max ms",
-        "Admin save p50 / p99 / max ms",
-        "Failed live",
-    )
+    latency = "p50 / p99 / max ms"
+    header = ("Operation", "Chunk", "Rows", "Time", "Rows/s", "÷ raw", f"Checkout {latency}",
+              f"Admin save {latency}", "Failed live")  # fmt: skip
     lines += ["### Runs", "", *markdown_table(header, "llrrrrrrr", rows)]
     return "\n".join(lines) + "\n"
 
 
-def short_setting(setting: str) -> str:
-    return setting if setting in (RAW, *ENTRY_POINT_DEFAULTS) else short_size(int(setting))
-
-
 def latency_chart(report: LiveReport) -> str:
     """p99 and max of both players, idle and per run, on a log scale."""
-    groups = ["idle"] + [f"{run.operation} {short_setting(run.setting)}" for run in report.runs]
+    groups = ["idle"] + [
+        f"{run.operation} "
+        + (
+            run.setting
+            if run.setting in (RAW, *ENTRY_POINT_DEFAULTS)
+            else short_size(int(run.setting))
+        )
+        for run in report.runs
+    ]
     windows = [report.idle, *(run.live for run in report.runs)]
     series = {
         f"{label} {name}": [getattr(live.get(kind), stat, None) for live in windows]
@@ -786,3 +634,6 @@ def latency_chart(report: LiveReport) -> str:
         width=max(720, 112 * len(groups) + 120),
         height=400,
     )
+
+
+CHARTS = {"chart": ("Live latency during bulk runs", latency_chart)}

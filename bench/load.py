@@ -1,28 +1,14 @@
 """The load test behind ``manage.py bench_load``: API clients against the production server.
 
-``--clients`` threads, each with its own keep-alive HTTP connection, make
-one uncounted read each (the warm-up), then start together and until
-``--seconds`` have passed repeat: POST a batch of ``--batch`` product views
-(of products drawn at random from the run's ``--products``) to
-``/api/product-views/bulk`` (bearer token, an ``Idempotency-Key`` of its
-own), then GET the first page of ``/api/batch-logs``. A request still
-unanswered at the deadline finishes; none starts after it. Every request's
-latency (request sent to answer read, on the client) is kept with its status.
-
-A request that fails in transport (connection reset, timeout), or answers
-409 because its key's first attempt is still running, is an error and is
-sent again with the same key, up to ``ATTEMPTS`` times: the server's
-idempotency record makes the repeat return the first answer, never a second
-write. So a batch is *posted* once it has had its 200 answer.
-
-Afterwards :func:`verify` reads the database the server wrote to and checks
-that every posted row is stored exactly once: as many view rows as posted
-rows, each row's session id (unique per row) stored once, the products'
-``view_count`` counters summing to the same total, one idempotency record per
-posted batch with distinct keys, and one batch run per batch.
-
-Everything lives in one namespace per run (``load-<hex>`` users, skus and
-category), which :func:`remove` deletes afterwards.
+Each client thread, on its keep-alive connection, warms up with one uncounted
+read, then until the deadline posts a batch of views with an
+``Idempotency-Key`` of its own and reads ``/api/batch-logs``, in turn. A
+transport failure or a 409 (the key's first attempt still running) is an
+error, and the batch is sent again with the same key, up to ``ATTEMPTS``
+times: the idempotency record makes a repeat return the first answer, never
+a second write. ``verify`` then checks that every posted row is stored
+exactly once. Each run's rows live in a ``load-<hex>`` namespace, which
+``remove`` deletes.
 """
 
 from __future__ import annotations
@@ -48,6 +34,7 @@ from django.db.models import Count, Sum
 
 from api.models import ApiToken, IdempotencyRecord
 from batching.models import BatchProcessingLog
+from bench.report import percentile
 from products.models import Category, Product, ProductView
 
 POST = "POST /api/product-views/bulk"
@@ -322,41 +309,24 @@ def remove(namespace: Namespace, log_ids: Iterable[int]) -> None:
     get_user_model().objects.filter(username__startswith=namespace.session_prefix).delete()
 
 
-def percentile(values: list[float], share: float) -> float:
-    """The nearest-rank percentile (``share`` in [0, 1]) of ``values``; 0 when empty."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(share * len(ordered)))
-    return ordered[rank - 1]
-
-
-@dataclass(frozen=True)
-class Row:
-    endpoint: str
-    requests: int
-    per_second: float
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-    errors: int
-    server_errors: int
-
-
-def rows(tally: Tally) -> list[Row]:
+def rows(tally: Tally) -> list[tuple[str, ...]]:
+    """Per endpoint: requests, requests/s, p50, p99 and max latency (ms), errors, 5xx."""
     table = []
     for endpoint in ENDPOINTS:
-        latencies = tally.latencies[endpoint]
+        latencies = [latency * 1000 for latency in tally.latencies[endpoint]]
+        figures = [
+            len(latencies) / tally.elapsed if tally.elapsed else 0.0,
+            percentile(latencies, 50) or 0.0,
+            percentile(latencies, 99) or 0.0,
+            max(latencies, default=0.0),
+        ]
         table.append(
-            Row(
-                endpoint=endpoint,
-                requests=len(latencies),
-                per_second=len(latencies) / tally.elapsed if tally.elapsed else 0.0,
-                p50_ms=percentile(latencies, 0.50) * 1000,
-                p99_ms=percentile(latencies, 0.99) * 1000,
-                max_ms=max(latencies, default=0.0) * 1000,
-                errors=sum(1 for error in tally.errors if error.startswith(endpoint)),
-                server_errors=tally.server_errors(endpoint),
+            (
+                endpoint,
+                f"{len(latencies):,}",
+                *(f"{figure:,.1f}" for figure in figures),
+                str(sum(1 for error in tally.errors if error.startswith(endpoint))),
+                str(tally.server_errors(endpoint)),
             )
         )
     return table

@@ -1,13 +1,156 @@
-"""What every benchmark report shares: the machine and database, number formats, tables."""
+"""What every benchmark shares: options, child processes, repeats, memory, and the reports."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
-from collections.abc import Iterable, Sequence
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
+
+from bench.namespace import DEFAULT_SEED
+from bench.server import database_url
+from common.cli import positive_int
+
+PROBLEMS = "the benchmark found problems (its figures are not trustworthy):\n{problems}"
+BAD_SIZES = "--sizes must be comma-separated whole numbers of at least 1, not {value!r}"
+BAD_NAMES = "unknown {noun} {name!r} in {option}: choose from {choices} or all"
+CHILD_FAILED = "{what}: the child process failed: {cause}"
+
+
+class BenchError(RuntimeError):
+    """A strategy did not do the work it was given; its figures would mislead."""
+
+
+# -- options -------------------------------------------------------------------------
+
+
+def require_postgresql(message: str, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Refuse a benchmark that measures PostgreSQL; ``message`` may name the ``{vendor}``."""
+    vendor = connections[using].vendor
+    if vendor != "postgresql":
+        raise CommandError(message.format(vendor=vendor))
+
+
+def parse_sizes(value: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise CommandError(BAD_SIZES.format(value=value)) from None
+    if not sizes or min(sizes) < 1:
+        raise CommandError(BAD_SIZES.format(value=value))
+    return sorted(set(sizes))
+
+
+def parse_names(value: str, choices: Iterable[str], option: str, noun: str) -> list[str]:
+    """``all``, or comma-separated names from ``choices`` (repeats dropped)."""
+    choices = list(choices)
+    if value == "all":
+        return choices
+    names = list(dict.fromkeys(name.strip() for name in value.split(",")))
+    for name in names:
+        if name not in choices:
+            raise CommandError(
+                BAD_NAMES.format(noun=noun, name=name, option=option, choices=", ".join(choices))
+            )
+    return names
+
+
+def add_seed_and_repeat(parser: Any, repeat_help: str, repeat_type: Any = positive_int) -> None:
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"Seed of the generated rows; same seed, same rows (default: {DEFAULT_SEED}).",
+    )
+    parser.add_argument("--repeat", type=repeat_type, default=1, help=repeat_help)
+
+
+def add_files(parser: Any, charts: Mapping[str, str]) -> None:
+    """``--markdown``, ``--json`` and the charts' options (option: what it draws), as paths."""
+    parser.add_argument("--markdown", type=Path, help="Write the Markdown report here.")
+    parser.add_argument("--json", type=Path, help="Write every figure as JSON here.")
+    for option, drawing in charts.items():
+        parser.add_argument(option, type=Path, help=f"Write the SVG chart of {drawing} here.")
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def take_turns[T](
+    calls: Mapping[str, Callable[[], T]],
+    repeat: int,
+    again: Callable[[list[T]], bool] = lambda runs: True,
+) -> dict[str, list[T]]:
+    """Each call ``repeat`` times, taking turns (each once, then each again), so that a slow
+    spell of a shared machine falls on all of them; a call runs again only while
+    ``again(its runs so far)``."""
+    runs: dict[str, list[T]] = {key: [] for key in calls}
+    for _ in range(repeat):
+        for key, call in calls.items():
+            if not runs[key] or again(runs[key]):
+                runs[key].append(call())
+    return runs
+
+
+def run_child(what: str, using: str, *arguments: str) -> dict[str, Any]:
+    """``manage.py ARGUMENTS`` in a fresh process on this database; its last line, as JSON."""
+    command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), *arguments]
+    environment = dict(os.environ, DATABASE_URL=database_url(using))
+    child = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        cause = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(CHILD_FAILED.format(what=what, cause=cause))
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def peak_kib() -> int:
+    """The process's peak resident set size so far, in KiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS
+
+
+def memory_baseline() -> int:
+    """Reset the peak resident size to the current one (``/proc/self/clear_refs``, Linux
+    4.0+) and return it in KiB; where that is impossible, the current resident size
+    (the growth may then include what start-up held and freed)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return peak_kib()
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return peak_kib()
+
+
+def growth_mb(baseline: int) -> float:
+    return max(0, peak_kib() - baseline) / 1024
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100) of ``values``; None if empty."""
+    if not 0 < q <= 100:
+        raise ValueError("q must be in (0, 100]")
+    if not values:
+        return None
+    return sorted(values)[max(0, math.ceil(q / 100 * len(values)) - 1)]
+
+
+# -- reports -------------------------------------------------------------------------
 
 
 def short_size(size: int) -> str:
@@ -17,8 +160,8 @@ def short_size(size: int) -> str:
     return str(size)
 
 
-def format_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
+def format_ratio(value: float | None, spec: str = ".2f", suffix: str = "x") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
 def machine_description() -> str:
@@ -26,10 +169,8 @@ def machine_description() -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+            names = [line for line in cpuinfo if line.startswith("model name")]
+        model = names[0].split(":", 1)[1].strip() if names else model
     except OSError:
         pass
     try:
@@ -43,24 +184,6 @@ def machine_description() -> str:
     )
 
 
-def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
-    """``align``: one character per column, ``l`` or ``r``."""
-    marks = [" --- " if a == "l" else " ---: " for a in align]
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(marks) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
-def format_percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}%"
-
-
-def format_speedup(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}x"
-
-
 def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
     """'postgresql (PostgreSQL 15.8)': the vendor, and the server version when known."""
     connection = connections[using]
@@ -71,22 +194,85 @@ def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
     return f"{connection.vendor} ({connection.display_name} {version})"
 
 
-def section_head(
-    title: str, command_line: str, database: str | None = None, date: str | None = None
-) -> list[str]:
-    """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when.
-
-    ``database`` defaults to the default database's description, ``date`` to today.
-    """
-    database = database or database_description()
-    date = date or timezone.now().date().isoformat()
+def section_head(title: str, command_line: str, database: str | None = None) -> list[str]:
+    """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when."""
     return [
         f"## {title}",
         "",
         f"Command: `{command_line}`",
         "",
         f"Machine: {machine_description()}  ",
-        f"Database: {database}  ",
-        f"Date: {date}",
+        f"Database: {database or database_description()}  ",
+        f"Date: {timezone.now().date().isoformat()}",
         "",
     ]
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
+    """``align``: one character per column, ``l`` or ``r``."""
+    marks = [" --- " if a == "l" else " ---: " for a in align]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(marks) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain table: the first column left-aligned, the figures right-aligned."""
+    rows = [header, *rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [row[0].ljust(widths[0])]
+        cells.extend(cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))
+        return "  ".join(cells).rstrip()
+
+    ruler = "  ".join("-" * width for width in widths)
+    return "\n".join([line(rows[0]), ruler, *map(line, rows[1:])])
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def checks(title: str, targets: Sequence[Sequence[str]], problems: Sequence[str]) -> list[str]:
+    """A report's table of targets (figure, target, measured, met) and its problems."""
+    lines = []
+    if targets:
+        header = ("Figure", "Target", "Measured", "Met")
+        lines += [f"### {title}", "", *markdown_table(header, "lrrl", targets), ""]
+    if problems:
+        lines += ["### Problems", "", *(f"- {problem}" for problem in problems), ""]
+    return lines
+
+
+def write_outputs(
+    command: BaseCommand,
+    options: dict[str, Any],
+    report: Any,
+    markdown: Callable[..., str],
+    command_line: str,
+    charts: Mapping[str, tuple[str, Callable[[Any], str]]],
+) -> None:
+    """Write the charts (option: alt text, drawing), ``--json`` and ``--markdown`` asked for
+    (the Markdown to stdout without a file); fail if the report found problems."""
+    for option in ("markdown", "json", *charts):
+        if options[option] is not None:
+            options[option].parent.mkdir(parents=True, exist_ok=True)
+    markdown_path: Path | None = options["markdown"]
+    base = markdown_path.resolve().parent if markdown_path else Path.cwd()
+    links = []
+    for option, (alt, draw) in charts.items():
+        if (path := options[option]) is not None:
+            path.write_text(draw(report) + "\n", encoding="utf-8")
+            links.append((alt, os.path.relpath(path.resolve(), base)))
+    if options["json"] is not None:
+        options["json"].write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    text = markdown(report, command_line=command_line, charts=links)
+    if markdown_path is not None:
+        markdown_path.write_text(text, encoding="utf-8")
+    elif options["verbosity"] >= 1:
+        command.stdout.write(text)
+    if report.problems:
+        raise CommandError(PROBLEMS.format(problems="\n".join(report.problems)))

@@ -1,66 +1,40 @@
 """The scale benchmark behind ``manage.py bench_scale``: the service against its peers.
 
-Each workload of ``bench.workloads`` writes its deterministic rows with
-several strategies: the optimized service, raw SQL (COPY), django-pgbulk (a
-benchmark-only extra) and Django's own bulk methods, at sizes up to
-1,000,000 rows, on PostgreSQL. The workloads give every strategy the same
-input from the same start and read its end state (see there); this module
-runs them, checks that every strategy left the same end state, measures and
-reports.
-
-* **Same end.** After each strategy's first run the namespace's end state is
-  fingerprinted: its row count and an order-independent hash of its rows.
-  Every strategy of one workload and size must end with the same fingerprint
-  and with one row per input row, or the command fails after reporting.
-* **Same commits.** Chunked strategies get the service's chunk size and
-  commit each chunk, as the service does; COPY strategies stream every row in
-  one statement, their best case.
-
-The peers do less than the service: they neither validate rows nor check that
-users and products exist, and the views peers do not maintain
-``Product.view_count``. Their figures are therefore upper bounds for doing the
-same job with them.
-
-Memory
-------
-``tracemalloc`` slows a million-row run several times over and misses memory
-held by C extensions. Instead each strategy runs in a fresh child process
-(``bench_scale --one``). Just before the timed call the child resets its peak
-resident set size to the current one (``/proc/self/clear_refs``, Linux 4.0+);
-its peak memory growth is the peak (``ru_maxrss``) after the call minus that
-baseline. Where the peak cannot be reset, the baseline is the current resident
-size, which can overstate the growth by what Django's start-up held and freed.
-``--in-process`` skips the children (faster, for tests) and reports no memory.
-
-Slow peers
-----------
-A peer (django-pgbulk, Django's bulk methods, the naive service) whose time at
-the previous size, scaled linearly to the next size, exceeds the peer budget is
-not run at that size; the report says so with the projection. The optimized
-service and raw SQL, which the targets compare, always run. Orders run at
-10,000 at most: beyond, the naive service would take most of an hour.
+Every strategy of each workload (``bench.workloads``) runs on the same rows
+from the same start, at sizes up to 1,000,000 rows on PostgreSQL, each in a
+fresh child process (``bench_scale --one``) that measures its peak memory
+growth; after its first run its end state is fingerprinted and must match
+the others', with one row per input row, or the command fails after
+reporting. A peer whose time at the previous size, scaled to the next, would
+exceed the peer budget is not run there. docs/benchmarks.md has the method.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import os
-import resource
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS
 
 from bench.namespace import DEFAULT_SEED, reset_namespace
-from bench.report import format_ratio, markdown_table, section_head, short_size
+from bench.report import (
+    BenchError,
+    checks,
+    format_ratio,
+    growth_mb,
+    markdown_table,
+    memory_baseline,
+    met,
+    run_child,
+    section_head,
+    short_size,
+    take_turns,
+)
 from bench.workloads import (
     DJANGO,
     KINDS,
@@ -69,17 +43,15 @@ from bench.workloads import (
     PGBULK,
     RAW,
     WORKLOADS,
-    BenchError,
     Strategy,
     Workload,
 )
 from common.charts import bar_chart
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
-# A strategy is measured again (with --repeat) only while its runs took less.
-REPEAT_BUDGET = 30.0
-# Peers are skipped at a size where their projected time exceeds the budget;
-# the optimized service and raw SQL, which the targets need, always run.
+REPEAT_BUDGET = 30.0  # a strategy runs again (--repeat) only while its runs took less
+# Peers are skipped where their projected time exceeds the budget; the optimized
+# service and raw SQL, which the targets need, always run.
 PEERS = frozenset({PGBULK, DJANGO, NAIVE})
 DEFAULT_PEER_BUDGET = 120.0
 
@@ -89,37 +61,6 @@ OVER_BUDGET = (
     "(over the {budget:,.0f} s budget per peer run)"
 )
 ROWS_MISSING = "{workload} at {size:,} rows: {strategy} left {found:,} rows, expected {expected:,}"
-
-Progress = Callable[[str], None]
-
-
-# -- measuring -----------------------------------------------------------------------
-
-
-def resident_kib() -> int | None:
-    """The process's current resident set size in KiB (Linux), or None."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            pages = int(statm.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def reset_peak() -> bool:
-    """Make the peak resident size the current one (Linux 4.0+); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_kib() -> int:
-    """The process's peak resident set size so far, in KiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,53 +74,22 @@ def run_strategy(workload: Workload, key: str, *, measure_memory: bool) -> Timin
     workload.strategy(key)  # an unknown key fails before any work
     workload.prepare()
     gc.collect()
-    before = 0
-    if measure_memory:
-        before = peak_kib() if reset_peak() else (resident_kib() or peak_kib())
+    baseline = memory_baseline() if measure_memory else 0
     started = time.perf_counter()
     workload.run(key)
     seconds = time.perf_counter() - started
-    if not measure_memory:
-        return Timing(seconds)
-    return Timing(seconds, max(0, peak_kib() - before) / 1024)
-
-
-def database_url(using: str) -> str:
-    """A DATABASE_URL naming the connection's database (the test database in tests)."""
-    config = connections[using].settings_dict
-    auth = quote(config["USER"] or "", safe="")
-    if config.get("PASSWORD"):
-        auth += ":" + quote(config["PASSWORD"], safe="")
-    host = quote(config["HOST"] or "localhost", safe="")
-    port = config["PORT"] or 5432
-    return f"postgres://{auth}@{host}:{port}/{quote(config['NAME'], safe='')}"
+    return Timing(seconds, growth_mb(baseline) if measure_memory else None)
 
 
 def run_in_child(workload: Workload, key: str) -> Timing:
     """Run one strategy in a fresh ``manage.py bench_scale --one`` process."""
-    command = [
-        sys.executable,
-        str(Path(settings.BASE_DIR) / "manage.py"),
-        "bench_scale",
-        "--one",
-        workload.name,
-        "--strategy",
-        key,
-        "--sizes",
-        str(workload.size),
-        "--seed",
-        str(workload.seed),
-        "--chunk-size",
-        str(workload.chunk_size),
-        "--work-dir",
-        str(workload.work_dir),
-    ]
-    environment = dict(os.environ, DATABASE_URL=database_url(workload.using))
-    child = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
-    if child.returncode != 0:
-        cause = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"{workload.name} with {key}: the child process failed: {cause}")
-    figures = json.loads(child.stdout.strip().splitlines()[-1])
+    figures = run_child(
+        f"{workload.name} with {key}",
+        workload.using,
+        *("bench_scale", "--one", workload.name, "--strategy", key),
+        *("--sizes", str(workload.size), "--seed", str(workload.seed)),
+        *("--chunk-size", str(workload.chunk_size), "--work-dir", str(workload.work_dir)),
+    )
     return Timing(figures["seconds"], figures["peak_growth_mb"])
 
 
@@ -210,18 +120,13 @@ class ScaleReport:
     workloads: list[str]
     measurements: list[Measurement]
     problems: list[str]
-    # Rows per chunk of each workload's service and chunked peers.
-    chunk_sizes: dict[str, int] = field(default_factory=dict)
+    chunk_sizes: dict[str, int] = field(default_factory=dict)  # rows per chunk, per workload
 
     def find(self, workload: str, strategy: str, size: int) -> Measurement | None:
-        for measurement in self.measurements:
-            if (measurement.workload, measurement.strategy, measurement.size) == (
-                workload,
-                strategy,
-                size,
-            ):
-                return measurement
-        return None
+        wanted = (workload, strategy, size)
+        return next(
+            (m for m in self.measurements if (m.workload, m.strategy, m.size) == wanted), None
+        )
 
     def ratio(self, workload: str, strategy: str, size: int) -> float | None:
         """The optimized service's rows/s divided by ``strategy``'s, at ``size``."""
@@ -254,15 +159,12 @@ def run_scale_bench(
     isolate: bool = True,
     peer_budget: float = DEFAULT_PEER_BUDGET,
     repeat: int = 1,
-    progress: Progress | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ScaleReport:
     """Every strategy of every workload at every size, each from the same start.
 
-    A strategy that fails or ends in another state than the first one is
-    reported in ``problems``; the others still run. A peer whose time at the
-    previous size, scaled to this size, exceeds ``peer_budget`` seconds is not
-    run (the table says so). With ``repeat``, each strategy runs up to that
-    many times (see ``measure``). The namespace is deleted at the end.
+    A strategy that fails or ends in another state than the first is reported
+    in ``problems``; the others still run. The namespace is deleted at the end.
     """
     report = ScaleReport(list(sizes), list(workloads), [], [])
     for name in workloads:
@@ -277,77 +179,55 @@ def run_scale_bench(
                 continue
             workload = cls(size, seed=seed, chunk_size=chunk_size, using=using, work_dir=work_dir)
             report.chunk_sizes[name] = workload.chunk_size
-            skipped: dict[str, Measurement] = {}
-            for strategy in cls.strategies:
-                previous = last.get(strategy.key)
-                if strategy.key in PEERS and (note := over_budget(previous, size, peer_budget)):
-                    skipped[strategy.key] = Measurement(
-                        name, strategy.key, strategy.label, size, note=note
-                    )
+            skipped = {
+                s.key: Measurement(name, s.key, s.label, size, note=note)
+                for s in cls.strategies
+                if s.key in PEERS and (note := over_budget(last.get(s.key), size, peer_budget))
+            }
             measured = measure(
                 workload,
                 [s for s in cls.strategies if s.key not in skipped],
                 isolate=isolate,
                 report=report,
                 repeat=repeat,
-                after_first_run=EndStates(workload, report),
+                after_first_run=end_states(workload, report.problems),
             )
             for strategy in cls.strategies:
-                measurement = skipped.get(strategy.key) or measured[strategy.key]
-                report.measurements.append(measurement)
-                if measurement.seconds is None:
-                    if progress is not None:
-                        progress(f"{name} {size:,} {strategy.label}: {measurement.note}")
+                m = skipped.get(strategy.key) or measured[strategy.key]
+                report.measurements.append(m)
+                if m.seconds is not None:
+                    last[strategy.key] = m
+                if progress is None:
                     continue
-                last[strategy.key] = measurement
-                if progress is not None:
-                    best = f" (best of {measurement.runs})" if measurement.runs > 1 else ""
-                    progress(
-                        f"{name} {size:,} {strategy.label}: {measurement.seconds:.2f}s{best}, "
-                        f"{measurement.rows_per_second:,.0f} {cls.unit}/s"
-                        + (
-                            f", peak memory +{measurement.peak_growth_mb:.1f} MB"
-                            if measurement.peak_growth_mb is not None
-                            else ""
-                        )
-                    )
+                if m.seconds is None:
+                    progress(f"{name} {size:,} {strategy.label}: {m.note}")
+                    continue
+                best = f" (best of {m.runs})" if m.runs > 1 else ""
+                growth = m.peak_growth_mb
+                memory = f", peak memory +{growth:.1f} MB" if growth is not None else ""
+                progress(
+                    f"{name} {size:,} {strategy.label}: {m.seconds:.2f}s{best}, "
+                    f"{m.rows_per_second:,.0f} {cls.unit}/s{memory}"
+                )
     reset_namespace(using)
     return report
 
 
-class EndStates:
+def end_states(workload: Workload, problems: list[str]) -> Callable[[Strategy], None]:
     """Checks each strategy's end state after its first run: every row there, all alike."""
+    first: list[tuple[str, dict[str, tuple[int, int]]]] = []
 
-    def __init__(self, workload: Workload, report: ScaleReport) -> None:
-        self.workload = workload
-        self.report = report
-        self.first: tuple[str, dict[str, tuple[int, int]]] | None = None
-
-    def __call__(self, strategy: Strategy) -> None:
-        workload, problems = self.workload, self.report.problems
+    def check(strategy: Strategy) -> None:
         prints = workload.fingerprints()
         found = next(iter(prints.values()))[0]
+        where = {"workload": workload.name, "size": workload.size, "strategy": strategy.label}
         if found != workload.size:
-            problems.append(
-                ROWS_MISSING.format(
-                    workload=workload.name,
-                    size=workload.size,
-                    strategy=strategy.label,
-                    found=found,
-                    expected=workload.size,
-                )
-            )
-        if self.first is None:
-            self.first = (strategy.label, prints)
-        elif prints != self.first[1]:
-            problems.append(
-                STATES_DIFFER.format(
-                    workload=workload.name,
-                    size=workload.size,
-                    strategy=strategy.label,
-                    first=self.first[0],
-                )
-            )
+            problems.append(ROWS_MISSING.format(**where, found=found, expected=workload.size))
+        first.append((strategy.label, prints))
+        if prints != first[0][1]:
+            problems.append(STATES_DIFFER.format(**where, first=first[0][0]))
+
+    return check
 
 
 def over_budget(previous: Measurement | None, size: int, budget: float) -> str:
@@ -371,53 +251,46 @@ def measure(
     repeat: int = 1,
     after_first_run: Callable[[Strategy], None] | None = None,
 ) -> dict[str, Measurement]:
-    """Run each strategy from a fresh start, up to ``repeat`` times; the fastest run counts.
+    """Run each strategy from a fresh start, up to ``repeat`` times, taking turns; the
+    fastest run counts, memory is the largest growth. A strategy runs again only while
+    its runs so far took under ``REPEAT_BUDGET`` seconds in all, and never after a
+    failure. ``after_first_run`` is called after each strategy's first run."""
 
-    The runs take turns: every strategy runs once, then every strategy
-    again, so a slow minute on a shared machine falls on all of them
-    rather than on one strategy's every run. A strategy is run again only
-    while its runs so far took less than ``REPEAT_BUDGET`` seconds in all, so
-    repeats steady the short runs, which a busy machine sways most, without
-    multiplying the long ones. Every strategy follows the same rule. Memory
-    is the largest growth of any run. ``after_first_run`` is called after
-    each strategy's first run, before the next setup (to check its state).
-    """
-    name, size = workload.name, workload.size
-    timings: dict[str, list[Timing]] = {s.key: [] for s in strategies}
-    failed: dict[str, Measurement] = {}
-    for _ in range(repeat):
-        for strategy in strategies:
-            runs = timings[strategy.key]
-            if strategy.key in failed or sum(t.seconds for t in runs) >= REPEAT_BUDGET:
-                continue
-            workload.setup()
-            try:
-                if isolate:
-                    runs.append(run_in_child(workload, strategy.key))
-                else:
-                    runs.append(run_strategy(workload, strategy.key, measure_memory=False))
-            except BenchError as exc:
-                report.problems.append(str(exc))
-                failed[strategy.key] = Measurement(
-                    name, strategy.key, strategy.label, size, note=f"failed: {exc}"
-                )
-                continue
-            if len(runs) == 1 and after_first_run is not None:
-                after_first_run(strategy)
-    measurements = dict(failed)
+    def once(strategy: Strategy) -> Timing | str:
+        workload.setup()
+        try:
+            if isolate:
+                timing = run_in_child(workload, strategy.key)
+            else:
+                timing = run_strategy(workload, strategy.key, measure_memory=False)
+        except BenchError as exc:
+            report.problems.append(str(exc))
+            return f"failed: {exc}"
+        if after_first_run is not None and strategy.key not in checked:
+            checked.add(strategy.key)
+            after_first_run(strategy)
+        return timing
+
+    def again(runs: list[Timing | str]) -> bool:
+        timings = [run for run in runs if isinstance(run, Timing)]
+        return len(timings) == len(runs) and sum(t.seconds for t in timings) < REPEAT_BUDGET
+
+    checked: set[str] = set()
+    tries = take_turns({s.key: partial(once, s) for s in strategies}, repeat, again)
+    measurements = {}
     for strategy in strategies:
-        if strategy.key in failed:
+        runs, args = (
+            tries[strategy.key],
+            (workload.name, strategy.key, strategy.label, workload.size),
+        )
+        timings = [run for run in runs if isinstance(run, Timing)]
+        if len(timings) < len(runs):
+            measurements[strategy.key] = Measurement(*args, note=str(runs[-1]))
             continue
-        runs = timings[strategy.key]
-        growths = [t.peak_growth_mb for t in runs if t.peak_growth_mb is not None]
+        growths = [t.peak_growth_mb for t in timings if t.peak_growth_mb is not None]
+        best = min(t.seconds for t in timings)
         measurements[strategy.key] = Measurement(
-            name,
-            strategy.key,
-            strategy.label,
-            size,
-            min(t.seconds for t in runs),
-            max(growths) if growths else None,
-            runs=len(runs),
+            *args, best, max(growths) if growths else None, runs=len(runs)
         )
     return measurements
 
@@ -460,7 +333,7 @@ def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
                 f"{target.workload} at {target.size:,}: optimized ÷ {label}",
                 f"≥ {target.minimum:.2f}x",
                 format_ratio(ratio) if ratio is not None else "not measured",
-                "n/a" if ratio is None else ("yes" if ratio >= target.minimum else "**no**"),
+                "n/a" if ratio is None else met(ratio >= target.minimum),
             )
         )
     for name in report.workloads:
@@ -477,7 +350,7 @@ def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
                 f"{name} at {largest:,}: optimized peak memory growth",
                 f"< {MEMORY_LIMIT_MB:.0f} MB",
                 f"{peaks[largest]:.1f} MB",
-                "yes" if peaks[largest] < MEMORY_LIMIT_MB else "**no**",
+                met(peaks[largest] < MEMORY_LIMIT_MB),
             )
         )
         if 100_000 in peaks and 1_000_000 in peaks and peaks[100_000] > 0:
@@ -487,7 +360,7 @@ def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
                     f"{name}: optimized peak memory growth, 1,000,000 ÷ 100,000",
                     f"≤ {MEMORY_GROWTH_LIMIT:.1f}x",
                     f"{growth:.2f}x",
-                    "yes" if growth <= MEMORY_GROWTH_LIMIT else "**no**",
+                    met(growth <= MEMORY_GROWTH_LIMIT),
                 )
             )
     return rows
@@ -522,29 +395,16 @@ def workload_section(report: ScaleReport, name: str) -> list[str]:
                     "",
                 )
             )
-    header = (
-        "Strategy",
-        cls.unit.capitalize(),
-        "Time",
-        "Runs",
-        f"{cls.unit.capitalize()}/s",
-        "Optimized ÷ this",
-        "Peak memory growth",
-        "Note",
-    )
+    unit = cls.unit.capitalize()
+    header = ("Strategy", unit, "Time", "Runs", f"{unit}/s", "Optimized ÷ this",
+              "Peak memory growth", "Note")  # fmt: skip
     return lines + markdown_table(header, "lrrrrrrl", rows)
 
 
 def markdown_report(
-    report: ScaleReport,
-    *,
-    command_line: str,
-    charts: Sequence[tuple[str, str]] = (),
+    report: ScaleReport, *, command_line: str, charts: Sequence[tuple[str, str]] = ()
 ) -> str:
-    """The section of BENCHMARKS.md: how it was made, the targets, one table per workload.
-
-    ``charts`` are (alt text, relative path) pairs to link.
-    """
+    """The BENCHMARKS.md section; ``charts`` are (alt text, relative path) pairs to link."""
     lines = [
         *section_head(
             "At scale: the optimized service against raw COPY, django-pgbulk and Django",
@@ -564,68 +424,53 @@ def markdown_report(
         "job.",
         "",
     ]
-    lines += [f"![{alt}]({path})" for alt, path in charts]
-    if charts:
-        lines.append("")
-    targets = target_rows(report)
-    if targets:
-        lines += ["### Targets", ""]
-        lines += markdown_table(("Figure", "Target", "Measured", "Met"), "lrrl", targets)
-        lines.append("")
-    if report.problems:
-        lines += ["### Problems", "", *(f"- {problem}" for problem in report.problems), ""]
+    lines += [f"![{alt}]({path})" for alt, path in charts] + ([""] if charts else [])
+    lines += checks("Targets", target_rows(report), report.problems)
     for name in report.workloads:
-        lines += workload_section(report, name)
-        lines.append("")
+        lines += [*workload_section(report, name), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def chart_series(
-    report: ScaleReport, value: Callable[[Measurement], float | None]
-) -> tuple[list[str], dict[str, list[float | None]]]:
-    """Groups (workload and size, in run order) and one series per kind of strategy."""
-    cells: list[tuple[str, int]] = []
-    for name in report.workloads:
-        for size in report.sizes:
-            if any(
-                m.workload == name and m.size == size and m.seconds is not None
-                for m in report.measurements
-            ):
-                cells.append((name, size))
-    kinds = [
-        key for key in KINDS if any(m.strategy == key for m in report.measurements if m.seconds)
+def chart(report: ScaleReport, memory: bool = False) -> str:
+    """Throughput (rows/s, log scale), or peak memory growth, per kind of strategy,
+    grouped by workload and size in run order."""
+    cells = [
+        (name, size)
+        for name in report.workloads
+        for size in report.sizes
+        if any(
+            m.workload == name and m.size == size and m.seconds is not None
+            for m in report.measurements
+        )
     ]
+    kinds = [k for k in KINDS if any(m.strategy == k for m in report.measurements if m.seconds)]
     series: dict[str, list[float | None]] = {}
     for key in kinds:
-        values = []
-        for name, size in cells:
-            m = report.find(name, key, size)
-            values.append(None if m is None or m.seconds is None else value(m))
-        series[KINDS[key]] = values
+        found = [report.find(name, key, size) for name, size in cells]
+        series[KINDS[key]] = [
+            None
+            if m is None or m.seconds is None
+            else (m.peak_growth_mb if memory else m.rows_per_second)
+            for m in found
+        ]
     groups = [f"{name} {short_size(size)}" for name, size in cells]
-    return groups, series
-
-
-def throughput_chart(report: ScaleReport) -> str:
-    groups, series = chart_series(report, lambda m: m.rows_per_second)
+    if memory:
+        title, y_label, height = "Peak memory growth by strategy, workload and size", "MB", 360
+    else:
+        title, y_label = "Throughput by strategy, workload and size (PostgreSQL)", "rows/s"
+        height = 420
     return bar_chart(
         groups,
         series,
-        title="Throughput by strategy, workload and size (PostgreSQL)",
-        y_label="rows/s",
-        log_scale=True,
+        title=title,
+        y_label=y_label,
+        log_scale=not memory,
         width=max(720, 100 * len(groups) + 120),
-        height=420,
+        height=height,
     )
 
 
-def memory_chart(report: ScaleReport) -> str:
-    groups, series = chart_series(report, lambda m: m.peak_growth_mb)
-    return bar_chart(
-        groups,
-        series,
-        title="Peak memory growth by strategy, workload and size",
-        y_label="MB",
-        width=max(720, 100 * len(groups) + 120),
-        height=360,
-    )
+CHARTS: dict[str, tuple[str, Callable[[ScaleReport], str]]] = {
+    "chart": ("Throughput by strategy and size", chart),
+    "memory_chart": ("Peak memory growth by strategy and size", partial(chart, memory=True)),
+}

@@ -1,13 +1,9 @@
 """The production server as a child process: gunicorn on a loopback port, DEBUG off.
 
-``bench_load`` starts one when it is given no ``--url``, and the production
-tests (tests/test_production.py) start one to look at it in a browser. The
-server is what ``make serve`` runs (gunicorn.conf.py), with the environment a
-loopback deployment needs (docs/deploy.md): DEBUG off, no HTTPS redirect and
-no Secure-only cookies, since nothing terminates TLS on loopback.
-
-gunicorn binds port 0 and the kernel picks a free port, which is read back
-from gunicorn's own log line, so two servers never race for one port.
+What ``make serve`` runs (gunicorn.conf.py), in the loopback environment of
+docs/deploy.md. It binds port 0 and its URL is read back from its log, so two
+servers never race for one port. ``bench_load`` and tests/test_production.py
+start it.
 """
 
 from __future__ import annotations
@@ -34,9 +30,8 @@ FAILED = "{command} failed (exit code {code}):\n{output}"
 
 
 def database_url(alias: str = DEFAULT_DB_ALIAS) -> str:
-    """A DATABASE_URL for the database this process uses (its test database under
-    pytest), so that a child process writes where this one reads; "" for an
-    in-memory SQLite database, which no other process can open."""
+    """A DATABASE_URL for this process's database (its test database under pytest), for a
+    child process; "" for an in-memory SQLite database, which no other process can open."""
     config = connections[alias].settings_dict
     name = str(config["NAME"])
     if connections[alias].vendor == "sqlite":
@@ -101,25 +96,11 @@ def gunicorn(
     threads: int = 4,
     start_seconds: float = 60.0,
 ) -> Iterator[Server]:
-    """gunicorn serving ``shop.wsgi`` on a free loopback port until the block ends.
-
-    Stopped with SIGTERM (gunicorn's graceful stop: requests in flight
-    finish), then SIGKILL if it has not stopped 15 seconds later.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "shop.wsgi",
-        "--config",
-        str(Path(settings.BASE_DIR) / "gunicorn.conf.py"),
-        "--bind",
-        "127.0.0.1:0",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-    ]
+    """gunicorn serving ``shop.wsgi`` on a free loopback port until the block ends; then
+    SIGTERM (requests in flight finish), SIGKILL 15 seconds later."""
+    config = str(Path(settings.BASE_DIR) / "gunicorn.conf.py")
+    command = [sys.executable, "-m", "gunicorn", "shop.wsgi", "--config", config]
+    command += ["--bind", "127.0.0.1:0", "--workers", str(workers), "--threads", str(threads)]
     with log.open("w") as output:
         process = subprocess.Popen(
             command,

@@ -1,42 +1,45 @@
 """The benchmark behind ``manage.py bench_submit``: staging a catalogue as a job.
 
-``import_products PATH --background`` runs in a fresh child process per
-size (the one an operator starts), which reports its peak resident memory
-above what it held once Django was set up, and how long the submit took.
-Beside it, the raw limit: the same file's lines COPYed as text into a
-temporary table, in the parent. The staged jobs are deleted afterwards.
+Per size, ``import_products PATH --background`` runs in a fresh child process
+(the one an operator starts), which reports the submit's time and its peak
+resident memory above what it held once Django was set up. Beside it, in the
+parent, two limits timed on the COPY alone: the file's lines COPYed as text
+into a temporary table, and into the staged-records table itself (rolled
+back). The staged jobs are deleted afterwards.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
-from typing import Any
 
-from django.conf import settings
 from django.core.management import call_command
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from psycopg import sql
 
-from batching.postgres import copy_text, execute
-from bench.report import format_ratio, markdown_table, section_head, short_size
-from bench.scale import database_url, peak_kib, reset_peak, resident_kib
-from bench.workloads import BenchError, ImportWorkload
+from batching.postgres import copy_text
+from bench.namespace import vacuum
+from bench.report import (
+    BenchError,
+    format_ratio,
+    growth_mb,
+    markdown_table,
+    memory_baseline,
+    run_child,
+    section_head,
+    short_size,
+)
+from bench.workloads import ImportWorkload, copy_in, temp_table
 from jobs.models import Job, StagedRecord
 from jobs.staging import FIELDS, copy_block
 
 TITLE = "Submitting a catalogue as a background job"
 RAW_TABLE = "bench_submit_lines"
-# Lines per write of the table COPY: about a block of the reader's.
-BLOCK_ROWS = 16_000
+BLOCK_ROWS = 16_000  # lines per write of the table COPY: about a block of the reader's
 SUBMITTED = re.compile(r"Submitted job ([0-9a-f-]{36})")
 
 
@@ -47,10 +50,6 @@ class Submitted:
     growth_mb: float
     raw_seconds: float
     table_seconds: float
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.size / self.seconds
 
 
 def submitted_job(output: str) -> str:
@@ -63,66 +62,41 @@ def submitted_job(output: str) -> str:
 
 def submit_here(path: Path) -> dict[str, float | str]:
     """In the child: submit ``path`` as a background import; its job, time and memory growth."""
-    before = resident_kib() or peak_kib()
-    reset_peak()
-    output = StringIO()
+    baseline, output = memory_baseline(), StringIO()
     started = time.perf_counter()
     call_command("import_products", str(path), "--background", stdout=output)
     seconds = time.perf_counter() - started
-    growth = max(0, peak_kib() - before) / 1024
-    return {"job": submitted_job(output.getvalue()), "seconds": seconds, "growth_mb": growth}
-
-
-def submit_in_child(path: Path, using: str) -> dict[str, Any]:
-    command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_submit"]
-    command += ["--child", str(path)]
-    environment = dict(os.environ, DATABASE_URL=database_url(using))
-    child = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
-    if child.returncode != 0:
-        cause = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"submitting {path.name}: the child process failed: {cause}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    return {
+        "job": submitted_job(output.getvalue()),
+        "seconds": seconds,
+        "growth_mb": growth_mb(baseline),
+    }
 
 
 def raw_copy_seconds(path: Path, using: str) -> float:
     """COPY the file's lines as text into a temporary table: the staging's raw limit."""
-    connection = connections[using]
-    with transaction.atomic(using=using):
-        execute(
-            using,
-            sql.SQL("CREATE TEMPORARY TABLE {} (line text) ON COMMIT DROP").format(
-                sql.Identifier(RAW_TABLE)
-            ),
-        )
+    statement = sql.SQL("COPY {} (line) FROM STDIN").format(sql.Identifier(RAW_TABLE))
+    with transaction.atomic(using=using), open(path, encoding="utf-8") as lines:
+        temp_table(using, RAW_TABLE, sql.SQL("line text"))
+        next(lines)  # the header
         started = time.perf_counter()
-        with (
-            connection.cursor() as cursor,
-            cursor.cursor.copy(
-                sql.SQL("COPY {} (line) FROM STDIN").format(sql.Identifier(RAW_TABLE))
-            ) as copy,
-            open(path, encoding="utf-8") as lines,
-        ):
-            next(lines)  # the header
-            for line in lines:
-                copy.write_row((line.rstrip("\n"),))
+        copy_in(using, statement, ((line.rstrip("\n"),) for line in lines))
         return time.perf_counter() - started
 
 
 def table_copy_seconds(path: Path, using: str) -> float:
     """COPY the file's lines, numbered, into the staged-records table itself, rolled
-    back: what storing them costs the database (its index, its WAL), with the
-    text made before the clock starts."""
+    back: what storing them costs (its index, its WAL), the text made beforehand."""
     job = uuid.uuid4()
     with open(path, encoding="utf-8", newline="") as lines:
         next(lines)  # the header
         records = [line.removesuffix("\n") for line in lines]
-    # Blocks of about the size staging writes, each line escaped (staging's own lines).
     blocks = [
         copy_block(job, start, records[start : start + BLOCK_ROWS], plain=False)
         for start in range(0, len(records), BLOCK_ROWS)
     ]
     del records
-    vacuum_staging(using)
+    vacuum(using, [StagedRecord], "VACUUM")
     with transaction.atomic(using=using):
         started = time.perf_counter()
         copy_text(StagedRecord, FIELDS, blocks, using=using)
@@ -131,20 +105,14 @@ def table_copy_seconds(path: Path, using: str) -> float:
     return seconds
 
 
-def vacuum_staging(using: str) -> None:
-    """Clear the staged-records table of what earlier submits left dead, so that
-    each measured COPY meets the same table."""
-    execute(using, sql.SQL("VACUUM {}").format(sql.Identifier(StagedRecord._meta.db_table)))
-
-
 def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_ALIAS) -> list:
     paths = [ImportWorkload(size, work_dir=work_dir, using=using).input_file() for size in sizes]
     # Every child first: a child forked from this process once it has held a
     # table COPY's text would count this process's size as its own peak.
     children = []
     for path in paths:
-        vacuum_staging(using)
-        child = submit_in_child(path, using)
+        vacuum(using, [StagedRecord], "VACUUM")  # each COPY meets the same table
+        child = run_child(f"submitting {path.name}", using, "bench_submit", "--child", str(path))
         # Only this job: the database may hold others (a shop's, another benchmark's).
         Job.objects.using(using).filter(pk=child["job"]).delete()
         children.append(child)
@@ -165,7 +133,7 @@ def markdown(results: list[Submitted], command_line: str) -> str:
         (
             short_size(r.size),
             f"{r.seconds:.2f} s",
-            f"{r.rows_per_second:,.0f}",
+            f"{r.size / r.seconds:,.0f}",
             f"{r.size / r.raw_seconds:,.0f}",
             format_ratio(r.raw_seconds / r.seconds),
             f"{r.size / r.table_seconds:,.0f}",
@@ -174,16 +142,8 @@ def markdown(results: list[Submitted], command_line: str) -> str:
         )
         for r in results
     ]
-    header = (
-        "Rows",
-        "Submit",
-        "Rows/s",
-        "Raw COPY rows/s",
-        "÷ raw",
-        "Table COPY rows/s",
-        "÷ table",
-        "Peak memory growth",
-    )
+    header = ("Rows", "Submit", "Rows/s", "Raw COPY rows/s", "÷ raw", "Table COPY rows/s",
+              "÷ table", "Peak memory growth")  # fmt: skip
     return "\n".join(
         [
             *section_head(TITLE, command_line),

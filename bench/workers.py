@@ -1,17 +1,13 @@
 """The benchmark behind ``manage.py bench_workers``: one job, 1, 2 and 4 workers.
 
-Per backend (``db``: ``manage.py db_worker``; ``celery``: Celery workers on
-the broker) and worker count, a run starts from the catalogue import's base
-state (half the skus exist), starts the workers, each in a working directory
-of its own and sharing nothing but the database and the broker, then submits
-the catalogue as an operator would (``import_products PATH --background`` in
-a child process with the backend's settings) and waits for the job to end.
-
-Throughput is the job's rows over the time from its first partition's claim
-to its end (worker start-up and staging are not in it; the staging's time is
-reported beside it). Where the time went is sampled from ``/proc``: the CPU
-seconds of the workers (pool children included), of PostgreSQL's processes,
-and the whole machine's busy share, over the same interval.
+Per backend (``db``: ``db_worker``; ``celery``: Celery on the broker) and
+worker count: the catalogue import's base state, the workers started (each in
+a directory of its own, sharing only the database and the broker), the
+catalogue submitted as an operator would (``import_products PATH
+--background`` in a child with the backend's settings), then the job awaited.
+Throughput is the job's rows from its first partition's claim to its end; CPU
+seconds of the workers and of PostgreSQL, and the machine's busy share, are
+read from ``/proc`` over that interval.
 """
 
 from __future__ import annotations
@@ -29,10 +25,10 @@ from django.conf import settings
 from django.db.models import Min
 
 from bench.namespace import reset_namespace
-from bench.report import markdown_table, section_head, short_size
-from bench.scale import database_url
+from bench.report import BenchError, markdown_table, section_head, short_size
+from bench.server import database_url
 from bench.submit import submitted_job
-from bench.workloads import BenchError, ImportWorkload
+from bench.workloads import ImportWorkload
 from jobs.models import FINISHED, Job
 
 TITLE = "Scaling out: one catalogue job on 1, 2 and 4 workers"

@@ -1,31 +1,14 @@
 """The benchmarks' workloads: each operation's rows, base state and end state, defined once.
 
-``test_bulk_performance`` (``bench.writeup``), ``bench_scale``
-(``bench.scale``) and ``bench_live`` (``bench.live``) all run these. A
-workload is one job at one size: the base state it starts from
-(``create_base``), the deterministic rows the job writes (``rows``, or the
-import's generated CSV file) and its end state in logical terms (``state``:
-usernames and skus, never ids). Several strategies can do the job: the
-optimized service, raw SQL, django-pgbulk, Django's bulk methods, the naive
-service; ``run_service`` runs either service on the same input.
-
-* **Same input.** Rows are drawn from the seed and row numbers ("user 7 views
-  product 42"); ``prepare`` reads the ids of the current base state, so every
-  run gets the same input whatever ids a fresh base state got. Every strategy
-  consumes the same generator of dicts, the service's input format; turning
-  them into model objects or COPY rows is part of each strategy's work.
-* **Same start.** ``setup`` deletes the namespace (``bench.namespace``),
-  recreates the base state (COPY on PostgreSQL, ``bulk_create`` elsewhere)
-  and ``VACUUM ANALYZE``-s the tables on PostgreSQL, so no run inherits
-  another's dead rows or statistics.
-* **Same end.** ``snapshot`` and ``fingerprints`` read the end state; every
-  strategy must leave the same one, and its first entry has one row per
-  input row. Entries in ``service_only`` (the views' ``view_count``) are kept
-  by the services only, so the strategies' fingerprints leave them out.
-
-The raw strategies are PostgreSQL only (COPY); the base states, the rows and
-the services run on any database, which is how ``test_bulk_performance`` runs
-on SQLite.
+A workload is one job at one size: the base state it starts from
+(``create_base``), the deterministic rows it writes (``rows``, or the import's
+CSV file, from the seed and row numbers mapped onto the current ids by
+``prepare``) and its end state in logical terms (``state``: usernames and
+skus, never ids). Its strategies (the services, raw SQL, django-pgbulk,
+Django's bulk methods) all consume the same generator of dicts, the service's
+input format. Every strategy must leave the same end state, but for the
+entries in ``service_only`` that only the services keep up (``view_count``).
+The raw strategies are PostgreSQL only; the rest runs on any database.
 """
 
 from __future__ import annotations
@@ -59,10 +42,10 @@ from bench.namespace import (
     PRODUCT_POOL,
     SKU_PREFIX,
     USER_POOL,
+    Kept,
     category_name,
     copy_products,
     create_categories,
-    create_products,
     create_users,
     insert_rows,
     product_ids,
@@ -72,6 +55,7 @@ from bench.namespace import (
     user_ids,
     vacuum,
 )
+from bench.report import BenchError
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import NaiveBulkOperationsService, OptimizedBulkOperationsService
@@ -83,34 +67,23 @@ except ImportError:  # pragma: no cover
     pgbulk = None  # type: ignore[assignment]  # bench_scale checks for None
 
 HASH_MASK = (1 << 64) - 1
-# The temporary table raw strategies COPY into (dropped at commit).
-STAGING_TABLE = "scale_bench_staging"
+STAGING_TABLE = "scale_bench_staging"  # the raw strategies' temporary table
 COPY_BLOCK = 1 << 20
-# bulk_update's batch in the updates workload. Its statement has a WHEN per row
-# and field: on the benchmark machine batches of 250 to 2,000 rows ran at about
-# 1,200 to 1,700 rows/s, one 10,000-row statement at 49.
+# bulk_update writes a WHEN per row and field: batches run far faster than one statement.
 DJANGO_UPDATE_BATCH = 1000
-
 ITEMS_PER_ORDER = 3
 ALGORITHMS = ("collaborative", "content_based", "trending")
-# Views mostly look, some click, few buy: the mix only has to be deterministic.
-INTERACTIONS = (
+INTERACTIONS = (  # views mostly look, some click, few buy
     (ProductView.InteractionType.VIEW, 70),
     (ProductView.InteractionType.CLICK, 20),
     (ProductView.InteractionType.ADD_TO_CART, 7),
     (ProductView.InteractionType.PURCHASE, 3),
 )
-# Fixed, so the rows (and the end states that include them) do not depend on the clock.
-BASE_TIME = datetime(2024, 6, 1, tzinfo=UTC)
-# Stock left on every ordered product after the orders: all orders fit.
-STOCK_MARGIN = 5
+BASE_TIME = datetime(2024, 6, 1, tzinfo=UTC)  # rows independent of the clock
+STOCK_MARGIN = 5  # stock left on every ordered product after the orders: all fit
 
-# Strategy keys; the same key is the same kind of tool in every workload.
-OPTIMIZED = "optimized"
-RAW = "raw"
-PGBULK = "pgbulk"
-DJANGO = "django"
-NAIVE = "naive"
+# Strategy keys; a key is the same kind of tool in every workload, run by ``run_<key>``.
+OPTIMIZED, RAW, PGBULK, DJANGO, NAIVE = "optimized", "raw", "pgbulk", "django", "naive"
 KINDS = {
     OPTIMIZED: "optimized service",
     RAW: "raw SQL",
@@ -118,29 +91,15 @@ KINDS = {
     DJANGO: "Django ORM",
     NAIVE: "naive service",
 }
-
 RUN_INCOMPLETE = "{workload} with {strategy} ended {status}: {errors}"
 UNKNOWN_STRATEGY = "{workload} has no strategy {strategy!r}: choose one of {choices}"
 
 
-class BenchError(RuntimeError):
-    """A strategy did not do the work it was given; its figures would mislead."""
-
-
-# -- small helpers -----------------------------------------------------------------
-
-
-def coprime_stride(size: int) -> int:
-    """A stride that visits every position of ``range(size)`` once: a cheap shuffle."""
-    stride = 7919  # a prime; sizes are often powers of ten
+def shuffled(size: int) -> Iterator[int]:
+    """0..size-1 in a fixed scattered order (a prime stride), as unsorted input comes."""
+    stride = 7919
     while math.gcd(stride, size) != 1:
         stride += 2
-    return stride
-
-
-def shuffled(size: int) -> Iterator[int]:
-    """0..size-1 in a fixed scattered order, as unsorted input would come."""
-    stride = coprime_stride(size)
     return ((position * stride + size // 3) % size for position in range(size))
 
 
@@ -158,52 +117,52 @@ def columns(model: type[models.Model], fields: Sequence[str]) -> sql.Composed:
     return sql.SQL(", ").join(column(model, f) for f in fields)
 
 
-def create_staging(using: str, model: type[models.Model], fields: Sequence[str]) -> None:
-    """A temporary table with ``fields``' columns and types, dropped at commit."""
-    connection = connections[using]
-    definitions = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(
-            column(model, name),
-            sql.SQL(array_type(model_field(model, name), connection)),
-        )
-        for name in fields
-    )
-    execute(
-        using,
-        sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
-            sql.Identifier(STAGING_TABLE), definitions
-        ),
-    )
+def temp_table(using: str, name: str, definitions: sql.Composable) -> None:
+    statement = sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP")
+    execute(using, statement.format(sql.Identifier(name), definitions))
 
 
-def stage(
-    using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable[Sequence[Any]]
+def copy_in(
+    using: str,
+    statement: sql.Composable,
+    rows: Iterable[Sequence[Any]] = (),
+    blocks: Iterable[bytes | str] = (),
 ) -> None:
-    """COPY ``rows`` into a new staging table with ``fields``' columns (inside a transaction).
-
-    Text COPY: the rows hold the service's input as it comes (prices as text).
-    """
-    create_staging(using, model, fields)
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(STAGING_TABLE), columns(model, fields)
-    )
+    """Text COPY ``rows`` (then raw ``blocks``) by ``statement``, e.g. into a temporary
+    table, which ``batching.postgres.copy_rows`` (a model's table) cannot name."""
     connection = connections[using]
     connection.ensure_connection()
     with connection.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
+        for block in blocks:
+            copy.write(block)
+
+
+def stage(
+    using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """COPY ``rows`` (the service's input, prices as text) into a new staging table with
+    ``fields``' columns and types, inside a transaction."""
+    definitions = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(
+            column(model, name), sql.SQL(array_type(model_field(model, name), connections[using]))
+        )
+        for name in fields
+    )
+    temp_table(using, STAGING_TABLE, definitions)
+    statement = sql.SQL("COPY {} ({}) FROM STDIN")
+    copy_in(using, statement.format(sql.Identifier(STAGING_TABLE), columns(model, fields)), rows)
 
 
 @contextmanager
 def raw_transaction(using: str) -> Iterator[None]:
     """The raw strategies' one transaction, its foreign keys checked by each statement.
 
-    As the service's chunks check theirs (``batching.postgres.begin_chunk``).
-    Left to COMMIT (Django creates them deferred), the checks of a 200,000-row
-    raw run use plans PostgreSQL cached while the referenced table was small
-    (sequential scans); with the live players updating those rows, which the
-    long transaction keeps from being pruned, each check scans more than the
-    one before and the COMMIT ran for over twenty minutes on a fresh database.
+    As the service's chunks check theirs. Left to COMMIT, the checks of a
+    large raw run use plans cached while the referenced table was small, and
+    beside the live players (whose updates the long transaction keeps from
+    being pruned) that COMMIT could run for many minutes.
     """
     with transaction.atomic(using=using):
         execute(using, sql.SQL("SET CONSTRAINTS ALL IMMEDIATE"))
@@ -212,12 +171,13 @@ def raw_transaction(using: str) -> Iterator[None]:
 
 def check_completed(workload: str, strategy: str, result: BatchResult) -> None:
     if result.status != BatchProcessingLog.Status.COMPLETED:
-        errors = "; ".join(f"row {e.index}: {e.field}: {e.message}" for e in result.errors[:3]) or (
-            result.log.error_summary or "no row errors"
-        )
+        errors = "; ".join(f"row {e.index}: {e.field}: {e.message}" for e in result.errors[:3])
         raise BenchError(
             RUN_INCOMPLETE.format(
-                workload=workload, strategy=strategy, status=result.status, errors=errors
+                workload=workload,
+                strategy=strategy,
+                status=result.status,
+                errors=errors or result.log.error_summary or "no row errors",
             )
         )
 
@@ -225,8 +185,7 @@ def check_completed(workload: str, strategy: str, result: BatchResult) -> None:
 def fingerprint(rows: Iterable[tuple]) -> tuple[int, int]:
     """(count, order-independent hash): equal multisets of rows give equal results.
 
-    Python's string hashes are salted per process, so fingerprints compare
-    only within one process (the parent computes them all).
+    String hashes are salted per process: fingerprints compare within one process.
     """
     count = total = 0
     for row in rows:
@@ -235,16 +194,12 @@ def fingerprint(rows: Iterable[tuple]) -> tuple[int, int]:
     return count, total
 
 
-# -- workloads ----------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """One way to do a workload's job."""
+    """One way to do a workload's job, run by the workload's ``run_<key>``."""
 
     key: str
     label: str
-    method: str
     description: str
 
     @property
@@ -255,10 +210,10 @@ class Strategy:
 class Workload(ABC):
     """One job done by several strategies on the same input from the same start.
 
-    Before each run ``setup`` (reset and base state); then ``prepare`` (read
-    the ids the input refers to, not timed) and ``run`` one strategy, or
-    ``run_service`` with either service; after it ``snapshot`` or
-    ``fingerprints``. ``bench_scale`` runs the strategy in a child process.
+    Before each run ``setup`` (reset, base state, ``VACUUM ANALYZE``); then
+    ``prepare`` (read the ids the input refers to, not timed) and ``run`` one
+    strategy, or ``run_service`` with either service; after it ``snapshot`` or
+    ``fingerprints``.
     """
 
     name: ClassVar[str]
@@ -267,13 +222,10 @@ class Workload(ABC):
     method: ClassVar[str]  # the service method that does the job, naive or optimized
     strategies: ClassVar[tuple[Strategy, ...]]
     tables: ClassVar[tuple[type[models.Model], ...]]
-    # End-state entries only the services keep up (the peers skip them, by design).
     service_only: ClassVar[frozenset[str]] = frozenset()
     max_size: ClassVar[int | None] = None
     cap_reason: ClassVar[str] = ""
-    # The chunk the scale figures are measured at (docs/benchmarks.md, "At
-    # scale"): throughput in isolation, where large chunks pay off. The live
-    # shop's figures are bench_live's, at the services' default of 1,000.
+    # bench_scale's chunk: throughput in isolation, where large chunks pay off.
     chunk: ClassVar[int] = 50_000
 
     def __init__(
@@ -287,10 +239,8 @@ class Workload(ABC):
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
-        self.size = size
-        self.seed = seed
+        self.size, self.seed, self.using = size, seed, using
         self.chunk_size = chunk_size or self.chunk
-        self.using = using
         self.work_dir = work_dir or Path(settings.BASE_DIR)
 
     @classmethod
@@ -301,8 +251,8 @@ class Workload(ABC):
         choices = ", ".join(s.key for s in cls.strategies)
         raise KeyError(UNKNOWN_STRATEGY.format(workload=cls.name, strategy=key, choices=choices))
 
-    def setup(self) -> None:
-        reset_namespace(self.using)
+    def setup(self, keep: Kept | None = None) -> None:
+        reset_namespace(self.using, keep)
         with transaction.atomic(using=self.using):
             self.create_base()
         vacuum(self.using, self.tables)
@@ -321,11 +271,10 @@ class Workload(ABC):
         return self.rows()
 
     def run_service(self, service: BulkOperationsService, chunk_size: int | None) -> BatchResult:
-        """The job through ``service`` (naive or optimized): the same input either way."""
         return getattr(service, self.method)(self.service_input(), chunk_size=chunk_size)
 
     def run(self, key: str) -> None:
-        getattr(self, self.strategy(key).method)()
+        getattr(self, f"run_{self.strategy(key).key}")()
 
     def run_optimized(self) -> None:
         result = self.run_service(OptimizedBulkOperationsService(using=self.using), self.chunk_size)
@@ -334,6 +283,12 @@ class Workload(ABC):
     def run_naive(self) -> None:
         result = self.run_service(NaiveBulkOperationsService(using=self.using), self.chunk_size)
         check_completed(self.name, NAIVE, result)
+
+    def bulk(self, model: type[models.Model], rows: Iterable[Any], write) -> None:
+        """``write(queryset, chunk)`` per chunk of ``rows``: the chunked peers' loop."""
+        queryset = model._default_manager.using(self.using)
+        for chunk in chunked(iter(rows), self.chunk_size):
+            write(queryset, chunk)
 
     @abstractmethod
     def state(self) -> dict[str, Iterable[tuple]]:
@@ -355,6 +310,13 @@ class Workload(ABC):
             if name not in self.service_only
         }
 
+    def values(self, queryset: models.QuerySet, *fields: str) -> Iterable[tuple]:
+        return queryset.using(self.using).values_list(*fields).iterator(chunk_size=10_000)
+
+
+def bench_products() -> models.QuerySet:
+    return Product.objects.filter(sku__startswith=SKU_PREFIX)
+
 
 class ViewsWorkload(Workload):
     """Append-only product views over 50 users and 100 products."""
@@ -368,14 +330,14 @@ class ViewsWorkload(Workload):
         Strategy(
             OPTIMIZED,
             "optimized create_product_views",
-            "run_optimized",
             "validates every row, checks users and products, inserts, adds to view_count",
         ),
-        Strategy(RAW, "raw COPY", "run_raw", "one COPY of every row, nothing checked"),
-        Strategy(PGBULK, "pgbulk.copy", "run_pgbulk", "one COPY per chunk of model objects"),
-        Strategy(DJANGO, "bulk_create", "run_django", "one bulk_create per chunk"),
+        Strategy(RAW, "raw COPY", "one COPY of every row, nothing checked"),
+        Strategy(PGBULK, "pgbulk.copy", "one COPY per chunk of model objects"),
+        Strategy(DJANGO, "bulk_create", "one bulk_create per chunk"),
     )
     fields = ("user", "product", "session_id", "interaction_type", "created_at")
+    keys = ("user_id", "product_id", "session_id", "interaction_type", "created_at")
     # 100 entries: the interaction mix, as plain strings.
     kinds = tuple(str(kind.value) for kind, weight in INTERACTIONS for _ in range(weight))
 
@@ -403,54 +365,32 @@ class ViewsWorkload(Workload):
                 "created_at": BASE_TIME + timedelta(seconds=position),
             }
 
-    def objects(self, rows: Iterable[dict[str, Any]]) -> Iterator[ProductView]:
-        return (
-            ProductView(
-                user_id=row["user_id"],
-                product_id=row["product_id"],
-                session_id=row["session_id"],
-                interaction_type=row["interaction_type"],
-                created_at=row["created_at"],
-            )
-            for row in rows
-        )
+    def objects(self) -> Iterator[ProductView]:
+        return (ProductView(**row) for row in self.rows())
 
     def run_raw(self) -> None:
         with raw_transaction(self.using):
-            copy_rows(
-                ProductView,
-                self.fields,
-                (
-                    (
-                        r["user_id"],
-                        r["product_id"],
-                        r["session_id"],
-                        r["interaction_type"],
-                        r["created_at"],
-                    )
-                    for r in self.rows()
-                ),
-                using=self.using,
-            )
+            rows = (tuple(row[key] for key in self.keys) for row in self.rows())
+            copy_rows(ProductView, self.fields, rows, using=self.using)
 
     def run_pgbulk(self) -> None:
-        queryset = ProductView.objects.using(self.using)
-        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
-            pgbulk.copy(queryset, chunk, list(self.fields))
+        self.bulk(ProductView, self.objects(), lambda qs, c: pgbulk.copy(qs, c, list(self.fields)))
 
     def run_django(self) -> None:
-        queryset = ProductView.objects.using(self.using)
-        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
-            queryset.bulk_create(chunk)
+        self.bulk(ProductView, self.objects(), lambda queryset, chunk: queryset.bulk_create(chunk))
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        views = ProductView.objects.using(self.using).filter(product__sku__startswith=SKU_PREFIX)
-        products = Product.objects.using(self.using).filter(sku__startswith=SKU_PREFIX)
+        views = ProductView.objects.filter(product__sku__startswith=SKU_PREFIX)
         return {
-            "views": views.values_list(
-                "user__username", "product__sku", "session_id", "interaction_type", "created_at"
-            ).iterator(chunk_size=10_000),
-            "view_counts": products.values_list("sku", "view_count"),
+            "views": self.values(
+                views,
+                "user__username",
+                "product__sku",
+                "session_id",
+                "interaction_type",
+                "created_at",
+            ),
+            "view_counts": bench_products().using(self.using).values_list("sku", "view_count"),
         }
 
 
@@ -465,20 +405,17 @@ class ScoresWorkload(Workload):
         Strategy(
             OPTIMIZED,
             "optimized upsert_recommendation_scores",
-            "run_optimized",
             "validates every row, checks users and products, one upsert per chunk",
         ),
         Strategy(
             RAW,
             "raw COPY + upsert",
-            "run_raw",
             "COPY of every row into a temporary table, then one INSERT ... ON CONFLICT",
         ),
-        Strategy(PGBULK, "pgbulk.upsert", "run_pgbulk", "one pgbulk.upsert per chunk"),
+        Strategy(PGBULK, "pgbulk.upsert", "one pgbulk.upsert per chunk"),
         Strategy(
             DJANGO,
             "bulk_create(update_conflicts=True)",
-            "run_django",
             "one bulk_create(update_conflicts=True) per chunk",
         ),
     )
@@ -504,16 +441,12 @@ class ScoresWorkload(Workload):
     def copy_existing_scores(self, users: list[int], products: list[int]) -> None:
         """Even key numbers exist with another score; the input updates them."""
         now = timezone.now()
-        insert_rows(
-            self.using,
-            RecommendationScore,
-            [*self.key_fields, *self.update_fields],
-            (
-                (users[user], products[product], algorithm, fraction(number, 7), now)
-                for number in range(0, self.size, 2)
-                for user, product, algorithm in [self.key(number)]
-            ),
+        rows = (
+            (users[user], products[product], algorithm, fraction(number, 7), now)
+            for number in range(0, self.size, 2)
+            for user, product, algorithm in [self.key(number)]
         )
+        insert_rows(self.using, RecommendationScore, [*self.key_fields, *self.update_fields], rows)
 
     def prepare(self) -> None:
         self.users = user_ids(self.using)
@@ -530,26 +463,14 @@ class ScoresWorkload(Workload):
                 "score": fraction(number, self.seed),
             }
 
-    def objects(self, rows: Iterable[dict[str, Any]]) -> Iterator[RecommendationScore]:
-        return (
-            RecommendationScore(
-                user_id=row["user_id"],
-                product_id=row["product_id"],
-                algorithm=row["algorithm"],
-                score=row["score"],
-            )
-            for row in rows
-        )
+    def objects(self) -> Iterator[RecommendationScore]:
+        return (RecommendationScore(**row) for row in self.rows())
 
     def run_raw(self) -> None:
         fields = ["user", "product", "algorithm", "score"]
+        rows = ((r["user_id"], r["product_id"], r["algorithm"], r["score"]) for r in self.rows())
         with raw_transaction(self.using):
-            stage(
-                self.using,
-                RecommendationScore,
-                fields,
-                ((r["user_id"], r["product_id"], r["algorithm"], r["score"]) for r in self.rows()),
-            )
+            stage(self.using, RecommendationScore, fields, rows)
             execute(
                 self.using,
                 sql.SQL(
@@ -562,19 +483,20 @@ class ScoresWorkload(Workload):
                     source=columns(RecommendationScore, fields),
                     staging=sql.Identifier(STAGING_TABLE),
                     key=columns(RecommendationScore, self.key_fields),
-                    score=columns(RecommendationScore, ["score"]),
-                    updated=columns(RecommendationScore, ["updated_at"]),
+                    score=column(RecommendationScore, "score"),
+                    updated=column(RecommendationScore, "updated_at"),
                 ),
             )
 
     def run_pgbulk(self) -> None:
-        queryset = RecommendationScore.objects.using(self.using)
-        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
-            pgbulk.upsert(queryset, chunk, self.key_fields, self.update_fields)
+        self.bulk(
+            RecommendationScore,
+            self.objects(),
+            lambda qs, chunk: pgbulk.upsert(qs, chunk, self.key_fields, self.update_fields),
+        )
 
     def run_django(self) -> None:
-        queryset = RecommendationScore.objects.using(self.using)
-        for chunk in chunked(iter(self.objects(self.rows())), self.chunk_size):
+        def write(queryset: models.QuerySet, chunk: list[RecommendationScore]) -> None:
             queryset.bulk_create(
                 chunk,
                 update_conflicts=True,
@@ -582,15 +504,12 @@ class ScoresWorkload(Workload):
                 update_fields=self.update_fields,
             )
 
+        self.bulk(RecommendationScore, self.objects(), write)
+
     def state(self) -> dict[str, Iterable[tuple]]:
-        scores = RecommendationScore.objects.using(self.using).filter(
-            product__sku__startswith=SKU_PREFIX
-        )
-        return {
-            "scores": scores.values_list(
-                "user__username", "product__sku", "algorithm", "score"
-            ).iterator(chunk_size=10_000)
-        }
+        scores = RecommendationScore.objects.filter(product__sku__startswith=SKU_PREFIX)
+        fields = ("user__username", "product__sku", "algorithm", "score")
+        return {"scores": self.values(scores, *fields)}
 
 
 UPDATE_FIELDS = ["price", "stock_quantity", "updated_at"]
@@ -607,25 +526,21 @@ class UpdatesWorkload(Workload):
         Strategy(
             OPTIMIZED,
             "optimized update_products",
-            "run_optimized",
             "validates every row, checks every sku exists, one UPDATE per chunk",
         ),
         Strategy(
             RAW,
             "raw COPY + UPDATE",
-            "run_raw",
             "COPY of every row into a temporary table, then one UPDATE ... FROM",
         ),
         Strategy(
             PGBULK,
             "pgbulk.update",
-            "run_pgbulk",
             "per chunk: one query for the ids of the skus, one pgbulk.update",
         ),
         Strategy(
             DJANGO,
             "bulk_update",
-            "run_django",
             "per chunk: one query for the ids of the skus, bulk_update in batches of "
             f"{DJANGO_UPDATE_BATCH:,} (one 10,000-row CASE WHEN statement is far slower)",
         ),
@@ -645,12 +560,8 @@ class UpdatesWorkload(Workload):
 
     def objects(self, rows: list[dict[str, Any]]) -> list[Product]:
         """Products with the rows' new values, their ids read by sku (one query)."""
-        ids = dict(
-            Product.objects.using(self.using)
-            .filter(sku__in=[row["sku"] for row in rows])
-            .values_list("sku", "pk")
-        )
-        now = timezone.now()
+        products = Product.objects.using(self.using).filter(sku__in=[row["sku"] for row in rows])
+        ids, now = dict(products.values_list("sku", "pk")), timezone.now()
         return [
             Product(
                 pk=ids[row["sku"]],
@@ -662,17 +573,9 @@ class UpdatesWorkload(Workload):
         ]
 
     def run_raw(self) -> None:
-        fields = ["sku", "price", "stock_quantity"]
+        rows = ((r["sku"], r["price"], r["stock_quantity"]) for r in self.rows())
         with raw_transaction(self.using):
-            stage(
-                self.using,
-                Product,
-                fields,
-                ((r["sku"], r["price"], r["stock_quantity"]) for r in self.rows()),
-            )
-            sku, price, stock, updated = (
-                column(Product, name) for name in ["sku", "price", "stock_quantity", "updated_at"]
-            )
+            stage(self.using, Product, ["sku", "price", "stock_quantity"], rows)
             execute(
                 self.using,
                 sql.SQL(
@@ -681,41 +584,36 @@ class UpdatesWorkload(Workload):
                 ).format(
                     table=table(Product),
                     staging=sql.Identifier(STAGING_TABLE),
-                    sku=sku,
-                    price=price,
-                    stock=stock,
-                    updated=updated,
+                    sku=column(Product, "sku"),
+                    price=column(Product, "price"),
+                    stock=column(Product, "stock_quantity"),
+                    updated=column(Product, "updated_at"),
                 ),
             )
 
     def run_pgbulk(self) -> None:
-        queryset = Product.objects.using(self.using)
-        for chunk in chunked(iter(self.rows()), self.chunk_size):
+        def write(queryset: models.QuerySet, chunk: list[dict[str, Any]]) -> None:
             with transaction.atomic(using=self.using):
                 pgbulk.update(queryset, self.objects(chunk), UPDATE_FIELDS)
 
+        self.bulk(Product, self.rows(), write)
+
     def run_django(self) -> None:
-        queryset = Product.objects.using(self.using)
-        for chunk in chunked(iter(self.rows()), self.chunk_size):
+        def write(queryset: models.QuerySet, chunk: list[dict[str, Any]]) -> None:
             with transaction.atomic(using=self.using):
                 queryset.bulk_update(
                     self.objects(chunk), UPDATE_FIELDS, batch_size=DJANGO_UPDATE_BATCH
                 )
 
+        self.bulk(Product, self.rows(), write)
+
     def state(self) -> dict[str, Iterable[tuple]]:
-        products = Product.objects.using(self.using).filter(sku__startswith=SKU_PREFIX)
-        return {
-            "products": products.values_list("sku", "price", "stock_quantity").iterator(
-                chunk_size=10_000
-            )
-        }
+        return {"products": self.values(bench_products(), "sku", "price", "stock_quantity")}
 
 
 class OrdersWorkload(Workload):
-    """Orders of 3 distinct products each over 50 users and 100 products.
-
-    The stock covers every order with ``STOCK_MARGIN`` to spare, so all are accepted.
-    """
+    """Orders of 3 distinct products each over 50 users and 100 products; the stock
+    covers every order with ``STOCK_MARGIN`` to spare, so all are accepted."""
 
     name = "orders"
     title = "Orders of 3 items"
@@ -728,15 +626,9 @@ class OrdersWorkload(Workload):
         Strategy(
             OPTIMIZED,
             "optimized process_orders",
-            "run_optimized",
             "locks the chunk's products, decides every order, 6 queries per chunk",
         ),
-        Strategy(
-            NAIVE,
-            "naive process_orders",
-            "run_naive",
-            "the N+1 baseline: queries and saves row by row",
-        ),
+        Strategy(NAIVE, "naive process_orders", "the N+1 baseline: queries and saves row by row"),
     )
 
     def __init__(self, size: int, **options: Any) -> None:
@@ -764,18 +656,15 @@ class OrdersWorkload(Workload):
     def create_base(self) -> None:
         (category_id,) = create_categories(self.using, 1)
         create_users(self.using, USER_POOL)
-        create_products(
-            self.using,
-            [
-                Product(
-                    sku=product_sku(number),
-                    name=f"Bench product {number}",
-                    category_id=category_id,
-                    price=self.prices[number],
-                    stock_quantity=self.stock[number],
-                )
-                for number in range(PRODUCT_POOL)
-            ],
+        Product.objects.using(self.using).bulk_create(
+            Product(
+                sku=product_sku(number),
+                name=f"Bench product {number}",
+                category_id=category_id,
+                price=self.prices[number],
+                stock_quantity=self.stock[number],
+            )
+            for number in range(PRODUCT_POOL)
         )
 
     def prepare(self) -> None:
@@ -796,7 +685,6 @@ class OrdersWorkload(Workload):
         return self.orders
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        products = Product.objects.using(self.using).filter(sku__startswith=SKU_PREFIX)
         orders = Order.objects.using(self.using).filter(reference__startswith=ORDER_PREFIX)
         items = OrderItem.objects.using(self.using).filter(
             order__reference__startswith=ORDER_PREFIX
@@ -806,7 +694,7 @@ class OrdersWorkload(Workload):
             "items": items.values_list(
                 "order__reference", "product__sku", "quantity", "unit_price"
             ),
-            "stock": products.values_list("sku", "stock_quantity"),
+            "stock": bench_products().using(self.using).values_list("sku", "stock_quantity"),
         }
 
 
@@ -821,19 +709,17 @@ class ImportWorkload(Workload):
     method = "import_products"
     tables = (Product, Category)
     base_categories = 4
-    # A catalogue row weighs more; at 20,000 rows a chunk memory stays flat and small.
-    chunk = 20_000
+    first_product = 0
+    chunk = 20_000  # a catalogue row weighs more; memory stays flat and small at 20,000
     strategies = (
         Strategy(
             OPTIMIZED,
             "optimized import_products",
-            "run_optimized",
             "streams the file with RowStream, validates every row, one upsert per chunk",
         ),
         Strategy(
             RAW,
             "raw COPY + upsert",
-            "run_raw",
             "COPY of the file into a temporary table, missing categories, one upsert",
         ),
     )
@@ -847,11 +733,8 @@ class ImportWorkload(Workload):
 
     def input_file(self) -> Path:
         """The input file, written once per size and seed (not timed)."""
-        if not self.path.exists():
-            self.write_file()
-        return self.path
-
-    def write_file(self) -> None:
+        if self.path.exists():
+            return self.path
         partial = self.path.with_suffix(".partial")
         with open(partial, "w", encoding="utf-8", newline="") as file:
             file.write(",".join(IMPORT_COLUMNS) + "\n")
@@ -863,13 +746,18 @@ class ImportWorkload(Workload):
                     f"{price_of(number + self.seed)},{(number * 37) % 500},{active}\n"
                 )
         partial.replace(self.path)
+        return self.path
 
     def create_base(self) -> None:
-        categories = create_categories(self.using, self.base_categories)
+        """The first half of the skus exist (from ``first_product``), in the base categories."""
+        names = [category_name(number) for number in range(self.base_categories)]
+        categories = Category.objects.using(self.using)
+        categories.bulk_create([Category(name=name) for name in names], ignore_conflicts=True)
+        ids = dict(categories.filter(name__in=names).values_list("name", "pk"))
         copy_products(
             self.using,
-            range(self.size // 2),
-            lambda number: categories[number % self.base_categories],
+            range(self.first_product, self.size // 2),
+            lambda number: ids[names[number % self.base_categories]],
             "1.00",
             1,
         )
@@ -882,32 +770,31 @@ class ImportWorkload(Workload):
     def run_raw(self) -> None:
         staging = sql.Identifier(STAGING_TABLE)
         staged = ["sku", "name", "category_name", "price", "stock_quantity", "is_active"]
-        definitions = sql.SQL(
-            "CREATE TEMPORARY TABLE {} (sku varchar, name varchar, category_name varchar, "
-            "price numeric, stock_quantity integer, is_active boolean) ON COMMIT DROP"
-        ).format(staging)
-        category_table, category_name_column = table(Category), sql.Identifier("name")
-        p = {name: column(Product, name) for name in PRODUCT_FIELDS}
-        with raw_transaction(self.using):
-            execute(self.using, definitions)
-            statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(
-                staging, sql.SQL(", ").join(map(sql.Identifier, staged))
+        categories, name = table(Category), sql.Identifier("name")
+        with raw_transaction(self.using), open(self.path, "rb") as file:
+            temp_table(
+                self.using,
+                STAGING_TABLE,
+                sql.SQL(
+                    "sku varchar, name varchar, category_name varchar, "
+                    "price numeric, stock_quantity integer, is_active boolean"
+                ),
             )
-            connection = connections[self.using]
-            with (
-                open(self.path, "rb") as file,
-                connection.cursor() as cursor,
-                cursor.copy(statement) as copy,
-            ):
-                while block := file.read(COPY_BLOCK):
-                    copy.write(block)
+            copy_in(
+                self.using,
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(
+                    staging, sql.SQL(", ").join(map(sql.Identifier, staged))
+                ),
+                blocks=iter(lambda: file.read(COPY_BLOCK), b""),
+            )
             execute(
                 self.using,
                 sql.SQL(
                     "INSERT INTO {categories} ({name}) SELECT DISTINCT category_name "
                     "FROM {staging} ON CONFLICT ({name}) DO NOTHING"
-                ).format(categories=category_table, name=category_name_column, staging=staging),
+                ).format(categories=categories, name=name, staging=staging),
             )
+            updated = ("name", "category", "price", "stock_quantity", "is_active", "updated_at")
             execute(
                 self.using,
                 sql.SQL(
@@ -920,30 +807,21 @@ class ImportWorkload(Workload):
                     table=table(Product),
                     columns=columns(Product, PRODUCT_FIELDS),
                     staging=staging,
-                    categories=category_table,
-                    name=category_name_column,
-                    sku=p["sku"],
+                    categories=categories,
+                    name=name,
+                    sku=column(Product, "sku"),
                     updates=sql.SQL(", ").join(
-                        sql.SQL("{0} = EXCLUDED.{0}").format(p[name])
-                        for name in (
-                            "name",
-                            "category",
-                            "price",
-                            "stock_quantity",
-                            "is_active",
-                            "updated_at",
-                        )
+                        sql.SQL("{0} = EXCLUDED.{0}").format(column(Product, field))
+                        for field in updated
                     ),
                 ),
             )
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        products = Product.objects.using(self.using).filter(sku__startswith=SKU_PREFIX)
         categories = Category.objects.using(self.using).filter(name__startswith=CATEGORY_PREFIX)
+        fields = ("sku", "name", "category__name", "price", "stock_quantity", "is_active")
         return {
-            "products": products.values_list(
-                "sku", "name", "category__name", "price", "stock_quantity", "is_active"
-            ).iterator(chunk_size=10_000),
+            "products": self.values(bench_products(), *fields),
             "categories": categories.values_list("name"),
         }
 

@@ -1,13 +1,10 @@
 """``manage.py bench_live``: bulk operations while a live shop checks out and saves products.
 
-The command parses options, checks the database and writes the outputs; the
-runs, the players and the report live in ``bench.live`` and ``bench.players``.
+The runs, the players and the report live in ``bench.live`` and ``bench.players``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,44 +12,31 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bench import live
-from bench.namespace import DEFAULT_SEED, require_postgresql
-from common.cli import positive_int
+from bench.report import (
+    add_files,
+    add_seed_and_repeat,
+    parse_names,
+    require_postgresql,
+    write_outputs,
+)
 
-ALL = "all"
 NEEDS_POSTGRESQL = (
     "bench_live measures PostgreSQL's locks and COPY; this database is {vendor}. "
     "Set DATABASE_URL=postgres://user@host:5432/name"
 )
-BAD_OPERATIONS = "unknown operation {name!r} in --operations: choose from {choices} or all"
 BAD_CHUNKS = (
     "--chunks must be comma-separated 'default', 'volume' or whole numbers of at least 1, "
     "not {value!r}"
 )
 NOT_POSITIVE = "{option} must be more than 0, not {value}"
-PROBLEMS = "the benchmark found problems (its figures are not trustworthy):\n{problems}"
-
-
-def parse_operations(value: str) -> list[str]:
-    if value == ALL:
-        return list(live.OPERATIONS)
-    names = [name.strip() for name in value.split(",")]
-    for name in names:
-        if name not in live.OPERATIONS:
-            choices = ", ".join(live.OPERATIONS)
-            raise CommandError(BAD_OPERATIONS.format(name=name, choices=choices))
-    return list(dict.fromkeys(names))
 
 
 def parse_chunks(value: str) -> list[live.Chunk]:
     chunks: list[live.Chunk] = []
-    for part in value.split(","):
-        part = part.strip()
-        if part in live.ENTRY_POINT_DEFAULTS:
-            chunks.append(part)
-        elif part.isdigit() and int(part) >= 1:
-            chunks.append(int(part))
-        else:
+    for part in map(str.strip, value.split(",")):
+        if part not in live.ENTRY_POINT_DEFAULTS and not (part.isdigit() and int(part) >= 1):
             raise CommandError(BAD_CHUNKS.format(value=value))
+        chunks.append(part if part in live.ENTRY_POINT_DEFAULTS else int(part))
     return list(dict.fromkeys(chunks))
 
 
@@ -74,7 +58,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--operations",
             type=str,
-            default=ALL,
+            default="all",
             help=f"Comma-separated, from {', '.join(live.OPERATIONS)} (default: all).",
         )
         parser.add_argument(
@@ -86,7 +70,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--chunks",
             type=str,
-            default=",".join(map(live.setting_label, live.DEFAULT_CHUNKS)),
+            default=",".join(map(str, live.DEFAULT_CHUNKS)),
             help="Comma-separated chunk settings of the service: 'default' (no chunk_size "
             "given: BULK_CHUNK_SIZE), 'volume' (the import commands' and jobs' default: "
             "BULK_VOLUME_CHUNK_SIZE) or rows per chunk (default: default,volume,50000).",
@@ -98,27 +82,17 @@ class Command(BaseCommand):
             help="How long the players run alone first, for the idle figures "
             f"(default: {live.DEFAULT_IDLE_SECONDS:g}).",
         )
-        parser.add_argument(
-            "--seed",
-            type=int,
-            default=DEFAULT_SEED,
-            help=f"Seed of the generated rows and the players' choices (default: {DEFAULT_SEED}).",
+        add_seed_and_repeat(
+            parser,
+            "Run the raw limit and each setting this many times, taking turns; the fastest "
+            "run's time counts and the latencies of all runs are pooled (default: 1).",
         )
-        parser.add_argument(
-            "--repeat",
-            type=positive_int,
-            default=1,
-            help="Run the raw limit and each setting this many times, taking turns; the "
-            "fastest run's time counts and the latencies of all runs are pooled (default: 1).",
-        )
-        parser.add_argument("--markdown", type=Path, help="Write the Markdown report here.")
-        parser.add_argument("--json", type=Path, help="Write every run's figures as JSON here.")
-        parser.add_argument(
-            "--chart", type=Path, help="Write the SVG chart of live p99 and max latency here."
-        )
+        add_files(parser, {"--chart": "live p99 and max latency"})
 
     def handle(self, *args: Any, **options: Any) -> None:
-        operations = parse_operations(options["operations"])
+        operations = parse_names(
+            options["operations"], live.OPERATIONS, "--operations", "operation"
+        )
         chunks = parse_chunks(options["chunks"])
         for option in ("scale", "idle_seconds"):
             if options[option] <= 0:
@@ -139,35 +113,8 @@ class Command(BaseCommand):
             )
         command_line = (
             f"python manage.py bench_live --operations {','.join(operations)} "
-            f"--scale {options['scale']:g} --chunks {','.join(map(live.setting_label, chunks))} "
+            f"--scale {options['scale']:g} --chunks {','.join(map(str, chunks))} "
             f"--idle-seconds {options['idle_seconds']:g} --seed {options['seed']} "
             f"--repeat {options['repeat']}"
         )
-        self.write_outputs(report, options, command_line)
-        if report.problems:
-            raise CommandError(PROBLEMS.format(problems="\n".join(report.problems)))
-
-    def write_outputs(self, report: live.LiveReport, options: dict, command_line: str) -> None:
-        for option in ("markdown", "json", "chart"):
-            if options[option] is not None:
-                options[option].parent.mkdir(parents=True, exist_ok=True)
-        markdown_path: Path | None = options["markdown"]
-        chart_path: Path | None = options["chart"]
-        chart = None
-        if chart_path is not None:
-            chart_path.write_text(live.latency_chart(report) + "\n", encoding="utf-8")
-            base = markdown_path.resolve().parent if markdown_path else Path.cwd()
-            chart = os.path.relpath(chart_path.resolve(), base)
-        if options["json"] is not None:
-            options["json"].write_text(
-                json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8"
-            )
-        markdown = live.markdown_report(
-            report,
-            command_line=command_line,
-            chart=chart,
-        )
-        if markdown_path is not None:
-            markdown_path.write_text(markdown, encoding="utf-8")
-        elif options["verbosity"] >= 1:
-            self.stdout.write(markdown)
+        write_outputs(self, options, report, live.markdown_report, command_line, live.CHARTS)

@@ -16,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bench import load, server
 from bench.load import Tally
-from bench.report import markdown_table, section_head
+from bench.report import markdown_table, section_head, text_table
 
 TITLE = "The production server under load (`bench_load`)"
 FAILED = "the load test failed:\n{problems}"
@@ -133,84 +133,47 @@ class Command(BaseCommand):
     ) -> None:
         table = load.rows(tally)
         rows_per_second = tally.posted_rows / tally.elapsed if tally.elapsed else 0.0
-        stored = (
-            "every posted row stored exactly once"
-            if not problems
-            else "NOT every posted row stored exactly once"
-        )
+        stored = "every posted row stored exactly once"
+        server_errors = sum(tally.server_errors(endpoint) for endpoint in load.ENDPOINTS)
         summary = (
             f"{tally.posted_rows:,} rows in {tally.posted_batches:,} batches posted "
-            f"({rows_per_second:,.0f} rows/s); {stored}; "
-            f"{len(tally.errors)} errors, "
-            f"{sum(tally.server_errors(endpoint) for endpoint in load.ENDPOINTS)} 5xx"
+            f"({rows_per_second:,.0f} rows/s); {'NOT ' if problems else ''}{stored}; "
+            f"{len(tally.errors)} errors, {server_errors} 5xx"
         )
-        if options["markdown"]:
-            self.markdown(table, summary, options, setup, tally)
+        header = ("endpoint", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "5xx")
+        if not options["markdown"]:
+            self.stdout.write(f"{text_table(header, table)}\n{summary}")
         else:
-            self.stdout.write(
-                f"{'endpoint':<30} {'requests':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-                f"{'max ms':>8} {'errors':>7} {'5xx':>5}"
-            )
-            for row in table:
-                self.stdout.write(
-                    f"{row.endpoint:<30} {row.requests:>9,} {row.per_second:>7.1f} "
-                    f"{row.p50_ms:>8.1f} {row.p99_ms:>8.1f} {row.max_ms:>8.1f} "
-                    f"{row.errors:>7} {row.server_errors:>5}"
-                )
-            self.stdout.write(summary)
-        for problem in problems:
-            self.stderr.write(problem)
-
-    def markdown(
-        self,
-        table: list[load.Row],
-        summary: str,
-        options: dict[str, Any],
-        setup: dict[str, str],
-        tally: Tally,
-    ) -> None:
-        write = self.stdout.write
-        total = sum(row.requests for row in table) / tally.elapsed if tally.elapsed else 0.0
-        server_threads = options["workers"] * options["threads"]
-        command_line = (
-            f"python manage.py bench_load --clients {options['clients']} "
-            f"--seconds {options['seconds']:g} --batch {options['batch']} "
-            f"--products {options['products']} --markdown"
-        )
-        for line in section_head(TITLE, command_line):
-            write(line)
-        write(
-            f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
-            f"posting batches of {options['batch']} views of products drawn at random from "
-            f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
-            "`Idempotency-Key` per batch) and reading the first page of `GET /api/batch-logs`, "
-            f"in turn. Server: {setup['server']}; "
-            f"{os.cpu_count()} cores shared with the clients (load average before "
-            f"{setup['load_before']}, after {setup['load_after']}). Latency is the client's, "
-            "request sent to answer read"
-            + (
+            requests = sum(len(tally.latencies[e]) for e in load.ENDPOINTS)
+            total = requests / tally.elapsed if tally.elapsed else 0.0
+            queued = (
                 "; with more clients than server threads most of it is waiting in the server's "
                 f"queue ({options['clients']} clients / {total:,.1f} requests/s = "
                 f"{options['clients'] / total:,.2f} s)."
-                if not options["url"] and total and options["clients"] > server_threads
+                if not options["url"]
+                and total
+                and options["clients"] > options["workers"] * options["threads"]
                 else "."
             )
-        )
-        write("")
-        header = ("endpoint", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "5xx")
-        rows = [
-            (
-                f"`{row.endpoint}`",
-                f"{row.requests:,}",
-                f"{row.per_second:,.1f}",
-                f"{row.p50_ms:,.1f}",
-                f"{row.p99_ms:,.1f}",
-                f"{row.max_ms:,.1f}",
-                str(row.errors),
-                str(row.server_errors),
+            command_line = (
+                f"python manage.py bench_load --clients {options['clients']} "
+                f"--seconds {options['seconds']:g} --batch {options['batch']} "
+                f"--products {options['products']} --markdown"
             )
-            for row in table
-        ]
-        for line in markdown_table(header, "lrrrrrrr", rows):
-            write(line)
-        write(f"\n{summary}.")
+            lines = [
+                *section_head(TITLE, command_line),
+                f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
+                f"posting batches of {options['batch']} views of products drawn at random from "
+                f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
+                "`Idempotency-Key` per batch) and reading the first page of `GET "
+                f"/api/batch-logs`, in turn. Server: {setup['server']}; {os.cpu_count()} cores "
+                f"shared with the clients (load average before {setup['load_before']}, after "
+                f"{setup['load_after']}). Latency is the client's, request sent to answer read"
+                + queued,
+                "",
+                *markdown_table(header, "lrrrrrrr", [(f"`{r[0]}`", *r[1:]) for r in table]),
+                f"\n{summary}.",
+            ]
+            self.stdout.write("\n".join(lines))
+        for problem in problems:
+            self.stderr.write(problem)

@@ -1,15 +1,12 @@
 """``manage.py bench_scale``: the optimized service against raw COPY and its peers, at scale.
 
-The command parses options, checks the database and writes the outputs;
-measuring and the report live in ``bench.scale``, the workloads and their
-strategies in ``bench.workloads``.
-With ``--one`` it is the child process that runs and measures one strategy.
+Measuring and the report live in ``bench.scale``; with ``--one`` this is the
+child process that runs and measures one strategy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -18,45 +15,27 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bench import scale as bench
-from bench.namespace import DEFAULT_SEED, require_postgresql
+from bench.report import (
+    add_files,
+    add_seed_and_repeat,
+    parse_names,
+    parse_sizes,
+    require_postgresql,
+    write_outputs,
+)
 from bench.workloads import WORKLOADS, pgbulk
 
-ALL = "all"
 NEEDS_POSTGRESQL = (
     "bench_scale measures COPY and django-pgbulk, which need PostgreSQL; this database is "
     "{vendor}. Set DATABASE_URL=postgres://user@host:5432/name"
 )
 NEEDS_PGBULK = 'django-pgbulk is not installed: pip install -e ".[bench]"'
-BAD_SIZES = "--sizes must be comma-separated whole numbers of at least 1, not {value!r}"
-BAD_WORKLOADS = "unknown workload {name!r} in --workloads: choose from {choices} or all"
 CHUNK_SIZE_TOO_SMALL = "--chunk-size must be at least 1, not {value}"
 BUDGET_NOT_POSITIVE = "--peer-budget must be more than 0 seconds, not {value}"
 REPEAT_TOO_SMALL = "--repeat must be at least 1, not {value}"
 STRATEGY_WITHOUT_ONE = "--strategy is only for --one"
 ONE_NEEDS = "--one runs one strategy at one size: give --strategy and a single --sizes value"
 NO_WORK_DIR = "--work-dir {path} is not a directory"
-PROBLEMS = "the benchmark found problems (its figures are not trustworthy):\n{problems}"
-
-
-def parse_sizes(value: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in value.split(",")]
-    except ValueError:
-        raise CommandError(BAD_SIZES.format(value=value)) from None
-    if not sizes or min(sizes) < 1:
-        raise CommandError(BAD_SIZES.format(value=value))
-    return sorted(set(sizes))
-
-
-def parse_workloads(value: str) -> list[str]:
-    if value == ALL:
-        return list(WORKLOADS)
-    names = [name.strip() for name in value.split(",")]
-    for name in names:
-        if name not in WORKLOADS:
-            choices = ", ".join(WORKLOADS)
-            raise CommandError(BAD_WORKLOADS.format(name=name, choices=choices))
-    return list(dict.fromkeys(names))
 
 
 class Command(BaseCommand):
@@ -80,7 +59,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--workloads",
             type=str,
-            default=ALL,
+            default="all",
             help=f"Comma-separated, from {', '.join(WORKLOADS)} (default: all).",
         )
         parser.add_argument(
@@ -90,19 +69,8 @@ class Command(BaseCommand):
             help="Rows per chunk for the service and the chunked peers "
             "(default: 50,000, and 20,000 for the import: the scale figures' chunks).",
         )
-        parser.add_argument(
-            "--seed",
-            type=int,
-            default=DEFAULT_SEED,
-            help=f"Seed of the generated rows (default: {DEFAULT_SEED}).",
-        )
-        parser.add_argument("--markdown", type=Path, help="Write the Markdown report here.")
-        parser.add_argument("--json", type=Path, help="Write every measurement as JSON here.")
-        parser.add_argument(
-            "--chart", type=Path, help="Write the SVG chart of throughput (rows/s) here."
-        )
-        parser.add_argument(
-            "--memory-chart", type=Path, help="Write the SVG chart of peak memory growth here."
+        add_files(
+            parser, {"--chart": "throughput (rows/s)", "--memory-chart": "peak memory growth"}
         )
         parser.add_argument(
             "--work-dir",
@@ -117,14 +85,12 @@ class Command(BaseCommand):
             "size, from its time at the previous size, before it is skipped there "
             f"(default: {bench.DEFAULT_PEER_BUDGET:.0f}).",
         )
-        parser.add_argument(
-            "--repeat",
-            type=int,
-            default=1,
-            help="Run each strategy up to this many times, each from the same start, the "
-            "strategies taking turns, and keep the fastest; a strategy runs again only while "
-            "its runs took under "
-            f"{bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
+        add_seed_and_repeat(
+            parser,
+            "Run each strategy up to this many times, each from the same start, the strategies "
+            "taking turns, and keep the fastest; a strategy runs again only while its runs took "
+            f"under {bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
+            int,
         )
         parser.add_argument(
             "--in-process",
@@ -155,7 +121,9 @@ class Command(BaseCommand):
             raise CommandError(STRATEGY_WITHOUT_ONE)
         if options["one"] and (not options["strategy"] or len(sizes) != 1):
             raise CommandError(ONE_NEEDS)
-        workloads = parse_workloads(options["one"] or options["workloads"])
+        workloads = parse_names(
+            options["one"] or options["workloads"], WORKLOADS, "--workloads", "workload"
+        )
         work_dir: Path | None = options["work_dir"]
         if work_dir is not None and not work_dir.is_dir():
             raise CommandError(NO_WORK_DIR.format(path=work_dir))
@@ -194,35 +162,4 @@ class Command(BaseCommand):
             + f"--seed {seed} "
             f"--peer-budget {options['peer_budget']:g} --repeat {options['repeat']}"
         )
-        self.write_outputs(report, options, command_line)
-        if report.problems:
-            raise CommandError(PROBLEMS.format(problems="\n".join(report.problems)))
-
-    def write_outputs(self, report: bench.ScaleReport, options: dict, command_line: str) -> None:
-        for option in ("markdown", "json", "chart", "memory_chart"):
-            if options[option] is not None:
-                options[option].parent.mkdir(parents=True, exist_ok=True)
-        charts = []
-        for option, draw, alt in (
-            ("chart", bench.throughput_chart, "Throughput by strategy and size"),
-            ("memory_chart", bench.memory_chart, "Peak memory growth by strategy and size"),
-        ):
-            path: Path | None = options[option]
-            if path is not None:
-                path.write_text(draw(report) + "\n", encoding="utf-8")
-                charts.append((alt, path))
-        if options["json"] is not None:
-            options["json"].write_text(
-                json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8"
-            )
-        markdown_path: Path | None = options["markdown"]
-        base = markdown_path.resolve().parent if markdown_path else Path.cwd()
-        markdown = bench.markdown_report(
-            report,
-            command_line=command_line,
-            charts=[(alt, os.path.relpath(path.resolve(), base)) for alt, path in charts],
-        )
-        if markdown_path is not None:
-            markdown_path.write_text(markdown, encoding="utf-8")
-        elif options["verbosity"] >= 1:
-            self.stdout.write(markdown)
+        write_outputs(self, options, report, bench.markdown_report, command_line, bench.CHARTS)

@@ -14,8 +14,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from bench import submit
-from bench.management.commands.bench_scale import parse_sizes
-from bench.namespace import require_postgresql
+from bench.report import parse_sizes, require_postgresql
 
 NEEDS_POSTGRESQL = (
     "bench_submit compares staging with a raw COPY: PostgreSQL only; this database is {vendor}"

@@ -13,8 +13,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from bench import workers
-from bench.management.commands.bench_scale import parse_sizes
-from bench.namespace import require_postgresql
+from bench.report import parse_sizes, require_postgresql
 from common.cli import positive_int
 
 NEEDS_POSTGRESQL = (

@@ -1,9 +1,7 @@
 """``manage.py test_bulk_performance``: naive against optimized, operation by operation.
 
-The command parses options and prints; the comparison lives in
-``bench.writeup``, the workloads in ``bench.workloads``. (The module name
-starts with ``test_`` as the issue asks; pytest never collects it because
-``testpaths`` is ``tests``.)
+The comparison lives in ``bench.writeup``. (pytest never collects this ``test_``
+module: ``testpaths`` is ``tests``.)
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from bench.namespace import DEFAULT_SEED
-from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark, text_table
-from common.cli import positive_int
+from bench.report import add_seed_and_repeat
+from bench.writeup import OPERATIONS, Comparison, markdown_report, run_benchmark, text_report
 
 ALL = "all"
 SIZE_TOO_SMALL = "--size must be at least 1, not {value}"
@@ -58,20 +55,10 @@ class Command(BaseCommand):
             default=None,
             help="Rows per chunk for both services (default: settings.BULK_CHUNK_SIZE).",
         )
-        parser.add_argument(
-            "--seed",
-            type=int,
-            default=DEFAULT_SEED,
-            help=f"Seed of the workload generator; same seed, same workload "
-            f"(default: {DEFAULT_SEED}).",
-        )
-        parser.add_argument(
-            "--repeat",
-            type=positive_int,
-            default=1,
-            help="Run each service this many times, taking turns, every run from the same "
-            "starting state; the fastest run of each counts (default: 1). A few runs steady "
-            "the figures of small sizes, which take milliseconds.",
+        add_seed_and_repeat(
+            parser,
+            "Run each service this many times, taking turns, every run from the same starting "
+            "state; the fastest run of each counts (default: 1).",
         )
         parser.add_argument(
             "--keep-data",
@@ -123,7 +110,7 @@ class Command(BaseCommand):
             )
             self.stdout.write(markdown_report(comparisons, command_line=command_line))
         elif verbosity >= 1:
-            self.stdout.write(text_table(comparisons))
+            self.stdout.write(text_report(comparisons))
         self.check_fair(comparisons)
 
     @staticmethod
