@@ -8,8 +8,7 @@ class Order(models.Model):
         SHIPPED = "shipped", "Shipped"
         CANCELLED = "cancelled", "Cancelled"
 
-    # The client's idempotency key: an order batch replayed with the same
-    # references is not applied twice.
+    # The client's idempotency key: a replayed batch is not applied twice.
     reference = models.CharField(max_length=64, unique=True)
     # Indexed by order_user_created_idx, which leads with it.
     user = models.ForeignKey(

@@ -1,17 +1,8 @@
 """Orders' bulk operation: each order applied whole or rejected whole, in input order.
 
-``OrdersOperation`` holds what both variants share (parsing, an order's
-weight in a chunk, the reference as its key, the product cards dropped after
-COMMIT); ``NaiveOrders`` is the N+1 baseline and ``OptimizedOrders`` the
-constant-queries-per-chunk version, on the product helpers of
-``products.services.optimized``. ``OrdersConfig.ready()`` registers both in
-``batching.registry``, where the services' ``process_orders`` finds them.
-
-Locks late and short (optimized): products, references and users are read
-without locks; the orders and their lines are inserted; then one guarded
-UPDATE takes the stock (locks the products in primary-key order; refused
-below zero, so a checkout that took the stock meanwhile makes the chunk
-re-run in halves, each deciding afresh), and COMMIT follows at once.
+``NaiveOrders`` is the N+1 baseline, ``OptimizedOrders`` the constant-queries
+version on the helpers of ``products.services.optimized``; ``OrdersConfig.ready()``
+registers both for the services' ``process_orders``.
 """
 
 from __future__ import annotations
@@ -57,8 +48,7 @@ class OrdersOperation(BatchOperation):
         return r.parse_order(raw)
 
     def weight(self, raw: Any) -> int:
-        # An order weighs its lines: chunk_size bounds the lines a chunk writes.
-        return r.order_lines(raw)
+        return r.order_lines(raw)  # chunk_size bounds the lines a chunk writes
 
     def key(self, item: r.OrderRow) -> str:
         return item.reference
@@ -78,9 +68,8 @@ def order_rejection(
 ) -> RowError | None:
     """Why an order cannot be applied, or None. Shared so both variants decide alike."""
     if order.reference in known:
-        return RowError(
-            index, "reference", r.DUPLICATE_ORDER.format(reference=order.reference), "duplicate"
-        )
+        message = r.DUPLICATE_ORDER.format(reference=order.reference)
+        return RowError(index, "reference", message, "duplicate")
     if order.user_id not in users:
         return RowError(index, "user_id", UNKNOWN_USER.format(id=order.user_id), "not_found")
     for position, line in enumerate(order.items):
@@ -96,10 +85,8 @@ def order_rejection(
         message = r.TOTAL_TOO_LARGE.format(total=total, limit=r.MAX_ORDER_TOTAL)
         return RowError(index, "items", message, "invalid")
     for product_id, quantity in order.quantities().items():
-        if quantity > remaining[product_id]:
-            message = r.INSUFFICIENT_STOCK.format(
-                id=product_id, requested=quantity, available=remaining[product_id]
-            )
+        if quantity > (left := remaining[product_id]):
+            message = r.INSUFFICIENT_STOCK.format(id=product_id, requested=quantity, available=left)
             return RowError(index, "items", message, "insufficient_stock")
     return None
 
@@ -113,24 +100,12 @@ class NaiveOrders(NaiveOperationMixin, OrdersOperation):
             order = row.item
             exists = Order.objects.using(self.using).filter(reference=order.reference).exists()
             user = self.user_or_none(order.user_id)
-            products: dict[int, Product] = {}
-            for line in order.items:
-                product = self.product_or_none(line.product_id)
-                if product is not None:
-                    products[product.pk] = product
-            catalogue = {
-                pk: (product.price, product.stock_quantity, product.is_active)
-                for pk, product in products.items()
-            }
-            remaining = {pk: product.stock_quantity for pk, product in products.items()}
-            error = order_rejection(
-                row.index,
-                order,
-                {order.reference} if exists else set(),
-                {user.pk} if user else set(),
-                catalogue,
-                remaining,
-            )
+            found = [self.product_or_none(line.product_id) for line in order.items]
+            products = {product.pk: product for product in found if product is not None}
+            catalogue = {pk: (p.price, p.stock_quantity, p.is_active) for pk, p in products.items()}
+            remaining = {pk: p.stock_quantity for pk, p in products.items()}
+            known, users = {order.reference} if exists else set(), {user.pk} if user else set()
+            error = order_rejection(row.index, order, known, users, catalogue, remaining)
             if error is not None:
                 outcome.errors.append(error)
                 continue
@@ -158,26 +133,16 @@ class NaiveOrders(NaiveOperationMixin, OrdersOperation):
 
 
 class OptimizedOrders(OrdersOperation):
-    """Orders in input order, decided against the stock read; the stock taken last.
+    """Chunk: read products, references and users (no lock); INSERT the orders (sorted by
+    reference) and their lines; one guarded UPDATE of stock last, locking the products in
+    primary-key order and refusing to go below zero.
 
-    Nothing is locked while the chunk decides and writes its orders: the
-    guarded stock UPDATE at the end locks the products (primary-key order)
-    and refuses to take any below zero. Overtaken, the chunk raises
-    ``ChunkConflict`` and the engine rolls it back and retries it:
-
-    - a concurrent run committed some of the same references (their unique
-      index refused the INSERT, which waits for that run's COMMIT): the retry
-      reads them as taken;
-    - a checkout took the stock meanwhile (the guard refused): from then on
-      this run locks the products before it decides, as before a conflict
-      nothing needs to (contention is there).
-
-    Any other refusal of the INSERT is no race: it reaches the engine, which
-    narrows it to its order (``database`` error) instead of retrying.
-
-    Only stock makes a run lock first: a run locking products before its
-    INSERT, beside one holding the same references while it waits for those
-    products, would be a deadlock.
+    Overtaken, the chunk raises ``ChunkConflict`` and the engine retries it: a
+    concurrent run committed some references first (the retry reads them as
+    taken), or a checkout took the stock (this run then locks the products
+    before deciding). Only stock makes a run lock first: locking before the
+    INSERT, beside a run holding the same references, could deadlock. Any
+    other refusal of the INSERT reaches the engine, which narrows it to its order.
     """
 
     variant = BatchProcessingLog.Variant.OPTIMIZED
@@ -187,7 +152,6 @@ class OptimizedOrders(OrdersOperation):
         self.lock_first = False
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
-        orders_qs = Order.objects.using(self.using)
         product_ids = {line.product_id for row in rows for line in row.item.items}
         references = {row.item.reference for row in rows}
         user_ids = {row.item.user_id for row in rows}
@@ -201,35 +165,26 @@ class OptimizedOrders(OrdersOperation):
                     (get_user_model(), "id", user_ids, ["id"]),
                 ],
             )
-            catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
             known = {reference for (reference,) in taken_refs}
             users = {pk for (pk,) in found_users}
         else:
-            # After a conflict: lock in primary-key order, then decide; a
-            # concurrent replay waits there and then reads its references as taken.
+            # After a stock conflict: lock in primary-key order, then decide.
             products = (
                 locked_products(self.using, pk__in=product_ids)
                 if self.lock_first
                 else strict(Product.objects.using(self.using).filter(pk__in=product_ids))
             )
-            catalogue = {
-                pk: (price, stock, active)
-                for pk, price, stock, active in products.values_list(
-                    "pk", "price", "stock_quantity", "is_active"
-                )
-            }
-            known = set(
-                strict(orders_qs.filter(reference__in=references)).values_list(
-                    "reference", flat=True
-                )
-            )
+            found = list(products.values_list("pk", "price", "stock_quantity", "is_active"))
+            taken_orders = Order.objects.using(self.using).filter(reference__in=references)
+            known = set(strict(taken_orders).values_list("reference", flat=True))
             users = existing_user_ids(self.using, user_ids)
+        catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
         remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
         outcome = ChunkOutcome()
-        # (reference, user, total) and (reference, product, quantity, unit price).
+        # (reference, user, total) and (reference, product, quantity, unit price)
         accepted: list[tuple[str, int, Decimal]] = []
         lines: list[tuple[str, int, int, Decimal]] = []
-        taken: Counter[int] = Counter()
+        stock_change: Counter[int] = Counter()
         for row in rows:
             order = row.item
             error = order_rejection(row.index, order, known, users, catalogue, remaining)
@@ -238,7 +193,7 @@ class OptimizedOrders(OrdersOperation):
                 continue
             for product_id, quantity in order.quantities().items():
                 remaining[product_id] -= quantity
-                taken[product_id] += quantity
+                stock_change[product_id] -= quantity
             total = Decimal("0.00")
             for line in order.items:
                 price = catalogue[line.product_id][0]
@@ -248,23 +203,14 @@ class OptimizedOrders(OrdersOperation):
         if not accepted:
             return outcome
         try:
-            # Sorted by reference: concurrent runs meet in the references'
-            # unique index in one order, so one waits for the other instead
-            # of each holding a reference the other needs.
+            # Sorted: concurrent runs meet in the references' unique index in one order.
             self.insert(sorted(accepted), lines)
         except IntegrityError as exc:
             if not is_unique_violation(exc):
                 raise  # not a race: the engine narrows it to its order
             raise ChunkConflict(TAKEN.format(error=exc)) from exc
-        # Last: quantities summed per product; on PostgreSQL one guarded UPDATE
-        # that locks them and refuses to take any stock below zero.
         try:
-            add_to_each(
-                self.using,
-                "stock_quantity",
-                {pk: -quantity for pk, quantity in taken.items()},
-                guard=True,
-            )
+            add_to_each(self.using, "stock_quantity", stock_change, guard=True)
         except IntegrityError as exc:
             if self.lock_first:
                 raise  # decided under the lock: not a race

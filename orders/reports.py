@@ -1,18 +1,9 @@
 """Sales figures and the order-lines CSV export, for the command, the admin and the API.
 
-What counts: every order that is not cancelled (confirmed and shipped ones),
-in a range of whole days of the current time zone (``since`` and ``until``
-both included). Revenue is the sum of the order lines, quantity times the unit
-price the line was sold at, so the per-product and per-day figures add up to
-the total and to the line totals of the CSV export. (``Order.total`` holds the
-same sum, written by ``process_orders``; the lines are its source.)
-
-Queries: the report is two aggregate queries (orders and revenue per day, then
-units and revenue per product) whatever the number of orders; the totals are
-summed from the days in Python. The export reads the lines, joined to their
-order, customer and product, with ``QuerySet.iterator()``: rows arrive in
-chunks (a server-side cursor on PostgreSQL) and each CSV line is yielded as
-soon as it is written, so memory stays flat however many lines there are.
+Every order but cancelled ones, in whole days of the current time zone, both
+ends included; revenue is the sum of the order lines (quantity x unit price), so
+every figure adds up (docs/admin-and-reports.md). The report is two aggregate
+queries; the export streams one query with ``QuerySet.iterator()`` in flat memory.
 """
 
 from __future__ import annotations
@@ -43,11 +34,9 @@ CSV_HEADER = (
     "unit_price",
     "line_total",
 )
-# A text cell starting with one of these is read as a formula by spreadsheets
-# (CSV injection): such cells are prefixed with an apostrophe.
+# Spreadsheets read a text cell starting with these as a formula: it gets a "'" first.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-# The one validation of a report's range; the command, the admin form and the
-# API show these messages as their own errors.
+# The one validation of a report's range, whose messages every caller shows.
 BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
 RANGE_REVERSED = "since ({since}) is after until ({until})"
 
@@ -74,11 +63,8 @@ class DaySales:
 
 @dataclass(frozen=True)
 class SalesReport:
-    """Sales in ``[since, until]`` (None: unbounded), cancelled orders left out.
-
-    ``products`` is sorted by revenue, highest first; ``days`` by day, and
-    lists only days with orders.
-    """
+    """Sales in ``[since, until]`` (None: unbounded): ``products`` by revenue, highest
+    first; ``days`` by day, only days with orders."""
 
     since: date | None
     until: date | None
@@ -94,11 +80,7 @@ class SalesReport:
 
 
 def parse_day(value: str) -> date:
-    """A ``YYYY-MM-DD`` day.
-
-    Raises:
-        ValueError: with ``BAD_DATE``.
-    """
+    """A ``YYYY-MM-DD`` day; ValueError with ``BAD_DATE``."""
     try:
         return date.fromisoformat(value)
     except ValueError:
@@ -106,11 +88,7 @@ def parse_day(value: str) -> date:
 
 
 def check_range(since: date | None, until: date | None) -> None:
-    """Refuse a reversed range; either end may be None (unbounded).
-
-    Raises:
-        ValueError: with ``RANGE_REVERSED``.
-    """
+    """Refuse a reversed range (ValueError, ``RANGE_REVERSED``); either end may be None."""
     if since and until and since > until:
         raise ValueError(RANGE_REVERSED.format(since=since, until=until))
 
@@ -120,13 +98,8 @@ def _start_of(day: date) -> datetime:
 
 
 def _range_filter(since: date | None, until: date | None, prefix: str = "") -> Q:
-    """Sold orders created from the start of ``since`` to the end of ``until``.
-
-    Bounds on ``created_at`` itself (not on its date), so the
-    ``order_created_idx`` index serves them. The first and last days a date
-    can hold are no bound at all: the moment before the first or after the
-    last is not a datetime.
-    """
+    """Sold orders created from the start of ``since`` to the end of ``until``, bounded on
+    ``created_at`` itself for ``order_created_idx`` (the first and last dates bound nothing)."""
     check_range(since, until)
     condition = ~Q(**{f"{prefix}status": Order.Status.CANCELLED})
     if since is not None and since > date.min:
@@ -139,11 +112,7 @@ def _range_filter(since: date | None, until: date | None, prefix: str = "") -> Q
 def sales_report(*, since: date | None = None, until: date | None = None) -> SalesReport:
     """Orders, revenue, average order value, and sales per product and per day.
 
-    Two queries, whatever the number of orders. Days are days of the current
-    time zone (``settings.TIME_ZONE`` unless activated otherwise).
-
-    Raises:
-        ValueError: ``since`` is after ``until``.
+    Two queries, whatever the number of orders; ValueError for a reversed range.
     """
     orders = Order.objects.filter(_range_filter(since, until))
     line_total = ExpressionWrapper(
@@ -163,7 +132,7 @@ def sales_report(*, since: date | None = None, until: date | None = None) -> Sal
     )
     days, order_count, revenue, units = [], 0, ZERO, 0
     for row in per_day:
-        days.append(DaySales(day=row["day"], orders=row["orders"], revenue=_money(row["revenue"])))
+        days.append(DaySales(row["day"], row["orders"], _money(row["revenue"])))
         order_count += row["orders"]
         revenue += _money(row["revenue"])
         units += row["units"]
@@ -175,26 +144,13 @@ def sales_report(*, since: date | None = None, until: date | None = None) -> Sal
         .order_by("-revenue", "product__sku")
     )
     products = [
-        ProductSales(
-            product_id=row["product_id"],
-            sku=row["product__sku"],
-            name=row["product__name"],
-            units=row["units"],
-            revenue=_money(row["revenue"]),
+        ProductSales(pk, sku, name, sold, _money(sales))
+        for pk, sku, name, sold, sales in per_product.values_list(
+            "product_id", "product__sku", "product__name", "units", "revenue"
         )
-        for row in per_product
     ]
     average = (revenue / order_count).quantize(CENT, ROUND_HALF_UP) if order_count else ZERO
-    return SalesReport(
-        since=since,
-        until=until,
-        orders=order_count,
-        revenue=revenue,
-        average_order_value=average,
-        units=units,
-        products=products,
-        days=days,
-    )
+    return SalesReport(since, until, order_count, revenue, average, units, products, days)
 
 
 def _money(value: Decimal | float | int | None) -> Decimal:
@@ -216,25 +172,14 @@ class _Line:
 
 
 def iter_order_lines_csv(
-    *,
-    since: date | None = None,
-    until: date | None = None,
-    chunk_size: int = EXPORT_CHUNK_SIZE,
+    *, since: date | None = None, until: date | None = None, chunk_size: int = EXPORT_CHUNK_SIZE
 ) -> Iterator[str]:
-    """The header, then one CSV line per order line, oldest order first.
+    """The header, then one CSV line per order line of ``sales_report``'s orders, oldest first.
 
-    The same orders as ``sales_report`` (cancelled ones left out). One query,
-    read ``chunk_size`` rows at a time; nothing is accumulated, so a consumer
-    that writes each line out as it comes (a streaming response, a file) runs
-    in flat memory. Dates are ISO 8601 in the current time zone; text cells
-    that a spreadsheet would take for a formula are prefixed with ``'``.
-
-    Raises:
-        ValueError: ``since`` is after ``until`` (raised at once, before the
-        first line, so a view can still answer with an error).
+    One query read ``chunk_size`` rows at a time. A reversed range raises ValueError
+    at once, before the first line, so a view can still answer with an error.
     """
-    condition = _range_filter(since, until, prefix="order__")
-    return _csv_lines(condition, chunk_size)
+    return _csv_lines(_range_filter(since, until, prefix="order__"), chunk_size)
 
 
 def _csv_lines(condition: Q, chunk_size: int) -> Iterator[str]:
@@ -256,16 +201,7 @@ def _csv_lines(condition: Q, chunk_size: int) -> Iterator[str]:
     )
     zone = timezone.get_current_timezone()
     for reference, created_at, username, sku, name, quantity, unit_price in rows:
-        unit_price = _money(unit_price)
-        yield writer.writerow(
-            (
-                _cell(reference),
-                created_at.astimezone(zone).isoformat(timespec="seconds"),
-                _cell(username),
-                _cell(sku),
-                _cell(name),
-                quantity,
-                unit_price,
-                unit_price * quantity,
-            )
-        )
+        price = _money(unit_price)
+        moment = created_at.astimezone(zone).isoformat(timespec="seconds")
+        texts = [_cell(text) for text in (username, sku, name)]
+        yield writer.writerow((_cell(reference), moment, *texts, quantity, price, price * quantity))

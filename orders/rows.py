@@ -1,7 +1,6 @@
-"""Order rows: parsing and validation shared by the naive and optimized order operations.
+"""Order rows: parsing and validation shared by both order operations.
 
-Pure Python like ``products.services.rows``, whose field parsers and shared
-messages they use: they raise ``RowInvalid(field, message)`` and never query.
+Pure Python on ``products.services.rows``' field parsers and messages.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ NO_ITEMS = "an order needs at least one item"
 TOO_MANY_ITEMS = "an order has at most {limit} items"
 NOT_A_LIST = "must be a list"
 
-# Outcome messages from the database phase.
+# Outcomes of the database phase.
 INACTIVE_PRODUCT = "product {id} is not active"
 INSUFFICIENT_STOCK = "not enough stock for product {id}: {requested} requested, {available} left"
 DUPLICATE_ORDER = "order {reference} was already processed"

@@ -1,9 +1,7 @@
 """Admin for the catalogue and the interaction data the bulk services write.
 
-Every list page runs a fixed number of queries whatever its length: foreign
-keys shown in a column are joined (``list_select_related``) and counts are
-annotated, never read per row. Foreign keys on change forms use autocomplete
-or raw-id widgets, so a form never loads a whole table into a ``<select>``.
+Every list page runs a fixed number of queries whatever its length; foreign keys
+on forms use autocomplete, so a form never loads a whole table into a ``<select>``.
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ from django import forms
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -26,7 +23,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 from products import cache, imports
-from products.models import Category, Product, ProductView, RecommendationScore
+from products.models import Category, Product, ProductView, RecommendationScore, related_count
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -42,21 +39,9 @@ class CategoryAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     search_fields = ["name"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Category]:
-        """Each category with its number of products, counted by a correlated subquery.
-
-        Not ``annotate(Count("products"))``: that joins and groups the whole
-        product table, for the page and again for the paginator's COUNT. The
-        subquery is left out of the COUNT and runs per category shown, on the
-        (category, is_active) index.
-        """
-        products = (
-            Product.objects.filter(category=OuterRef("pk"))
-            .order_by()
-            .values("category")
-            .annotate(count=Count("pk"))
-            .values("count")
+        return (
+            super().get_queryset(request).annotate(product_count=related_count(Product, "category"))
         )
-        return super().get_queryset(request).annotate(product_count=Coalesce(Subquery(products), 0))
 
     @admin.display(description="products", ordering="product_count")
     def product_count(self, category: WithAnnotations[Category, ProductCount]) -> int:
@@ -66,13 +51,6 @@ class CategoryAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         # Cards show the category's name; a rename retires them all, once committed.
         transaction.on_commit(cache.invalidate_catalogue, robust=True)
-
-
-def staff_id(request: HttpRequest) -> int:
-    """The signed-in user's id (the admin lets no anonymous user reach its views)."""
-    if request.user.pk is None:
-        raise PermissionDenied
-    return request.user.pk
 
 
 # What each kind of import writes, as the permissions it needs.
@@ -93,22 +71,12 @@ class ImportForm(forms.Form):
 
 @admin.register(Product)
 class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
-    list_display = [
-        "sku",
-        "name",
-        "category",
-        "price",
-        "stock_quantity",
-        "is_active",
-        "view_count",
-    ]
+    list_display = ["sku", "name", "category", "price", "stock_quantity", "is_active", "view_count"]
     list_select_related = ["category"]
     list_filter = ["is_active", "category"]
     search_fields = ["sku", "name"]
     autocomplete_fields = ["category"]
-    # view_count is the running total of ProductView rows, kept by
-    # create_product_views; a hand edit would make it disagree with them.
-    # The import run (and its input row) that last wrote the product.
+    # view_count is kept by create_product_views: a hand edit would make it disagree.
     readonly_fields = ["view_count", "created_at", "updated_at", "last_import", "last_import_row"]
 
     # A product saved or deleted here drops its cached card once committed.
@@ -125,8 +93,6 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
         ids = list(queryset.values_list("pk", flat=True))
         super().delete_queryset(request, queryset)
         transaction.on_commit(partial(cache.invalidate_products, ids), robust=True)
-
-    # -- CSV / JSON Lines imports ---------------------------------------------------
 
     def get_urls(self):
         view = self.admin_site.admin_view
@@ -148,13 +114,17 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     def can_import(self, request: HttpRequest, kind: str) -> bool:
         return request.user.has_perms(IMPORT_PERMISSIONS[kind])
 
-    def import_context(self, request: HttpRequest, title: str, **context) -> dict:
-        return {
-            **self.admin_site.each_context(request),
-            "opts": self.opts,
-            "title": title,
-            **context,
-        }
+    def staged(self, request: HttpRequest, token: str) -> imports.Staged:
+        """The user's upload of ``token`` (404 for anyone else), if they may import its kind."""
+        if request.user.pk is None:
+            raise PermissionDenied
+        staged = imports.load(token, request.user.pk)
+        if not self.can_import(request, staged.kind):
+            raise PermissionDenied
+        return staged
+
+    def import_context(self, request: HttpRequest, title: str, **extra) -> dict:
+        return {**self.admin_site.each_context(request), "opts": self.opts, "title": title, **extra}
 
     @method_decorator(require_http_methods(["GET", "POST"]))
     def import_upload_view(self, request: HttpRequest) -> HttpResponse:
@@ -178,9 +148,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     @method_decorator(require_http_methods(["GET", "POST"]))
     def import_detail_view(self, request: HttpRequest, token: str) -> HttpResponse:
         """The preview and its confirm button, then the progress, then the result."""
-        staged = imports.load(token, staff_id(request))
-        if not self.can_import(request, staged.kind):
-            raise PermissionDenied
+        staged = self.staged(request, token)
         if request.method == "POST":
             imports.run(staged, request.user)
             return redirect("admin:products_product_import_detail", token=token)
@@ -203,9 +171,7 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     @method_decorator(require_GET)
     def import_status_view(self, request: HttpRequest, token: str) -> JsonResponse:
         """JSON for the progress page's poll: the state and the job's progress."""
-        staged = imports.load(token, staff_id(request))
-        if not self.can_import(request, staged.kind):
-            raise PermissionDenied
+        staged = self.staged(request, token)
         job = imports.job_status(staged) if staged.state == imports.RUNNING else None
         return JsonResponse(
             {
@@ -221,11 +187,8 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
 class ProductViewAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
     """Interactions are bulk-loaded by create_product_views; here they are only read.
 
-    The table is the largest in the shop, so the list avoids what scales with
-    it: no date hierarchy (a MIN/MAX over the table), no related-object
-    filters (a query over users or products), exact-match search that the
-    indexes can serve, and no second unfiltered COUNT(*) next to a filtered
-    one (``show_full_result_count``).
+    The shop's largest table: no date hierarchy (a MIN/MAX), no related-object
+    filters, exact-match search the indexes serve, no second unfiltered COUNT(*).
     """
 
     list_display = ["id", "user", "product", "interaction_type", "session_id", "created_at"]
@@ -242,8 +205,7 @@ class RecommendationScoreAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.M
 
     list_display = ["id", "user", "product", "algorithm", "score", "updated_at"]
     list_select_related = ["user", "product"]
-    # No algorithm filter: without choices it would be a SELECT DISTINCT over
-    # the whole table on every page; the exact search below covers it.
+    # No algorithm filter (a SELECT DISTINCT over the table per page): search covers it.
     search_fields = ["=user__username", "=product__sku", "=algorithm"]
     search_help_text = "Exact username, product sku or algorithm."
     show_full_result_count = False

@@ -1,42 +1,12 @@
 """Imports uploaded in the admin: staged once, previewed without writing, confirmed.
 
-The upload is read once, in one streaming pass, as it is received
-(``RecordStream`` over the uploaded file): each record goes straight, unparsed,
-into the staged input of a held job (``jobs.services.hold_job``), in the
-database, where every worker reaches it; a line the reader cannot read is
-staged refused with the reader's reason, so row indexes stay the file's.
-The reader's table of line numbers (``RecordStream.line_map``: one entry per
-blank line or multi-line record, none for a regular file) is kept to turn the
-indexes of errors into lines. Nothing else of the file is kept: the preview,
-the confirm and the result page read the staged rows or the runs' logs, never
-the file. The reader's limits (decompressed size, line length; see
-``batching.readers``) and ``ADMIN_IMPORT_MAX_ROWS`` refuse a bad file during
-that pass, as a form error, and its staging rolls back.
-
-The preview is a dry run of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` staged
-rows (``jobs.services.check_job``): the registered optimized operation's own
-``prepare``, duplicate keys among them, and the operation's
-``check``, which makes the reads its ``write`` makes (existing skus; users and
-products) and writes nothing. Its counts and errors are therefore what the
-run reports for those rows, short of rows only the database refuses.
-
-Each upload has a JSON sidecar ``<token>.json`` under ``ADMIN_IMPORT_DIR``
-(its kind, its owner, its job, its line map, its preview and, later, its
-result). The token is random and is the only thing the browser sends back:
-no client-sent path is ever opened, and a token is honoured only for the user
-who uploaded it.
-
-A confirmed import runs in the request up to ``ADMIN_IMPORT_SYNC_MAX_ROWS``
-rows (``jobs.services.run_held_job``: one run over the staged rows, then the
-job and its rows are deleted) and beyond that is released to the workers as a
-background job partitioned by range (``jobs.services.release_job``), whose
-partitions delete their rows as they end. Confirming first claims the upload
-by creating ``<token>.claim`` exclusively, so of two confirms of one token (a
-double click, two tabs) only one runs. The claim is released when a run fails
-before committing anything, so the import can be confirmed again; once any
-chunk is committed it is kept, and the page shows what the run's log says (a
-second confirm would import the committed rows twice). An upload left
-unconfirmed is swept after a day with its held job and staged rows.
+The flow is in docs/admin-and-reports.md ("Imports in the admin"). The upload
+is read once, as it arrives, into the staged input of a held job; only a JSON
+sidecar ``<token>.json`` stays under ``ADMIN_IMPORT_DIR`` (kind, owner, job, the
+reader's line map, preview, result). The random token is all the browser sends
+back, honoured only for its uploader. Confirming claims the upload by creating
+``<token>.claim`` exclusively, so only one of two confirms runs; the claim is
+released only if the run fails before committing anything.
 """
 
 from __future__ import annotations
@@ -52,6 +22,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +30,7 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.http import Http404
 
-from batching.engine import BatchResult, run_log_of
+from batching.engine import run_log_of
 from batching.models import BatchProcessingLog
 from batching.readers import InputTooLarge, ReaderError, RecordStream, detect_format, line_at
 from jobs.models import Job
@@ -89,6 +60,7 @@ RESULT_ERRORS = 200
 STALE_SECONDS = 24 * 3600
 TOKEN_LENGTH = 43  # secrets.token_urlsafe(32)
 TOKEN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
+COUNTS = ("read", "created", "updated", "skipped")
 
 TOO_LARGE = "the file is larger than {limit:,} bytes (settings.ADMIN_IMPORT_MAX_BYTES)"
 TOO_MANY_ROWS = (
@@ -101,13 +73,6 @@ DAMAGED_GZIP = "cannot read the file: its gzip data is damaged or cut short ({er
 
 class ImportFileError(ValueError):
     """The upload cannot be imported as a whole (format, header, size)."""
-
-
-@dataclass
-class BadRow:
-    line: int
-    field: str
-    message: str
 
 
 @dataclass
@@ -142,12 +107,7 @@ class Staged:
         os.replace(partial, self.meta_path)
 
     def claim(self) -> bool:
-        """True for exactly one caller, however many confirm at once.
-
-        Creating the claim file is atomic (``O_CREAT | O_EXCL``): a second
-        confirm of the same token (a double click, two tabs) finds it and runs
-        nothing.
-        """
+        """True for exactly one caller, however many confirm at once (``O_CREAT | O_EXCL``)."""
         try:
             with open(self.claim_path, "x"):
                 return True
@@ -156,11 +116,10 @@ class Staged:
 
     def bad_rows(self, errors: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Row errors (``RowError.as_dict()``) as bad lines, by line."""
-        rows = [
-            BadRow(line_at(self.line_map, error["index"]), error["field"], error["message"])
-            for error in errors
+        rows = [(line_at(self.line_map, e["index"]), e["field"], e["message"]) for e in errors]
+        return [
+            {"line": n, "field": f, "message": m} for n, f, m in sorted(rows, key=itemgetter(0))
         ]
-        return [asdict(row) for row in sorted(rows, key=lambda row: row.line)]
 
 
 def stage(upload: UploadedFile, kind: str, user: Any) -> Staged:
@@ -216,12 +175,7 @@ class Admitted:
         self.format, self.columns = records.format, records.columns
 
     def batches(self) -> Iterator[list[Any]]:
-        """``RecordStream.batches``.
-
-        Raises:
-            ImportFileError: more rows than ``ADMIN_IMPORT_MAX_ROWS`` (the rest
-                of the file is then only counted, to say how many).
-        """
+        """``RecordStream.batches``; ImportFileError past the limit (the rest is only counted)."""
         limit = settings.ADMIN_IMPORT_MAX_ROWS
         for batch in self.records.batches():
             if self.records.records_read > limit:
@@ -255,9 +209,8 @@ def discard(staged: Staged) -> None:
 def sweep(directory: Path) -> None:
     """Remove uploads older than a day with their held jobs, unless their import is running.
 
-    A running import's sidecar receives its result when its job ends, however
-    long ago it was uploaded. Jobs held for more than a day are deleted with
-    their staged rows even without a sidecar (an upload abandoned half-way).
+    Jobs held for more than a day go too, even without a sidecar (an upload
+    abandoned half-way).
     """
     limit = time.time() - STALE_SECONDS
     for path in directory.iterdir():
@@ -285,15 +238,8 @@ def _is_running(directory: Path, token: str) -> bool:
         return False
 
 
-# -- the preview -------------------------------------------------------------------
-
-
 def preview(staged: Staged, job: Job) -> dict[str, Any]:
-    """What the import would do, without writing: counts and the first bad lines.
-
-    The counts are those of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` rows
-    ("rows") of the "rows_total" staged; "truncated" says there were more.
-    """
+    """A dry run of the first ``ADMIN_IMPORT_PREVIEW_ROWS`` staged rows: counts, first bad lines."""
     checked = check_job(job, rows=settings.ADMIN_IMPORT_PREVIEW_ROWS)
     listed = checked.errors[:LISTED_ERRORS]
     return {
@@ -309,15 +255,11 @@ def preview(staged: Staged, job: Job) -> dict[str, Any]:
     }
 
 
-# -- the run -----------------------------------------------------------------------
-
-
 def run(staged: Staged, user: Any) -> None:
     """Import the staged rows: now if few, else as a background job. Saves ``staged``.
 
-    Only the request that claims the upload runs it; any other confirm of the
-    same token returns at once, and its page shows the first one's progress
-    (the state is "running" from the claim on) and then its result.
+    Only the request that claims the upload runs it; another confirm returns
+    at once and its page shows the first one's progress, then its result.
     """
     if staged.state != PREVIEW or not staged.claim():
         return
@@ -334,7 +276,8 @@ def run(staged: Staged, user: Any) -> None:
         if staged.preview.get("background"):
             release_job(job)
         else:
-            staged.result = result_of(staged, run_held_job(job))
+            result = run_held_job(job).as_dict()
+            staged.result = summary(staged, result["status"], result, [result["log_id"]])
             staged.state = DONE
     except BaseException as exc:
         log = run_log_of(exc)
@@ -345,7 +288,8 @@ def run(staged: Staged, user: Any) -> None:
             staged.claim_path.unlink(missing_ok=True)
             raise
         # Rows were committed: the claim stays, and the page shows the run's log.
-        staged.result = logged_result(log)
+        counts = {name: getattr(log, f"rows_{name}") for name in COUNTS}
+        staged.result = summary(staged, log.status, counts, [log.pk], detail=log.error_summary)
         staged.state = DONE
         staged.save()
         if not isinstance(exc, Exception):
@@ -355,40 +299,25 @@ def run(staged: Staged, user: Any) -> None:
     staged.save()
 
 
-def result_of(staged: Staged, result: BatchResult) -> dict[str, Any]:
-    """The result of a run in the request, its errors' indexes turned into lines."""
-    listed = sorted(result.errors, key=lambda error: error.index)[:RESULT_ERRORS]
+def summary(
+    staged: Staged, status: str, result: dict[str, Any], log_ids: list[int], **extra: Any
+) -> dict[str, Any]:
+    """A finished run for the page: its counts and first errors, their indexes made lines."""
+    listed = sorted(result.get("errors", []), key=itemgetter("index"))[:RESULT_ERRORS]
     return {
-        "status": result.status,
-        "read": result.read,
-        "created": result.created,
-        "updated": result.updated,
-        "skipped": result.skipped,
-        "log_ids": [result.log_id],
-        "errors": staged.bad_rows(error.as_dict() for error in listed),
-        "more_errors": max(result.skipped - len(listed), 0),
-    }
-
-
-def logged_result(log: BatchProcessingLog) -> dict[str, Any]:
-    """The result of a run that raised, as its log row recorded the committed chunks."""
-    return {
-        "status": log.status,
-        "read": log.rows_read,
-        "created": log.rows_created,
-        "updated": log.rows_updated,
-        "skipped": log.rows_skipped,
-        "log_ids": [log.pk],
-        "detail": log.error_summary,
-        "errors": [],
-        "more_errors": log.rows_skipped,
+        "status": status,
+        **{name: result[name] for name in COUNTS},
+        "log_ids": log_ids,
+        **extra,
+        "errors": staged.bad_rows(listed),
+        "more_errors": max(result["skipped"] - len(listed), 0),
     }
 
 
 def job_status(staged: Staged) -> dict[str, Any] | None:
-    """The released job's ``as_dict()``; once it has finished, the staged result is stored too.
+    """The released job's ``as_dict()`` (None while held); once finished, its result is stored.
 
-    None while the job is held (a run in a request has no job to show).
+    No file is read: the result's errors are put on their lines by the line map.
     """
     if staged.job_id is None:
         return None
@@ -396,23 +325,8 @@ def job_status(staged: Staged) -> dict[str, Any] | None:
     if job is None:
         return None
     status = job.as_dict()
-    if status["result"] is not None and staged.state == RUNNING:
-        finish_job(staged, status["result"], status["status"])
+    if (result := status["result"]) is not None and staged.state == RUNNING:
+        staged.result = summary(staged, status["status"], result, result["log_ids"])
+        staged.state = DONE
+        staged.save()
     return status
-
-
-def finish_job(staged: Staged, result: dict[str, Any], status: str) -> None:
-    """Store the job's result, its errors' indexes turned into lines: no file is read."""
-    listed = sorted(result["errors"], key=lambda error: error["index"])[:RESULT_ERRORS]
-    staged.result = {
-        "status": status,
-        "read": result["read"],
-        "created": result["created"],
-        "updated": result["updated"],
-        "skipped": result["skipped"],
-        "log_ids": result["log_ids"],
-        "errors": staged.bad_rows(listed),
-        "more_errors": max(result["skipped"] - len(listed), 0),
-    }
-    staged.state = DONE
-    staged.save()

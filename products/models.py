@@ -1,8 +1,21 @@
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from batching.models import run_mark
+
+
+def related_count(model: type[models.Model], field: str) -> Coalesce:
+    """How many ``model`` rows point at the outer row through ``field``.
+
+    A correlated subquery, not ``annotate(Count(...))``: that joins and groups
+    the whole related table, for a page and again for its paginator's COUNT;
+    the subquery is left out of the COUNT and runs per row shown, on an index.
+    """
+    rows = model._default_manager.filter(**{field: models.OuterRef("pk")}).order_by()
+    counts = rows.values(field).annotate(count=models.Count("pk")).values("count")
+    return Coalesce(models.Subquery(counts), 0)
 
 
 class Category(models.Model):
@@ -29,11 +42,9 @@ class Product(models.Model):
     view_count = models.PositiveBigIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
-    # The batch run that last wrote the product (a catalogue import or a
-    # price and stock update) and the input row it came from: how a
-    # million-row run recognises a sku it has already written without
-    # remembering every sku in memory. No constraint and no index: each row
-    # written would pay for them.
+    # The run (catalogue import, price update) and input row that last wrote the
+    # product: how a run recognises a sku it already wrote without keeping every
+    # sku in memory. No constraint and no index: each row written would pay for them.
     last_import = run_mark()
     last_import_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 
@@ -64,8 +75,7 @@ class ProductView(models.Model):
         ADD_TO_CART = "add_to_cart", "Add to cart"
         PURCHASE = "purchase", "Purchase"
 
-    # Both indexed by the composite indexes below, which lead with them: a
-    # single-column index of its own would only cost every insert.
+    # Both indexed by the composite indexes below, which lead with them.
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.CASCADE,
@@ -107,9 +117,7 @@ class RecommendationScore(models.Model):
     algorithm = models.CharField(max_length=64)
     score = models.FloatField()
     updated_at = models.DateTimeField(auto_now=True)
-    # The score refresh that last wrote the score and the input row it came
-    # from: as with Product.last_import, how a million-row refresh recognises
-    # a key it has already written without keeping every key in memory.
+    # The run and input row that last wrote the score, as Product.last_import.
     last_run = run_mark()
     last_run_row = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
 

@@ -1,18 +1,10 @@
 """The product list: one page, two data access paths, to see the N+1 in the SQL panel.
 
-``/products/?path=naive`` renders each row from lazy attributes: the
-category's name is one query per row and the number of users recommending the
-product another. ``?path=optimized`` (the default) asks the database for the
-page's ids and counts in one query (a correlated subquery per row shown, not
-a join over the whole score table) and takes everything else from the cached
-product cards (``products.cache``: one ``get_many``, at most one query for the
-misses). With ``DEBUG=1`` django-debug-toolbar shows the difference.
-
-Staff only, with the view (or change) permission on products, the admin's rule
-for its product list, which shows the same columns: this is not a shop window
-but a back-office page (stock, view counts), and its naive path costs two
-queries per row by design (about 400 a request at 200 rows a page), not
-something to hand to anonymous visitors.
+``?path=naive`` renders each row from lazy attributes (two queries per row);
+``?path=optimized`` (the default) reads the page's ids and counts in one query
+(a correlated subquery per row shown, not a join over the score table) and the
+rest from the cached cards. Staff with the admin's view permission on products
+only: a back-office page (stock, view counts) whose naive path is costly by design.
 """
 
 from __future__ import annotations
@@ -23,14 +15,13 @@ from typing import Any
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, QuerySet, Subquery
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from common.permissions import missing_permissions
 from products import cache
-from products.models import Product, RecommendationScore
+from products.models import Product, RecommendationScore, related_count
 
 NAIVE = "naive"
 OPTIMIZED = "optimized"
@@ -38,20 +29,6 @@ PATHS = (NAIVE, OPTIMIZED)
 PER_PAGE = 50
 MAX_PER_PAGE = 200
 VIEW_PRODUCTS = ("products.view_product",)
-
-
-def recommendation_counts() -> Coalesce:
-    """How many scores name the product, as a correlated subquery per row."""
-    return Coalesce(
-        Subquery(
-            RecommendationScore.objects.filter(product=OuterRef("pk"))
-            .order_by()
-            .values("product")
-            .annotate(count=Count("pk"))
-            .values("count")
-        ),
-        0,
-    )
 
 
 def naive_rows(products: Iterable[Product]) -> list[dict]:
@@ -97,9 +74,9 @@ def product_list(request: HttpRequest) -> HttpResponse:
     # Products on the naive path, (id, count) pairs on the optimized one.
     products: QuerySet[Product, Any] = Product.objects.filter(is_active=True).order_by("sku")
     if path == OPTIMIZED:
-        products = products.annotate(recommendations=recommendation_counts()).values_list(
-            "pk", "recommendations"
-        )
+        products = products.annotate(
+            recommendations=related_count(RecommendationScore, "product")
+        ).values_list("pk", "recommendations")
     paginator = Paginator(products, page_size(request))
     page = paginator.get_page(request.GET.get("page"))
     rows = naive_rows(page.object_list) if path == NAIVE else optimized_rows(page.object_list)

@@ -1,13 +1,8 @@
 """What both bulk services share: their methods, arguments and result type.
 
-A service is a variant (naive or optimized) of the ``BatchOperation`` classes
-the engine runs; the naive and optimized services differ only in those
-classes, so the benchmark swaps one service for the other and nothing else.
-The classes are found by operation name and variant in ``batching.registry``,
-which the apps that own them fill (products: views, scores, the catalogue
-import and the price update, registered in ``ProductsConfig.ready()``;
-orders: ``orders.operations``, in ``OrdersConfig.ready()``), so this package
-imports nothing of orders.
+The services differ only in the variant of the ``BatchOperation`` classes they
+run, found by name and variant in ``batching.registry`` (filled by each app's
+``AppConfig.ready()``), so this package imports nothing of orders.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ from products import cache
 from products.services import rows as r
 
 Operation = BatchProcessingLog.Operation
+Resume = int | BatchProcessingLog | None  # a run to continue, by id or row
 
 
 class Registered:
@@ -37,11 +33,9 @@ class Registered:
 class BulkOperationsService:
     """Bulk writes for the shop. Bad rows are reported, never raised.
 
-    Every method accepts any iterable (a generator too), reads it chunk by
-    chunk, and returns a ``BatchResult`` whose ``log`` is the run's
-    BatchProcessingLog row. ``resume`` takes the id of an interrupted run of
-    the same operation and variant and continues after its checkpoint; pass
-    the same input again.
+    Every method reads any iterable chunk by chunk and returns a ``BatchResult``
+    (``log``: the run's row). ``resume`` continues an interrupted run of the same
+    operation and variant after its checkpoint, given the same input again.
 
     Note:
         Bulk writes skip ``Model.save()`` and model signals in the optimized
@@ -60,64 +54,38 @@ class BulkOperationsService:
     def __init__(self, *, using: str = "default") -> None:
         self.using = using
 
-    def _run(
-        self,
-        operation: type[BatchOperation],
-        rows: Iterable[Any],
-        chunk_size: int | None,
-        resume: int | BatchProcessingLog | None,
-    ) -> BatchResult:
-        return run_batch(operation(self.using), rows, chunk_size=chunk_size, resume=resume)
+    def _run(self, operation: type[BatchOperation], rows: Iterable[Any], **options) -> BatchResult:
+        return run_batch(operation(self.using), rows, **options)
 
     def create_product_views(
-        self,
-        rows: Iterable[Any],
-        *,
-        chunk_size: int | None = None,
-        resume: int | BatchProcessingLog | None = None,
+        self, rows: Iterable[Any], *, chunk_size: int | None = None, resume: Resume = None
     ) -> BatchResult:
         """Record product views; each product's view_count grows by its new views."""
-        return self._run(self.views_operation, rows, chunk_size, resume)
+        return self._run(self.views_operation, rows, chunk_size=chunk_size, resume=resume)
 
     def upsert_recommendation_scores(
-        self,
-        rows: Iterable[Any],
-        *,
-        chunk_size: int | None = None,
-        resume: int | BatchProcessingLog | None = None,
+        self, rows: Iterable[Any], *, chunk_size: int | None = None, resume: Resume = None
     ) -> BatchResult:
         """Create or update scores by (user, product, algorithm)."""
-        return self._run(self.scores_operation, rows, chunk_size, resume)
+        return self._run(self.scores_operation, rows, chunk_size=chunk_size, resume=resume)
 
     def process_orders(
-        self,
-        orders: Iterable[Any],
-        *,
-        chunk_size: int | None = None,
-        resume: int | BatchProcessingLog | None = None,
+        self, orders: Iterable[Any], *, chunk_size: int | None = None, resume: Resume = None
     ) -> BatchResult:
         """Apply each order whole or reject it whole; a known reference is a duplicate."""
-        return self._run(self.orders_operation, orders, chunk_size, resume)
+        return self._run(self.orders_operation, orders, chunk_size=chunk_size, resume=resume)
 
     def import_products(
-        self,
-        rows: Iterable[Any],
-        *,
-        chunk_size: int | None = None,
-        resume: int | BatchProcessingLog | None = None,
+        self, rows: Iterable[Any], *, chunk_size: int | None = None, resume: Resume = None
     ) -> BatchResult:
         """Create or update products by sku, creating categories as needed."""
-        return self._run(self.products_operation, rows, chunk_size, resume)
+        return self._run(self.products_operation, rows, chunk_size=chunk_size, resume=resume)
 
     def update_products(
-        self,
-        rows: Iterable[Any],
-        *,
-        chunk_size: int | None = None,
-        resume: int | BatchProcessingLog | None = None,
+        self, rows: Iterable[Any], *, chunk_size: int | None = None, resume: Resume = None
     ) -> BatchResult:
         """Set the price, the stock or both of existing products by sku."""
-        return self._run(self.product_updates_operation, rows, chunk_size, resume)
+        return self._run(self.product_updates_operation, rows, chunk_size=chunk_size, resume=resume)
 
 
 class ViewsOperation(BatchOperation):
@@ -147,40 +115,33 @@ class ScoresOperation(BatchOperation):
         cache.invalidate_recommendations(row.item.user_id for row in rows)
 
 
-class ProductsOperation(BatchOperation):
-    operation = BatchProcessingLog.Operation.PRODUCTS
+class BySku(BatchOperation):
     key_field = "sku"
-    # Its upsert locks the products it updates from the statement's start.
-    volume_chunk_setting = "BULK_CATALOGUE_CHUNK_SIZE"
     # A sku an earlier chunk wrote is found by the product's last_import mark.
     keys_in_database = True
+
+    def key(self, item: Any) -> str:
+        return item.sku
+
+    def committed(self, rows: list[Prepared]) -> None:
+        # Rows name products by sku, not id: retire every card (one cache write).
+        cache.invalidate_catalogue()
+
+
+class ProductsOperation(BySku):
+    operation = BatchProcessingLog.Operation.PRODUCTS
+    # Its upsert locks the products it updates from the statement's start.
+    volume_chunk_setting = "BULK_CATALOGUE_CHUNK_SIZE"
 
     def prepare(self, raw: Any) -> r.ProductRow:
         return r.parse_product(raw)
 
-    def key(self, item: r.ProductRow) -> str:
-        return item.sku
 
-    def committed(self, rows: list[Prepared]) -> None:
-        # Rows name products by sku, not id: retire every card (one cache write).
-        cache.invalidate_catalogue()
-
-
-class ProductUpdatesOperation(BatchOperation):
+class ProductUpdatesOperation(BySku):
     operation = BatchProcessingLog.Operation.PRODUCT_UPDATES
-    key_field = "sku"
-    # A sku an earlier chunk updated is found by the product's last_import mark.
-    keys_in_database = True
 
     def prepare(self, raw: Any) -> r.ProductUpdateRow:
         return r.parse_product_update(raw)
-
-    def key(self, item: r.ProductUpdateRow) -> str:
-        return item.sku
-
-    def committed(self, rows: list[Prepared]) -> None:
-        # Rows name products by sku, not id: retire every card (one cache write).
-        cache.invalidate_catalogue()
 
 
 def unknown_sku(row: Prepared) -> RowError:

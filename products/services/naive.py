@@ -1,22 +1,20 @@
 """The naive bulk service: the N+1 baseline, kept honest.
 
-This is how the same operations are usually first written: each row fetches
-what it references with its own query, writes with ``create()`` or ``save()``,
-and changes counters and stock by reading them into Python, adding and saving
-them back. It runs through the same engine as the optimized service (same
-chunks, transactions, validation and log), so the benchmark measures the data
-access pattern alone.
-
-Its flaw under concurrency is real and deliberate: the read-modify-write of
-``view_count`` and ``stock_quantity`` loses updates when two runs touch the
-same product at once (docs/architecture.md, "Why the naive service loses updates").
+Each row fetches what it references with its own query, writes with
+``create()`` or ``save()``, and changes counters and stock by reading them into
+Python and saving them back, through the same engine as the optimized service,
+so the benchmark measures the data access pattern alone. Its lost updates under
+concurrency are real and deliberate (docs/architecture.md, "Why the naive
+service loses updates").
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth import get_user_model
 
-from batching.engine import ChunkOutcome, Prepared, RunContext
+from batching.engine import ChunkOutcome, Prepared, RowError, RunContext
 from batching.models import BatchProcessingLog
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services.base import (
@@ -41,6 +39,14 @@ class NaiveOperationMixin:
     def product_or_none(self, product_id: int) -> Product | None:
         return Product.objects.using(self.using).filter(pk=product_id).first()
 
+    def referenced(self, row: Prepared) -> tuple[Any, Product | None, RowError | None]:
+        """The row's user and product (a query each), and the error if either is unknown."""
+        user = self.user_or_none(row.item.user_id)
+        product = self.product_or_none(row.item.product_id)
+        users = {user.pk} if user else set()
+        products = {product.pk} if product else set()
+        return user, product, reference_error(row.index, row.item, users, products)
+
 
 class NaiveViews(NaiveOperationMixin, ViewsOperation):
     variant = VARIANT
@@ -49,11 +55,8 @@ class NaiveViews(NaiveOperationMixin, ViewsOperation):
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
-            user = self.user_or_none(item.user_id)
-            product = self.product_or_none(item.product_id)
-            users = {user.pk} if user else set()
-            products = {product.pk} if product else set()
-            if error := reference_error(row.index, item, users, products):
+            user, product, error = self.referenced(row)
+            if error is not None:
                 outcome.errors.append(error)
                 continue
             assert product is not None  # reference_error found it
@@ -78,11 +81,8 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
         outcome = ChunkOutcome()
         for row in rows:
             item = row.item
-            user = self.user_or_none(item.user_id)
-            product = self.product_or_none(item.product_id)
-            users = {user.pk} if user else set()
-            products = {product.pk} if product else set()
-            if error := reference_error(row.index, item, users, products):
+            user, product, error = self.referenced(row)
+            if error:
                 outcome.errors.append(error)
                 continue
             score = (
@@ -101,10 +101,8 @@ class NaiveScores(NaiveOperationMixin, ScoresOperation):
             score.last_run_row = row.index
             score.save(using=self.using)
             outcome.written += 1
-            if created:
-                outcome.created += 1
-            else:
-                outcome.updated += 1
+            outcome.created += created
+            outcome.updated += not created
         return outcome
 
 
@@ -127,17 +125,13 @@ class NaiveProducts(NaiveOperationMixin, ProductsOperation):
             category, _ = Category.objects.using(self.using).get_or_create(name=item.category)
             product.last_import_id = run.log_id
             product.last_import_row = row.index
-            product.name = item.name
             product.category = category
-            product.price = item.price
-            product.stock_quantity = item.stock_quantity
-            product.is_active = item.is_active
+            for field in ("name", "price", "stock_quantity", "is_active"):
+                setattr(product, field, getattr(item, field))
             product.save(using=self.using)
             outcome.written += 1
-            if created:
-                outcome.created += 1
-            else:
-                outcome.updated += 1
+            outcome.created += created
+            outcome.updated += not created
         return outcome
 
 
@@ -159,12 +153,10 @@ class NaiveProductUpdates(NaiveOperationMixin, ProductUpdatesOperation):
             product.last_import_id = run.log_id
             product.last_import_row = row.index
             changed = ["updated_at", "last_import", "last_import_row"]
-            if item.price is not None:
-                product.price = item.price
-                changed.append("price")
-            if item.stock_quantity is not None:
-                product.stock_quantity = item.stock_quantity
-                changed.append("stock_quantity")
+            for field in ("price", "stock_quantity"):
+                if (value := getattr(item, field)) is not None:
+                    setattr(product, field, value)
+                    changed.append(field)
             product.save(using=self.using, update_fields=changed)
             outcome.written += 1
             outcome.updated += 1

@@ -1,46 +1,17 @@
 """The optimized bulk service: a constant number of queries per chunk.
 
-Each chunk prefetches what it references with one query per related table,
-writes with one bulk statement per table, and changes counters and stock in
-the database (``view_count = view_count + n``), inside the one transaction the
-engine opens for it. Querysets run with ``FETCH_RAISE``: a lazy load that
-slips in fails loudly instead of adding a query per row.
-
-Locks late and short. Products are the rows the live shop writes (checkouts
-take stock, staff save prices), so a chunk reads what it references without
-locking, writes its own rows (views, orders and their lines), and only then
-changes the products' counters, stock or prices: in one statement that locks
-them in primary-key order (one global order: concurrent runs queue instead of
-deadlocking) and adds to the values in the database, so no update is lost.
-COMMIT follows at once. On PostgreSQL the foreign keys are checked by each
-statement (``batching.postgres.begin_chunk``), not inside COMMIT. Each chunk:
-
-- views: users and products read; COPY (or INSERT) the views; UPDATE
-  view_count (locks products);
-- orders (``orders.operations``, on the helpers below): products, references
-  and users read; INSERT orders and lines; UPDATE stock, guarded (locks
-  products);
-- scores: users and products read; upsert scores (no product locked);
-- catalogue import: categories read (created if missing); upsert products
-  (locks the rows it updates, in sku order);
-- price update: one UPDATE that locks the products by sku in primary-key
-  order and updates them.
-
-Each write has two forms with the same queries and the same outcome. On
-PostgreSQL it takes the fast paths of ``batching.postgres``: views arrive by
-``COPY``, upserts and updates travel as one array per column through one
-statement. Elsewhere (SQLite), or with ``BULK_PG_FAST_PATHS`` off, it takes
-the portable path: ``batching.portable``'s ``executemany`` inserts and upserts
-(``bulk_create`` where rows come back with their ids), ``bulk_update`` and
-``F()`` with ``Case``.
+A chunk reads what it references with one query per table (``FETCH_RAISE``: a
+stray lazy load fails), writes with one bulk statement per table and changes
+counters and stock in the database, so no update is lost. Products, the rows the
+live shop writes, are locked last, in primary-key order (docs/architecture.md).
+Each write has a PostgreSQL fast path (``batching.postgres``) and a portable one
+with the same queries and outcome (``BULK_PG_FAST_PATHS`` off forces it).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from datetime import datetime
-from decimal import Decimal
 from operator import attrgetter
 from typing import Any
 
@@ -52,14 +23,7 @@ from django.utils import timezone
 from batching.engine import ChunkOutcome, Prepared, RowError, RunContext
 from batching.models import BatchProcessingLog
 from batching.portable import insert_rows
-from batching.postgres import (
-    add_to,
-    copy_rows,
-    existing_ids,
-    fast_paths,
-    update,
-    upsert,
-)
+from batching.postgres import add_to, copy_rows, existing_ids, fast_paths, update, upsert
 from products.models import Category, Product, ProductView, RecommendationScore
 from products.services import rows as r
 from products.services.base import (
@@ -74,22 +38,14 @@ from products.services.base import (
 
 VARIANT = BatchProcessingLog.Variant.OPTIMIZED
 SCORE_KEY = ["user", "product", "algorithm"]
-# ScoreRow.key, of a Prepared row.
-SCORE_ROW_ORDER = attrgetter("item.user_id", "item.product_id", "item.algorithm")
 SCORE_UPDATE_FIELDS = ["score", "updated_at", "last_run", "last_run_row"]
-SCORE_KEY_OF = attrgetter("item.key")  # of a Prepared score row
+SCORE_KEY_OF = attrgetter("item.key")  # of a Prepared score row; also its lock order
 SKU_OF = attrgetter("item.sku")  # of a Prepared product row
 VIEW_FIELDS = ["user", "product", "session_id", "interaction_type", "created_at"]
-# A ViewRow as its COPY row, in VIEW_FIELDS order.
 VIEW_VALUES = attrgetter("user_id", "product_id", "session_id", "interaction_type", "created_at")
-# What a catalogue row sets, on insert and on update (in this order).
-PRODUCT_UPDATE_FIELDS = ["name", "category", "price", "stock_quantity", "is_active", "updated_at"]
-# An import also marks the products it writes with its run and input row.
-IMPORT_UPDATE_FIELDS = [*PRODUCT_UPDATE_FIELDS, "last_import", "last_import_row"]
-# What the portable price update reads of each product: its key, its id, the
-# values a row may leave as they are, and the run's mark.
-UPDATE_READ = ["sku", "pk", "price", "stock_quantity", "last_import_id", "last_import_row"]
 PRODUCT_COLUMNS = ["sku", "name", "category", "price", "stock_quantity", "is_active"]
+# What a catalogue row sets, on insert and on update, and the run's mark.
+IMPORT_UPDATE_FIELDS = [*PRODUCT_COLUMNS[1:], "updated_at", "last_import", "last_import_row"]
 
 
 def strict(queryset: models.QuerySet) -> models.QuerySet:
@@ -97,33 +53,46 @@ def strict(queryset: models.QuerySet) -> models.QuerySet:
     return queryset.order_by().fetch_mode(models.FETCH_RAISE)
 
 
+def existing_pks(model: type[models.Model], using: str, ids: Iterable[int]) -> set[int]:
+    queryset = model._default_manager.using(using).filter(pk__in=set(ids))
+    return set(strict(queryset).values_list("pk", flat=True))
+
+
 def existing_user_ids(using: str, ids: Iterable[int]) -> set[int]:
-    User = get_user_model()
-    return set(
-        strict(User.objects.using(using).filter(pk__in=set(ids))).values_list("pk", flat=True)
-    )
+    return existing_pks(get_user_model(), using, ids)
 
 
-def existing_product_ids(using: str, ids: Iterable[int]) -> set[int]:
-    return set(
-        strict(Product.objects.using(using).filter(pk__in=set(ids))).values_list("pk", flat=True)
-    )
+def referenced(using: str, rows: list[Prepared]) -> tuple[list[Prepared], list[RowError]]:
+    """The rows (views, scores) whose user and product exist, and the others' errors.
+
+    One query on the fast path (``existing_ids``), else one per table.
+    """
+    user_ids = (row.item.user_id for row in rows)
+    product_ids = (row.item.product_id for row in rows)
+    if fast_paths(using):
+        users, products = existing_ids(
+            using, [(get_user_model(), user_ids), (Product, product_ids)]
+        )
+    else:
+        users = existing_user_ids(using, user_ids)
+        products = existing_pks(Product, using, product_ids)
+    valid: list[Prepared] = []
+    errors: list[RowError] = []
+    for row in rows:
+        if error := reference_error(row.index, row.item, users, products):
+            errors.append(error)
+        else:
+            valid.append(row)
+    return valid, errors
 
 
 def repeated_skus(using: str, rows: list[Prepared], run: RunContext) -> list[RowError]:
-    """The rows whose sku an earlier row of ``run`` wrote, with that row.
-
-    Found by the product's ``last_import`` mark, which both the catalogue
-    import and the price update leave on each product they write.
-    """
-    first = dict(
-        strict(
-            Product.objects.using(using).filter(
-                sku__in=[row.item.sku for row in rows], last_import_id=run.log_id
-            )
-        ).values_list("sku", "last_import_row")
+    """The rows whose sku an earlier row of ``run`` wrote (the product's ``last_import`` mark)."""
+    skus = [row.item.sku for row in rows]
+    products = Product.objects.using(using).filter(sku__in=skus, last_import_id=run.log_id)
+    return run.repeats_in(
+        rows, SKU_OF, dict(strict(products).values_list("sku", "last_import_row"))
     )
-    return run.repeats_in(rows, SKU_OF, first)
 
 
 def locked_products(using: str, **lookup) -> models.QuerySet:
@@ -138,9 +107,8 @@ def locked_products(using: str, **lookup) -> models.QuerySet:
 def add_to_each(using: str, field: str, amounts: dict[int, int], *, guard: bool = False) -> None:
     """``field = field + amount`` for many products in one UPDATE.
 
-    On PostgreSQL the amounts travel as two arrays (``batching.postgres.add_to``),
-    and ``guard`` refuses to take any row below zero; elsewhere one ``Case``
-    with a ``When`` per product, guarded by the table's CHECK constraint.
+    On PostgreSQL the amounts travel as two arrays and ``guard`` refuses to take
+    any row below zero; elsewhere one ``Case``, guarded by the CHECK constraint.
     """
     if not amounts:
         return
@@ -148,9 +116,8 @@ def add_to_each(using: str, field: str, amounts: dict[int, int], *, guard: bool 
         add_to(Product, field, amounts, using=using, guard=guard)
         return
     if connections[using].features.has_select_for_update:
-        # Row locks (PostgreSQL's portable path): take them in primary-key
-        # order first, as the fast path's statement does, so concurrent runs
-        # queue instead of deadlocking. SQLite locks the whole file.
+        # PostgreSQL's portable path locks in primary-key order first, as the
+        # fast path's statement does; SQLite locks the whole file.
         list(locked_products(using, pk__in=amounts).values_list("pk", flat=True))
     delta = Case(
         *(When(pk=pk, then=Value(amount)) for pk, amount in amounts.items()),
@@ -161,110 +128,46 @@ def add_to_each(using: str, field: str, amounts: dict[int, int], *, guard: bool 
 
 
 class OptimizedViews(ViewsOperation):
+    """Chunk: read users and products; COPY (or INSERT) the views; UPDATE view_count last,
+    locking the products viewed in primary-key order."""
+
     variant = VARIANT
-
-    def referenced(self, rows: list[Prepared]) -> tuple[list[r.ViewRow], list[RowError], set[int]]:
-        """The views whose user and product exist, the errors of the others, the products found.
-
-        One query on the fast path (``existing_ids``), else one per table.
-        """
-        if fast_paths(self.using):
-            users, products = existing_ids(
-                self.using,
-                [
-                    (get_user_model(), (row.item.user_id for row in rows)),
-                    (Product, (row.item.product_id for row in rows)),
-                ],
-            )
-        else:
-            users = existing_user_ids(self.using, (row.item.user_id for row in rows))
-            products = existing_product_ids(self.using, (row.item.product_id for row in rows))
-        views: list[r.ViewRow] = []
-        errors: list[RowError] = []
-        for row in rows:
-            if error := reference_error(row.index, row.item, users, products):
-                errors.append(error)
-            else:
-                views.append(row.item)
-        return views, errors, products
 
     def check(self, rows: list[Prepared]) -> ChunkOutcome:
         """The reads of ``write`` (users and products), nothing written."""
-        views, errors, _ = self.referenced(rows)
-        return ChunkOutcome(written=len(views), created=len(views), errors=errors)
+        valid, errors = referenced(self.using, rows)
+        return ChunkOutcome(written=len(valid), created=len(valid), errors=errors)
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
-        if fast_paths(self.using):
-            return self.write_fast(rows)
-        views, errors, _ = self.referenced(rows)
-        insert_rows(
-            ProductView, VIEW_FIELDS, [VIEW_VALUES(view) for view in views], using=self.using
-        )
-        # Last: the counters, locking the products in primary-key order.
-        add_to_each(self.using, "view_count", Counter(view.product_id for view in views))
-        return ChunkOutcome(written=len(views), created=len(views), errors=errors)
-
-    def write_fast(self, rows: list[Prepared]) -> ChunkOutcome:
-        """PostgreSQL: users and products read; COPY the views; count them (3 queries).
-
-        The counter statement comes last: it locks the products in primary-key
-        order just before the chunk commits.
-        """
-        views, errors, products = self.referenced(rows)
-        outcome = ChunkOutcome(errors=errors)
-        if views:
-            copy_rows(
-                ProductView,
-                VIEW_FIELDS,
-                map(VIEW_VALUES, views),
-                using=self.using,
-            )
-            counted = add_to(
-                Product, "view_count", Counter(view.product_id for view in views), using=self.using
-            )
-            if len(counted) != len(products & {view.product_id for view in views}):
+        valid, errors = referenced(self.using, rows)
+        views = [row.item for row in valid]
+        counts = Counter(view.product_id for view in views)
+        if not fast_paths(self.using):
+            insert_rows(ProductView, VIEW_FIELDS, list(map(VIEW_VALUES, views)), using=self.using)
+            add_to_each(self.using, "view_count", counts)
+        elif views:
+            copy_rows(ProductView, VIEW_FIELDS, map(VIEW_VALUES, views), using=self.using)
+            if len(add_to(Product, "view_count", counts, using=self.using)) != len(counts):
                 raise IntegrityError(r.UNKNOWN_REFERENCE)  # deleted meanwhile: re-run in halves
-        outcome.written = outcome.created = len(views)
-        return outcome
+        return ChunkOutcome(written=len(views), created=len(views), errors=errors)
 
 
 class OptimizedScores(ScoresOperation):
+    """Chunk: read users and products; upsert the scores, sorted by key (no product locked)."""
+
     variant = VARIANT
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
-        items = [row.item for row in rows]
-        if fast_paths(self.using):
-            users, products = existing_ids(
-                self.using,
-                [
-                    (get_user_model(), (item.user_id for item in items)),
-                    (Product, (item.product_id for item in items)),
-                ],
-            )
-        else:
-            users = existing_user_ids(self.using, (item.user_id for item in items))
-            products = existing_product_ids(self.using, (item.product_id for item in items))
-        outcome = ChunkOutcome()
-        valid: list[Prepared] = []
-        for row in rows:
-            if error := reference_error(row.index, row.item, users, products):
-                outcome.errors.append(error)
-            else:
-                valid.append(row)
+        valid, errors = referenced(self.using, rows)
         if not valid:
-            return outcome
-        # Sorted by key: concurrent upserts take their row locks in one order.
-        valid.sort(key=SCORE_ROW_ORDER)
+            return ChunkOutcome(errors=errors)
+        valid.sort(key=SCORE_KEY_OF)  # concurrent upserts take their locks in one order
         now = timezone.now()
         if fast_paths(self.using):
             created, updated = upsert(
                 RecommendationScore,
-                ["user", "product", "algorithm", "score", "last_run_row"],
-                [
-                    (i.user_id, i.product_id, i.algorithm, i.score, row.index)
-                    for row in valid
-                    for i in [row.item]
-                ],
+                [*SCORE_KEY, "score", "last_run_row"],
+                [(*row.item.key, row.item.score, row.index) for row in valid],
                 unique_fields=SCORE_KEY,
                 update_fields=SCORE_UPDATE_FIELDS,
                 constants={"updated_at": now, "last_run": run.log_id},
@@ -273,35 +176,32 @@ class OptimizedScores(ScoresOperation):
             )
             # Rows left out: keys an earlier chunk of this run wrote (one more query).
             if created + updated < len(valid):
-                outcome.errors.extend(self.repeats(valid, run))
-            return ChunkOutcome(
-                written=created + updated, created=created, updated=updated, errors=outcome.errors
+                errors.extend(self.repeats(valid, run))
+            written = created + updated
+        else:
+            existing = self.marks(valid)
+            fresh = run.not_written_yet(valid, SCORE_KEY_OF, existing, errors)
+            RecommendationScore.objects.using(self.using).bulk_create(
+                [
+                    RecommendationScore(
+                        user_id=row.item.user_id,
+                        product_id=row.item.product_id,
+                        algorithm=row.item.algorithm,
+                        score=row.item.score,
+                        updated_at=now,
+                        last_run_id=run.log_id,
+                        last_run_row=row.index,
+                    )
+                    for row in fresh
+                ],
+                update_conflicts=True,
+                unique_fields=SCORE_KEY,
+                update_fields=SCORE_UPDATE_FIELDS,
             )
-        # Existing keys tell created from updated, and which this run wrote.
-        existing = self.marks(valid)
-        fresh = run.not_written_yet(valid, SCORE_KEY_OF, existing, outcome.errors)
-        RecommendationScore.objects.using(self.using).bulk_create(
-            [
-                RecommendationScore(
-                    user_id=item.user_id,
-                    product_id=item.product_id,
-                    algorithm=item.algorithm,
-                    score=item.score,
-                    updated_at=now,
-                    last_run_id=run.log_id,
-                    last_run_row=row.index,
-                )
-                for row in fresh
-                for item in [row.item]
-            ],
-            update_conflicts=True,
-            unique_fields=SCORE_KEY,
-            update_fields=SCORE_UPDATE_FIELDS,
-        )
-        outcome.written = len(fresh)
-        outcome.updated = sum(1 for row in fresh if row.item.key in existing)
-        outcome.created = outcome.written - outcome.updated
-        return outcome
+            written = len(fresh)
+            updated = sum(1 for row in fresh if row.item.key in existing)
+            created = written - updated
+        return ChunkOutcome(written=written, created=created, updated=updated, errors=errors)
 
     def marks(
         self, rows: list[Prepared], **only
@@ -329,23 +229,10 @@ class OptimizedScores(ScoresOperation):
         return run.repeats_in(rows, SCORE_KEY_OF, {key: row for key, (_, row) in marks.items()})
 
 
-def product_values(rows: list[Prepared], category_ids: dict[str, int]) -> list[tuple]:
-    """The rows in ``PRODUCT_COLUMNS`` order, then each row's input index (its mark)."""
-    return [
-        (
-            row.item.sku,
-            row.item.name,
-            category_ids[row.item.category],
-            row.item.price,
-            row.item.stock_quantity,
-            row.item.is_active,
-            row.index,
-        )
-        for row in rows
-    ]
-
-
 class OptimizedProducts(ProductsOperation):
+    """Chunk: read the categories (create the missing ones); upsert the products in sku
+    order, which locks those it updates."""
+
     variant = VARIANT
 
     def category_ids(
@@ -354,25 +241,20 @@ class OptimizedProducts(ProductsOperation):
         """Ids of the rows' categories, creating the missing ones, and the rows repeated.
 
         One query when every category exists. Otherwise three more: the rows
-        that need a new category are first checked for skus this run already
+        needing a new category are first checked for skus this run already
         wrote (such a row must not create anything), then the categories are
-        created and their ids read back.
+        created (``ignore_conflicts``: a concurrent import may create them too)
+        and their ids read back.
         """
         categories = Category.objects.using(self.using)
-        ids = dict(
-            strict(categories.filter(name__in={row.item.category for row in rows})).values_list(
-                "name", "pk"
-            )
-        )
+        names = {row.item.category for row in rows}
+        ids = dict(strict(categories.filter(name__in=names)).values_list("name", "pk"))
         new = [row for row in rows if row.item.category not in ids]
         if not new:
             return ids, []
         repeated = repeated_skus(self.using, new, run)
         skipped = {error.index for error in repeated}
-        missing = {row.item.category for row in new if row.index not in skipped}
-        if missing:
-            # ignore_conflicts: a concurrent import may create the same names;
-            # the ids are read back rather than trusted from bulk_create.
+        if missing := {row.item.category for row in new if row.index not in skipped}:
             categories.bulk_create(
                 [Category(name=name) for name in sorted(missing)], ignore_conflicts=True
             )
@@ -380,110 +262,89 @@ class OptimizedProducts(ProductsOperation):
         return ids, repeated
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
-        # Sorted by sku: concurrent imports take their row locks in one order.
-        rows = sorted(rows, key=lambda row: row.item.sku)
-        category_ids, repeated = self.category_ids(rows, run)
-        if repeated:
-            skipped = {error.index for error in repeated}
+        rows = sorted(rows, key=SKU_OF)  # concurrent imports take their locks in one order
+        category_ids, errors = self.category_ids(rows, run)
+        if errors:
+            skipped = {error.index for error in errors}
             rows = [row for row in rows if row.index not in skipped]
         now = timezone.now()
+        columns = [*PRODUCT_COLUMNS, "last_import_row"]
+        values = [
+            (i.sku, i.name, category_ids[i.category], i.price, i.stock_quantity, i.is_active, n)
+            for row in rows
+            for i, n in [(row.item, row.index)]
+        ]
+        options: dict[str, Any] = {
+            "unique_fields": ["sku"],
+            "update_fields": IMPORT_UPDATE_FIELDS,
+            "constants": {
+                "created_at": now,
+                "updated_at": now,
+                "view_count": 0,
+                "last_import": run.log_id,
+            },
+            "using": self.using,
+        }
         if fast_paths(self.using):
-            outcome = self.write_fast(rows, category_ids, now, run)
-            outcome.errors[:0] = repeated
-            return outcome
-        # Existing skus tell created from updated, and which this run wrote.
-        existing = self.existing(rows)
-        outcome = ChunkOutcome(errors=repeated)
-        fresh = run.not_written_yet(rows, SKU_OF, existing, outcome.errors)
-        insert_rows(
-            Product,
-            [*PRODUCT_COLUMNS, "last_import_row"],
-            product_values(fresh, category_ids),
-            constants=self.import_constants(now, run),
-            unique_fields=["sku"],
-            update_fields=IMPORT_UPDATE_FIELDS,
-            using=self.using,
-        )
-        outcome.written = len(fresh)
-        outcome.updated = sum(1 for row in fresh if row.item.sku in existing)
-        outcome.created = outcome.written - outcome.updated
-        return outcome
+            # One upsert that leaves alone the skus this run already wrote.
+            created, updated = upsert(
+                Product, columns, values, only_if_distinct=["last_import"], **options
+            )
+            if created + updated < len(rows):  # one more query names the repeats
+                errors += repeated_skus(self.using, rows, run)
+            written = created + updated
+        else:
+            existing = self.existing(rows)
+            fresh = {row.index for row in run.not_written_yet(rows, SKU_OF, existing, errors)}
+            values = [value for value in values if value[-1] in fresh]
+            insert_rows(Product, columns, values, **options)
+            written = len(values)
+            updated = sum(1 for value in values if value[0] in existing)
+            created = written - updated
+        return ChunkOutcome(written=written, created=created, updated=updated, errors=errors)
 
     def existing(self, rows: list[Prepared]) -> dict[str, tuple[int | None, int]]:
         """The rows' skus already in the catalogue: sku -> (the run that last wrote it, its row)."""
-        return {
-            sku: (log_id, first)
-            for sku, log_id, first in strict(
-                Product.objects.using(self.using).filter(sku__in=[row.item.sku for row in rows])
-            ).values_list("sku", "last_import_id", "last_import_row")
-        }
+        products = Product.objects.using(self.using).filter(sku__in=[row.item.sku for row in rows])
+        marks = strict(products).values_list("sku", "last_import_id", "last_import_row")
+        return {sku: (log_id, first) for sku, log_id, first in marks}
 
     def check(self, rows: list[Prepared]) -> ChunkOutcome:
-        """The read of the portable ``write``: an existing sku is updated, a new one created.
-
-        One query; the categories a run would create are not looked up.
-        """
+        """The read of the portable ``write`` (one query); categories are not looked up."""
         existing = self.existing(rows)
         updated = sum(1 for row in rows if row.item.sku in existing)
         return ChunkOutcome(written=len(rows), created=len(rows) - updated, updated=updated)
 
-    def import_constants(self, now: datetime, run: RunContext) -> dict[str, Any]:
-        """What every imported product gets: the time, a zero count (new ones), the run's mark."""
-        return {"created_at": now, "updated_at": now, "view_count": 0, "last_import": run.log_id}
-
-    def write_fast(
-        self, rows: list[Prepared], category_ids: dict[str, int], now, run: RunContext
-    ) -> ChunkOutcome:
-        """PostgreSQL: one upsert that leaves alone the skus this run already wrote."""
-        created, updated = upsert(
-            Product,
-            [*PRODUCT_COLUMNS, "last_import_row"],
-            product_values(rows, category_ids),
-            unique_fields=["sku"],
-            update_fields=IMPORT_UPDATE_FIELDS,
-            constants=self.import_constants(now, run),
-            only_if_distinct=["last_import"],
-            using=self.using,
-        )
-        # Rows left out: skus an earlier chunk of this run wrote (one more query).
-        errors = repeated_skus(self.using, rows, run) if created + updated < len(rows) else []
-        return ChunkOutcome(
-            written=created + updated, created=created, updated=updated, errors=errors
-        )
-
 
 class OptimizedProductUpdates(ProductUpdatesOperation):
-    """Prices and stock by sku: the products are locked in primary-key order, then updated."""
+    """Chunk: one statement locks the products by sku in primary-key order and updates them.
+
+    A product this run already updated (its mark is this run's) is left alone;
+    one more query, only then, tells those rows from unknown skus.
+    """
 
     variant = VARIANT
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         if fast_paths(self.using):
             return self.write_fast(rows, run)
-        # The portable path writes every field of every row, so it reads the
-        # current values of the fields a row leaves as they are.
-        found = {
-            sku: values
-            for sku, *values in locked_products(
-                self.using, sku__in={row.item.sku for row in rows}
-            ).values_list(*UPDATE_READ)
-        }
+        # Portable: every field is written, so those a row leaves alone are read (locked).
+        products = locked_products(self.using, sku__in={row.item.sku for row in rows})
+        read = ("sku", "pk", "price", "stock_quantity", "last_import_id", "last_import_row")
+        found = {sku: values for sku, *values in products.values_list(*read)}
         outcome = ChunkOutcome()
-        valid: list[tuple[int, Decimal, int, Prepared]] = []
+        now = timezone.now()
+        updated: list[Product] = []
         for row in rows:
-            if row.item.sku not in found:
+            item = row.item
+            if item.sku not in found:
                 outcome.errors.append(unknown_sku(row))
                 continue
-            pk, price, stock, log_id, row_there = found[row.item.sku]
+            pk, price, stock, log_id, row_there = found[item.sku]
             if (first := run.first_row_in_run(log_id, row_there)) is not None:
                 outcome.errors.append(run.repeated(row.index, first))
-            else:
-                valid.append((pk, price, stock, row))
-        if not valid:
-            return outcome
-        now = timezone.now()
-        Product.objects.using(self.using).bulk_update(
-            [
+                continue
+            updated.append(
                 Product(
                     pk=pk,
                     price=price if item.price is None else item.price,
@@ -492,20 +353,14 @@ class OptimizedProductUpdates(ProductUpdatesOperation):
                     last_import_id=run.log_id,
                     last_import_row=row.index,
                 )
-                for pk, price, stock, row in valid
-                for item in [row.item]
-            ],
-            ["price", "stock_quantity", "updated_at", "last_import", "last_import_row"],
-        )
-        outcome.written = outcome.updated = len(valid)
+            )
+        if updated:
+            fields = ["price", "stock_quantity", "updated_at", "last_import", "last_import_row"]
+            Product.objects.using(self.using).bulk_update(updated, fields)
+        outcome.written = outcome.updated = len(updated)
         return outcome
 
     def write_fast(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
-        """PostgreSQL: one statement locks the products by sku, updates them, lists the rest.
-
-        A product this run already updated (its mark is this run's) is left
-        alone; one more query, only then, tells those rows from unknown skus.
-        """
         left = update(
             Product,
             "sku",

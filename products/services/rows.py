@@ -1,17 +1,14 @@
 """Input rows: parsing and validation shared by the naive and optimized services.
 
-Both services accept the same rows and reject the same ones with the same
-messages; only how they touch the database differs. Parsers are pure Python:
-they raise ``RowInvalid(field, message)`` and never query.
-
-They run once per input row, so at a million rows every microsecond here is a
-second of the run: the common case (an ``int`` that is an ``int``, an ASCII
-string) is decided first, and the row types are plain slotted dataclasses built
-positionally (a frozen one costs three times as much to build).
+Parsers are pure Python: they raise ``RowInvalid(field, message)`` and never
+query. They run once per input row, so the common case (an ``int`` that is an
+``int``, short ASCII text) is decided first, and rows are slotted dataclasses
+built positionally (a frozen one is slower to build).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Mapping
@@ -35,7 +32,6 @@ NEGATIVE = "must not be negative"
 NOT_TEXT = "must be a string"
 NUL_CHARACTER = "must not contain NUL characters"
 NOT_UNICODE = "must be valid Unicode text (no lone surrogates)"
-BLANK = "must not be blank"
 TOO_LONG = "must be at most {limit} characters"
 NOT_NUMBER = "must be a number"
 NOT_FINITE = "must be a finite number"
@@ -48,7 +44,7 @@ NOT_DATETIME = "must be an ISO 8601 date-time"
 BAD_CHOICE = "must be one of: {choices}"
 NOTHING_TO_UPDATE = "give price, stock_quantity or both"
 
-# Outcome messages from the database phase.
+# Outcomes of the database phase.
 UNKNOWN_USER = "user {id} does not exist"
 UNKNOWN_PRODUCT = "product {id} does not exist"
 UNKNOWN_SKU = "no product with sku {sku}"
@@ -71,17 +67,16 @@ def as_mapping(raw: Any) -> Mapping[str, Any]:
     return raw
 
 
-def present(row: Mapping[str, Any], name: str) -> Any:
-    value = row.get(name)
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        raise RowInvalid(name, REQUIRED)
-    return value
-
-
 def given(row: Mapping[str, Any], name: str) -> bool:
-    """An optional field is given: present, and not blank (an empty CSV cell is not)."""
+    """A field is given: present, and not blank (an empty CSV cell is not)."""
     value = row.get(name)
     return value is not None and not (isinstance(value, str) and value.strip() == "")
+
+
+def present(row: Mapping[str, Any], name: str) -> Any:
+    if not given(row, name):
+        raise RowInvalid(name, REQUIRED)
+    return row[name]
 
 
 def integer(row: Mapping[str, Any], name: str, *, minimum: int = 1) -> int:
@@ -108,8 +103,7 @@ def integer(row: Mapping[str, Any], name: str, *, minimum: int = 1) -> int:
 
 def text(row: Mapping[str, Any], name: str, *, limit: int) -> str:
     value = row.get(name)
-    if type(value) is str:
-        # The common case: short ASCII text, decided without the checks below.
+    if type(value) is str:  # the common case, decided without the checks below
         stripped = value.strip()
         if stripped and len(stripped) <= limit and stripped.isascii() and "\x00" not in stripped:
             return stripped
@@ -190,17 +184,11 @@ def moment(row: Mapping[str, Any], name: str) -> datetime:
     value = row.get(name)
     if value is None or value == "":
         return datetime.now(UTC)
-    parsed: datetime | None
-    if isinstance(value, datetime):
-        parsed = value
-    elif isinstance(value, str):
-        try:
+    parsed = value if isinstance(value, datetime) else None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
             parsed = parse_datetime(value.strip())
-        except ValueError:
-            parsed = None
-        if parsed is None:
-            raise RowInvalid(name, NOT_DATETIME)
-    else:
+    if parsed is None:
         raise RowInvalid(name, NOT_DATETIME)
     if parsed.tzinfo is UTC:
         return parsed  # already what is stored
@@ -211,9 +199,6 @@ def moment(row: Mapping[str, Any], name: str) -> datetime:
         return parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         raise RowInvalid(name, NOT_DATETIME) from None
-
-
-# -- the rows of each operation ---------------------------------------------
 
 
 @dataclass(slots=True)

@@ -1,9 +1,7 @@
 """``manage.py sales_report [--since DATE] [--until DATE] [--csv PATH]``.
 
-Prints the figures of ``orders.reports.sales_report`` (two aggregate queries
-whatever the number of orders) and, with ``--csv``, writes every order line of
-the same range as CSV, streamed line by line (``-`` for standard output, in
-which case the CSV is all that is printed).
+Prints ``orders.reports.sales_report``'s figures and, with ``--csv``, streams
+every order line of the range as CSV (``-``: standard output, and nothing else).
 """
 
 from __future__ import annotations
@@ -15,13 +13,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from orders.reports import (
-    SalesReport,
-    check_range,
-    iter_order_lines_csv,
-    parse_day,
-    sales_report,
-)
+from orders.reports import SalesReport, check_range, iter_order_lines_csv, parse_day, sales_report
 
 CANNOT_WRITE = "cannot write {path}: {error}"
 
@@ -42,18 +34,13 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument(
-            "--since",
-            type=iso_date,
-            metavar="DATE",
-            help="First day included, YYYY-MM-DD (default: no limit).",
-        )
-        parser.add_argument(
-            "--until",
-            type=iso_date,
-            metavar="DATE",
-            help="Last day included, YYYY-MM-DD (default: no limit).",
-        )
+        for option, which in (("--since", "First"), ("--until", "Last")):
+            parser.add_argument(
+                option,
+                type=iso_date,
+                metavar="DATE",
+                help=f"{which} day included, YYYY-MM-DD (default: no limit).",
+            )
         parser.add_argument(
             "--csv",
             type=str,
@@ -80,7 +67,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"Wrote {lines:,} order lines to {path}")
 
     def write_csv(self, path: Path, since: date | None, until: date | None) -> int:
-        """Write the CSV line by line; returns the number of order lines (header excluded)."""
+        """Write the CSV line by line; return the number of order lines."""
         lines = iter_order_lines_csv(since=since, until=until)
         count = 0
         try:
@@ -107,11 +94,8 @@ class Command(BaseCommand):
             write(self.style.MIGRATE_HEADING("\nPer product, by revenue"))
             sku_width = max(len("sku"), *(len(p.sku) for p in report.products))
             write(f"{'sku':<{sku_width}}  {'units':>10}  {'revenue':>14}  name")
-            for product in report.products:
-                write(
-                    f"{product.sku:<{sku_width}}  {product.units:>10,}  "
-                    f"{product.revenue:>14,.2f}  {product.name}"
-                )
+            for p in report.products:
+                write(f"{p.sku:<{sku_width}}  {p.units:>10,}  {p.revenue:>14,.2f}  {p.name}")
         if report.days:
             write(self.style.MIGRATE_HEADING("\nPer day"))
             write(f"{'day':<10}  {'orders':>8}  {'revenue':>14}")

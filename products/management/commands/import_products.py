@@ -1,14 +1,10 @@
 """``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
 
-The file is read row by row (``batching.readers.RowStream``) and handed to a
-bulk operation (``batching.registry``) as an iterator, so memory holds one chunk whatever the file's
-size. Bad lines are reported by line number and skipped; the good rows are
-imported. ``import_product_views`` shares this module's ``ImportCommand``.
-
-A run killed half-way keeps every committed chunk and its checkpoint.
-``--resume LOG_ID`` marks dead runs as interrupted first (so a killed run is
-not mistaken for a live one), then continues the same log row after its
-checkpoint, reading the same file again.
+The file is read row by row into a registered bulk operation, so memory holds
+one chunk whatever its size; bad lines are reported by line number and skipped.
+``--resume LOG_ID`` first marks dead runs interrupted, then continues the run
+after its checkpoint, reading the same file again. ``import_product_views``
+shares ``ImportCommand``.
 """
 
 from __future__ import annotations
@@ -29,8 +25,7 @@ from batching.readers import FORMATS, ReaderError, RecordStream, RowStream
 from batching.registry import operation_class
 from common.cli import Progress, positive_int
 
-# At most this many bad lines are printed; the rest are counted.
-MAX_REPORTED_LINES = 20
+MAX_REPORTED_LINES = 20  # bad lines printed; the rest are counted
 
 NO_SUCH_FILE = "{path}: no such file"
 UNREADABLE = "cannot read {path}: {error}"
@@ -55,19 +50,7 @@ class ImportCommand(BaseCommand):
     """Stream a file through one registered bulk operation; subclasses name the operation."""
 
     noun: ClassVar[str]
-    # The operation the rows go through (a BatchProcessingLog.Operation value).
-    operation: ClassVar[str]
-
-    def run_operation(
-        self,
-        variant: str,
-        rows: Iterable[Mapping[str, Any]],
-        *,
-        chunk_size: int | None,
-        resume: int | None,
-    ) -> BatchResult:
-        operation = operation_class(self.operation, variant)()
-        return run_batch(operation, rows, chunk_size=chunk_size, resume=resume)
+    operation: ClassVar[str]  # a BatchProcessingLog.Operation value
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         operation = operation_class(self.operation)
@@ -81,13 +64,11 @@ class ImportCommand(BaseCommand):
             "--format",
             type=str,
             choices=FORMATS,
-            default=None,
             help="The file's format when its name does not tell (default: from the extension).",
         )
         parser.add_argument(
             "--chunk-size",
             type=positive_int,
-            default=None,
             metavar="N",
             help=f"Rows per transaction (default: settings.{operation.volume_chunk_setting}, "
             f"{operation.volume_chunk_size():,}, for files: the live shop waits at most tens of "
@@ -96,7 +77,6 @@ class ImportCommand(BaseCommand):
         parser.add_argument(
             "--resume",
             type=int,
-            default=None,
             metavar="LOG_ID",
             help="Continue the interrupted or failed run with this BatchProcessingLog id after "
             "its checkpoint; pass the same file.",
@@ -117,8 +97,7 @@ class ImportCommand(BaseCommand):
         path: Path = options["path"]
         if options["background"]:
             clashing = [name for name in ("resume", "chunk_size") if options[name] is not None]
-            if options["naive"]:
-                clashing.append("naive")
+            clashing += ["naive"] if options["naive"] else []
             if clashing:
                 options_text = ", ".join("--" + name.replace("_", "-") for name in clashing)
                 raise CommandError(NOT_WITH_BACKGROUND.format(options=options_text))
@@ -138,8 +117,11 @@ class ImportCommand(BaseCommand):
             rows = self.watch(stream, progress, announce=verbosity >= 1)
             started = time.perf_counter()
             try:
-                result = self.run_operation(
-                    variant, rows, chunk_size=self.chunk_size(options["chunk_size"]), resume=resume
+                result = run_batch(
+                    operation_class(self.operation, variant)(),
+                    rows,
+                    chunk_size=self.chunk_size(options["chunk_size"]),
+                    resume=resume,
                 )
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
@@ -149,9 +131,7 @@ class ImportCommand(BaseCommand):
                     self.stderr.write(INTERRUPTED.format(log_id=log.pk))
                 raise
             except (OSError, EOFError, zlib.error, ReaderError) as exc:
-                # A file broken half-way (a truncated gzip, a disk error, more
-                # than IMPORT_MAX_DECOMPRESSED_BYTES inflated): the engine has
-                # marked the run failed and kept its checkpoint.
+                # A file broken half-way: the engine marked the run failed, checkpoint kept.
                 log = run_log_of(exc)
                 log_id = log.pk if log is not None else None
                 raise CommandError(
@@ -165,14 +145,16 @@ class ImportCommand(BaseCommand):
             elapsed = time.perf_counter() - started
             if verbosity >= 1:
                 self.report(stream, result, resumed_at=resumed_at, elapsed=elapsed)
-                if verbosity >= 2:
-                    self.report_costs(result)
+            if verbosity >= 2:
+                log = result.log
+                self.stdout.write(
+                    f"{result.query_count:,} queries; chunks: {log.chunks_committed:,} committed, "
+                    f"{log.chunks_rolled_back:,} rolled back, {log.chunks_retried:,} retried."
+                )
         if result.status == BatchProcessingLog.Status.FAILED:
             raise CommandError(
                 RUN_FAILED.format(log_id=result.log_id, summary=result.log.error_summary)
             )
-
-    # -- before the run ------------------------------------------------------
 
     def chunk_size(self, given: int | None) -> int | None:
         """``--chunk-size``, else the operation's volume default; a resumed run keeps its own."""
@@ -183,10 +165,8 @@ class ImportCommand(BaseCommand):
     def check_resumable(self, log_id: int) -> int:
         """Mark dead runs interrupted, refuse a live one; return the checkpoint.
 
-        Whether the run exists and is of the right kind is the engine's
-        check (a ResumeError); this one is the command's, because only here
-        is a still-running run a mistake: two processes would import the same
-        rows.
+        The run's existence and kind are the engine's check (ResumeError); a
+        live run is refused here: two processes would import the same rows.
         """
         mark_interrupted_runs()
         log = (
@@ -213,10 +193,7 @@ class ImportCommand(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def submit(self, path: Path, format: str | None) -> None:
-        """Stage the file's records as a job, in a stream and unparsed: the workers parse them.
-
-        A bad line is reported by the job's run at its row, as any bad row.
-        """
+        """Stage the file's records unparsed as a job: the workers parse them."""
         from jobs.services import submit_job
 
         with self.open_stream(RecordStream, path, format) as records:
@@ -229,16 +206,13 @@ class ImportCommand(BaseCommand):
             )
         )
 
-    # -- during the run ------------------------------------------------------
-
     def watch(
         self, stream: RowStream, progress: Progress | None, *, announce: bool
     ) -> Iterator[Mapping[str, Any]]:
         """The rows as the engine reads them, announcing the run on the first one.
 
-        A new run's log row is created by its first chunk's transaction, so
-        its id is told at the end, or by the error that stops it (the id a
-        failed or interrupted run is resumed with); a resumed run's is known.
+        A new run's id is unknown until its first chunk commits: it is told at
+        the end, or by the error that stops it.
         """
         rows: Iterable[Mapping[str, Any]] = progress.track(stream) if progress else stream
         for position, row in enumerate(rows):
@@ -247,8 +221,6 @@ class ImportCommand(BaseCommand):
                 run = f" as run #{self.log_id}" if self.resuming else ""
                 self.stdout.write(f"{action} {self.noun} from {stream.path}{run}")
             yield row
-
-    # -- after the run -------------------------------------------------------
 
     def report(
         self, stream: RowStream, result: BatchResult, *, resumed_at: int, elapsed: float
@@ -261,30 +233,18 @@ class ImportCommand(BaseCommand):
             more = len(errors) - MAX_REPORTED_LINES
             self.stdout.write(f"... and {more:,} more bad lines", self.style.WARNING)
         log = result.log
-        status_style = (
-            self.style.SUCCESS
-            if log.status == BatchProcessingLog.Status.COMPLETED
-            else self.style.WARNING
-        )
+        completed = log.status == BatchProcessingLog.Status.COMPLETED
         self.stdout.write(
             f"Run #{log.pk} {log.status}: {log.rows_read:,} rows read, "
             f"{log.rows_created:,} created, {log.rows_updated:,} updated, "
             f"{log.rows_skipped:,} skipped.",
-            status_style,
+            self.style.SUCCESS if completed else self.style.WARNING,
         )
-        # This invocation's own figures: a resumed run's totals include the
-        # rows committed before the interruption.
+        # This invocation's own figures: a resumed run's totals include earlier rows.
         rows = result.read - resumed_at
         rate = rows / elapsed if elapsed > 0 else 0.0
         start = f"Resumed at row {resumed_at:,}: " if resumed_at else ""
         self.stdout.write(f"{start}{rows:,} rows in {elapsed:.2f} s ({rate:,.0f} rows/s).")
-
-    def report_costs(self, result: BatchResult) -> None:
-        log = result.log
-        self.stdout.write(
-            f"{result.query_count:,} queries; chunks: {log.chunks_committed:,} committed, "
-            f"{log.chunks_rolled_back:,} rolled back, {log.chunks_retried:,} retried."
-        )
 
 
 class Command(ImportCommand):

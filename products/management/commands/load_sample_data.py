@@ -1,18 +1,11 @@
 """``manage.py load_sample_data``: a small sample shop for the demo, loaded idempotently.
 
-Everything goes through ``OptimizedBulkOperationsService`` (except users, which
-no service creates), so the demo's BatchProcessingLog shows real runs. A second
-run changes nothing and duplicates nothing:
-
-- users: created with ``ignore_conflicts`` on their unique usernames;
-- products: only skus not yet present are imported, so a replay does not put
-  back the stock that the sample orders took;
-- views: each has its own session id, and sessions already present are not
-  sent again (views are appended, never upserted);
-- scores: upserted by (user, product, algorithm) with the same values;
-- orders: fixed references, so a replay is reported as duplicates.
-
-The data is drawn from a fixed seed: the same options give the same shop.
+Everything but users goes through ``OptimizedBulkOperationsService``, so the
+demo's BatchProcessingLog shows real runs; the data comes from a fixed seed. A
+second run changes nothing: users are created with ``ignore_conflicts``, only
+missing skus are imported (a replay does not put back stock the orders took),
+views already present (by session id) are not sent again, scores are upserted
+with the same values, and orders' fixed references come back as duplicates.
 """
 
 from __future__ import annotations
@@ -41,14 +34,7 @@ VIEWS_PER_USER = 10
 SCORES_PER_USER = 5
 ORDERS_PER_USER = 2
 AT_LEAST_ONE = "--{option} must be at least 1, not {value}"
-
-
-def sample_usernames(count: int) -> list[str]:
-    return [USERNAME.format(number=number) for number in range(1, count + 1)]
-
-
-def sample_skus(count: int) -> list[str]:
-    return [SKU.format(number=number) for number in range(1, count + 1)]
+Rows = list[dict[str, Any]]
 
 
 def ensure_users(names: Sequence[str]) -> tuple[list[int], int]:
@@ -64,7 +50,7 @@ def ensure_users(names: Sequence[str]) -> tuple[list[int], int]:
     return [ids[name] for name in names], len(ids) - before
 
 
-def product_rows(rng: random.Random, skus: Sequence[str]) -> list[dict[str, Any]]:
+def product_rows(rng: random.Random, skus: Sequence[str]) -> Rows:
     return [
         {
             "sku": sku,
@@ -78,9 +64,7 @@ def product_rows(rng: random.Random, skus: Sequence[str]) -> list[dict[str, Any]
     ]
 
 
-def view_rows(
-    rng: random.Random, users: Sequence[int], products: Sequence[int]
-) -> list[dict[str, Any]]:
+def view_rows(rng: random.Random, users: Sequence[int], products: Sequence[int]) -> Rows:
     kinds = ProductView.InteractionType.values
     return [
         {
@@ -93,9 +77,7 @@ def view_rows(
     ]
 
 
-def score_rows(
-    rng: random.Random, users: Sequence[int], products: Sequence[int]
-) -> list[dict[str, Any]]:
+def score_rows(rng: random.Random, users: Sequence[int], products: Sequence[int]) -> Rows:
     picks = min(SCORES_PER_USER, len(products))
     return [
         {
@@ -110,9 +92,7 @@ def score_rows(
     ]
 
 
-def order_rows(
-    rng: random.Random, users: Sequence[int], products: Sequence[int]
-) -> list[dict[str, Any]]:
+def order_rows(rng: random.Random, users: Sequence[int], products: Sequence[int]) -> Rows:
     return [
         {
             "reference": ORDER_REFERENCE.format(number=number),
@@ -149,10 +129,11 @@ class Command(BaseCommand):
         # One generator per kind of data, so changing one count leaves the rest alike.
         rng = {kind: random.Random(f"{SEED}:{kind}") for kind in ("p", "v", "s", "o")}
 
-        user_ids, new_users = ensure_users(sample_usernames(options["users"]))
+        names = [USERNAME.format(number=n) for n in range(1, options["users"] + 1)]
+        user_ids, new_users = ensure_users(names)
         self.say(f"users: {len(user_ids)} sample shoppers ({new_users} new)")
 
-        skus = sample_skus(options["products"])
+        skus = [SKU.format(number=n) for n in range(1, options["products"] + 1)]
         rows = product_rows(rng["p"], skus)
         present = set(Product.objects.filter(sku__in=skus).values_list("sku", flat=True))
         missing = [row for row in rows if row["sku"] not in present]
@@ -164,11 +145,8 @@ class Command(BaseCommand):
         product_ids = [ids[sku] for sku in skus]
 
         views = view_rows(rng["v"], user_ids, product_ids)
-        seen = set(
-            ProductView.objects.filter(
-                session_id__in=[row["session_id"] for row in views]
-            ).values_list("session_id", flat=True)
-        )
+        sessions = ProductView.objects.filter(session_id__in=[row["session_id"] for row in views])
+        seen = set(sessions.values_list("session_id", flat=True))
         new_views = [row for row in views if row["session_id"] not in seen]
         if new_views:
             self.report("views", service.create_product_views(new_views))
@@ -192,8 +170,7 @@ class Command(BaseCommand):
         if rejected:
             parts.append(f"{rejected} rejected")
         self.say(f"{label}: {', '.join(parts)} (log #{result.log_id}, {result.status})")
-        if rejected:
-            # Only replays are expected to skip; anything else deserves a look.
-            for error in result.errors:
-                if error.code != "duplicate":
-                    self.stderr.write(f"{label} row {error.index}: {error.field}: {error.message}")
+        # Only replays are expected to skip; anything else deserves a look.
+        for error in result.errors:
+            if error.code != "duplicate":
+                self.stderr.write(f"{label} row {error.index}: {error.field}: {error.message}")

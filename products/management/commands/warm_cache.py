@@ -1,9 +1,7 @@
 """``manage.py warm_cache``: fill the cache with every product card and recommendation list.
 
-Useful after a deploy, a cache flush or a catalogue import (an import retires
-every card at once). Reads and writes a chunk at a time: per chunk one query
-and one ``set_many`` for cards, two queries and one ``set_many`` for
-recommendations (see ``products.cache``).
+Useful after a deploy, a cache flush or a catalogue import (which retires every
+card); a chunk at a time, see ``products.cache``.
 """
 
 from __future__ import annotations
@@ -58,7 +56,6 @@ class Command(BaseCommand):
         """Drain ``ids`` (the warming happens as it is read), with a bar on a terminal."""
         progress = None
         if verbosity >= 1 and self.stdout.isatty():
-            # The bar's total costs one COUNT, paid only when a bar is shown.
             progress = Progress(self.stdout, total())
             progress.label = f"{noun}: "
         count = 0
