@@ -24,13 +24,10 @@ from batching.dashboard import MAX_POINTS, build_dashboard
 from batching.models import BatchProcessingLog
 from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 
-# Columns of the row-errors table: (key in a row_errors entry, header).
-ROW_ERROR_COLUMNS = (
-    ("index", "Row index"),
-    ("field", "Field"),
-    ("code", "Code"),
-    ("message", "Message"),
-)
+# Columns of the row-errors table: the keys of a row_errors entry, and their headers.
+ROW_ERROR_KEYS = ("index", "field", "code", "message")
+ROW_ERROR_HEADERS = [("Row index",), ("Field",), ("Code",), ("Message",)]
+ROW_ERRORS_TABLE = '{}<table class="row-errors"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>'
 NO_ROW_ERRORS = "No row errors."
 ROW_ERRORS_CAPPED = (
     "Showing the first {shown} of {skipped} skipped rows "
@@ -53,14 +50,14 @@ class DashboardForm(forms.Form):
 
 
 def row_error_cells(entries: list[Any]) -> Iterator[tuple[Any, ...]]:
-    """One tuple of cell values per entry, in ``ROW_ERROR_COLUMNS`` order.
+    """One tuple of cell values per entry, in ``ROW_ERROR_KEYS`` order.
 
     An entry that is not the engine's mapping (``row_errors`` is JSON) is shown
     as text in the message column rather than breaking the page.
     """
     for entry in entries:
         if isinstance(entry, Mapping):
-            yield tuple(entry.get(key, "") for key, _ in ROW_ERROR_COLUMNS)
+            yield tuple(entry.get(key, "") for key in ROW_ERROR_KEYS)
         else:
             yield ("", "", "", entry)
 
@@ -125,11 +122,8 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
     readonly_fields = flatten_fieldsets(fieldsets)
 
     def get_urls(self) -> list[URLPattern]:
-        dashboard = path(
-            "dashboard/",
-            self.admin_site.admin_view(self.dashboard_view),
-            name="batching_batchprocessinglog_dashboard",
-        )
+        view = self.admin_site.admin_view(self.dashboard_view)
+        dashboard = path("dashboard/", view, name="batching_batchprocessinglog_dashboard")
         return [dashboard, *super().get_urls()]
 
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
@@ -174,9 +168,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
 
     @admin.display(description="duration", ordering="duration_seconds")
     def duration(self, log: BatchProcessingLog) -> str | None:
-        if log.duration_seconds is None:
-            return None
-        return f"{log.duration_seconds:.3f} s"
+        return None if log.duration_seconds is None else f"{log.duration_seconds:.3f} s"
 
     @admin.display(description="rows read", ordering="checkpoint_position")
     def read(self, log: BatchProcessingLog) -> int:
@@ -184,9 +176,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
 
     @admin.display(description="rows/s", ordering=BatchProcessingLog.throughput())
     def throughput(self, log: BatchProcessingLog) -> str | None:
-        if log.rows_per_second is None:
-            return None
-        return f"{log.rows_per_second:,.0f}"
+        return None if log.rows_per_second is None else f"{log.rows_per_second:,.0f}"
 
     @admin.display(description="row errors")
     def row_errors_table(self, log: BatchProcessingLog) -> SafeString:
@@ -201,15 +191,8 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
             note = format_html(
                 "<p>{}</p>", ROW_ERRORS_CAPPED.format(shown=len(entries), skipped=log.rows_skipped)
             )
-        header = format_html_join(
-            "", '<th scope="col">{}</th>', ((h,) for _, h in ROW_ERROR_COLUMNS)
-        )
+        header = format_html_join("", '<th scope="col">{}</th>', ROW_ERROR_HEADERS)
         body = format_html_join(
             "\n", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", row_error_cells(entries)
         )
-        return format_html(
-            '{}<table class="row-errors"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
-            note,
-            header,
-            body,
-        )
+        return format_html(ROW_ERRORS_TABLE, note, header, body)

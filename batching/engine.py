@@ -1,15 +1,10 @@
 """The one engine that runs every bulk operation, naive or optimized.
 
-docs/architecture.md ("The engine") gives the design: input read lazily and
-one chunk ahead, one transaction per chunk with its checkpoint inside, bad
-rows isolated by halving, transient failures retried with backoff, the log
-row written by the chunks' own transactions, dry runs. How a stop request
-ends a run is in docs/operations-history.md; each operation's lock timeline
-in ``products.services.optimized``.
-
-``write`` may be re-run on any subset of a chunk after a rollback, so it
-reads what it needs afresh each time. A run's log row only ever holds the
-figures of committed chunks.
+The design is in docs/architecture.md ("The engine"), stopping in
+docs/operations-history.md, lock timelines in ``products.services.optimized``.
+``write`` may be re-run on any subset of a chunk after a rollback, so it reads
+what it needs afresh each time. A run's log row only ever holds the figures of
+committed chunks.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from itertools import islice
 from typing import Any, ClassVar
@@ -57,6 +52,9 @@ COUNTERS = ("chunks_rolled_back", "chunks_retried", "chunks_rerun", "after_commi
 # How a run ended (``_ending``); with its cost, what its end writes (checkpoints wrote the rest).
 ENDING = ("status", "error_summary", "finished_at", "heartbeat_at", "duration_seconds")
 ENDING_FIELDS = [*ENDING, "query_count", *COUNTERS]
+# A run's row figures: ``BatchResult``'s, and the log's ``rows_*`` fields.
+WRITTEN = ("written", "created", "updated")
+FIGURES = ("read", *WRITTEN, "skipped")
 
 DUPLICATE_IN_INPUT = "duplicate {field} in this input (first seen at row {first})"
 RUN_FAILED_TRANSIENT = "chunk at row {start} failed after {attempts} attempts: {error}"
@@ -140,14 +138,12 @@ class BatchResult:
         return self.log.pk
 
     def as_dict(self) -> dict[str, Any]:
-        log = self.log
-        figures = ("read", "written", "created", "updated", "skipped")
         return {
             "log_id": self.log_id,
-            "operation": log.operation,
-            "variant": log.variant,
+            "operation": self.log.operation,
+            "variant": self.log.variant,
             "status": self.status,
-            **{name: getattr(self, name) for name in figures},
+            **{name: getattr(self, name) for name in FIGURES},
             "errors": [error.as_dict() for error in self.errors],
             "query_count": self.query_count,
             "duration": self.duration,
@@ -177,10 +173,9 @@ class Prepared:
 class RunContext:
     """What a run hands its operation's ``write``: the run's id, and where repeats are named.
 
-    ``log_id`` is the run's log id, set once the row exists (with
-    ``keys_in_database``, before the first ``write``): the mark its rows carry.
-    ``first_rows`` maps each repeated row to the row its key first came in;
-    with ``keys_in_database`` the engine starts it afresh with each chunk.
+    ``log_id`` (set before the first ``write`` with ``keys_in_database``) is the
+    mark the rows carry. ``first_rows`` maps each repeated row to the row its key
+    first came in (per chunk with ``keys_in_database``).
     """
 
     key_field: str | None = None
@@ -238,11 +233,9 @@ class RunContext:
 class BatchOperation(ABC):
     """What one chunk of one operation does; the engine decides how chunks run.
 
-    Subclasses implement ``prepare`` (validate one raw row, raise RowInvalid)
-    and ``write`` (apply prepared rows inside the engine's transaction; it may
-    be re-run on any subset after a rollback). ``key`` gives the input key
-    that must not repeat. ``write`` gets the run's ``RunContext``; the engine
-    sets nothing on the operation.
+    ``prepare`` validates one raw row (raises RowInvalid); ``write`` applies
+    prepared rows in the engine's transaction, given the run's ``RunContext``;
+    ``key`` gives the input key that must not repeat.
     """
 
     operation: ClassVar[str]
@@ -279,17 +272,13 @@ class BatchOperation(ABC):
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome: ...
 
     def check(self, rows: list[Prepared]) -> ChunkOutcome:
-        """What ``write`` would do with ``rows`` (``dry_run``): its reads, through the same code.
-
-        It runs outside any transaction and must write nothing.
-        """
+        """What ``write`` would do with ``rows`` (``dry_run``, no transaction): its reads only."""
         raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
 
     def committed(self, rows: list[Prepared]) -> None:
         """Called after the transaction that wrote ``rows`` committed (cache invalidation).
 
-        A rolled-back piece never gets here. It runs outside the chunk's
-        transaction and must not query the database.
+        It runs outside the chunk's transaction and must not query the database.
         """
         return
 
@@ -368,7 +357,7 @@ def one_chunk(rows: Iterator[Any], size: int, weight: Callable[[Any], int]) -> I
 class Lookahead:
     """The run's input, which tells whether a row follows by reading it ahead.
 
-    An error met reading ahead is raised by the next ``next()``, where the run would meet it.
+    An error met reading ahead is raised by the next ``next()``.
     """
 
     def __init__(self, rows: Iterator[Any]) -> None:
@@ -416,10 +405,9 @@ offer_gil = partial(time.sleep, 0)
 class ReadAhead:
     """The input's next chunk, read and parsed by the run's helper thread while a chunk is written.
 
-    Only the input and ``prepare`` (pure Python) run in the helper; the run's
-    thread takes each parsed row (an item or its ``RowInvalid``) in order.
-    The helper offers the GIL every ``YIELD_EVERY`` rows, so the run's thread
-    does not wait out a switch interval when a statement's answer arrives.
+    Only the input and ``prepare`` run there; the run's thread takes each parsed
+    row (an item or its ``RowInvalid``) in order. Offering the GIL every
+    ``YIELD_EVERY`` rows spares the run's thread a switch interval per statement.
     """
 
     def __init__(
@@ -472,9 +460,8 @@ class BatchRun:
         self.context = RunContext(key_field=operation.key_field)
         self.connection = connections[operation.using]
         self.resume_log = self._resumable_log(resume) if resume is not None else None
-        if chunk_size is None:
-            chunk_size = self.resume_log.chunk_size if self.resume_log else settings.BULK_CHUNK_SIZE
-        self.chunk_size = chunk_size
+        default = self.resume_log.chunk_size if self.resume_log else settings.BULK_CHUNK_SIZE
+        self.chunk_size = default if chunk_size is None else chunk_size
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self.counter = QueryCounter()
@@ -491,19 +478,19 @@ class BatchRun:
         self.stop_pending = False  # resumed with a stop requested before it started
         # A dry run writes no marks, so it compares keys across the whole input.
         self.dry = False
+        # A resumed run's skipped rows, queries and time before this attempt.
+        self._resumed_skipped = self._earlier_queries = 0
+        self._earlier_duration = 0.0
 
     def _resumable_log(self, resume: int | BatchProcessingLog) -> BatchProcessingLog:
         log_id = resume.pk if isinstance(resume, BatchProcessingLog) else resume
         log = BatchProcessingLog.objects.using(self.op.using).filter(pk=log_id).first()
         if log is None:
             raise ResumeError(RESUME_NOT_FOUND.format(log_id=log_id))
-        if log.operation != self.op.operation or log.variant != self.op.variant:
+        if (log.operation, log.variant) != (self.op.operation, self.op.variant):
+            kind = {"variant": log.variant, "operation": log.operation}
             expected = f"{self.op.variant} {self.op.operation}"
-            raise ResumeError(
-                RESUME_WRONG_KIND.format(
-                    log_id=log_id, variant=log.variant, operation=log.operation, expected=expected
-                )
-            )
+            raise ResumeError(RESUME_WRONG_KIND.format(log_id=log_id, expected=expected, **kind))
         Status = BatchProcessingLog.Status
         if log.status == Status.RUNNING:  # two live processes must never import the same rows
             raise ResumeError(RESUME_STILL_RUNNING.format(log_id=log_id, worker=log.worker))
@@ -531,11 +518,7 @@ class BatchRun:
         # The committed figures: a failed chunk's rows count as not read (a resume reads them).
         return BatchResult(
             log=log,
-            read=log.rows_read,
-            written=log.rows_written,
-            created=log.rows_created,
-            updated=log.rows_updated,
-            skipped=log.rows_skipped,
+            **{name: getattr(log, f"rows_{name}") for name in FIGURES},
             errors=self.errors[: self.committed_errors],
             # As the log recorded it: a caller's RELEASE of the last savepoint is not the run's.
             query_count=log.query_count - self._earlier_queries,
@@ -655,8 +638,7 @@ class BatchRun:
                 field_name, message = describe_database_error(exc)
                 self.errors.append(RowError(rows[0].index, field_name, message, "database"))
                 return False
-            middle = len(rows) // 2
-            left, right = rows[:middle], rows[middle:]
+            left, right = rows[: len(rows) // 2], rows[len(rows) // 2 :]
             self.log.chunks_rerun += 2
             self._write_isolating(left, checkpoint=left[-1].index + 1, final=False)
             return self._write_isolating(right, checkpoint=checkpoint, final=final)
@@ -667,10 +649,9 @@ class BatchRun:
             try:
                 self._commit(rows, checkpoint=checkpoint, final=final)
                 return
-            except (IntegrityError, DataError):
-                raise
             except (DatabaseError, InterfaceError, ChunkConflict) as exc:
-                # InterfaceError (the connection is gone) is not a DatabaseError.
+                # InterfaceError (the connection is gone) is not a DatabaseError. A rejected
+                # row (IntegrityError, DataError) is never transient: ``_write_isolating`` halves.
                 if not is_transient(exc):
                     raise
                 self.log.chunks_rolled_back += 1
@@ -691,32 +672,27 @@ class BatchRun:
         creates_log = log.pk is None
         failures = log.after_commit_failures
         try:
-            saved, outcome, errors = self._commit_chunk(rows, checkpoint=checkpoint, final=final)
+            saved, totals, outcome = self._commit_chunk(rows, checkpoint=checkpoint, final=final)
         except BaseException:
             if creates_log:  # its INSERT was rolled back with the chunk
                 log.pk = self.context.log_id = None
                 log._state.adding = True
             raise
         # Only now, after the commit, does the run own what the chunk did.
-        self.totals.merge(ChunkOutcome(outcome.written, outcome.created, outcome.updated))
+        self.totals = replace(totals, errors=[])  # the errors stay in ``errors``
         self.errors.extend(outcome.errors)
-        self.committed_errors = len(errors)
+        self.committed_errors = len(totals.errors)
         for name, value in saved.items():
             setattr(log, name, value)
         self.finished = "status" in saved
         if self.finished and log.after_commit_failures != failures:
             # The last side effects failed after the final checkpoint: one more UPDATE.
             self._save_quietly(["after_commit_failures"])
-        if creates_log and not self.finished and self.op.fills:
+        if creates_log and not self.finished and self.op.fills and is_postgresql(self.op.using):
             self._refresh_statistics()
 
     def _refresh_statistics(self) -> None:
-        """After the first chunk (no lock held), on PostgreSQL: analyze a table filled from empty.
-
-        A failure only costs speed: it never fails the run.
-        """
-        if not is_postgresql(self.op.using):
-            return
+        """After the first chunk (no lock held): analyze a table filled from empty; never fails."""
         try:
             analyzed = analyze_if_empty(self.op.fills, using=self.op.using)
         except DatabaseError:
@@ -727,8 +703,11 @@ class BatchRun:
 
     def _commit_chunk(
         self, rows: list[Prepared], *, checkpoint: int, final: bool
-    ) -> tuple[dict[str, Any], ChunkOutcome, list[RowError]]:
-        """One chunk's transaction: the write, then its checkpoint on the log row."""
+    ) -> tuple[dict[str, Any], ChunkOutcome, ChunkOutcome]:
+        """One chunk's transaction: the write, then its checkpoint on the log row.
+
+        Returns the figures saved, the run's totals with its errors so far, the chunk's outcome.
+        """
         log = self.log
         with transaction.atomic(using=self.op.using):
             if is_postgresql(self.op.using):
@@ -741,20 +720,16 @@ class BatchRun:
                 self._name_first_rows()
             if rows:
                 transaction.on_commit(partial(self._after_commit, rows), using=self.op.using)
-            totals = ChunkOutcome(
-                written=self.totals.written + outcome.written,
-                created=self.totals.created + outcome.created,
-                updated=self.totals.updated + outcome.updated,
+            written, created, updated = (
+                getattr(self.totals, f) + getattr(outcome, f) for f in WRITTEN
             )
-            errors = self.errors + outcome.errors
+            totals = ChunkOutcome(written, created, updated, self.errors + outcome.errors)
             if not final:
                 # A piece of a split chunk: the rows after it are not committed yet.
-                errors = [error for error in errors if error.index < checkpoint]
+                totals.errors = [error for error in totals.errors if error.index < checkpoint]
             last = final and self._input_ended()  # the last checkpoint also ends the run
-            saved = self._save_checkpoint(
-                totals, errors, checkpoint, committed=int(final), last=last
-            )
-        return saved, outcome, errors
+            saved = self._save_checkpoint(totals, checkpoint, committed=int(final), last=last)
+        return saved, totals, outcome
 
     def _after_commit(self, rows: list[Prepared]) -> None:
         """The operation's side effects of a committed chunk: a failure is logged and counted."""
@@ -791,9 +766,7 @@ class BatchRun:
         if self.resume_log is not None:
             log = self.resume_log
             self.totals = ChunkOutcome(log.rows_written, log.rows_created, log.rows_updated)
-            self._resumed_skipped = log.rows_skipped
-            # Cost and time of the earlier attempts, as their checkpoints left them.
-            self._earlier_queries = log.query_count
+            self._resumed_skipped, self._earlier_queries = log.rows_skipped, log.query_count
             self._earlier_duration = log.duration_seconds or 0.0
             log.resume_count += 1
             log.worker = worker
@@ -809,9 +782,6 @@ class BatchRun:
             log.status = BatchProcessingLog.Status.RUNNING
             log.save(update_fields=fields)
             return log
-        self._resumed_skipped = 0
-        self._earlier_queries = 0
-        self._earlier_duration = 0.0
         # Saved by the first chunk's transaction, or by the end of a run that commits none.
         return BatchProcessingLog(
             operation=self.op.operation,
@@ -824,13 +794,7 @@ class BatchRun:
         )
 
     def _save_checkpoint(
-        self,
-        totals: ChunkOutcome,
-        errors: list[RowError],
-        checkpoint: int,
-        *,
-        committed: int,
-        last: bool,
+        self, totals: ChunkOutcome, checkpoint: int, *, committed: int, last: bool
     ) -> dict[str, Any]:
         """Record the chunk's checkpoint and the run's figures in its transaction.
 
@@ -839,15 +803,13 @@ class BatchRun:
         A committed chunk boundary with input after it honours a requested stop:
         the UPDATE's WHERE reads ``stop_requested``, at no query of its own.
         """
-        log = self.log
+        log, errors = self.log, totals.errors
         cap = settings.BULK_LOG_MAX_ROW_ERRORS
         kept = list(log.row_errors[:cap]) if self.resume_log is not None else []
         kept.extend(error.as_dict() for error in errors[: max(cap - len(kept), 0)])
         figures = {
             "checkpoint_position": checkpoint,
-            "rows_written": totals.written,
-            "rows_created": totals.created,
-            "rows_updated": totals.updated,
+            **{f"rows_{name}": getattr(totals, name) for name in WRITTEN},
             "rows_skipped": self._resumed_skipped + len(errors),
             "row_errors": kept,
             "chunks_committed": log.chunks_committed + committed,
@@ -937,11 +899,7 @@ class BatchRun:
 
 
 def run_log_of(exc: BaseException) -> BatchProcessingLog | None:
-    """The log row of the batch run that ``exc`` ended, if a run raised it.
-
-    Its figures are those of the committed chunks: ``checkpoint_position``
-    beyond where the run started means some of its input is in the database.
-    """
+    """The log row of the batch run that ``exc`` ended, if a run raised it (committed figures)."""
     return getattr(exc, "batch_log", None)
 
 

@@ -22,6 +22,9 @@ from django.db import IntegrityError, connections, models, transaction
 from django.db.backends.utils import debug_transaction
 from psycopg import sql
 
+Model = type[models.Model]
+Names = tuple[str, ...]
+Rows = Sequence[Sequence[Any]]
 LENGTH = re.compile(r"\((\d+)\)$")
 # An array parameter's placeholder, always cast (``%s::bigint[]``): its text (``array_value``)
 # goes untyped, so PostgreSQL parses it while binding and the planner sees a constant array
@@ -48,16 +51,12 @@ def begin_chunk(using: str) -> None:
     its locks; and ``lock_timeout`` (``BULK_LOCK_TIMEOUT_MS``): a chunk waiting on
     a live transaction's row lock gives up with ``55P03``, which the engine retries.
     """
+    timeout = int(settings.BULK_LOCK_TIMEOUT_MS)
     with connections[using].cursor() as cursor:
-        cursor.execute(_begin_chunk(int(settings.BULK_LOCK_TIMEOUT_MS)))
+        cursor.execute(f"SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL lock_timeout = {timeout:d}")
 
 
-@functools.cache
-def _begin_chunk(lock_timeout_ms: int) -> str:
-    return f"SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL lock_timeout = {lock_timeout_ms:d}"
-
-
-def analyze_if_empty(tables: Sequence[type[models.Model]], *, using: str) -> list[str]:
+def analyze_if_empty(tables: Sequence[Model], *, using: str) -> list[str]:
     """ANALYZE each of ``tables`` whose statistics still say it is empty; return their names.
 
     The foreign-key checks against a table filled from empty keep a plan made
@@ -70,7 +69,7 @@ def analyze_if_empty(tables: Sequence[type[models.Model]], *, using: str) -> lis
             "SELECT relname FROM pg_class WHERE oid = ANY(%s::regclass[]) AND reltuples <= 0",
             [names],
         )
-        empty = [row[0] for row in cursor.fetchall()]
+        empty = [name for (name,) in cursor.fetchall()]
     for name in empty:
         with transaction.atomic(using=using), connections[using].cursor() as cursor:
             cursor.execute(
@@ -87,18 +86,12 @@ def array_type(field: models.Field, connection) -> str:
     A cast to ``varchar(n)`` would silently cut longer values; without it the
     column refuses them ("value too long"), as a plain INSERT would.
     """
-    return LENGTH.sub("", db_type(field, connection))
-
-
-def db_type(field: models.Field, connection) -> str:
-    """The column's type, e.g. ``varchar(64)``; a field without a column has none."""
-    type_ = field.db_type(connection)
-    if type_ is None:
+    if (type_ := field.db_type(connection)) is None:
         raise ValueError(f"{field} has no column type")
-    return type_
+    return LENGTH.sub("", type_)
 
 
-def model_field(model: type[models.Model], name: str) -> models.Field:
+def model_field(model: Model, name: str) -> models.Field:
     """``model``'s field ``name``; a reverse relation is refused (it has no column)."""
     field = model._meta.get_field(name)
     if not isinstance(field, models.Field):
@@ -106,14 +99,14 @@ def model_field(model: type[models.Model], name: str) -> models.Field:
     return field
 
 
-def column_name(model: type[models.Model], name: str) -> str:
+def column_name(model: Model, name: str) -> str:
     field = model_field(model, name)
     if field.column is None:
         raise ValueError(f"{model._meta.label}.{name} has no column")
     return field.column
 
 
-def column(model: type[models.Model], name: str) -> sql.Identifier:
+def column(model: Model, name: str) -> sql.Identifier:
     return sql.Identifier(column_name(model, name))
 
 
@@ -131,7 +124,7 @@ def statement_text(compose: Callable[..., str]) -> Callable[..., str]:
     return text
 
 
-def quoted(connection, model: type[models.Model], *names: str) -> str:
+def quoted(connection, model: Model, *names: str) -> str:
     """The model's table (no ``names``) or the columns of its fields ``names``, quoted, joined."""
     quote = connection.ops.quote_name
     if not names:
@@ -139,33 +132,32 @@ def quoted(connection, model: type[models.Model], *names: str) -> str:
     return ", ".join(quote(column_name(model, name)) for name in names)
 
 
-def unnest(model: type[models.Model], fields: Sequence[str], connection) -> str:
-    """``unnest(%s::type[], ...)``: one array parameter per field, typed like its column."""
-    return unnest_of(array_type(model_field(model, name), connection) for name in fields)
+def each(connection, model: Model, names: Iterable[str]) -> list[str]:
+    """The quoted columns of the model's fields ``names``, one by one."""
+    return [quoted(connection, model, name) for name in names]
 
 
-def unnest_of(types: Iterable[str]) -> str:
-    """``unnest(%s::type[], ...)``: one array parameter per type."""
+def unnest(connection, *columns: tuple[Model, str]) -> str:
+    """``unnest(%s::type[], ...)``: one array per (model, field), typed like its column."""
+    types = (array_type(model_field(model, name), connection) for model, name in columns)
     return "unnest({})".format(", ".join(f"{ARRAY}::{type_}[]" for type_ in types))
 
 
-def insert_from_arrays(
-    model: type[models.Model], fields: Sequence[str], constants: Sequence[str], connection
-) -> str:
+def insert_from_arrays(connection, model: Model, fields: Names, constants: Names) -> str:
     """``INSERT INTO t (fields, constants) SELECT v.fields, %s... FROM unnest(...) AS v``.
 
     Its parameters: one per constant, then one array per field.
     """
     table, columns = quoted(connection, model), quoted(connection, model, *fields, *constants)
-    names = [quoted(connection, model, name) for name in fields]
+    names = each(connection, model, fields)
     values = ", ".join([*(f"v.{name}" for name in names), *("%s" for _ in constants)])
+    source = unnest(connection, *((model, name) for name in fields))
     return (
-        f"INSERT INTO {table} ({columns}) "
-        f"SELECT {values} FROM {unnest(model, fields, connection)} AS v ({', '.join(names)})"
+        f"INSERT INTO {table} ({columns}) SELECT {values} FROM {source} AS v ({', '.join(names)})"
     )
 
 
-def columns_of(rows: Sequence[Sequence[Any]], width: int) -> list[str | list[Any]]:
+def columns_of(rows: Rows, width: int) -> list[str | list[Any]]:
     """Rows (tuples) as one array parameter per column (``array_value``): what ``unnest`` takes."""
     if not rows:
         return [array_value(())] * width
@@ -222,55 +214,52 @@ def execute(using: str, statement: sql.Composable | str, params: Sequence[Any] |
 
 
 def copy_rows(
-    model: type[models.Model], fields: Sequence[str], rows: Iterable[Sequence[Any]], *, using: str
+    model: Model, fields: Sequence[str], rows: Iterable[Sequence[Any]], *, using: str
 ) -> int:
     """``COPY`` ``rows`` (tuples in ``fields`` order) into the model's table; return the count.
+
+    Binary: no text to format and parse per value.
 
     Note:
         Like ``bulk_create``, this skips ``Model.save()`` and signals and
         applies no field default.
     """
-    fields = tuple(fields)
-    types = _copy_types(using, model, fields)
+    return _copy_in(using, model, tuple(fields), rows, _copy_types(using, model, tuple(fields)))
+
+
+def copy_text(model: Model, fields: Sequence[str], blocks: Iterable[str], *, using: str) -> int:
+    """``COPY`` text-format ``blocks`` (whole lines, ``copy_escape``d) into the table; the rows."""
+    return _copy_in(using, model, tuple(fields), blocks, None)
+
+
+def _copy_in(using: str, model: Model, fields: Names, data: Iterable, types: Names | None) -> int:
+    """COPY ``data``: rows in binary format with ``types``, or text blocks (no ``types``)."""
 
     def run(cursor, text):
         with cursor.copy(text) as copy:
-            # Binary: no text to format and parse per value.
-            copy.set_types(types)
-            for row in rows:
-                copy.write_row(row)
+            if types is None:
+                for block in data:
+                    copy.write(block)
+            else:
+                copy.set_types(types)
+                for row in data:
+                    copy.write_row(row)
         return cursor.rowcount
 
-    return through_django(using, _copy(using, model, fields, True), run)
+    return through_django(using, _copy(using, model, fields, types is not None), run)
 
 
 @statement_text
-def _copy(connection, model: type[models.Model], fields: tuple[str, ...], binary: bool) -> str:
+def _copy(connection, model: Model, fields: Names, binary: bool) -> str:
     table, columns = quoted(connection, model), quoted(connection, model, *fields)
     return f"COPY {table} ({columns}) FROM STDIN" + (" (FORMAT BINARY)" if binary else "")
 
 
 @functools.cache
-def _copy_types(using: str, model: type[models.Model], fields: tuple[str, ...]) -> tuple[str, ...]:
+def _copy_types(using: str, model: Model, fields: Names) -> Names:
     """The columns' types as COPY's binary format names them (no modifiers)."""
-    connection = connections[using]
-    types = (db_type(model_field(model, name), connection) for name in fields)
+    types = (array_type(model_field(model, name), connections[using]) for name in fields)
     return tuple(MODIFIERS.sub("", type_) for type_ in types)
-
-
-def copy_text(
-    model: type[models.Model], fields: Sequence[str], blocks: Iterable[str], *, using: str
-) -> int:
-    """``COPY`` text-format ``blocks`` (whole lines, ``copy_escape``d) into the table; the rows."""
-    fields = tuple(fields)
-
-    def run(cursor, text):
-        with cursor.copy(text) as copy:
-            for block in blocks:
-                copy.write(block)
-        return cursor.rowcount
-
-    return through_django(using, _copy(using, model, fields, False), run)
 
 
 COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -307,9 +296,9 @@ def through_django(
 
 
 def upsert(
-    model: type[models.Model],
+    model: Model,
     fields: Sequence[str],
-    rows: Sequence[Sequence[Any]],
+    rows: Rows,
     *,
     unique_fields: Sequence[str],
     update_fields: Sequence[str],
@@ -339,42 +328,32 @@ def upsert(
 
 
 @statement_text
-def _upsert(
-    connection,
-    model: type[models.Model],
-    fields: tuple[str, ...],
-    unique_fields: tuple[str, ...],
-    update_fields: tuple[str, ...],
-    constants: tuple[str, ...],
-    only_if_distinct: tuple[str, ...],
-) -> str:
+def _upsert(connection, model: Model, fields: Names, *shape: Names) -> str:
+    unique, update, constants, only = shape
     table = quoted(connection, model)
-    updated = (quoted(connection, model, name) for name in update_fields)
-    updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in updated)
-    where = ""
-    if only_if_distinct:
-        distinct = (quoted(connection, model, name) for name in only_if_distinct)
-        where = " WHERE " + " OR ".join(
-            f"{table}.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in distinct
-        )
+    updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in each(connection, model, update))
+    distinct = (
+        f"{table}.{name} IS DISTINCT FROM EXCLUDED.{name}" for name in each(connection, model, only)
+    )
+    where = " WHERE " + " OR ".join(distinct) if only else ""
     return (
-        f"WITH written AS ({insert_from_arrays(model, fields, constants, connection)} "
-        f"ON CONFLICT ({quoted(connection, model, *unique_fields)}) "
+        f"WITH written AS ({insert_from_arrays(connection, model, fields, constants)} "
+        f"ON CONFLICT ({quoted(connection, model, *unique)}) "
         f"DO UPDATE SET {updates}{where} RETURNING (xmax = 0) AS inserted"
         ") SELECT count(*) FILTER (WHERE inserted), count(*) FROM written"
     )
 
 
 def insert_with_children(
-    parent: type[models.Model],
+    parent: Model,
     fields: Sequence[str],
-    rows: Sequence[Sequence[Any]],
+    rows: Rows,
     *,
     key: str,
-    child: type[models.Model],
+    child: Model,
     link: str,
     child_fields: Sequence[str],
-    child_rows: Sequence[Sequence[Any]],
+    child_rows: Rows,
     using: str,
     constants: Mapping[str, Any] | None = None,
 ) -> int:
@@ -395,35 +374,22 @@ def insert_with_children(
         using, parent, tuple(fields), key, child, link, tuple(child_fields), tuple(constants)
     )
     # The constants' placeholders come first: the parents' SELECT list precedes FROM.
-    params = [
-        *constants.values(),
-        *columns_of(rows, len(fields)),
-        *columns_of(child_rows, 1 + len(child_fields)),
-    ]
-    count, _ = execute(using, statement, params)
+    arrays = [*columns_of(rows, len(fields)), *columns_of(child_rows, 1 + len(child_fields))]
+    count, _ = execute(using, statement, [*constants.values(), *arrays])
     return count
 
 
 @statement_text
 def _insert_with_children(
-    connection,
-    parent: type[models.Model],
-    fields: tuple[str, ...],
-    key: str,
-    child: type[models.Model],
-    link: str,
-    child_fields: tuple[str, ...],
-    constants: tuple[str, ...],
+    connection, parent: Model, fields: Names, key: str, child: Model, link: str, *shape: Names
 ) -> str:
+    child_fields, constants = shape
     pk = quoted(connection, parent, parent._meta.pk.name)
     key_column = quoted(connection, parent, key)
-    columns = [quoted(connection, child, name) for name in child_fields]
-    source = unnest_of(
-        array_type(model_field(model, name), connection)
-        for model, name in [(parent, key), *((child, name) for name in child_fields)]
-    )
+    columns = each(connection, child, child_fields)
+    source = unnest(connection, (parent, key), *((child, name) for name in child_fields))
     return (
-        f"WITH parent AS ({insert_from_arrays(parent, fields, constants, connection)} "
+        f"WITH parent AS ({insert_from_arrays(connection, parent, fields, constants)} "
         f"RETURNING {pk}, {key_column}) "
         f"INSERT INTO {quoted(connection, child)} "
         f"({quoted(connection, child, link)}, {', '.join(columns)}) "
@@ -434,10 +400,10 @@ def _insert_with_children(
 
 
 def update(
-    model: type[models.Model],
+    model: Model,
     key: str,
     fields: Sequence[str],
-    rows: Sequence[Sequence[Any]],
+    rows: Rows,
     *,
     using: str,
     constants: Mapping[str, Any] | None = None,
@@ -460,69 +426,50 @@ def update(
     constants = dict(constants or {})
     statement = _update(using, model, key, tuple(fields), tuple(constants), tuple(only_if_distinct))
     # The arrays' placeholders come first: the CTE precedes SET.
-    params = [
-        *columns_of(rows, 1 + len(fields)),
-        *constants.values(),
-        *(constants[name] for name in only_if_distinct),
-    ]
+    distinct = [constants[name] for name in only_if_distinct]
+    params = [*columns_of(rows, 1 + len(fields)), *constants.values(), *distinct]
     _, (missing,) = execute(using, statement, params)
     return set(missing)
 
 
 @statement_text
 def _update(
-    connection,
-    model: type[models.Model],
-    key: str,
-    fields: tuple[str, ...],
-    constants: tuple[str, ...],
-    only_if_distinct: tuple[str, ...],
+    connection, model: Model, key: str, fields: Names, constants: Names, only: Names
 ) -> str:
     assignments = [
-        f"{name} = COALESCE(v.{name}, t.{name})"
-        for name in (quoted(connection, model, field) for field in fields)
-    ] + [f"{quoted(connection, model, name)} = %s" for name in constants]
-    distinct = ""
-    if only_if_distinct:
-        distinct = " AND ({})".format(
-            " OR ".join(
-                f"t.{quoted(connection, model, name)} IS DISTINCT FROM %s"
-                for name in only_if_distinct
-            )
-        )
+        f"{name} = COALESCE(v.{name}, t.{name})" for name in each(connection, model, fields)
+    ]
+    assignments += [f"{name} = %s" for name in each(connection, model, constants)]
+    distinct = " OR ".join(
+        f"t.{name} IS DISTINCT FROM %s" for name in each(connection, model, only)
+    )
     return (
         "WITH v AS MATERIALIZED (SELECT * FROM {source} AS v ({names})), "
-        "locked AS MATERIALIZED ("
-        "SELECT {pk}, {key} FROM {table} WHERE {key} = ANY(ARRAY(SELECT v.{key} FROM v)) "
-        "ORDER BY {pk} FOR NO KEY UPDATE"
-        "), "
-        "changed AS ("
-        "UPDATE {table} AS t SET {assignments} FROM locked JOIN v ON v.{key} = locked.{key} "
-        "WHERE t.{pk} = locked.{pk}{distinct} RETURNING t.{key}"
-        ") "
+        "locked AS MATERIALIZED (SELECT {pk}, {key} FROM {table} "
+        "WHERE {key} = ANY(ARRAY(SELECT v.{key} FROM v)) ORDER BY {pk} FOR NO KEY UPDATE), "
+        "changed AS (UPDATE {table} AS t SET {assignments} FROM locked "
+        "JOIN v ON v.{key} = locked.{key} WHERE t.{pk} = locked.{pk}{distinct} RETURNING t.{key}) "
         "SELECT ARRAY(SELECT v.{key} FROM v WHERE NOT EXISTS "
         "(SELECT FROM changed WHERE changed.{key} = v.{key}))"
     ).format(
         table=quoted(connection, model),
         assignments=", ".join(assignments),
-        distinct=distinct,
-        source=unnest(model, [key, *fields], connection),
+        distinct=f" AND ({distinct})" if only else "",
+        source=unnest(connection, *((model, name) for name in (key, *fields))),
         names=quoted(connection, model, key, *fields),
         pk=quoted(connection, model, model._meta.pk.name),
         key=quoted(connection, model, key),
     )
 
 
-def existing_ids(
-    using: str, wanted: Sequence[tuple[type[models.Model], Iterable[int]]]
-) -> list[set[int]]:
+def existing_ids(using: str, wanted: Sequence[tuple[Model, Iterable[int]]]) -> list[set[int]]:
     """Which of the given primary keys exist, per model, in one statement (``read_by_key``)."""
     lookups = [(model, model._meta.pk.name, ids, [model._meta.pk.name]) for model, ids in wanted]
     return [{pk for (pk,) in rows} for rows in read_by_key(using, lookups)]
 
 
 def read_by_key(
-    using: str, lookups: Sequence[tuple[type[models.Model], str, Iterable[Any], Sequence[str]]]
+    using: str, lookups: Sequence[tuple[Model, str, Iterable[Any], Sequence[str]]]
 ) -> list[list[tuple[Any, ...]]]:
     """Rows of several tables found by a key, in one statement.
 
@@ -544,9 +491,7 @@ def read_by_key(
 
 
 @statement_text
-def _read_by_key(
-    connection, shape: tuple[tuple[type[models.Model], str, tuple[str, ...]], ...]
-) -> str:
+def _read_by_key(connection, shape: tuple[tuple[Model, str, Names], ...]) -> str:
     selects: list[str] = []
     for model, key, fields in shape:
         table, key_column = quoted(connection, model), quoted(connection, model, key)
@@ -561,12 +506,7 @@ def _read_by_key(
 
 
 def add_to(
-    model: type[models.Model],
-    field: str,
-    amounts: Mapping[int, int],
-    *,
-    using: str,
-    guard: bool = False,
+    model: Model, field: str, amounts: Mapping[int, int], *, using: str, guard: bool = False
 ) -> set[int]:
     """``field = field + amount`` by primary key in one statement; return the ids changed.
 
@@ -593,13 +533,11 @@ def add_to(
 
 
 @statement_text
-def _add_to(connection, model: type[models.Model], field: str, guard: bool) -> str:
+def _add_to(connection, model: Model, field: str, guard: bool) -> str:
     target = quoted(connection, model, field)
     return (
-        "WITH locked AS MATERIALIZED ("
-        "SELECT {pk} FROM {table} WHERE {pk} = ANY(%(ids)s::bigint[]) "
-        "ORDER BY {pk} FOR NO KEY UPDATE"
-        ") "
+        "WITH locked AS MATERIALIZED (SELECT {pk} FROM {table} "
+        "WHERE {pk} = ANY(%(ids)s::bigint[]) ORDER BY {pk} FOR NO KEY UPDATE) "
         "UPDATE {table} AS t SET {field} = t.{field} + v.amount "
         "FROM locked JOIN unnest(%(ids)s::bigint[], %(amounts)s::bigint[]) AS v (id, amount) "
         "ON v.id = locked.{pk} "

@@ -1,18 +1,13 @@
-"""Readers for import files: CSV or JSON Lines, optionally gzipped.
+"""Readers for import files: CSV or JSON Lines, optionally gzipped; every import reads here.
 
-``RecordStream`` splits a file into records, as text, a block at a time (so
-it can be staged at the speed of COPY); ``parse_record`` reads one record into
-a row; ``RowStream`` does both. A line that cannot be read becomes a
-``BadLine``, rejected like any invalid row, and the stream goes on.
-
-A block of plain records (one a line, no blank or overlong line, no bad byte,
-no quoted line break) is split with one ``str.split``; any other is read
-record by record. A stream holds a few blocks and one bounded record whatever
-the file holds, and refuses a gzipped file inflating past
-``IMPORT_MAX_DECOMPRESSED_BYTES``: every import reads through here.
-
-Blank lines are skipped deterministically, so a resume skips exactly its
-checkpoint's rows; ``line_of`` tells a row index's line.
+``RecordStream`` splits a file into records, as text, a block at a time (staged
+at the speed of COPY); ``parse_record`` reads one record into a row;
+``RowStream`` does both. A line that cannot be read becomes a ``BadLine``,
+rejected like any invalid row, and the stream goes on. A block of plain records
+(one a line, no blank or overlong line, no bad byte, no quoted line break) is
+split with one ``str.split``; any other is read record by record. Memory stays
+a few blocks and one bounded record. Blank lines are skipped deterministically,
+so a resume skips exactly its checkpoint's rows.
 """
 
 from __future__ import annotations
@@ -103,7 +98,6 @@ class BadLine(Mapping[str, Any]):
 
     @property
     def error(self) -> RowInvalid:
-        """What reading any field raises: the reader's reason, on the whole row."""
         return RowInvalid("row", self.reason, "unreadable")
 
     def __getitem__(self, key: str) -> Any:
@@ -160,17 +154,15 @@ class Inflated(io.RawIOBase):
 
 
 class Lines(Iterator[str]):
-    """The physical lines of a file, each read in at most ``limit`` characters.
+    """The physical lines of a file, decoded as ``open(encoding="utf-8-sig",
+    errors="surrogateescape", newline="")`` would.
 
     ``limit`` bounds a record: ``new_record()`` starts a budget the lines of a
-    multi-line CSV record share. A line over it raises ``LineTooLong``, and the
-    next call drops the rest of that line in bounded pieces; the iterator stays
-    usable after raising (a class, not a generator), so the csv reader goes on.
-
-    Decoded as ``open(encoding="utf-8-sig", errors="surrogateescape",
-    newline="")`` would. The fast path takes whole blocks read ahead
-    (``block()``, ``take()``) or has one read line by line (``read_on()``). A
-    pipe is read as it comes.
+    multi-line CSV record share. A line over it raises ``LineTooLong`` and the
+    next call drops its rest in bounded pieces; the iterator stays usable after
+    raising (a class, not a generator), so the csv reader goes on. The fast path
+    takes whole blocks (``block()``, ``take()``) or has one read line by line
+    (``read_on()``).
     """
 
     def __init__(self, file: IO[bytes], limit: int) -> None:
@@ -403,16 +395,13 @@ class RecordStream:
                 raise
 
     def _open(self) -> IO[bytes]:
+        file = self.path if self.source is None else self.source
         if self.gzipped:
-            if self.source is None:
-                gz = gzip.open(self.path, "rb")  # noqa: SIM115 - closed with the file
-            else:
-                gz = gzip.GzipFile(fileobj=self.source, mode="rb")
-            inflated = Inflated(gz, settings.IMPORT_MAX_DECOMPRESSED_BYTES, self.name)
-            return io.BufferedReader(inflated)
-        if self.source is not None:
-            return self.source
-        return open(self.path, "rb")
+            gz = gzip.open(file, "rb")  # noqa: SIM115 - closed with the file
+            return io.BufferedReader(
+                Inflated(gz, settings.IMPORT_MAX_DECOMPRESSED_BYTES, self.name)
+            )
+        return open(self.path, "rb") if self.source is None else self.source
 
     def _header(self) -> list[str]:
         try:
@@ -433,8 +422,6 @@ class RecordStream:
         if any(UNDECODABLE.search(name) for name in names):
             raise ReaderError(f"{self.name}: the header is {NOT_UTF8}")
         return names
-
-    # -- splitting -------------------------------------------------------------
 
     def batches(self) -> Iterator[list[str | BadLine]]:
         """The records in order, in lists (one per block read).
@@ -511,13 +498,10 @@ class RecordStream:
             self._line_map.append((self.records_read, offset))
         self.records_read += records
 
-    # -- positions ---------------------------------------------------------------
-
     def line_of(self, index: int) -> int:
         """The line on which the record at ``index`` (0-based, already read) starts.
 
-        Kept as one entry per change of the gap between index and line (a blank
-        line, a multi-line record), handed over by ``line_map()`` for ``line_at``.
+        Kept as one entry per change of the gap between index and line (``line_map()``).
         """
         return line_at(self._line_map, index)
 
@@ -526,26 +510,17 @@ class RecordStream:
         return list(self._line_map)
 
     def count_rest(self) -> int:
-        """Read the rest of the file without splitting it; the number of lines in it.
-
-        It enforces the decompressed cap on the whole file (``InputTooLarge``).
-        The stream is exhausted afterwards.
-        """
+        """Read the rest of the file unsplit (the decompressed cap holds); its lines."""
         return count_lines(self._lines.rest(), "\n")
 
     def estimate_total(self) -> int | None:
-        """About how many records the file holds (for a progress bar), from its line breaks.
-
-        None for a gzipped file (it would be inflated twice) or a pipe.
-        """
+        """About how many records the file holds, from its line breaks; None: gzipped or a pipe."""
         if self.gzipped or self.source is not None or not self.path.is_file():
             return None
         with open(self.path, "rb") as raw:
             lines = count_lines(iter(partial(raw.read, BLOCK_SIZE), b""), b"\n")
         header = 1 if self.format == CSV else 0
         return max(lines - header, 0)
-
-    # -- closing -------------------------------------------------------------------
 
     def close(self) -> None:
         self._file.close()
