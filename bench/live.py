@@ -1,13 +1,9 @@
 """The benchmark behind ``manage.py bench_live``: bulk work while a live shop runs beside it.
 
-Each operation runs through ``OptimizedBulkOperationsService`` at each chunk
-setting, and as its raw-SQL limit, while the players (``bench.players``)
-check out and save the 100 hot products the bulk rows reference. The rows and
-raw limits are ``bench.workloads``'; the base state differs: the hot
-products, a catalogue around them, the users and categories are created once
-and kept (the players hold the products' ids), and every run starts from a
-reset that deletes the rest and restores the hot products. Method:
-docs/benchmarks.md.
+The rows and raw limits are ``bench.workloads``'; the base state differs: the hot
+products the players (``bench.players``) hold, a catalogue around them, the users and
+categories are created once and kept, and every run starts from a reset that deletes
+the rest and restores the hot products. Method: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,19 +27,8 @@ from batching.engine import BatchOperation
 from batching.models import BatchProcessingLog
 from batching.postgres import add_to, column_name, copy_rows
 from batching.registry import operation_class
-from bench.namespace import (
-    PRODUCT_POOL,
-    SKU_PREFIX,
-    USER_POOL,
-    Kept,
-    category_name,
-    copy_products,
-    create_categories,
-    create_users,
-    product_ids,
-    reset_namespace,
-    user_ids,
-)
+from bench import namespace as ns
+from bench import workloads as wl
 from bench.players import ADMIN, CHECKOUT, HOT_STOCK, Samples, play
 from bench.report import (
     BenchError,
@@ -57,18 +42,6 @@ from bench.report import (
     take_turns,
 )
 from bench.server import database_url
-from bench.workloads import (
-    OPTIMIZED,
-    RAW,
-    ImportWorkload,
-    OrdersWorkload,
-    ScoresWorkload,
-    UpdatesWorkload,
-    ViewsWorkload,
-    Workload,
-    check_completed,
-    raw_transaction,
-)
 from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.models import Category, Product
@@ -98,7 +71,9 @@ RUN_FAILED = "{operation} {setting}: {error}"
 LATENCY_P99_MS = 50.0
 LATENCY_MAX_MS = 250.0
 RATIO_TARGETS = {"views": 0.8, "scores": 0.7, "orders": 0.5, "import": 0.7, "updates": 0.7}
-reset = reset_namespace
+PLAYERS = {CHECKOUT: "checkout", ADMIN: "admin save"}
+STATS = (("p99_ms", "p99", LATENCY_P99_MS), ("max_ms", "max", LATENCY_MAX_MS))
+reset = ns.reset_namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,30 +90,29 @@ class Summary:
 def summarize(latencies: Sequence[float], failures: int = 0) -> Summary:
     """``latencies`` in seconds, summarized in milliseconds."""
     ms = [value * 1000 for value in latencies]
-    return Summary(
-        len(ms), failures, percentile(ms, 50), percentile(ms, 99), max(ms) if ms else None
-    )
+    top = max(ms) if ms else None
+    return Summary(len(ms), failures, percentile(ms, 50), percentile(ms, 99), top)
 
 
-def create_hot(using: str) -> Kept:
+def create_hot(using: str) -> ns.Kept:
     """An empty namespace, then the kept base: users, categories, the hot products and the
     catalogue around them (with the hot products alone, PostgreSQL checks foreign keys
     against the table by sequential scans, which a long raw transaction beside the players
     makes slower with every row)."""
-    reset_namespace(using)
+    ns.reset_namespace(using)
     with transaction.atomic(using=using):
-        create_users(using, USER_POOL)
-        category = create_categories(using, BASE_CATEGORIES)[0]
-        for numbers in (range(PRODUCT_POOL), CATALOGUE):
-            copy_products(using, numbers, lambda _: category, HOT_PRICE, HOT_STOCK)
-    kept = Product.objects.using(using).filter(sku__startswith=SKU_PREFIX)
-    hot = product_ids(using, PRODUCT_POOL)
-    kept_ids = list(kept.values_list("pk", flat=True))
-    return Kept(hot, category, kept_ids, BASE_CATEGORIES, HOT_PRICE, HOT_STOCK)
+        ns.create_users(using, ns.USER_POOL)
+        category = ns.create_categories(using, BASE_CATEGORIES)[0]
+        for numbers in (range(ns.PRODUCT_POOL), CATALOGUE):
+            ns.copy_products(using, numbers, lambda _: category, HOT_PRICE, HOT_STOCK)
+    kept = Product.objects.using(using).filter(sku__startswith=ns.SKU_PREFIX)
+    hot, kept_ids = ns.product_ids(using, ns.PRODUCT_POOL), list(kept.values_list("pk", flat=True))
+    return ns.Kept(hot, category, kept_ids, BASE_CATEGORIES, HOT_PRICE, HOT_STOCK)
 
 
-class Live(Workload):
-    """What ``bench_live`` adds to a workload; ``create_base`` adds what the kept base lacks."""
+class Live(wl.Workload):
+    """What ``bench_live`` adds to a workload; ``create_base`` adds what the kept base lacks
+    (by default nothing: 50 users, the 100 products, their stock covers every order)."""
 
     size_at_scale_1: ClassVar[int] = 200_000
     operation_name: ClassVar[str]  # the registered operation (its volume chunk)
@@ -150,44 +124,45 @@ class Live(Workload):
 
     @classmethod
     def limit_label(cls) -> str:
-        return cls.raw_label or cls.strategy(RAW).label
+        return cls.raw_label or cls.strategy(wl.RAW).label
 
     def create_base(self) -> None:
-        """The kept base is all: 50 users, the 100 products (their stock covers every order)."""
+        pass
 
     def copy_products_past_the_hot_ones(self, stop: int) -> None:
-        category = Category.objects.using(self.using).get(name=category_name(0)).pk
-        copy_products(self.using, range(PRODUCT_POOL, stop), lambda _: category, "10.00", 100)
+        category = Category.objects.using(self.using).get(name=ns.category_name(0)).pk
+        numbers = range(ns.PRODUCT_POOL, stop)
+        ns.copy_products(self.using, numbers, lambda _: category, "10.00", 100)
 
     def run_bulk(self, chunk_size: int | None) -> None:
         service = OptimizedBulkOperationsService(using=self.using)
-        check_completed(self.name, OPTIMIZED, self.run_service(service, chunk_size))
+        wl.check_completed(self.name, wl.OPTIMIZED, self.run_service(service, chunk_size))
 
     def run_limit(self) -> None:
-        self.run(RAW)
+        self.run(wl.RAW)
 
 
-class LiveViews(Live, ViewsWorkload):
+class LiveViews(Live, wl.ViewsWorkload):
     operation_name = Operation.PRODUCT_VIEWS
 
 
-class LiveScores(Live, ScoresWorkload):
+class LiveScores(Live, wl.ScoresWorkload):
     operation_name = Operation.RECOMMENDATION_SCORES
 
     def create_base(self) -> None:
-        pool = max(PRODUCT_POOL, self.product_pool)
+        pool = max(ns.PRODUCT_POOL, self.product_pool)
         self.copy_products_past_the_hot_ones(pool)
-        self.copy_existing_scores(user_ids(self.using), product_ids(self.using, pool))
+        self.copy_existing_scores(ns.user_ids(self.using), ns.product_ids(self.using, pool))
 
 
-class LiveUpdates(Live, UpdatesWorkload):
+class LiveUpdates(Live, wl.UpdatesWorkload):
     operation_name = Operation.PRODUCT_UPDATES
 
     def create_base(self) -> None:
         self.copy_products_past_the_hot_ones(self.size)
 
 
-class LiveOrders(Live, OrdersWorkload):
+class LiveOrders(Live, wl.OrdersWorkload):
     size_at_scale_1 = 30_000
     operation_name = Operation.ORDERS
     raw_label = "raw orders path"
@@ -197,7 +172,7 @@ class LiveOrders(Live, OrdersWorkload):
         transaction. Order ids are reserved from the sequence first, so the items can
         reference them without reading the orders back."""
         using, orders = self.using, self.orders
-        with raw_transaction(using):
+        with wl.raw_transaction(using):
             wanted = {item["product_id"] for order in orders for item in order["items"]}
             products = Product.objects.using(using).filter(pk__in=wanted)
             prices = dict(products.values_list("pk", "price"))
@@ -209,44 +184,34 @@ class LiveOrders(Live, OrdersWorkload):
                 ids = [row[0] for row in cursor.fetchall()]
             now, confirmed = timezone.now(), Order.Status.CONFIRMED.value
             numbered = list(zip(ids, orders, strict=True))
-            copy_rows(
-                Order,
-                ["id", "reference", "user", "status", "total", "created_at"],
-                (
-                    (
-                        order_id,
-                        order["reference"],
-                        order["user_id"],
-                        confirmed,
-                        sum(prices[i["product_id"]] * i["quantity"] for i in order["items"]),
-                        now,
-                    )
-                    for order_id, order in numbered
-                ),
-                using=using,
-            )
-            copy_rows(
-                OrderItem,
-                ["order", "product", "quantity", "unit_price"],
-                (
-                    (order_id, i["product_id"], i["quantity"], prices[i["product_id"]])
-                    for order_id, order in numbered
-                    for i in order["items"]
-                ),
-                using=using,
-            )
             demand: Counter[int] = Counter()
             for order in orders:
                 for item in order["items"]:
                     demand[item["product_id"]] -= item["quantity"]
+            totals = [
+                sum(prices[i["product_id"]] * i["quantity"] for i in order["items"])
+                for order in orders
+            ]
+            rows = (
+                (order_id, order["reference"], order["user_id"], confirmed, total, now)
+                for (order_id, order), total in zip(numbered, totals, strict=True)
+            )
+            fields = ["id", "reference", "user", "status", "total", "created_at"]
+            copy_rows(Order, fields, rows, using=using)
+            items = (
+                (order_id, i["product_id"], i["quantity"], prices[i["product_id"]])
+                for order_id, order in numbered
+                for i in order["items"]
+            )
+            copy_rows(OrderItem, ["order", "product", "quantity", "unit_price"], items, using=using)
             add_to(Product, "stock_quantity", demand, using=using)
 
 
-class LiveImport(Live, ImportWorkload):
+class LiveImport(Live, wl.ImportWorkload):
     operation_name = Operation.PRODUCTS
 
-    first_product = PRODUCT_POOL
-    create_base = ImportWorkload.create_base
+    first_product = ns.PRODUCT_POOL
+    create_base = wl.ImportWorkload.create_base
 
 
 OPERATIONS: dict[str, type[Live]] = {
@@ -261,9 +226,7 @@ def sizes_at(scale: float) -> dict[str, int]:
 class Players:
     """The live players, one spawned process each (nothing of Django is inherited)."""
 
-    def __init__(
-        self, dsn: str, products: list[int], *, intervals: dict[str, float], seed: int
-    ) -> None:
+    def __init__(self, dsn: str, products: list[int], intervals: dict[str, float], seed: int):
         context = multiprocessing.get_context("spawn")
         names = [Product._meta.db_table] + [
             column_name(Product, name) for name in ("id", "price", "stock_quantity", "updated_at")
@@ -273,13 +236,9 @@ class Players:
         for kind, interval in intervals.items():
             ready = context.Event()
             receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(
-                target=play,
-                args=(kind, dsn, names, products, interval, seed, ready, self.stopping),
-                kwargs={"results": sender},
-                name=f"bench-live-{kind}",
-                daemon=True,
-            )
+            args = (kind, dsn, names, products, interval, seed, ready, self.stopping, sender)
+            process = context.Process(target=play, args=args, name=f"bench-live-{kind}")
+            process.daemon = True
             process.start()
             sender.close()  # the child holds the only sending end: its death is an EOF here
             self.players[kind] = (process, ready, receiver)
@@ -351,14 +310,7 @@ class LiveReport:
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "operations": self.operations,
-            "sizes": self.sizes,
-            "settings": self.settings,
-            "idle": {kind: asdict(summary) for kind, summary in self.idle.items()},
-            "runs": [run.as_dict() for run in self.runs],
-            "problems": self.problems,
-        }
+        return {**asdict(self), "runs": [run.as_dict() for run in self.runs]}
 
 
 def chunk_size_of(setting: Chunk, operation: str) -> int | None:
@@ -371,7 +323,7 @@ def chunk_size_of(setting: Chunk, operation: str) -> int | None:
 
 
 def timed_run(
-    workload: Workload, hot: Kept, setting: str, call: Callable[[], Any], report: LiveReport
+    workload: Live, hot: ns.Kept, setting: str, call: Callable, report: LiveReport
 ) -> Run:
     """Reset, base state and input (not timed), then ``call`` alone, timed; a failure is
     reported in ``problems`` and leaves the run without a time."""
@@ -389,8 +341,7 @@ def timed_run(
         )
     ended = time.monotonic()
     run.windows = [(started, ended)]
-    if not run.error:
-        run.seconds = ended - started
+    run.seconds = None if run.error else ended - started
     return run
 
 
@@ -398,23 +349,15 @@ def fastest(tries: Sequence[Run]) -> Run:
     """A setting's runs as one: the fastest one's time, every one's window and the first error."""
     timed = [run for run in tries if run.seconds is not None]
     best = min(timed, key=lambda run: run.seconds or 0.0) if timed else tries[0]
-    return replace(
-        best,
-        windows=[window for run in tries for window in run.windows],
-        error=next((run.error for run in tries if run.error), ""),
-        runs=len(tries),
-    )
+    windows = [window for run in tries for window in run.windows]
+    error = next((run.error for run in tries if run.error), "")
+    return replace(best, windows=windows, error=error, runs=len(tries))
 
 
 def live_summary(samples: Samples, windows: Sequence[tuple[float, float]]) -> Summary:
     """The transactions started in any of ``windows``, summarized together."""
-    latencies: list[float] = []
-    failures = 0
-    for window in windows:
-        found, failed = samples.between(*window)
-        latencies += found
-        failures += failed
-    return summarize(latencies, failures)
+    found = [samples.between(*window) for window in windows]
+    return summarize([t for latencies, _ in found for t in latencies], sum(f for _, f in found))
 
 
 def run_live_bench(
@@ -434,29 +377,25 @@ def run_live_bench(
     taking turns, the players running. The namespace is emptied before and after; a
     failed run is reported in ``problems`` and the others still run."""
     sizes = {name: sizes_at(scale)[name] for name in operations}
-    report = LiveReport(list(operations), sizes, [RAW, *map(str, chunks)])
+    report = LiveReport(list(operations), sizes, [wl.RAW, *map(str, chunks)])
     intervals = intervals or {CHECKOUT: CHECKOUT_INTERVAL, ADMIN: ADMIN_INTERVAL}
     hot = create_hot(using)
     try:
-        with Players(database_url(using), hot.products, intervals=intervals, seed=seed) as players:
+        with Players(database_url(using), hot.products, intervals, seed) as players:
             players.wait_ready()
             idle = time.monotonic()
             time.sleep(idle_seconds)
             idle_window = (idle, time.monotonic())
             for name in operations:
                 workload = OPERATIONS[name](sizes[name], seed=seed, using=using, work_dir=work_dir)
-                calls = {RAW: workload.run_limit} | {
+                calls = {wl.RAW: workload.run_limit} | {
                     str(chunk): partial(workload.run_bulk, chunk_size_of(chunk, name))
                     for chunk in chunks
                 }
-                tries = take_turns(
-                    {
-                        s: partial(timed_run, workload, hot, s, call, report)
-                        for s, call in calls.items()
-                    },
-                    repeat,
-                )
-                runs = [fastest(found) for found in tries.values()]
+                timed = {
+                    s: partial(timed_run, workload, hot, s, c, report) for s, c in calls.items()
+                }
+                runs = [fastest(found) for found in take_turns(timed, repeat).values()]
                 report.runs += runs
                 for run in runs:
                     rate = run.error or f"{run.rows_per_second:,.0f} {workload.unit}/s"
@@ -464,20 +403,18 @@ def run_live_bench(
                         progress(f"{name} {run.setting}: {rate}")
             samples = players.stop()
     finally:
-        reset_namespace(using)
+        ns.reset_namespace(using)
     report.idle = {kind: live_summary(found, [idle_window]) for kind, found in samples.items()}
-    limits = {run.operation: run for run in report.runs if run.setting == RAW}
+    limits = {run.operation: run for run in report.runs if run.setting == wl.RAW}
     for run in report.runs:
         run.live = {kind: live_summary(found, run.windows) for kind, found in samples.items()}
         limit = limits.get(run.operation)
-        if run.setting != RAW and run.rows_per_second and limit and limit.rows_per_second:
+        if run.setting != wl.RAW and run.rows_per_second and limit and limit.rows_per_second:
             run.ratio = run.rows_per_second / limit.rows_per_second
     return report
 
 
 # -- the report ---------------------------------------------------------------------------
-
-PLAYERS = {CHECKOUT: "checkout", ADMIN: "admin save"}
 
 
 def ms(value: float | None) -> str:
@@ -493,7 +430,7 @@ def latencies(summary: Summary | None) -> str:
 
 
 def run_label(run: Run) -> str:
-    if run.setting == RAW:
+    if run.setting == wl.RAW:
         return f"raw: {OPERATIONS[run.operation].limit_label()}"
     if run.setting in ENTRY_POINT_DEFAULTS:
         size = chunk_size_of(run.setting, run.operation) or settings.BULK_CHUNK_SIZE
@@ -509,38 +446,29 @@ def target_rows(report: LiveReport) -> list[tuple[str, str, str, str]]:
         return []
     rows = []
     for kind, label in PLAYERS.items():
-        for stat, name, limit in (
-            ("p99_ms", "p99", LATENCY_P99_MS),
-            ("max_ms", "max", LATENCY_MAX_MS),
-        ):
+        for stat, name, limit in STATS:
             worst = max(bulk, key=lambda run: getattr(run.live[kind], stat) or 0.0)
             value = getattr(worst.live[kind], stat) or 0.0
-            rows.append(
-                (
-                    f"{label} {name} during every bulk run (default and volume chunks)",
-                    f"≤ {limit:.0f} ms",
-                    f"{ms(value)} ms ({worst.operation} {run_label(worst)})",
-                    met(value <= limit),
-                )
-            )
+            figure = f"{label} {name} during every bulk run (default and volume chunks)"
+            where = f"{ms(value)} ms ({worst.operation} {run_label(worst)})"
+            rows.append((figure, f"≤ {limit:.0f} ms", where, met(value <= limit)))
     failures = sum(summary.failures for run in bulk for summary in run.live.values())
     rows.append(
         ("failed live transactions during bulk runs", "0", str(failures), met(not failures))
     )
     for run in bulk:
-        minimum = RATIO_TARGETS.get(run.operation)
-        if run.setting != VOLUME or minimum is None:
+        if run.setting != VOLUME or (minimum := RATIO_TARGETS.get(run.operation)) is None:
             continue
-        rows.append(
-            (
-                f"{run.operation} at the volume chunk ({chunk_size_of(VOLUME, run.operation):,}) ÷ "
-                f"{OPERATIONS[run.operation].limit_label()}",
-                f"≥ {minimum:.2f}x",
-                format_ratio(run.ratio),
-                "n/a" if run.ratio is None else met(run.ratio >= minimum),
-            )
-        )
+        limit_label = OPERATIONS[run.operation].limit_label()
+        figure = f"{run.operation} at the volume chunk ({chunk_size_of(VOLUME, run.operation):,})"
+        ok = "n/a" if run.ratio is None else met(run.ratio >= minimum)
+        rows.append((f"{figure} ÷ {limit_label}", f"≥ {minimum:.2f}x", format_ratio(run.ratio), ok))
     return rows
+
+
+def run_cells(name: str, label: str, live: dict[str, Summary], *figures: str) -> tuple[str, ...]:
+    checkout, admin = latencies(live.get(CHECKOUT)), latencies(live.get(ADMIN))
+    return (name, label, *figures, checkout, admin, str(sum(s.failures for s in live.values())))
 
 
 def markdown_report(
@@ -548,10 +476,7 @@ def markdown_report(
 ) -> str:
     """The BENCHMARKS.md section; ``charts`` are (alt text, relative path) pairs to link."""
     lines = [
-        *section_head(
-            "Live shop during bulk work: checkout and admin-save latency",
-            command_line,
-        ),
+        *section_head("Live shop during bulk work: checkout and admin-save latency", command_line),
         "One bulk operation at a time runs through the optimized service (chunk setting: "
         "*default* is no `chunk_size`, the service's default; *volume* is the default of the "
         "import commands and background jobs, `BULK_VOLUME_CHUNK_SIZE`) while two other "
@@ -573,34 +498,13 @@ def markdown_report(
         ]
     lines += [f"![{alt}]({path})" for alt, path in charts] + ([""] if charts else [])
     lines += checks("Figures to reach", target_rows(report), report.problems)
-    idle = report.idle
-    rows = [
-        (
-            "idle",
-            "—",
-            "—",
-            "—",
-            "—",
-            "—",
-            latencies(idle.get(CHECKOUT)),
-            latencies(idle.get(ADMIN)),
-            str(sum(s.failures for s in idle.values())),
-        )
-    ]
+    rows = [run_cells("idle", "—", report.idle, *["—"] * 4)]
     for run in report.runs:
-        rows.append(
-            (
-                run.operation,
-                run_label(run),
-                f"{run.rows:,}",
-                f"{run.seconds:.2f} s" if run.seconds else f"failed: {run.error}",
-                f"{run.rows_per_second:,.0f}" if run.rows_per_second else "—",
-                "—" if run.setting == RAW else format_ratio(run.ratio),
-                latencies(run.live.get(CHECKOUT)),
-                latencies(run.live.get(ADMIN)),
-                str(sum(summary.failures for summary in run.live.values())),
-            )
-        )
+        seconds = f"{run.seconds:.2f} s" if run.seconds else f"failed: {run.error}"
+        rate = f"{run.rows_per_second:,.0f}" if run.rows_per_second else "—"
+        ratio = "—" if run.setting == wl.RAW else format_ratio(run.ratio)
+        cells = (f"{run.rows:,}", seconds, rate, ratio)
+        rows.append(run_cells(run.operation, run_label(run), run.live, *cells))
     latency = "p50 / p99 / max ms"
     header = ("Operation", "Chunk", "Rows", "Time", "Rows/s", "÷ raw", f"Checkout {latency}",
               f"Admin save {latency}", "Failed live")  # fmt: skip
@@ -610,29 +514,21 @@ def markdown_report(
 
 def latency_chart(report: LiveReport) -> str:
     """p99 and max of both players, idle and per run, on a log scale."""
+    named = (wl.RAW, *ENTRY_POINT_DEFAULTS)
     groups = ["idle"] + [
-        f"{run.operation} "
-        + (
-            run.setting
-            if run.setting in (RAW, *ENTRY_POINT_DEFAULTS)
-            else short_size(int(run.setting))
-        )
-        for run in report.runs
+        f"{r.operation} {r.setting if r.setting in named else short_size(int(r.setting))}"
+        for r in report.runs
     ]
     windows = [report.idle, *(run.live for run in report.runs)]
     series = {
         f"{label} {name}": [getattr(live.get(kind), stat, None) for live in windows]
         for kind, label in PLAYERS.items()
-        for stat, name in (("p99_ms", "p99"), ("max_ms", "max"))
+        for stat, name, _ in STATS
     }
+    title = "Live transaction latency during bulk runs (PostgreSQL)"
+    width = max(720, 112 * len(groups) + 120)
     return bar_chart(
-        groups,
-        series,
-        title="Live transaction latency during bulk runs (PostgreSQL)",
-        y_label="ms",
-        log_scale=True,
-        width=max(720, 112 * len(groups) + 120),
-        height=400,
+        groups, series, title=title, y_label="ms", log_scale=True, width=width, height=400
     )
 
 

@@ -1,14 +1,11 @@
 """The load test behind ``manage.py bench_load``: API clients against the production server.
 
-Each client thread, on its keep-alive connection, warms up with one uncounted
-read, then until the deadline posts a batch of views with an
-``Idempotency-Key`` of its own and reads ``/api/batch-logs``, in turn. A
-transport failure or a 409 (the key's first attempt still running) is an
-error, and the batch is sent again with the same key, up to ``ATTEMPTS``
-times: the idempotency record makes a repeat return the first answer, never
-a second write. ``verify`` then checks that every posted row is stored
-exactly once. Each run's rows live in a ``load-<hex>`` namespace, which
-``remove`` deletes.
+Each client thread, on its keep-alive connection, warms up with one uncounted read,
+then until the deadline posts a batch of views with an ``Idempotency-Key`` of its own
+and reads ``/api/batch-logs``, in turn. A transport failure or a 409 (the key's first
+attempt still running) is an error, and the batch is sent again with the same key, up
+to ``ATTEMPTS`` times: the idempotency record makes a repeat return the first answer,
+never a second write. ``verify`` then checks every posted row is stored exactly once.
 """
 
 from __future__ import annotations
@@ -85,13 +82,8 @@ def prepare(users: int = USERS, products: int = PRODUCTS) -> Namespace:
     )
     user_ids = dict(User.objects.filter(username__in=names).values_list("username", "pk"))
     product_ids = dict(Product.objects.filter(category=category).values_list("sku", "pk"))
-    return Namespace(
-        tag=tag,
-        staff_id=staff.pk,
-        token=secret,
-        user_ids=[user_ids[name] for name in names],
-        product_ids=[product_ids[sku] for sku in skus],
-    )
+    ids = [user_ids[name] for name in names], [product_ids[sku] for sku in skus]
+    return Namespace(tag, staff.pk, secret, *ids)
 
 
 @dataclass
@@ -112,12 +104,10 @@ class Tally:
         for endpoint in ENDPOINTS:
             self.latencies[endpoint].extend(other.latencies[endpoint])
             self.statuses[endpoint].update(other.statuses[endpoint])
-        self.errors.extend(other.errors)
+        for name in ("errors", "log_ids", "keys", "failed_log_ids"):
+            getattr(self, name).extend(getattr(other, name))
         self.posted_rows += other.posted_rows
         self.posted_batches += other.posted_batches
-        self.log_ids.extend(other.log_ids)
-        self.keys.extend(other.keys)
-        self.failed_log_ids.extend(other.failed_log_ids)
 
     def server_errors(self, endpoint: str) -> int:
         return sum(n for status, n in self.statuses[endpoint].items() if status >= 500)
@@ -129,10 +119,7 @@ class Client:
     def __init__(self, number: int, url: str, namespace: Namespace, batch: int, timeout: float):
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.number = number
-        self.namespace = namespace
-        self.batch = batch
-        self.timeout = timeout
+        self.number, self.namespace, self.batch, self.timeout = number, namespace, batch, timeout
         self.tally = Tally()
         self.connection: http.client.HTTPConnection | None = None
         self.headers = {"Authorization": f"Bearer {namespace.token}"}
@@ -153,8 +140,7 @@ class Client:
 
     def warm_up(self) -> None:
         """One read before the clock starts, not counted: the connection is open and each
-        server worker has loaded its URLs and API once (the first request of a worker
-        imports them, seconds on a loaded machine)."""
+        server worker has imported its URLs and API (seconds on a loaded machine)."""
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             connection.request("GET", READ_PATH, headers=self.headers)
@@ -272,11 +258,11 @@ def verify(namespace: Namespace, tally: Tally) -> list[str]:
     if stored["rows"] != stored["sessions"]:
         twice = stored["rows"] - stored["sessions"]
         problems.append(f"{twice:,} view rows repeat another row's session id")
-    counted = Product.objects.filter(category__name=namespace.tag).aggregate(n=Sum("view_count"))
-    if (counted["n"] or 0) != tally.posted_rows:
+    products = Product.objects.filter(category__name=namespace.tag)
+    if (counted := products.aggregate(n=Sum("view_count"))["n"] or 0) != tally.posted_rows:
+        posted = tally.posted_rows
         problems.append(
-            f"the products' view_count adds up to {counted['n'] or 0:,}, "
-            f"not the {tally.posted_rows:,} rows posted"
+            f"the products' view_count adds up to {counted:,}, not the {posted:,} rows posted"
         )
     # Each posted batch's key: one record, holding that batch's answer.
     records = 0
@@ -320,14 +306,10 @@ def rows(tally: Tally) -> list[tuple[str, ...]]:
             percentile(latencies, 99) or 0.0,
             max(latencies, default=0.0),
         ]
+        errors = str(sum(1 for error in tally.errors if error.startswith(endpoint)))
+        cells = (f"{figure:,.1f}" for figure in figures)
         table.append(
-            (
-                endpoint,
-                f"{len(latencies):,}",
-                *(f"{figure:,.1f}" for figure in figures),
-                str(sum(1 for error in tally.errors if error.startswith(endpoint))),
-                str(tally.server_errors(endpoint)),
-            )
+            (endpoint, f"{len(latencies):,}", *cells, errors, str(tally.server_errors(endpoint)))
         )
     return table
 

@@ -32,9 +32,6 @@ class BenchError(RuntimeError):
     """A strategy did not do the work it was given; its figures would mislead."""
 
 
-# -- options -------------------------------------------------------------------------
-
-
 def require_postgresql(message: str, using: str = DEFAULT_DB_ALIAS) -> None:
     """Refuse a benchmark that measures PostgreSQL; ``message`` may name the ``{vendor}``."""
     vendor = connections[using].vendor
@@ -58,11 +55,11 @@ def parse_names(value: str, choices: Iterable[str], option: str, noun: str) -> l
     if value == "all":
         return choices
     names = list(dict.fromkeys(name.strip() for name in value.split(",")))
-    for name in names:
-        if name not in choices:
-            raise CommandError(
-                BAD_NAMES.format(noun=noun, name=name, option=option, choices=", ".join(choices))
-            )
+    for name in (name for name in names if name not in choices):
+        choices_text = ", ".join(choices)
+        raise CommandError(
+            BAD_NAMES.format(noun=noun, name=name, option=option, choices=choices_text)
+        )
     return names
 
 
@@ -82,9 +79,6 @@ def add_files(parser: Any, charts: Mapping[str, str]) -> None:
     parser.add_argument("--json", type=Path, help="Write every figure as JSON here.")
     for option, drawing in charts.items():
         parser.add_argument(option, type=Path, help=f"Write the SVG chart of {drawing} here.")
-
-
-# -- running -------------------------------------------------------------------------
 
 
 def take_turns[T](
@@ -150,9 +144,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return sorted(values)[max(0, math.ceil(q / 100 * len(values)) - 1)]
 
 
-# -- reports -------------------------------------------------------------------------
-
-
 def short_size(size: int) -> str:
     for unit, suffix in ((1_000_000, "M"), (1_000, "k")):
         if size >= unit and size % unit == 0:
@@ -174,14 +165,11 @@ def machine_description() -> str:
     except OSError:
         pass
     try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        memory_text = f", {memory:.1f} GiB RAM"
+        memory = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM"
     except (ValueError, OSError):
-        memory_text = ""
-    return (
-        f"{model}, {os.cpu_count()} CPUs{memory_text}, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}"
-    )
+        memory = ""
+    system = f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} CPUs{memory}, {system}"
 
 
 def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
@@ -196,14 +184,16 @@ def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
 
 def section_head(title: str, command_line: str, database: str | None = None) -> list[str]:
     """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when."""
+    machine, date = f"Machine: {machine_description()}  ", timezone.now().date().isoformat()
+    database = f"Database: {database or database_description()}  "
     return [
         f"## {title}",
         "",
         f"Command: `{command_line}`",
         "",
-        f"Machine: {machine_description()}  ",
-        f"Database: {database or database_description()}  ",
-        f"Date: {timezone.now().date().isoformat()}",
+        machine,
+        database,
+        f"Date: {date}",
         "",
     ]
 

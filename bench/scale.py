@@ -1,12 +1,9 @@
 """The scale benchmark behind ``manage.py bench_scale``: the service against its peers.
 
-Every strategy of each workload (``bench.workloads``) runs on the same rows
-from the same start, at sizes up to 1,000,000 rows on PostgreSQL, each in a
-fresh child process (``bench_scale --one``) that measures its peak memory
-growth; after its first run its end state is fingerprinted and must match
-the others', with one row per input row, or the command fails after
-reporting. A peer whose time at the previous size, scaled to the next, would
-exceed the peer budget is not run there. docs/benchmarks.md has the method.
+Every strategy of each workload (``bench.workloads``) runs on the same rows from the
+same start, each in a fresh child process (``bench_scale --one``) that measures its
+peak memory growth; after its first run its end state must match the others', with one
+row per input row, or the command fails after reporting. Method: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
+from bench import workloads as wl
 from bench.namespace import DEFAULT_SEED, reset_namespace
 from bench.report import (
     BenchError,
@@ -35,24 +33,13 @@ from bench.report import (
     short_size,
     take_turns,
 )
-from bench.workloads import (
-    DJANGO,
-    KINDS,
-    NAIVE,
-    OPTIMIZED,
-    PGBULK,
-    RAW,
-    WORKLOADS,
-    Strategy,
-    Workload,
-)
 from common.charts import bar_chart
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 REPEAT_BUDGET = 30.0  # a strategy runs again (--repeat) only while its runs took less
 # Peers are skipped where their projected time exceeds the budget; the optimized
 # service and raw SQL, which the targets need, always run.
-PEERS = frozenset({PGBULK, DJANGO, NAIVE})
+PEERS = frozenset({wl.PGBULK, wl.DJANGO, wl.NAIVE})
 DEFAULT_PEER_BUDGET = 120.0
 
 STATES_DIFFER = "{workload} at {size:,} rows: {strategy} ended in a different state than {first}"
@@ -69,7 +56,7 @@ class Timing:
     peak_growth_mb: float | None = None
 
 
-def run_strategy(workload: Workload, key: str, *, measure_memory: bool) -> Timing:
+def run_strategy(workload: wl.Workload, key: str, *, measure_memory: bool) -> Timing:
     """Run one strategy in this process: prepare, then time the call alone."""
     workload.strategy(key)  # an unknown key fails before any work
     workload.prepare()
@@ -81,7 +68,7 @@ def run_strategy(workload: Workload, key: str, *, measure_memory: bool) -> Timin
     return Timing(seconds, growth_mb(baseline) if measure_memory else None)
 
 
-def run_in_child(workload: Workload, key: str) -> Timing:
+def run_in_child(workload: wl.Workload, key: str) -> Timing:
     """Run one strategy in a fresh ``manage.py bench_scale --one`` process."""
     figures = run_child(
         f"{workload.name} with {key}",
@@ -113,6 +100,17 @@ class Measurement:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rows_per_second": self.rows_per_second}
 
+    def progress(self, unit: str) -> str:
+        if self.seconds is None:
+            return f"{self.workload} {self.size:,} {self.label}: {self.note}"
+        best = f" (best of {self.runs})" if self.runs > 1 else ""
+        growth = self.peak_growth_mb
+        memory = f", peak memory +{growth:.1f} MB" if growth is not None else ""
+        return (
+            f"{self.workload} {self.size:,} {self.label}: {self.seconds:.2f}s{best}, "
+            f"{self.rows_per_second:,.0f} {unit}/s{memory}"
+        )
+
 
 @dataclass(slots=True)
 class ScaleReport:
@@ -130,22 +128,12 @@ class ScaleReport:
 
     def ratio(self, workload: str, strategy: str, size: int) -> float | None:
         """The optimized service's rows/s divided by ``strategy``'s, at ``size``."""
-        optimized = self.find(workload, OPTIMIZED, size)
-        other = self.find(workload, strategy, size)
-        if optimized is None or other is None:
-            return None
-        if optimized.rows_per_second is None or not other.rows_per_second:
-            return None
-        return optimized.rows_per_second / other.rows_per_second
+        found = [self.find(workload, key, size) for key in (wl.OPTIMIZED, strategy)]
+        mine, theirs = (m.rows_per_second if m else None for m in found)
+        return mine / theirs if mine and theirs else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "sizes": self.sizes,
-            "workloads": self.workloads,
-            "measurements": [m.as_dict() for m in self.measurements],
-            "problems": self.problems,
-            "chunk_sizes": self.chunk_sizes,
-        }
+        return {**asdict(self), "measurements": [m.as_dict() for m in self.measurements]}
 
 
 def run_scale_bench(
@@ -168,7 +156,7 @@ def run_scale_bench(
     """
     report = ScaleReport(list(sizes), list(workloads), [], [])
     for name in workloads:
-        cls = WORKLOADS[name]
+        cls = wl.WORKLOADS[name]
         last: dict[str, Measurement] = {}
         for size in sizes:
             if cls.max_size is not None and size > cls.max_size:
@@ -197,27 +185,17 @@ def run_scale_bench(
                 report.measurements.append(m)
                 if m.seconds is not None:
                     last[strategy.key] = m
-                if progress is None:
-                    continue
-                if m.seconds is None:
-                    progress(f"{name} {size:,} {strategy.label}: {m.note}")
-                    continue
-                best = f" (best of {m.runs})" if m.runs > 1 else ""
-                growth = m.peak_growth_mb
-                memory = f", peak memory +{growth:.1f} MB" if growth is not None else ""
-                progress(
-                    f"{name} {size:,} {strategy.label}: {m.seconds:.2f}s{best}, "
-                    f"{m.rows_per_second:,.0f} {cls.unit}/s{memory}"
-                )
+                if progress is not None:
+                    progress(m.progress(cls.unit))
     reset_namespace(using)
     return report
 
 
-def end_states(workload: Workload, problems: list[str]) -> Callable[[Strategy], None]:
+def end_states(workload: wl.Workload, problems: list[str]) -> Callable[[wl.Strategy], None]:
     """Checks each strategy's end state after its first run: every row there, all alike."""
     first: list[tuple[str, dict[str, tuple[int, int]]]] = []
 
-    def check(strategy: Strategy) -> None:
+    def check(strategy: wl.Strategy) -> None:
         prints = workload.fingerprints()
         found = next(iter(prints.values()))[0]
         where = {"workload": workload.name, "size": workload.size, "strategy": strategy.label}
@@ -237,26 +215,27 @@ def over_budget(previous: Measurement | None, size: int, budget: float) -> str:
     projected = previous.seconds * size / previous.size
     if projected <= budget:
         return ""
+    seconds, previous_size = previous.seconds, previous.size
     return OVER_BUDGET.format(
-        projected=projected, seconds=previous.seconds, previous=previous.size, budget=budget
+        projected=projected, seconds=seconds, previous=previous_size, budget=budget
     )
 
 
 def measure(
-    workload: Workload,
-    strategies: Sequence[Strategy],
+    workload: wl.Workload,
+    strategies: Sequence[wl.Strategy],
     *,
     isolate: bool,
     report: ScaleReport,
     repeat: int = 1,
-    after_first_run: Callable[[Strategy], None] | None = None,
+    after_first_run: Callable[[wl.Strategy], None] | None = None,
 ) -> dict[str, Measurement]:
     """Run each strategy from a fresh start, up to ``repeat`` times, taking turns; the
     fastest run counts, memory is the largest growth. A strategy runs again only while
     its runs so far took under ``REPEAT_BUDGET`` seconds in all, and never after a
     failure. ``after_first_run`` is called after each strategy's first run."""
 
-    def once(strategy: Strategy) -> Timing | str:
+    def once(strategy: wl.Strategy) -> Timing | str:
         workload.setup()
         try:
             if isolate:
@@ -279,19 +258,17 @@ def measure(
     tries = take_turns({s.key: partial(once, s) for s in strategies}, repeat, again)
     measurements = {}
     for strategy in strategies:
-        runs, args = (
-            tries[strategy.key],
-            (workload.name, strategy.key, strategy.label, workload.size),
-        )
+        runs = tries[strategy.key]
+        args = (workload.name, strategy.key, strategy.label, workload.size)
         timings = [run for run in runs if isinstance(run, Timing)]
         if len(timings) < len(runs):
             measurements[strategy.key] = Measurement(*args, note=str(runs[-1]))
             continue
-        growths = [t.peak_growth_mb for t in timings if t.peak_growth_mb is not None]
-        best = min(t.seconds for t in timings)
-        measurements[strategy.key] = Measurement(
-            *args, best, max(growths) if growths else None, runs=len(runs)
+        growth = max(
+            (t.peak_growth_mb for t in timings if t.peak_growth_mb is not None), default=None
         )
+        best = min(t.seconds for t in timings)
+        measurements[strategy.key] = Measurement(*args, best, growth, runs=len(runs))
     return measurements
 
 
@@ -309,13 +286,13 @@ class Target:
 
 
 TARGETS = (
-    Target("views", 100_000, RAW, 0.8),
-    Target("scores", 100_000, PGBULK, 2.5),
-    Target("scores", 100_000, DJANGO, 2.0),
-    Target("updates", 100_000, DJANGO, 10.0),
-    Target("updates", 100_000, PGBULK, 2.0),
-    Target("orders", 10_000, NAIVE, 20.0),
-    Target("import", 1_000_000, RAW, 0.6),
+    Target("views", 100_000, wl.RAW, 0.8),
+    Target("scores", 100_000, wl.PGBULK, 2.5),
+    Target("scores", 100_000, wl.DJANGO, 2.0),
+    Target("updates", 100_000, wl.DJANGO, 10.0),
+    Target("updates", 100_000, wl.PGBULK, 2.0),
+    Target("orders", 10_000, wl.NAIVE, 20.0),
+    Target("import", 1_000_000, wl.RAW, 0.6),
 )
 MEMORY_LIMIT_MB = 100.0
 MEMORY_GROWTH_LIMIT = 1.2  # peak growth at 1,000,000 rows against 100,000
@@ -326,48 +303,34 @@ def target_rows(report: ScaleReport) -> list[tuple[str, str, str, str]]:
     for target in TARGETS:
         if target.workload not in report.workloads or target.size not in report.sizes:
             continue
-        label = WORKLOADS[target.workload].strategy(target.strategy).label
+        label = wl.WORKLOADS[target.workload].strategy(target.strategy).label
         ratio = report.ratio(target.workload, target.strategy, target.size)
-        rows.append(
-            (
-                f"{target.workload} at {target.size:,}: optimized ÷ {label}",
-                f"≥ {target.minimum:.2f}x",
-                format_ratio(ratio) if ratio is not None else "not measured",
-                "n/a" if ratio is None else met(ratio >= target.minimum),
-            )
-        )
+        measured = format_ratio(ratio) if ratio is not None else "not measured"
+        ok = "n/a" if ratio is None else met(ratio >= target.minimum)
+        figure = f"{target.workload} at {target.size:,}: optimized ÷ {label}"
+        rows.append((figure, f"≥ {target.minimum:.2f}x", measured, ok))
     for name in report.workloads:
         peaks = {
             m.size: m.peak_growth_mb
             for m in report.measurements
-            if m.workload == name and m.strategy == OPTIMIZED and m.peak_growth_mb is not None
+            if m.workload == name and m.strategy == wl.OPTIMIZED and m.peak_growth_mb is not None
         }
         if not peaks:
             continue
-        largest = max(peaks)
-        rows.append(
-            (
-                f"{name} at {largest:,}: optimized peak memory growth",
-                f"< {MEMORY_LIMIT_MB:.0f} MB",
-                f"{peaks[largest]:.1f} MB",
-                met(peaks[largest] < MEMORY_LIMIT_MB),
-            )
-        )
+        largest = peaks[max(peaks)]
+        figure = f"{name} at {max(peaks):,}: optimized peak memory growth"
+        limit = f"< {MEMORY_LIMIT_MB:.0f} MB"
+        rows.append((figure, limit, f"{largest:.1f} MB", met(largest < MEMORY_LIMIT_MB)))
         if 100_000 in peaks and 1_000_000 in peaks and peaks[100_000] > 0:
             growth = peaks[1_000_000] / peaks[100_000]
-            rows.append(
-                (
-                    f"{name}: optimized peak memory growth, 1,000,000 ÷ 100,000",
-                    f"≤ {MEMORY_GROWTH_LIMIT:.1f}x",
-                    f"{growth:.2f}x",
-                    met(growth <= MEMORY_GROWTH_LIMIT),
-                )
-            )
+            figure = f"{name}: optimized peak memory growth, 1,000,000 ÷ 100,000"
+            limit = f"≤ {MEMORY_GROWTH_LIMIT:.1f}x"
+            rows.append((figure, limit, f"{growth:.2f}x", met(growth <= MEMORY_GROWTH_LIMIT)))
     return rows
 
 
 def workload_section(report: ScaleReport, name: str) -> list[str]:
-    cls = WORKLOADS[name]
+    cls = wl.WORKLOADS[name]
     lines = [f"### {cls.title} (`{name}`)", ""]
     lines += [f"- **{s.label}** ({s.kind}): {s.description}." for s in cls.strategies]
     if name in report.chunk_sizes:
@@ -376,24 +339,16 @@ def workload_section(report: ScaleReport, name: str) -> list[str]:
     rows = []
     for size in report.sizes:
         for strategy in cls.strategies:
-            m = report.find(name, strategy.key, size)
-            if m is None:
+            if (m := report.find(name, strategy.key, size)) is None:
                 continue
             if m.seconds is None:
                 rows.append((m.label, f"{size:,}", "—", "—", "—", "—", "—", m.note))
                 continue
             peak = "n/a" if m.peak_growth_mb is None else f"{m.peak_growth_mb:.1f} MB"
+            ratio = format_ratio(report.ratio(name, strategy.key, size))
+            rate = f"{m.rows_per_second:,.0f}"
             rows.append(
-                (
-                    m.label,
-                    f"{size:,}",
-                    f"{m.seconds:.2f} s",
-                    str(m.runs),
-                    f"{m.rows_per_second:,.0f}",
-                    format_ratio(report.ratio(name, strategy.key, size)),
-                    peak,
-                    "",
-                )
+                (m.label, f"{size:,}", f"{m.seconds:.2f} s", str(m.runs), rate, ratio, peak, "")
             )
     unit = cls.unit.capitalize()
     header = ("Strategy", unit, "Time", "Runs", f"{unit}/s", "Optimized ÷ this",
@@ -434,20 +389,17 @@ def markdown_report(
 def chart(report: ScaleReport, memory: bool = False) -> str:
     """Throughput (rows/s, log scale), or peak memory growth, per kind of strategy,
     grouped by workload and size in run order."""
+    ran = [m for m in report.measurements if m.seconds is not None]
     cells = [
         (name, size)
         for name in report.workloads
         for size in report.sizes
-        if any(
-            m.workload == name and m.size == size and m.seconds is not None
-            for m in report.measurements
-        )
+        if any(m.workload == name and m.size == size for m in ran)
     ]
-    kinds = [k for k in KINDS if any(m.strategy == k for m in report.measurements if m.seconds)]
     series: dict[str, list[float | None]] = {}
-    for key in kinds:
+    for key in [k for k in wl.KINDS if any(m.strategy == k for m in ran)]:
         found = [report.find(name, key, size) for name, size in cells]
-        series[KINDS[key]] = [
+        series[wl.KINDS[key]] = [
             None
             if m is None or m.seconds is None
             else (m.peak_growth_mb if memory else m.rows_per_second)
@@ -459,13 +411,14 @@ def chart(report: ScaleReport, memory: bool = False) -> str:
     else:
         title, y_label = "Throughput by strategy, workload and size (PostgreSQL)", "rows/s"
         height = 420
+    width = max(720, 100 * len(groups) + 120)
     return bar_chart(
         groups,
         series,
         title=title,
         y_label=y_label,
         log_scale=not memory,
-        width=max(720, 100 * len(groups) + 120),
+        width=width,
         height=height,
     )
 

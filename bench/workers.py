@@ -1,13 +1,8 @@
 """The benchmark behind ``manage.py bench_workers``: one job, 1, 2 and 4 workers.
 
-Per backend (``db``: ``db_worker``; ``celery``: Celery on the broker) and
-worker count: the catalogue import's base state, the workers started (each in
-a directory of its own, sharing only the database and the broker), the
-catalogue submitted as an operator would (``import_products PATH
---background`` in a child with the backend's settings), then the job awaited.
-Throughput is the job's rows from its first partition's claim to its end; CPU
-seconds of the workers and of PostgreSQL, and the machine's busy share, are
-read from ``/proc`` over that interval.
+Per backend and worker count: the catalogue import's base state, the workers (each in a
+directory of its own), the catalogue submitted with ``import_products PATH --background``,
+the job awaited. Method: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from django.conf import settings
@@ -180,13 +176,8 @@ def submit(path: Path, environment: dict[str, str]) -> tuple[str, float]:
     """``import_products PATH --background`` in a child with the backend's settings."""
     command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "import_products"]
     started = time.perf_counter()
-    child = subprocess.run(
-        [*command, str(path), "--background"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    run = partial(subprocess.run, env=environment, capture_output=True, text=True, check=False)
+    child = run([*command, str(path), "--background"])
     seconds = time.perf_counter() - started
     if child.returncode != 0:
         raise BenchError(f"the submit failed: {child.stderr.strip()[-500:]}")

@@ -1,27 +1,22 @@
 """The benchmarks' workloads: each operation's rows, base state and end state, defined once.
 
-A workload is one job at one size: the base state it starts from
-(``create_base``), the deterministic rows it writes (``rows``, or the import's
-CSV file, from the seed and row numbers mapped onto the current ids by
-``prepare``) and its end state in logical terms (``state``: usernames and
-skus, never ids). Its strategies (the services, raw SQL, django-pgbulk,
-Django's bulk methods) all consume the same generator of dicts, the service's
-input format. Every strategy must leave the same end state, but for the
-entries in ``service_only`` that only the services keep up (``view_count``).
-The raw strategies are PostgreSQL only; the rest runs on any database.
+Every strategy of a workload (the services, raw SQL, django-pgbulk, Django's
+bulk methods) consumes the same generator of dicts, the service's input, and
+must leave the same end state, but for the ``service_only`` entries that only
+the services keep up (``view_count``). Raw strategies are PostgreSQL only.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,29 +27,9 @@ from psycopg import sql
 
 from batching.engine import BatchResult, chunked
 from batching.models import BatchProcessingLog
-from batching.postgres import array_type, column, copy_rows, execute, model_field
+from batching.postgres import array_type, copy_rows, execute, model_field, quoted
 from batching.readers import RowStream
-from bench.namespace import (
-    CATEGORY_PREFIX,
-    DEFAULT_SEED,
-    ORDER_PREFIX,
-    PRODUCT_FIELDS,
-    PRODUCT_POOL,
-    SKU_PREFIX,
-    USER_POOL,
-    Kept,
-    category_name,
-    copy_products,
-    create_categories,
-    create_users,
-    insert_rows,
-    product_ids,
-    product_sku,
-    reset_namespace,
-    table,
-    user_ids,
-    vacuum,
-)
+from bench import namespace as ns
 from bench.report import BenchError
 from orders.models import Order, OrderItem
 from products.models import Category, Product, ProductView, RecommendationScore
@@ -84,13 +59,8 @@ STOCK_MARGIN = 5  # stock left on every ordered product after the orders: all fi
 
 # Strategy keys; a key is the same kind of tool in every workload, run by ``run_<key>``.
 OPTIMIZED, RAW, PGBULK, DJANGO, NAIVE = "optimized", "raw", "pgbulk", "django", "naive"
-KINDS = {
-    OPTIMIZED: "optimized service",
-    RAW: "raw SQL",
-    PGBULK: "django-pgbulk",
-    DJANGO: "Django ORM",
-    NAIVE: "naive service",
-}
+KINDS = {OPTIMIZED: "optimized service", RAW: "raw SQL", PGBULK: "django-pgbulk"}
+KINDS |= {DJANGO: "Django ORM", NAIVE: "naive service"}
 RUN_INCOMPLETE = "{workload} with {strategy} ended {status}: {errors}"
 UNKNOWN_STRATEGY = "{workload} has no strategy {strategy!r}: choose one of {choices}"
 
@@ -113,20 +83,13 @@ def fraction(number: int, salt: int) -> float:
     return ((number * 2_654_435_761 + salt) % 1_000_000) / 1_000_000
 
 
-def columns(model: type[models.Model], fields: Sequence[str]) -> sql.Composed:
-    return sql.SQL(", ").join(column(model, f) for f in fields)
-
-
-def temp_table(using: str, name: str, definitions: sql.Composable) -> None:
+def temp_table(using: str, name: str, definitions: str) -> None:
     statement = sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP")
-    execute(using, statement.format(sql.Identifier(name), definitions))
+    execute(using, statement.format(sql.Identifier(name), sql.SQL(definitions)))
 
 
 def copy_in(
-    using: str,
-    statement: sql.Composable,
-    rows: Iterable[Sequence[Any]] = (),
-    blocks: Iterable[bytes | str] = (),
+    using: str, statement: str, rows: Iterable[Sequence] = (), blocks: Iterable = ()
 ) -> None:
     """Text COPY ``rows`` (then raw ``blocks``) by ``statement``, e.g. into a temporary
     table, which ``batching.postgres.copy_rows`` (a model's table) cannot name."""
@@ -139,54 +102,46 @@ def copy_in(
             copy.write(block)
 
 
-def stage(
-    using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
+def stage(using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable) -> None:
     """COPY ``rows`` (the service's input, prices as text) into a new staging table with
     ``fields``' columns and types, inside a transaction."""
-    definitions = sql.SQL(", ").join(
-        sql.SQL("{} {}").format(
-            column(model, name), sql.SQL(array_type(model_field(model, name), connections[using]))
-        )
-        for name in fields
-    )
+    connection, columns = connections[using], quoted(connections[using], model, *fields)
+    types = (array_type(model_field(model, name), connection) for name in fields)
+    definitions = ", ".join(f"{c} {t}" for c, t in zip(columns.split(", "), types, strict=True))
     temp_table(using, STAGING_TABLE, definitions)
-    statement = sql.SQL("COPY {} ({}) FROM STDIN")
-    copy_in(using, statement.format(sql.Identifier(STAGING_TABLE), columns(model, fields)), rows)
+    copy_in(using, f'COPY "{STAGING_TABLE}" ({columns}) FROM STDIN', rows)
+
+
+def excluded(connection, model: type[models.Model], *fields: str) -> str:
+    """``column = EXCLUDED.column, ...``: an upsert's SET clause."""
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in quoted(connection, model, *fields).split(", "))
 
 
 @contextmanager
 def raw_transaction(using: str) -> Iterator[None]:
-    """The raw strategies' one transaction, its foreign keys checked by each statement.
-
-    As the service's chunks check theirs. Left to COMMIT, the checks of a
-    large raw run use plans cached while the referenced table was small, and
-    beside the live players (whose updates the long transaction keeps from
-    being pruned) that COMMIT could run for many minutes.
-    """
+    """The raw strategies' one transaction, its foreign keys checked by each statement, as
+    the service's chunks check theirs: left to COMMIT, the checks of a large run use plans
+    cached while the referenced table was small and, beside the live players, could run
+    for many minutes."""
     with transaction.atomic(using=using):
-        execute(using, sql.SQL("SET CONSTRAINTS ALL IMMEDIATE"))
+        execute(using, "SET CONSTRAINTS ALL IMMEDIATE")
         yield
 
 
 def check_completed(workload: str, strategy: str, result: BatchResult) -> None:
     if result.status != BatchProcessingLog.Status.COMPLETED:
         errors = "; ".join(f"row {e.index}: {e.field}: {e.message}" for e in result.errors[:3])
+        errors = errors or result.log.error_summary or "no row errors"
         raise BenchError(
             RUN_INCOMPLETE.format(
-                workload=workload,
-                strategy=strategy,
-                status=result.status,
-                errors=errors or result.log.error_summary or "no row errors",
+                workload=workload, strategy=strategy, status=result.status, errors=errors
             )
         )
 
 
 def fingerprint(rows: Iterable[tuple]) -> tuple[int, int]:
     """(count, order-independent hash): equal multisets of rows give equal results.
-
-    String hashes are salted per process: fingerprints compare within one process.
-    """
+    String hashes are salted per process: fingerprints compare within one process."""
     count = total = 0
     for row in rows:
         count += 1
@@ -207,19 +162,21 @@ class Strategy:
         return KINDS[self.key]
 
 
-class Workload(ABC):
+class Workload:
     """One job done by several strategies on the same input from the same start.
 
     Before each run ``setup`` (reset, base state, ``VACUUM ANALYZE``); then
     ``prepare`` (read the ids the input refers to, not timed) and ``run`` one
     strategy, or ``run_service`` with either service; after it ``snapshot`` or
-    ``fingerprints``.
+    ``fingerprints``. A subclass declares ``described``: per strategy key its
+    description, or (label, description); the services' labels name ``method``.
     """
 
     name: ClassVar[str]
     title: ClassVar[str]
     unit: ClassVar[str] = "rows"
     method: ClassVar[str]  # the service method that does the job, naive or optimized
+    described: ClassVar[dict[str, str | tuple[str, str]]]
     strategies: ClassVar[tuple[Strategy, ...]]
     tables: ClassVar[tuple[type[models.Model], ...]]
     service_only: ClassVar[frozenset[str]] = frozenset()
@@ -228,11 +185,19 @@ class Workload(ABC):
     # bench_scale's chunk: throughput in isolation, where large chunks pay off.
     chunk: ClassVar[int] = 50_000
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "described" in cls.__dict__:
+            cls.strategies = tuple(
+                Strategy(key, *(text if isinstance(text, tuple) else (f"{key} {cls.method}", text)))
+                for key, text in cls.described.items()
+            )
+
     def __init__(
         self,
         size: int,
         *,
-        seed: int = DEFAULT_SEED,
+        seed: int = ns.DEFAULT_SEED,
         chunk_size: int | None = None,
         using: str = DEFAULT_DB_ALIAS,
         work_dir: Path | None = None,
@@ -251,17 +216,19 @@ class Workload(ABC):
         choices = ", ".join(s.key for s in cls.strategies)
         raise KeyError(UNKNOWN_STRATEGY.format(workload=cls.name, strategy=key, choices=choices))
 
-    def setup(self, keep: Kept | None = None) -> None:
-        reset_namespace(self.using, keep)
+    def setup(self, keep: ns.Kept | None = None) -> None:
+        ns.reset_namespace(self.using, keep)
         with transaction.atomic(using=self.using):
             self.create_base()
-        vacuum(self.using, self.tables)
+        ns.vacuum(self.using, self.tables)
 
-    @abstractmethod
-    def create_base(self) -> None: ...
+    def create_base(self) -> None:
+        raise NotImplementedError
 
-    def prepare(self) -> None:  # noqa: B027 (an optional hook)
+    def prepare(self) -> None:
         """Read what the input refers to (ids), before the clock starts."""
+        self.users = ns.user_ids(self.using)
+        self.products = ns.product_ids(self.using, ns.PRODUCT_POOL)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """The service's input, generated as it is consumed (after ``prepare``)."""
@@ -290,76 +257,65 @@ class Workload(ABC):
         for chunk in chunked(iter(rows), self.chunk_size):
             write(queryset, chunk)
 
-    @abstractmethod
     def state(self) -> dict[str, Iterable[tuple]]:
         """The end state in logical terms; the first entry has one row per input row."""
+        raise NotImplementedError
 
     def snapshot(self, *, shared: bool = False) -> dict[str, list[tuple]]:
         """The end state, sorted; ``shared``: without the ``service_only`` entries."""
-        return {
-            name: sorted(rows)
-            for name, rows in self.state().items()
-            if not (shared and name in self.service_only)
-        }
+        state = self.state().items()
+        return {k: sorted(v) for k, v in state if not (shared and k in self.service_only)}
 
     def fingerprints(self) -> dict[str, tuple[int, int]]:
         """The end state every strategy must leave alike, as fingerprints."""
-        return {
-            name: fingerprint(rows)
-            for name, rows in self.state().items()
-            if name not in self.service_only
-        }
+        state = self.state().items()
+        return {k: fingerprint(v) for k, v in state if k not in self.service_only}
 
     def values(self, queryset: models.QuerySet, *fields: str) -> Iterable[tuple]:
         return queryset.using(self.using).values_list(*fields).iterator(chunk_size=10_000)
 
+    def products_base(self, count: int, stock: int = 100) -> int:
+        """One category, ``count`` products at 10.00; the category's id."""
+        (category_id,) = ns.create_categories(self.using, 1)
+        ns.copy_products(self.using, range(count), lambda _: category_id, "10.00", stock)
+        return category_id
+
 
 def bench_products() -> models.QuerySet:
-    return Product.objects.filter(sku__startswith=SKU_PREFIX)
+    return Product.objects.filter(sku__startswith=ns.SKU_PREFIX)
 
 
 class ViewsWorkload(Workload):
     """Append-only product views over 50 users and 100 products."""
 
-    name = "views"
-    title = "Product views, append-only"
-    method = "create_product_views"
+    name, title, method = "views", "Product views, append-only", "create_product_views"
     tables = (ProductView, Product)
     service_only = frozenset({"view_counts"})
-    strategies = (
-        Strategy(
-            OPTIMIZED,
-            "optimized create_product_views",
-            "validates every row, checks users and products, inserts, adds to view_count",
-        ),
-        Strategy(RAW, "raw COPY", "one COPY of every row, nothing checked"),
-        Strategy(PGBULK, "pgbulk.copy", "one COPY per chunk of model objects"),
-        Strategy(DJANGO, "bulk_create", "one bulk_create per chunk"),
-    )
+    described = {
+        OPTIMIZED: "validates every row, checks users and products, inserts, adds to view_count",
+        RAW: ("raw COPY", "one COPY of every row, nothing checked"),
+        PGBULK: ("pgbulk.copy", "one COPY per chunk of model objects"),
+        DJANGO: ("bulk_create", "one bulk_create per chunk"),
+    }
     fields = ("user", "product", "session_id", "interaction_type", "created_at")
     keys = ("user_id", "product_id", "session_id", "interaction_type", "created_at")
     # 100 entries: the interaction mix, as plain strings.
     kinds = tuple(str(kind.value) for kind, weight in INTERACTIONS for _ in range(weight))
 
     def create_base(self) -> None:
-        (category_id,) = create_categories(self.using, 1)
-        create_users(self.using, USER_POOL)
-        copy_products(self.using, range(PRODUCT_POOL), lambda _: category_id, "10.00", 100)
-
-    def prepare(self) -> None:
-        self.users = user_ids(self.using)
-        self.products = product_ids(self.using, PRODUCT_POOL)
+        ns.create_users(self.using, ns.USER_POOL)
+        self.products_base(ns.PRODUCT_POOL)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         rng = random.Random(f"{self.seed}:scale:{self.name}")
-        sessions = [f"bench-session-{user:04d}" for user in range(USER_POOL)]
+        sessions = [f"bench-session-{user:04d}" for user in range(ns.USER_POOL)]
         users, products, kinds = self.users, self.products, self.kinds
         for position in range(self.size):
             bits = rng.getrandbits(32)
-            user = bits % USER_POOL
+            user = bits % ns.USER_POOL
             yield {
                 "user_id": users[user],
-                "product_id": products[(bits >> 8) % PRODUCT_POOL],
+                "product_id": products[(bits >> 8) % ns.PRODUCT_POOL],
                 "session_id": sessions[user],
                 "interaction_type": kinds[(bits >> 16) % len(kinds)],
                 "created_at": BASE_TIME + timedelta(seconds=position),
@@ -380,16 +336,10 @@ class ViewsWorkload(Workload):
         self.bulk(ProductView, self.objects(), lambda queryset, chunk: queryset.bulk_create(chunk))
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        views = ProductView.objects.filter(product__sku__startswith=SKU_PREFIX)
+        views = ProductView.objects.filter(product__sku__startswith=ns.SKU_PREFIX)
+        fields = ("user__username", "product__sku", "session_id", "interaction_type", "created_at")
         return {
-            "views": self.values(
-                views,
-                "user__username",
-                "product__sku",
-                "session_id",
-                "interaction_type",
-                "created_at",
-            ),
+            "views": self.values(views, *fields),
             "view_counts": bench_products().using(self.using).values_list("sku", "view_count"),
         }
 
@@ -397,46 +347,38 @@ class ViewsWorkload(Workload):
 class ScoresWorkload(Workload):
     """Score upserts with unique keys: half update existing scores, half are new."""
 
-    name = "scores"
-    title = "Recommendation-score upsert, half new"
+    name, title = "scores", "Recommendation-score upsert, half new"
     method = "upsert_recommendation_scores"
     tables = (RecommendationScore, Product)
-    strategies = (
-        Strategy(
-            OPTIMIZED,
-            "optimized upsert_recommendation_scores",
-            "validates every row, checks users and products, one upsert per chunk",
-        ),
-        Strategy(
-            RAW,
+    described = {
+        OPTIMIZED: "validates every row, checks users and products, one upsert per chunk",
+        RAW: (
             "raw COPY + upsert",
             "COPY of every row into a temporary table, then one INSERT ... ON CONFLICT",
         ),
-        Strategy(PGBULK, "pgbulk.upsert", "one pgbulk.upsert per chunk"),
-        Strategy(
-            DJANGO,
+        PGBULK: ("pgbulk.upsert", "one pgbulk.upsert per chunk"),
+        DJANGO: (
             "bulk_create(update_conflicts=True)",
             "one bulk_create(update_conflicts=True) per chunk",
         ),
-    )
+    }
     key_fields = ["user", "product", "algorithm"]
     update_fields = ["score", "updated_at"]
 
     @property
     def product_pool(self) -> int:
-        return math.ceil(self.size / (USER_POOL * len(ALGORITHMS)))
+        return math.ceil(self.size / (ns.USER_POOL * len(ALGORITHMS)))
 
     def key(self, number: int) -> tuple[int, int, str]:
         """Key number k as (user, product, algorithm) numbers: k covers them densely."""
         rest, algorithm = divmod(number, len(ALGORITHMS))
-        product, user = divmod(rest, USER_POOL)
+        product, user = divmod(rest, ns.USER_POOL)
         return user, product, ALGORITHMS[algorithm]
 
     def create_base(self) -> None:
-        (category_id,) = create_categories(self.using, 1)
-        users = create_users(self.using, USER_POOL)
-        copy_products(self.using, range(self.product_pool), lambda _: category_id, "10.00", 100)
-        self.copy_existing_scores(users, product_ids(self.using, self.product_pool))
+        users = ns.create_users(self.using, ns.USER_POOL)
+        self.products_base(self.product_pool)
+        self.copy_existing_scores(users, ns.product_ids(self.using, self.product_pool))
 
     def copy_existing_scores(self, users: list[int], products: list[int]) -> None:
         """Even key numbers exist with another score; the input updates them."""
@@ -446,21 +388,23 @@ class ScoresWorkload(Workload):
             for number in range(0, self.size, 2)
             for user, product, algorithm in [self.key(number)]
         )
-        insert_rows(self.using, RecommendationScore, [*self.key_fields, *self.update_fields], rows)
+        fields = [*self.key_fields, *self.update_fields]
+        ns.insert_rows(self.using, RecommendationScore, fields, rows)
 
     def prepare(self) -> None:
-        self.users = user_ids(self.using)
-        self.products = product_ids(self.using, self.product_pool)
+        self.users = ns.user_ids(self.using)
+        self.products = ns.product_ids(self.using, self.product_pool)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         users, products = self.users, self.products
         for number in shuffled(self.size):
             user, product, algorithm = self.key(number)
+            score = fraction(number, self.seed)
             yield {
                 "user_id": users[user],
                 "product_id": products[product],
                 "algorithm": algorithm,
-                "score": fraction(number, self.seed),
+                "score": score,
             }
 
     def objects(self) -> Iterator[RecommendationScore]:
@@ -469,31 +413,21 @@ class ScoresWorkload(Workload):
     def run_raw(self) -> None:
         fields = ["user", "product", "algorithm", "score"]
         rows = ((r["user_id"], r["product_id"], r["algorithm"], r["score"]) for r in self.rows())
+        q = partial(quoted, connections[self.using], RecommendationScore)
+        updates = excluded(connections[self.using], RecommendationScore, *self.update_fields)
         with raw_transaction(self.using):
             stage(self.using, RecommendationScore, fields, rows)
             execute(
                 self.using,
-                sql.SQL(
-                    "INSERT INTO {table} ({columns}) SELECT {source}, now() FROM {staging} "
-                    "ON CONFLICT ({key}) DO UPDATE SET {score} = EXCLUDED.{score}, "
-                    "{updated} = EXCLUDED.{updated}"
-                ).format(
-                    table=table(RecommendationScore),
-                    columns=columns(RecommendationScore, [*fields, "updated_at"]),
-                    source=columns(RecommendationScore, fields),
-                    staging=sql.Identifier(STAGING_TABLE),
-                    key=columns(RecommendationScore, self.key_fields),
-                    score=column(RecommendationScore, "score"),
-                    updated=column(RecommendationScore, "updated_at"),
-                ),
+                f"INSERT INTO {q()} ({q(*fields, 'updated_at')}) SELECT {q(*fields)}, now() FROM "
+                f'"{STAGING_TABLE}" ON CONFLICT ({q(*self.key_fields)}) DO UPDATE SET {updates}',
             )
 
     def run_pgbulk(self) -> None:
-        self.bulk(
-            RecommendationScore,
-            self.objects(),
-            lambda qs, chunk: pgbulk.upsert(qs, chunk, self.key_fields, self.update_fields),
+        upsert = partial(
+            pgbulk.upsert, unique_fields=self.key_fields, update_fields=self.update_fields
         )
+        self.bulk(RecommendationScore, self.objects(), upsert)
 
     def run_django(self) -> None:
         def write(queryset: models.QuerySet, chunk: list[RecommendationScore]) -> None:
@@ -507,7 +441,7 @@ class ScoresWorkload(Workload):
         self.bulk(RecommendationScore, self.objects(), write)
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        scores = RecommendationScore.objects.filter(product__sku__startswith=SKU_PREFIX)
+        scores = RecommendationScore.objects.filter(product__sku__startswith=ns.SKU_PREFIX)
         fields = ("user__username", "product__sku", "algorithm", "score")
         return {"scores": self.values(scores, *fields)}
 
@@ -518,42 +452,36 @@ UPDATE_FIELDS = ["price", "stock_quantity", "updated_at"]
 class UpdatesWorkload(Workload):
     """A new price and stock for every existing product, keyed by sku."""
 
-    name = "updates"
-    title = "Price and stock update of existing products"
+    name, title = "updates", "Price and stock update of existing products"
     method = "update_products"
     tables = (Product,)
-    strategies = (
-        Strategy(
-            OPTIMIZED,
-            "optimized update_products",
-            "validates every row, checks every sku exists, one UPDATE per chunk",
-        ),
-        Strategy(
-            RAW,
+    described = {
+        OPTIMIZED: "validates every row, checks every sku exists, one UPDATE per chunk",
+        RAW: (
             "raw COPY + UPDATE",
             "COPY of every row into a temporary table, then one UPDATE ... FROM",
         ),
-        Strategy(
-            PGBULK,
+        PGBULK: (
             "pgbulk.update",
             "per chunk: one query for the ids of the skus, one pgbulk.update",
         ),
-        Strategy(
-            DJANGO,
+        DJANGO: (
             "bulk_update",
             "per chunk: one query for the ids of the skus, bulk_update in batches of "
             f"{DJANGO_UPDATE_BATCH:,} (one 10,000-row CASE WHEN statement is far slower)",
         ),
-    )
+    }
 
     def create_base(self) -> None:
-        (category_id,) = create_categories(self.using, 1)
-        copy_products(self.using, range(self.size), lambda _: category_id, "10.00", 100)
+        self.products_base(self.size)
+
+    def prepare(self) -> None:
+        pass
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for number in shuffled(self.size):
             yield {
-                "sku": product_sku(number),
+                "sku": ns.product_sku(number),
                 "price": price_of(number + self.seed),
                 "stock_quantity": (number * 37 + self.seed) % 500,
             }
@@ -564,31 +492,24 @@ class UpdatesWorkload(Workload):
         ids, now = dict(products.values_list("sku", "pk")), timezone.now()
         return [
             Product(
-                pk=ids[row["sku"]],
-                price=Decimal(row["price"]),
-                stock_quantity=row["stock_quantity"],
+                pk=ids[r["sku"]],
+                price=Decimal(r["price"]),
+                stock_quantity=r["stock_quantity"],
                 updated_at=now,
             )
-            for row in rows
+            for r in rows
         ]
 
     def run_raw(self) -> None:
         rows = ((r["sku"], r["price"], r["stock_quantity"]) for r in self.rows())
+        q = partial(quoted, connections[self.using], Product)
+        price, stock, sku = q("price"), q("stock_quantity"), q("sku")
         with raw_transaction(self.using):
             stage(self.using, Product, ["sku", "price", "stock_quantity"], rows)
             execute(
                 self.using,
-                sql.SQL(
-                    "UPDATE {table} AS p SET {price} = s.{price}, {stock} = s.{stock}, "
-                    "{updated} = now() FROM {staging} AS s WHERE p.{sku} = s.{sku}"
-                ).format(
-                    table=table(Product),
-                    staging=sql.Identifier(STAGING_TABLE),
-                    sku=column(Product, "sku"),
-                    price=column(Product, "price"),
-                    stock=column(Product, "stock_quantity"),
-                    updated=column(Product, "updated_at"),
-                ),
+                f"UPDATE {q()} AS p SET {price} = s.{price}, {stock} = s.{stock}, "
+                f'{q("updated_at")} = now() FROM "{STAGING_TABLE}" AS s WHERE p.{sku} = s.{sku}',
             )
 
     def run_pgbulk(self) -> None:
@@ -601,9 +522,8 @@ class UpdatesWorkload(Workload):
     def run_django(self) -> None:
         def write(queryset: models.QuerySet, chunk: list[dict[str, Any]]) -> None:
             with transaction.atomic(using=self.using):
-                queryset.bulk_update(
-                    self.objects(chunk), UPDATE_FIELDS, batch_size=DJANGO_UPDATE_BATCH
-                )
+                objects = self.objects(chunk)
+                queryset.bulk_update(objects, UPDATE_FIELDS, batch_size=DJANGO_UPDATE_BATCH)
 
         self.bulk(Product, self.rows(), write)
 
@@ -615,35 +535,26 @@ class OrdersWorkload(Workload):
     """Orders of 3 distinct products each over 50 users and 100 products; the stock
     covers every order with ``STOCK_MARGIN`` to spare, so all are accepted."""
 
-    name = "orders"
-    title = "Orders of 3 items"
-    unit = "orders"
-    method = "process_orders"
+    name, title, unit, method = "orders", "Orders of 3 items", "orders", "process_orders"
     tables = (Order, OrderItem, Product)
     max_size = 10_000
     cap_reason = "the naive service runs about 150 orders/s"
-    strategies = (
-        Strategy(
-            OPTIMIZED,
-            "optimized process_orders",
-            "locks the chunk's products, decides every order, 6 queries per chunk",
-        ),
-        Strategy(NAIVE, "naive process_orders", "the N+1 baseline: queries and saves row by row"),
-    )
+    described = {
+        OPTIMIZED: "locks the chunk's products, decides every order, 6 queries per chunk",
+        NAIVE: "the N+1 baseline: queries and saves row by row",
+    }
 
     def __init__(self, size: int, **options: Any) -> None:
         """Draw the orders, in product and user numbers, and the stock that covers them."""
         super().__init__(size, **options)
         rng = random.Random(f"{self.seed}:{self.name}")
-        self.prices = [Decimal(rng.randint(99, 99_999)) / 100 for _ in range(PRODUCT_POOL)]
+        pool = range(ns.PRODUCT_POOL)
+        self.prices = [Decimal(rng.randint(99, 99_999)) / 100 for _ in pool]
         self.drawn = [
             (
-                f"{ORDER_PREFIX}ORDER-{number:07d}",
-                rng.randrange(USER_POOL),
-                [
-                    (product, rng.randint(1, 3))
-                    for product in rng.sample(range(PRODUCT_POOL), ITEMS_PER_ORDER)
-                ],
+                f"{ns.ORDER_PREFIX}ORDER-{number:07d}",
+                rng.randrange(ns.USER_POOL),
+                [(product, rng.randint(1, 3)) for product in rng.sample(pool, ITEMS_PER_ORDER)],
             )
             for number in range(size)
         ]
@@ -651,32 +562,30 @@ class OrdersWorkload(Workload):
         for _, _, lines in self.drawn:
             for product, quantity in lines:
                 demand[product] += quantity
-        self.stock = [demand[product] + STOCK_MARGIN for product in range(PRODUCT_POOL)]
+        self.stock = [demand[product] + STOCK_MARGIN for product in pool]
 
     def create_base(self) -> None:
-        (category_id,) = create_categories(self.using, 1)
-        create_users(self.using, USER_POOL)
+        (category_id,) = ns.create_categories(self.using, 1)
+        ns.create_users(self.using, ns.USER_POOL)
         Product.objects.using(self.using).bulk_create(
             Product(
-                sku=product_sku(number),
-                name=f"Bench product {number}",
+                sku=ns.product_sku(n),
+                name=f"Bench product {n}",
                 category_id=category_id,
-                price=self.prices[number],
-                stock_quantity=self.stock[number],
+                price=self.prices[n],
+                stock_quantity=self.stock[n],
             )
-            for number in range(PRODUCT_POOL)
+            for n in range(ns.PRODUCT_POOL)
         )
 
     def prepare(self) -> None:
-        users, products = user_ids(self.using), product_ids(self.using, PRODUCT_POOL)
+        super().prepare()
+        users, products = self.users, self.products
         self.orders: list[dict[str, Any]] = [
             {
                 "reference": reference,
                 "user_id": users[user],
-                "items": [
-                    {"product_id": products[product], "quantity": quantity}
-                    for product, quantity in lines
-                ],
+                "items": [{"product_id": products[p], "quantity": q} for p, q in lines],
             }
             for reference, user, lines in self.drawn
         ]
@@ -685,12 +594,12 @@ class OrdersWorkload(Workload):
         return self.orders
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        orders = Order.objects.using(self.using).filter(reference__startswith=ORDER_PREFIX)
-        items = OrderItem.objects.using(self.using).filter(
-            order__reference__startswith=ORDER_PREFIX
-        )
+        prefix, orders = ns.ORDER_PREFIX, Order.objects.using(self.using)
+        items = OrderItem.objects.using(self.using).filter(order__reference__startswith=prefix)
         return {
-            "orders": orders.values_list("reference", "user__username", "total"),
+            "orders": orders.filter(reference__startswith=prefix).values_list(
+                "reference", "user__username", "total"
+            ),
             "items": items.values_list(
                 "order__reference", "product__sku", "quantity", "unit_price"
             ),
@@ -699,30 +608,27 @@ class OrdersWorkload(Workload):
 
 
 IMPORT_COLUMNS = ("sku", "name", "category", "price", "stock_quantity", "is_active")
+STAGED_IMPORT = (
+    "sku varchar, name varchar, category_name varchar, price numeric, "
+    "stock_quantity integer, is_active boolean"
+)
 
 
 class ImportWorkload(Workload):
     """A catalogue CSV file: half the skus exist, half are new, one category is new."""
 
-    name = "import"
-    title = "Product import from a CSV file"
-    method = "import_products"
+    name, title, method = "import", "Product import from a CSV file", "import_products"
     tables = (Product, Category)
     base_categories = 4
     first_product = 0
     chunk = 20_000  # a catalogue row weighs more; memory stays flat and small at 20,000
-    strategies = (
-        Strategy(
-            OPTIMIZED,
-            "optimized import_products",
-            "streams the file with RowStream, validates every row, one upsert per chunk",
-        ),
-        Strategy(
-            RAW,
+    described = {
+        OPTIMIZED: "streams the file with RowStream, validates every row, one upsert per chunk",
+        RAW: (
             "raw COPY + upsert",
             "COPY of the file into a temporary table, missing categories, one upsert",
         ),
-    )
+    }
 
     @property
     def path(self) -> Path:
@@ -735,32 +641,27 @@ class ImportWorkload(Workload):
         """The input file, written once per size and seed (not timed)."""
         if self.path.exists():
             return self.path
-        partial = self.path.with_suffix(".partial")
-        with open(partial, "w", encoding="utf-8", newline="") as file:
+        partial_file = self.path.with_suffix(".partial")
+        with open(partial_file, "w", encoding="utf-8", newline="") as file:
             file.write(",".join(IMPORT_COLUMNS) + "\n")
             for number in shuffled(self.size):
-                category = category_name(number % (self.base_categories + 1))
+                category = ns.category_name(number % (self.base_categories + 1))
                 active = "false" if number % 10 == 0 else "true"
                 file.write(
-                    f"{product_sku(number)},Bench product {number} (imported),{category},"
+                    f"{ns.product_sku(number)},Bench product {number} (imported),{category},"
                     f"{price_of(number + self.seed)},{(number * 37) % 500},{active}\n"
                 )
-        partial.replace(self.path)
+        partial_file.replace(self.path)
         return self.path
 
     def create_base(self) -> None:
         """The first half of the skus exist (from ``first_product``), in the base categories."""
-        names = [category_name(number) for number in range(self.base_categories)]
+        names = [ns.category_name(number) for number in range(self.base_categories)]
         categories = Category.objects.using(self.using)
         categories.bulk_create([Category(name=name) for name in names], ignore_conflicts=True)
         ids = dict(categories.filter(name__in=names).values_list("name", "pk"))
-        copy_products(
-            self.using,
-            range(self.first_product, self.size // 2),
-            lambda number: ids[names[number % self.base_categories]],
-            "1.00",
-            1,
-        )
+        base, numbers = [ids[name] for name in names], range(self.first_product, self.size // 2)
+        ns.copy_products(self.using, numbers, lambda n: base[n % len(base)], "1.00", 1)
 
     def run_service(self, service: BulkOperationsService, chunk_size: int | None) -> BatchResult:
         """The file read as the import command reads it, through ``RowStream``."""
@@ -768,57 +669,34 @@ class ImportWorkload(Workload):
             return service.import_products(stream, chunk_size=chunk_size)
 
     def run_raw(self) -> None:
-        staging = sql.Identifier(STAGING_TABLE)
-        staged = ["sku", "name", "category_name", "price", "stock_quantity", "is_active"]
-        categories, name = table(Category), sql.Identifier("name")
+        connection, staging = connections[self.using], f'"{STAGING_TABLE}"'
+        products, categories = quoted(connection, Product), quoted(connection, Category)
+        staged = ", ".join(definition.split()[0] for definition in STAGED_IMPORT.split(", "))
+        name, sku = quoted(connection, Category, "name"), quoted(connection, Product, "sku")
+        updates = excluded(connection, Product, *IMPORT_COLUMNS[1:], "updated_at")
         with raw_transaction(self.using), open(self.path, "rb") as file:
-            temp_table(
-                self.using,
-                STAGING_TABLE,
-                sql.SQL(
-                    "sku varchar, name varchar, category_name varchar, "
-                    "price numeric, stock_quantity integer, is_active boolean"
-                ),
-            )
+            temp_table(self.using, STAGING_TABLE, STAGED_IMPORT)
+            blocks = iter(lambda: file.read(COPY_BLOCK), b"")
             copy_in(
                 self.using,
-                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv, HEADER true)").format(
-                    staging, sql.SQL(", ").join(map(sql.Identifier, staged))
-                ),
-                blocks=iter(lambda: file.read(COPY_BLOCK), b""),
+                f"COPY {staging} ({staged}) FROM STDIN (FORMAT csv, HEADER true)",
+                blocks=blocks,
             )
             execute(
                 self.using,
-                sql.SQL(
-                    "INSERT INTO {categories} ({name}) SELECT DISTINCT category_name "
-                    "FROM {staging} ON CONFLICT ({name}) DO NOTHING"
-                ).format(categories=categories, name=name, staging=staging),
+                f"INSERT INTO {categories} ({name}) SELECT DISTINCT category_name "
+                f"FROM {staging} ON CONFLICT ({name}) DO NOTHING",
             )
-            updated = ("name", "category", "price", "stock_quantity", "is_active", "updated_at")
             execute(
                 self.using,
-                sql.SQL(
-                    "INSERT INTO {table} ({columns}) "
-                    "SELECT s.sku, s.name, c.id, s.price, s.stock_quantity, s.is_active, 0, "
-                    "now(), now() FROM {staging} AS s "
-                    "JOIN {categories} AS c ON c.{name} = s.category_name "
-                    "ON CONFLICT ({sku}) DO UPDATE SET {updates}"
-                ).format(
-                    table=table(Product),
-                    columns=columns(Product, PRODUCT_FIELDS),
-                    staging=staging,
-                    categories=categories,
-                    name=name,
-                    sku=column(Product, "sku"),
-                    updates=sql.SQL(", ").join(
-                        sql.SQL("{0} = EXCLUDED.{0}").format(column(Product, field))
-                        for field in updated
-                    ),
-                ),
+                f"INSERT INTO {products} ({quoted(connection, Product, *ns.PRODUCT_FIELDS)}) "
+                "SELECT s.sku, s.name, c.id, s.price, s.stock_quantity, s.is_active, 0, "
+                f"now(), now() FROM {staging} AS s JOIN {categories} AS c ON c.{name} = "
+                f"s.category_name ON CONFLICT ({sku}) DO UPDATE SET {updates}",
             )
 
     def state(self) -> dict[str, Iterable[tuple]]:
-        categories = Category.objects.using(self.using).filter(name__startswith=CATEGORY_PREFIX)
+        categories = Category.objects.using(self.using).filter(name__startswith=ns.CATEGORY_PREFIX)
         fields = ("sku", "name", "category__name", "price", "stock_quantity", "is_active")
         return {
             "products": self.values(bench_products(), *fields),

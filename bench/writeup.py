@@ -1,11 +1,8 @@
 """The benchmark behind ``manage.py test_bulk_performance``: naive against optimized.
 
-Each operation is a workload of ``bench.workloads`` run by both services'
-same method, naive then optimized, each from a fresh base state, ``repeat``
-times taking turns; each variant's fastest run counts, and every run must end
-in the same logical state. Times and query counts are the ``BatchResult``'s
-(the figures each run leaves in its ``BatchProcessingLog`` row); setup, rows
-and snapshots are outside them.
+Both services' same method runs on a workload of ``bench.workloads``, each from a fresh
+base state, ``repeat`` times taking turns; each variant's fastest run counts and every
+run must end in the same logical state. Times and query counts are the ``BatchResult``'s.
 """
 
 from __future__ import annotations
@@ -66,9 +63,8 @@ class Comparison:
 
     @property
     def speedup(self) -> float | None:
-        if self.optimized.duration <= 0:
-            return None
-        return self.naive.duration / self.optimized.duration
+        optimized = self.optimized.duration
+        return self.naive.duration / optimized if optimized > 0 else None
 
     @property
     def completed(self) -> bool:
@@ -97,17 +93,13 @@ class Comparison:
         }
 
     def cells(self) -> tuple[str, ...]:
-        return (
-            self.operation,
-            str(self.records),
-            str(self.naive.query_count),
-            str(self.optimized.query_count),
-            format_ratio(self.query_reduction, ".1f", "%"),
-            f"{self.naive.duration:.3f}s",
-            f"{self.optimized.duration:.3f}s",
-            format_ratio(self.time_improvement, ".1f", "%"),
-            format_ratio(self.speedup, ".1f"),
-        )
+        naive, optimized = self.naive, self.optimized
+        queries = (str(self.records), str(naive.query_count), str(optimized.query_count))
+        times = (f"{naive.duration:.3f}s", f"{optimized.duration:.3f}s")
+        reduction = format_ratio(self.query_reduction, ".1f", "%")
+        improvement = format_ratio(self.time_improvement, ".1f", "%")
+        speedup = format_ratio(self.speedup, ".1f")
+        return (self.operation, *queries, reduction, *times, improvement, speedup)
 
 
 def compare(
@@ -147,15 +139,9 @@ def compare(
         min(outcomes, key=lambda outcome: outcome[0].duration) for outcomes in runs.values()
     )
     states = [state for outcomes in runs.values() for _, state in outcomes]
+    match = all(state == states[0] for state in states)
     return Comparison(
-        operation,
-        size,
-        naive,
-        optimized,
-        naive_state,
-        optimized_state,
-        states_match=all(state == states[0] for state in states),
-        runs=repeat,
+        operation, size, naive, optimized, naive_state, optimized_state, match, repeat
     )
 
 
@@ -172,18 +158,15 @@ def run_benchmark(
     """Compare each operation at its size; then remove the namespace, unless ``keep_data``
     (the database left as the last optimized run made it)."""
     with tempfile.TemporaryDirectory(prefix="bench-writeup-") as work_dir:
+        options: dict[str, Any] = {
+            "chunk_size": chunk_size,
+            "seed": seed,
+            "using": using,
+            "repeat": repeat,
+        }
         comparisons = [
-            compare(
-                operation,
-                size=size,
-                chunk_size=chunk_size,
-                seed=seed,
-                using=using,
-                work_dir=Path(work_dir),
-                repeat=repeat,
-                progress=progress,
-            )
-            for operation, size in sizes.items()
+            compare(name, size=size, work_dir=Path(work_dir), progress=progress, **options)
+            for name, size in sizes.items()
         ]
     if not keep_data:
         reset_namespace(using)
@@ -203,12 +186,9 @@ def markdown_report(comparisons: Sequence[Comparison], *, command_line: str) -> 
         "",
     ]
     sizes = ", ".join(f"{c.records} {c.operation}" for c in comparisons)
+    table = markdown_table(
+        COLUMNS, "l" + "r" * (len(COLUMNS) - 1), [c.cells() for c in comparisons]
+    )
     return "\n".join(
-        [
-            *section_head(f"{TITLE}: {sizes}", command_line),
-            *(method if runs > 1 else []),
-            *markdown_table(
-                COLUMNS, "l" + "r" * (len(COLUMNS) - 1), [c.cells() for c in comparisons]
-            ),
-        ]
+        [*section_head(f"{TITLE}: {sizes}", command_line), *(method if runs > 1 else []), *table]
     )

@@ -1,8 +1,6 @@
 """``manage.py bench_load``: API clients against the production server, then a row count.
 
-The command parses options, prepares the namespace, starts the server when
-no ``--url`` is given and writes the report; the clients and the checks live
-in ``bench.load``, the server in ``bench.server``.
+The clients and the checks live in ``bench.load``, the server in ``bench.server``.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from bench.report import markdown_table, section_head, text_table
 
 TITLE = "The production server under load (`bench_load`)"
 FAILED = "the load test failed:\n{problems}"
+ENVIRONMENT = (("WEB_CONCURRENCY", 2), ("WEB_THREADS", 4))
 NOT_POSITIVE = "{option} must be more than 0, not {value}"
 NO_URL_ON_MEMORY = (
     "without --url the command starts the server on this database, which is in memory; "
@@ -41,46 +40,39 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
+        add = parser.add_argument
+        add(
             "--url",
-            type=str,
             default="",
             help="A running server (http://127.0.0.1:8000) that uses this command's database. "
             "Default: start one.",
         )
-        parser.add_argument("--clients", type=int, default=50, help="Concurrent clients (50).")
-        parser.add_argument(
-            "--seconds", type=float, default=60.0, help="How long they send requests (60)."
-        )
-        parser.add_argument("--batch", type=int, default=100, help="Rows per batch POST (100).")
-        parser.add_argument(
+        add("--clients", type=int, default=50, help="Concurrent clients (50).")
+        add("--seconds", type=float, default=60.0, help="How long they send requests (60).")
+        add("--batch", type=int, default=100, help="Rows per batch POST (100).")
+        add(
             "--products",
             type=int,
             default=load.PRODUCTS,
             help=f"Products the views are drawn from at random ({load.PRODUCTS:,}); fewer "
             "products, more batches updating the same view counters at once.",
         )
-        parser.add_argument(
+        workers, threads = (int(os.environ.get(name) or n) for name, n in ENVIRONMENT)
+        add(
             "--workers",
             type=int,
-            default=int(os.environ.get("WEB_CONCURRENCY") or 2),
+            default=workers,
             help="gunicorn workers of the server it starts (WEB_CONCURRENCY, else 2).",
         )
-        parser.add_argument(
+        add(
             "--threads",
             type=int,
-            default=int(os.environ.get("WEB_THREADS") or 4),
+            default=threads,
             help="Threads per worker of the server it starts (WEB_THREADS, else 4).",
         )
-        parser.add_argument(
-            "--timeout", type=float, default=30.0, help="Seconds a client waits for an answer."
-        )
-        parser.add_argument(
-            "--markdown", action="store_true", help="Print the report as a BENCHMARKS.md section."
-        )
-        parser.add_argument(
-            "--keep", action="store_true", help="Keep the run's rows (for inspection)."
-        )
+        add("--timeout", type=float, default=30.0, help="Seconds a client waits for an answer.")
+        add("--markdown", action="store_true", help="Print the report as a BENCHMARKS.md section.")
+        add("--keep", action="store_true", help="Keep the run's rows (for inspection).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         for option in ("clients", "seconds", "batch", "products", "workers", "threads", "timeout"):
