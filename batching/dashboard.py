@@ -8,10 +8,8 @@ Charts are drawn on the server (``common.charts``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, cast
 
 from django.db.models import Avg, Count, Q, QuerySet, Sum
 from django.utils import timezone
@@ -127,12 +125,20 @@ def summarise(runs: QuerySet[Log]) -> list[OperationSummary]:
     order = {value: index for index, value in enumerate(operations)}
     summaries = [
         OperationSummary(
+            operation=row["operation"],
             operation_label=operations.get(row["operation"], row["operation"]),
+            variant=row["variant"],
             variant_label=variants.get(row["variant"], row["variant"]),
-            rows_read=row.pop("read"),  # before ``**row`` is expanded
-            **row,
+            runs=row["runs"],
+            failed=row["failed"],
+            partial=row["partial"],
+            interrupted=row["interrupted"],
+            rows_read=row["read"],
+            rows_skipped=row["rows_skipped"],
+            mean_rows_per_second=row["mean_rows_per_second"],
+            mean_duration=row["mean_duration"],
         )
-        for row in cast(Iterable[dict[str, Any]], rows)
+        for row in rows
     ]
     return sorted(
         summaries, key=lambda s: (order.get(s.operation, len(order)), s.operation, s.variant)

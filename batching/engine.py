@@ -1,7 +1,7 @@
 """The one engine that runs every bulk operation, naive or optimized.
 
 The design is in docs/architecture.md ("The engine"), stopping in
-docs/operations-history.md, lock timelines in ``products.services.optimized``.
+docs/operations-history.md, each operation's lock timeline in its class docstring.
 ``write`` may be re-run on any subset of a chunk after a rollback, so it reads
 what it needs afresh each time. A run's log row only ever holds the figures of
 committed chunks.
@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
 from typing import Any, ClassVar
@@ -96,7 +96,13 @@ class RowError:
     code: str = "invalid"
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict, which deep-copies: this runs for each error of every answer.
+        return {
+            "index": self.index,
+            "field": self.field,
+            "message": self.message,
+            "code": self.code,
+        }
 
 
 @dataclass(slots=True)
@@ -478,6 +484,7 @@ class BatchRun:
         self.stop_pending = False  # resumed with a stop requested before it started
         # A dry run writes no marks, so it compares keys across the whole input.
         self.dry = False
+        self.chunk_start = 0  # the input position of the chunk being written
         # A resumed run's skipped rows, queries and time before this attempt.
         self._resumed_skipped = self._earlier_queries = 0
         self._earlier_duration = 0.0

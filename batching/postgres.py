@@ -224,7 +224,8 @@ def copy_rows(
         Like ``bulk_create``, this skips ``Model.save()`` and signals and
         applies no field default.
     """
-    return _copy_in(using, model, tuple(fields), rows, _copy_types(using, model, tuple(fields)))
+    fields = tuple(fields)
+    return _copy_in(using, model, fields, rows, _copy_types(using, model, fields))
 
 
 def copy_text(model: Model, fields: Sequence[str], blocks: Iterable[str], *, using: str) -> int:

@@ -91,6 +91,7 @@ def run_partition(partition_id: int) -> dict[str, Any]:
         try:
             _keyed(partition, log)
             operation = partition_operation(partition.job.operation)()
+            # Every attempt resumes the log, so its resume_count counts the attempts.
             status = run_batch(operation, partition_input(partition), resume=log.pk).status
         except BaseException:
             _after_abort(partition)

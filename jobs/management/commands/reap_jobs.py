@@ -35,7 +35,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         seconds = options["stale_after"]
-        requeued = reap_stale_partitions(stale_after=seconds and timedelta(seconds=seconds))
+        requeued = reap_stale_partitions(
+            stale_after=None if seconds is None else timedelta(seconds=seconds)
+        )
         if options["verbosity"] >= 1:
             noun = "partition" if requeued == 1 else "partitions"
             self.stdout.write(f"{requeued} {noun} re-queued.")
