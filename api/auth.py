@@ -1,11 +1,6 @@
-"""Who may call the API: active staff with the model permissions an endpoint declares.
-
-Each endpoint's ``auth`` is ``needs(...)`` with the permissions the admin asks
-for the same work; a token and a session end at the same rule, so revoking a
-user's staff status or a permission disarms their tokens too. No credentials:
-401; not active staff, or a permission missing: 403. An endpoint that declares
-nothing is refused to everyone (fails closed). A session's unsafe requests
-need the CSRF token (the cookie is ambient); a bearer token needs none.
+"""Who may call the API: active staff with the model permissions an endpoint declares
+(docs/api.md). A token and a session end at the same rule; an endpoint that declares
+nothing is refused to everyone (fails closed).
 """
 
 from __future__ import annotations
@@ -37,12 +32,16 @@ def check(user: Any, permissions: tuple[str, ...] | None) -> None:
         raise AuthorizationError(message=MISSING_PERMISSIONS.format(missing=", ".join(missing)))
 
 
-class TokenAuth(HttpBearer):
-    """``Authorization: Bearer <secret>``: one query (token and user together)."""
+class Needs:
+    """An authentication admitting only users who pass ``check`` for ``permissions``."""
 
     def __init__(self, permissions: tuple[str, ...] | None) -> None:
         super().__init__()
         self.permissions = permissions
+
+
+class TokenAuth(Needs, HttpBearer):
+    """``Authorization: Bearer <secret>``: one query (token and user together)."""
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
         tokens = ApiToken.objects.active().select_related("user")
@@ -53,14 +52,10 @@ class TokenAuth(HttpBearer):
         return found.user
 
 
-class StaffSessionAuth(APIKeyCookie):
-    """Django's session; CSRF is enforced on unsafe methods."""
+class StaffSessionAuth(Needs, APIKeyCookie):
+    """Django's session; CSRF is enforced on unsafe methods (the cookie is ambient)."""
 
     param_name = settings.SESSION_COOKIE_NAME
-
-    def __init__(self, permissions: tuple[str, ...] | None) -> None:
-        super().__init__(csrf=True)
-        self.permissions = permissions
 
     def __call__(self, request: HttpRequest) -> Any:
         # ninja checks CSRF before it looks at the cookie; an anonymous

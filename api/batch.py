@@ -1,8 +1,7 @@
 """The flow every batch endpoint shares: read the rows, then run them now or later.
 
-The API owns the envelope (body size, JSON, a list of objects, the number of
-rows: refused whole, 400 or 413); the services own every row's fields (a bad
-row is reported in the 200 result, and the good rows are written). docs/api.md.
+The API refuses only the envelope whole (docs/api.md); the services own every
+row's fields.
 """
 
 from __future__ import annotations
@@ -135,7 +134,10 @@ def run_rows(
     user = request.auth  # type: ignore[attr-defined]  # what the endpoint's auth returned
 
     def run() -> tuple[int, dict[str, Any]]:
-        return (202, submit(operation, rows, user)) if later else (200, run_now(operation, rows))
+        if not later:
+            return 200, run_now(operation, rows)
+        job = submit_job(operation=operation, rows=rows, created_by=user)
+        return 202, {**job.as_dict(), "status_url": reverse("api:job", kwargs={"job_id": job.pk})}
 
     if idempotency_key:
         status, answer = replay_or_run(
@@ -163,10 +165,3 @@ def run_now(operation: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         error = ApiError(503, detail, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     error.batch_log = log  # type: ignore[attr-defined]  # see batching.engine.run_log_of
     raise error
-
-
-def submit(operation: str, rows: list[dict[str, Any]], user: Any) -> dict[str, Any]:
-    job = submit_job(operation=operation, rows=rows, created_by=user)
-    answer = job.as_dict()
-    answer["status_url"] = reverse("api:job", kwargs={"job_id": job.pk})
-    return answer

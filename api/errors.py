@@ -1,7 +1,5 @@
-"""One error shape for every API failure, and the one place that maps errors to HTTP.
-
-Every error answer is ``{"detail": "...", "errors": [{"index", "field", "message"}]}``.
-"""
+"""One error shape for every API failure (``{"detail", "errors": [{"index", "field",
+"message"}]}``), and the one place that maps errors to HTTP."""
 
 from __future__ import annotations
 

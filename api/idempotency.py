@@ -1,14 +1,11 @@
 """``Idempotency-Key``: a replayed batch POST gets the first answer and runs nothing.
 
-The unique (user, key) pair is the lock: a request inserts its record,
-committed at once and outside any chunk transaction, before it runs, so a
-second request with the key cannot insert and never runs twice (409, or the
-stored answer). A run that raises before committing anything deletes its
-record (the key is free again); one that raises after committing chunks keeps
-it with a 500 answer, which retries get: sending the batch again would apply
-the committed rows twice. A record still unanswered after
-``IDEMPOTENCY_PENDING_SECONDS`` belongs to a dead process: the next request
-deletes it and takes the key (through the constraint: of two such, one runs).
+The unique (user, key) pair is the lock: a request inserts its record, committed
+at once and outside any chunk transaction, before it runs. A run that raises
+before committing anything deletes it; one that raises after committing chunks
+keeps it with a 500 answer (a resend would apply those rows twice). A record
+unanswered after ``IDEMPOTENCY_PENDING_SECONDS`` is a dead process's: the next
+request deletes it and takes the key (through the constraint: of two, one runs).
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""``/metrics``: Prometheus text, read from the database at scrape time (docs/api.md).
-
-Every figure is an aggregate over ``BatchProcessingLog`` and the jobs table, so
-any process answers the same, and a scrape costs two queries whatever the
-number of runs. Deleting log rows lowers the counters: Prometheus sees a reset.
-"""
+"""``/metrics``: Prometheus text, aggregated from the log and job tables at scrape time in
+two queries (docs/api.md)."""
 
 from __future__ import annotations
 

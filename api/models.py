@@ -1,8 +1,5 @@
-"""API tokens and idempotency records.
-
-A token's secret (256 random bits) is shown once and stored only as its SHA-256
-digest: unguessable secrets need no slow hash, and the lookup is one indexed query.
-"""
+"""API tokens and idempotency records. A token's secret (256 random bits) is shown once and
+stored as its SHA-256 digest: an unguessable secret needs no slow hash."""
 
 from __future__ import annotations
 

@@ -1,17 +1,13 @@
-"""Admin for orders: browse them, follow their lines, move their status on.
-
-Orders enter only through ``process_orders`` (stock and total in the order's
-transaction), so the admin adds none and shows lines, reference and total
-read-only; staff change the status and the customer. The changelist links to
-the sales report and the CSV export (``orders.reports``).
+"""Admin for orders: browse them, follow their lines, change status and customer, and the
+sales report and CSV export. Orders enter only through ``process_orders``: none is added here.
 
 Note:
-    Setting the status to "cancelled" here does not put stock back; that needs
-    a cancellation service, which an admin action could then call.
+    Setting the status to "cancelled" here does not put stock back.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import date, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -78,10 +74,8 @@ def changelist_date_range(query: QueryDict) -> dict[str, str]:
         ("until", "created_at__lt", timedelta(microseconds=1)),
     ):
         if moment := filter_moment(query.get(key, "")):
-            try:
+            with contextlib.suppress(OverflowError):
                 days[name] = timezone.localdate(moment - shift).isoformat()
-            except OverflowError:
-                continue
     return days
 
 

@@ -1,9 +1,5 @@
-"""Orders' bulk operation: each order applied whole or rejected whole, in input order.
-
-``NaiveOrders`` is the N+1 baseline, ``OptimizedOrders`` the constant-queries
-version on the helpers of ``products.services.optimized``; ``OrdersConfig.ready()``
-registers both for the services' ``process_orders``.
-"""
+"""Orders' bulk operation, naive and optimized: each order applied whole or rejected whole,
+in input order; ``OrdersConfig.ready()`` registers both for ``process_orders``."""
 
 from __future__ import annotations
 
@@ -32,7 +28,7 @@ from orders.models import Order, OrderItem
 from products import cache
 from products.models import Product
 from products.services.naive import NaiveOperationMixin
-from products.services.optimized import add_to_each, existing_user_ids, locked_products, strict
+from products.services.optimized import add_to_each, existing_pks, locked_products, strict
 from products.services.rows import UNKNOWN_PRODUCT, UNKNOWN_USER
 
 TAKEN = "a concurrent run committed some of these references first ({error}); retrying the chunk"
@@ -137,19 +133,14 @@ class OptimizedOrders(OrdersOperation):
     reference) and their lines; one guarded UPDATE of stock last, locking the products in
     primary-key order and refusing to go below zero.
 
-    Overtaken, the chunk raises ``ChunkConflict`` and the engine retries it: a
-    concurrent run committed some references first (the retry reads them as
-    taken), or a checkout took the stock (this run then locks the products
-    before deciding). Only stock makes a run lock first: locking before the
-    INSERT, beside a run holding the same references, could deadlock. Any
-    other refusal of the INSERT reaches the engine, which narrows it to its order.
+    Overtaken (a concurrent run committed some references first, or a checkout took
+    the stock), the chunk raises ``ChunkConflict`` and the engine retries it; after a
+    stock conflict the run locks the products before deciding. Only stock does: locking
+    before the INSERT, beside a run holding the same references, could deadlock.
     """
 
     variant = BatchProcessingLog.Variant.OPTIMIZED
-
-    def __init__(self, using: str = "default") -> None:
-        super().__init__(using)
-        self.lock_first = False
+    lock_first = False  # set on the instance by a stock conflict
 
     def write(self, rows: list[Prepared], run: RunContext) -> ChunkOutcome:
         product_ids = {line.product_id for row in rows for line in row.item.items}
@@ -177,7 +168,7 @@ class OptimizedOrders(OrdersOperation):
             found = list(products.values_list("pk", "price", "stock_quantity", "is_active"))
             taken_orders = Order.objects.using(self.using).filter(reference__in=references)
             known = set(strict(taken_orders).values_list("reference", flat=True))
-            users = existing_user_ids(self.using, user_ids)
+            users = existing_pks(get_user_model(), self.using, user_ids)
         catalogue = {pk: (price, stock, active) for pk, price, stock, active in found}
         remaining = {pk: stock for pk, (_, stock, _) in catalogue.items()}
         outcome = ChunkOutcome()

@@ -1,9 +1,7 @@
 """Sales figures and the order-lines CSV export, for the command, the admin and the API.
 
-Every order but cancelled ones, in whole days of the current time zone, both
-ends included; revenue is the sum of the order lines (quantity x unit price), so
-every figure adds up (docs/admin-and-reports.md). The report is two aggregate
-queries; the export streams one query with ``QuerySet.iterator()`` in flat memory.
+Every order but cancelled ones, in whole days, both ends included; revenue is the
+sum of the order lines, so every figure adds up (docs/admin-and-reports.md).
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ CSV_HEADER = (
 )
 # Spreadsheets read a text cell starting with these as a formula: it gets a "'" first.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-# The one validation of a report's range, whose messages every caller shows.
-BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
+# The one validation of a report's range, whose message every caller shows.
 RANGE_REVERSED = "since ({since}) is after until ({until})"
 
 LINE_TOTAL = ExpressionWrapper(
@@ -79,14 +76,6 @@ class SalesReport:
         return asdict(self)
 
 
-def parse_day(value: str) -> date:
-    """A ``YYYY-MM-DD`` day; ValueError with ``BAD_DATE``."""
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise ValueError(BAD_DATE.format(value=value)) from None
-
-
 def check_range(since: date | None, until: date | None) -> None:
     """Refuse a reversed range (ValueError, ``RANGE_REVERSED``); either end may be None."""
     if since and until and since > until:
@@ -110,10 +99,8 @@ def _range_filter(since: date | None, until: date | None, prefix: str = "") -> Q
 
 
 def sales_report(*, since: date | None = None, until: date | None = None) -> SalesReport:
-    """Orders, revenue, average order value, and sales per product and per day.
-
-    Two queries, whatever the number of orders; ValueError for a reversed range.
-    """
+    """Orders, revenue, average order value, and sales per product and per day: two queries
+    whatever the number of orders; ValueError for a reversed range."""
     orders = Order.objects.filter(_range_filter(since, until))
     line_total = ExpressionWrapper(
         F("items__quantity") * F("items__unit_price"),
@@ -174,11 +161,9 @@ class _Line:
 def iter_order_lines_csv(
     *, since: date | None = None, until: date | None = None, chunk_size: int = EXPORT_CHUNK_SIZE
 ) -> Iterator[str]:
-    """The header, then one CSV line per order line of ``sales_report``'s orders, oldest first.
-
-    One query read ``chunk_size`` rows at a time. A reversed range raises ValueError
-    at once, before the first line, so a view can still answer with an error.
-    """
+    """The header, then one CSV line per order line of ``sales_report``'s orders, oldest first,
+    from one query read ``chunk_size`` rows at a time. A reversed range raises ValueError at
+    once, before the first line, so a view can still answer with an error."""
     return _csv_lines(_range_filter(since, until, prefix="order__"), chunk_size)
 
 

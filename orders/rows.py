@@ -1,7 +1,4 @@
-"""Order rows: parsing and validation shared by both order operations.
-
-Pure Python on ``products.services.rows``' field parsers and messages.
-"""
+"""Order rows: parsing and validation shared by both order operations (pure Python)."""
 
 from __future__ import annotations
 

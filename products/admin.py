@@ -50,7 +50,7 @@ class CategoryAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Category, form, change: bool) -> None:
         super().save_model(request, obj, form, change)
         # Cards show the category's name; a rename retires them all, once committed.
-        transaction.on_commit(cache.invalidate_catalogue, robust=True)
+        transaction.on_commit(cache.new_generation, robust=True)
 
 
 # What each kind of import writes, as the permissions it needs.
@@ -172,14 +172,10 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     def import_status_view(self, request: HttpRequest, token: str) -> JsonResponse:
         """JSON for the progress page's poll: the state and the job's progress."""
         staged = self.staged(request, token)
-        job = imports.job_status(staged) if staged.state == imports.RUNNING else None
+        job = (imports.job_status(staged) if staged.state == imports.RUNNING else None) or {}
+        progress = {"rows_done": "rows_done", "rows_total": "rows_total", "job_status": "status"}
         return JsonResponse(
-            {
-                "state": staged.state,
-                "rows_done": job["rows_done"] if job else None,
-                "rows_total": job["rows_total"] if job else None,
-                "job_status": job["status"] if job else None,
-            }
+            {"state": staged.state, **{name: job.get(key) for name, key in progress.items()}}
         )
 
 

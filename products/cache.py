@@ -1,13 +1,7 @@
 """Product cards and each user's top recommendations, cached in bulk (docs/cache.md).
 
-A page or a chunk costs one ``get_many``, one query for the misses and one
-``set_many``, never a round trip per key. Entries are dropped, never patched,
-after the chunk that changed them commits; imports and updates by sku replace
-the catalogue generation instead, which every card is stored with and every
-read fetches with the cards. A cache that is down is a miss on reads; an
-invalidation raises to its caller, which runs it after COMMIT and only logs
-it, and stale entries expire within ``CACHE_TIMEOUT``. Recommendations hold no
-product data: callers join them to ``get_product_cards``.
+Entries are dropped, never patched. A cache that is down is a miss on reads;
+an invalidation raises to its caller, which runs it after COMMIT and only logs it.
 """
 
 from __future__ import annotations
@@ -29,6 +23,8 @@ CARD_PREFIX = "product-card:v1:"
 GENERATION_KEY = "product-card:v1:generation"
 RECOMMENDATIONS_PREFIX = "recommendations:v1:"
 LIMIT_TOO_LARGE = "limit must be between 1 and {maximum} (settings.CACHE_RECOMMENDATIONS)"
+# A card's fields, read from the product's columns in ``card_rows``.
+CARD_FIELDS = ("id", "sku", "name", "category", "price", "stock", "is_active", "view_count")
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +45,10 @@ def card_rows(queryset: QuerySet[Product]) -> Iterator[Card]:
     rows = queryset.values_list(
         "pk", "sku", "name", "category__name", "price", "stock_quantity", "is_active", "view_count"
     )
-    for pk, sku, name, category, price, stock, is_active, view_count in rows:
-        yield {
-            "id": pk,
-            "sku": sku,
-            "name": name,
-            "category": category,
-            "price": str(price),
-            "stock": stock,
-            "is_active": is_active,
-            "view_count": view_count,
-        }
+    for row in rows:
+        card = dict(zip(CARD_FIELDS, row, strict=True))
+        card["price"] = str(card["price"])
+        yield card
 
 
 def quietly(call: Callable[..., Any], *args: Any) -> Any:
@@ -74,8 +63,8 @@ def quietly(call: Callable[..., Any], *args: Any) -> Any:
 def new_generation() -> str:
     """Start a new catalogue generation: every card stored before is a miss from now on.
 
-    A random value, not a counter: one ``set`` (Redis ``incr`` is two round
-    trips), and a generation lost to eviction is replaced by one no card carries.
+    Random, not a counter: one ``set``, and a generation lost to eviction is
+    replaced by one no card carries.
     """
     generation = uuid.uuid4().hex
     cache.set(GENERATION_KEY, generation, timeout=None)
@@ -90,10 +79,8 @@ def store_cards(cards: Iterable[Card], generation: str) -> None:
 
 
 def get_product_cards(ids: Iterable[int]) -> dict[int, Card]:
-    """The cards of ``ids`` that exist, by id: one get_many, one query for the misses, one set_many.
-
-    The generation is read in the same ``get_many``; missing products are left out.
-    """
+    """The cards of ``ids`` that exist, by id: one get_many (with the generation), one query
+    for the misses, one set_many."""
     wanted = list(dict.fromkeys(ids))
     if not wanted:
         return {}
@@ -118,18 +105,9 @@ def invalidate_products(ids: Iterable[int]) -> None:
         cache.delete_many(keys)
 
 
-def invalidate_catalogue() -> None:
-    """Retire every card (imports and updates by sku): one ``set``."""
-    new_generation()
-
-
 def load_recommendations(user_ids: Iterable[int]) -> dict[int, list[Recommendation]]:
-    """Each user's best ``CACHE_RECOMMENDATIONS`` scores from the database, [] for none.
-
-    One query: a window function ranks each user's scores (highest first, ties
-    by product) and an outer query keeps the top ones, served by the
-    (user, algorithm, -score) index's leading user column.
-    """
+    """Each user's best ``CACHE_RECOMMENDATIONS`` scores, [] for none: one query, a window
+    function ranking each user's scores (ties by product) inside an outer query."""
     users = list(user_ids)
     rank = Window(
         RowNumber(),
@@ -161,13 +139,8 @@ def store_recommendations(recommendations: dict[int, list[Recommendation]]) -> N
 def get_top_recommendations(
     user_ids: Iterable[int], *, limit: int = 10
 ) -> dict[int, list[Recommendation]]:
-    """Each user's ``limit`` best recommendations, highest score first.
-
-    One get_many, one query for the misses, one set_many. The cache holds the
-    best ``CACHE_RECOMMENDATIONS`` per user, so every limit shares one entry.
-
-    Raises:
-        ValueError: ``limit`` is below 1 or above ``CACHE_RECOMMENDATIONS``.
+    """Each user's ``limit`` best recommendations, highest score first: one get_many, one
+    query for the misses, one set_many. ValueError unless 1 <= limit <= CACHE_RECOMMENDATIONS.
     """
     maximum = settings.CACHE_RECOMMENDATIONS
     if not 1 <= limit <= maximum:
@@ -194,10 +167,8 @@ def invalidate_recommendations(user_ids: Iterable[int]) -> None:
 
 
 def warm_products(chunk_size: int) -> Iterator[int]:
-    """Store every product's card, ``chunk_size`` at a time; yield each product id.
-
-    Per chunk: one query (keyset pagination on the primary key) and one ``set_many``.
-    """
+    """Store every product's card, ``chunk_size`` at a time (one query, keyset pagination
+    on the primary key, and one ``set_many``); yield each product id."""
     generation = cache.get(GENERATION_KEY) or new_generation()
     last = 0
     while True:
@@ -211,10 +182,8 @@ def warm_products(chunk_size: int) -> Iterator[int]:
 
 
 def warm_recommendations(chunk_size: int) -> Iterator[int]:
-    """Store the recommendations of every user with scores; yield each user id.
-
-    Per chunk: the next ``chunk_size`` user ids (keyset), their top scores, one ``set_many``.
-    """
+    """Store the recommendations of every user with scores, ``chunk_size`` users (keyset) at
+    a time; yield each user id."""
     last = 0
     while True:
         users = list(

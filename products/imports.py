@@ -1,12 +1,8 @@
 """Imports uploaded in the admin: staged once, previewed without writing, confirmed.
 
-The flow is in docs/admin-and-reports.md ("Imports in the admin"). The upload
-is read once, as it arrives, into the staged input of a held job; only a JSON
-sidecar ``<token>.json`` stays under ``ADMIN_IMPORT_DIR`` (kind, owner, job, the
-reader's line map, preview, result). The random token is all the browser sends
-back, honoured only for its uploader. Confirming claims the upload by creating
-``<token>.claim`` exclusively, so only one of two confirms runs; the claim is
-released only if the run fails before committing anything.
+The flow is in docs/admin-and-reports.md ("Imports in the admin"): a held job
+holds the rows, a JSON sidecar ``<token>.json`` the rest, and ``<token>.claim``,
+created exclusively, lets one confirm run (released only if it committed nothing).
 """
 
 from __future__ import annotations
@@ -125,9 +121,7 @@ class Staged:
 def stage(upload: UploadedFile, kind: str, user: Any) -> Staged:
     """Read ``upload`` once into a held job's staged input, and preview it.
 
-    Raises:
-        ImportFileError: unknown format, no usable header, too large, too many
-            rows, damaged gzip data. Nothing of the upload is kept then.
+    ImportFileError (format, header, size, rows, damaged gzip) keeps nothing of it.
     """
     if upload.size is not None and upload.size > settings.ADMIN_IMPORT_MAX_BYTES:
         raise ImportFileError(TOO_LARGE.format(limit=settings.ADMIN_IMPORT_MAX_BYTES))
@@ -207,11 +201,8 @@ def discard(staged: Staged) -> None:
 
 
 def sweep(directory: Path) -> None:
-    """Remove uploads older than a day with their held jobs, unless their import is running.
-
-    Jobs held for more than a day go too, even without a sidecar (an upload
-    abandoned half-way).
-    """
+    """Remove uploads older than a day with their held jobs, unless their import is running;
+    and jobs held for more than a day, even without a sidecar."""
     limit = time.time() - STALE_SECONDS
     for path in directory.iterdir():
         try:
@@ -258,8 +249,7 @@ def preview(staged: Staged, job: Job) -> dict[str, Any]:
 def run(staged: Staged, user: Any) -> None:
     """Import the staged rows: now if few, else as a background job. Saves ``staged``.
 
-    Only the request that claims the upload runs it; another confirm returns
-    at once and its page shows the first one's progress, then its result.
+    Only the request that claims the upload runs it; another confirm returns at once.
     """
     if staged.state != PREVIEW or not staged.claim():
         return
@@ -315,10 +305,8 @@ def summary(
 
 
 def job_status(staged: Staged) -> dict[str, Any] | None:
-    """The released job's ``as_dict()`` (None while held); once finished, its result is stored.
-
-    No file is read: the result's errors are put on their lines by the line map.
-    """
+    """The released job's ``as_dict()`` (None while held); once finished, its result is
+    stored, its errors put on their lines by the line map."""
     if staged.job_id is None:
         return None
     job = Job.objects.filter(pk=staged.job_id).exclude(status=Job.Status.HELD).first()

@@ -1,10 +1,8 @@
 """The product list: one page, two data access paths, to see the N+1 in the SQL panel.
 
-``?path=naive`` renders each row from lazy attributes (two queries per row);
-``?path=optimized`` (the default) reads the page's ids and counts in one query
-(a correlated subquery per row shown, not a join over the score table) and the
-rest from the cached cards. Staff with the admin's view permission on products
-only: a back-office page (stock, view counts) whose naive path is costly by design.
+``?path=naive``: lazy attributes, two queries per row; ``?path=optimized`` (the
+default): ids and counts in one query, the rest from the cached cards. Staff with
+the view permission on products only: the naive path is costly by design.
 """
 
 from __future__ import annotations

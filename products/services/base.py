@@ -1,8 +1,7 @@
 """What both bulk services share: their methods, arguments and result type.
 
-The services differ only in the variant of the ``BatchOperation`` classes they
-run, found by name and variant in ``batching.registry`` (filled by each app's
-``AppConfig.ready()``), so this package imports nothing of orders.
+The services differ only in the variant of the operations they run, found in
+``batching.registry``, so this package imports nothing of orders.
 """
 
 from __future__ import annotations
@@ -31,17 +30,15 @@ class Registered:
 
 
 class BulkOperationsService:
-    """Bulk writes for the shop. Bad rows are reported, never raised.
+    """Bulk writes for the shop, chunk by chunk; bad rows are reported, never raised.
 
-    Every method reads any iterable chunk by chunk and returns a ``BatchResult``
-    (``log``: the run's row). ``resume`` continues an interrupted run of the same
-    operation and variant after its checkpoint, given the same input again.
+    ``resume`` continues an interrupted run of the same operation and variant
+    after its checkpoint, given the same input again.
 
     Note:
-        Bulk writes skip ``Model.save()`` and model signals in the optimized
-        service. The rows of every chunk after the first are read from a
-        helper thread while the chunk before commits: an iterator that
-        queries the database must be read into a list first.
+        The optimized service's bulk writes skip ``Model.save()`` and signals.
+        Chunks after the first are read from a helper thread while the one
+        before commits: an iterator that queries the database must be a list.
     """
 
     variant: ClassVar[str]
@@ -125,7 +122,7 @@ class BySku(BatchOperation):
 
     def committed(self, rows: list[Prepared]) -> None:
         # Rows name products by sku, not id: retire every card (one cache write).
-        cache.invalidate_catalogue()
+        cache.new_generation()
 
 
 class ProductsOperation(BySku):

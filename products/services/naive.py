@@ -1,11 +1,8 @@
-"""The naive bulk service: the N+1 baseline, kept honest.
+"""The naive bulk service: the N+1 baseline, kept honest, on the optimized one's engine.
 
-Each row fetches what it references with its own query, writes with
-``create()`` or ``save()``, and changes counters and stock by reading them into
-Python and saving them back, through the same engine as the optimized service,
-so the benchmark measures the data access pattern alone. Its lost updates under
-concurrency are real and deliberate (docs/architecture.md, "Why the naive
-service loses updates").
+Each row reads what it references with its own query, writes with ``create()``
+or ``save()``, and read-modify-writes counters and stock: its lost updates under
+concurrency are deliberate (docs/architecture.md, "Why the naive service loses updates").
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""The optimized bulk service: a constant number of queries per chunk.
+"""The optimized bulk service: a constant number of queries per chunk (docs/architecture.md).
 
-A chunk reads what it references with one query per table (``FETCH_RAISE``: a
-stray lazy load fails), writes with one bulk statement per table and changes
-counters and stock in the database, so no update is lost. Products, the rows the
-live shop writes, are locked last, in primary-key order (docs/architecture.md).
-Each write has a PostgreSQL fast path (``batching.postgres``) and a portable one
-with the same queries and outcome (``BULK_PG_FAST_PATHS`` off forces it).
+Reads are one query per table (``FETCH_RAISE``: a stray lazy load fails), writes
+one bulk statement per table; counters and stock change in the database, products
+locked last, in primary-key order. Each write has a PostgreSQL fast path and a
+portable one with the same outcome (``BULK_PG_FAST_PATHS`` off forces it).
 """
 
 from __future__ import annotations
@@ -58,10 +56,6 @@ def existing_pks(model: type[models.Model], using: str, ids: Iterable[int]) -> s
     return set(strict(queryset).values_list("pk", flat=True))
 
 
-def existing_user_ids(using: str, ids: Iterable[int]) -> set[int]:
-    return existing_pks(get_user_model(), using, ids)
-
-
 def referenced(using: str, rows: list[Prepared]) -> tuple[list[Prepared], list[RowError]]:
     """The rows (views, scores) whose user and product exist, and the others' errors.
 
@@ -74,7 +68,7 @@ def referenced(using: str, rows: list[Prepared]) -> tuple[list[Prepared], list[R
             using, [(get_user_model(), user_ids), (Product, product_ids)]
         )
     else:
-        users = existing_user_ids(using, user_ids)
+        users = existing_pks(get_user_model(), using, user_ids)
         products = existing_pks(Product, using, product_ids)
     valid: list[Prepared] = []
     errors: list[RowError] = []
@@ -206,11 +200,8 @@ class OptimizedScores(ScoresOperation):
     def marks(
         self, rows: list[Prepared], **only
     ) -> dict[tuple[int, int, str], tuple[int | None, int]]:
-        """The rows' existing scores: key -> (the run that last wrote it, its row there).
-
-        Filtered by the rows' users, products and algorithms (a superset of
-        their keys) and by ``only``.
-        """
+        """The rows' existing scores (filtered by their users, products and algorithms, and by
+        ``only``): key -> (the run that last wrote it, its row there)."""
         return {
             (user_id, product_id, algorithm): (log_id, first)
             for user_id, product_id, algorithm, log_id, first in strict(
@@ -240,11 +231,9 @@ class OptimizedProducts(ProductsOperation):
     ) -> tuple[dict[str, int], list[RowError]]:
         """Ids of the rows' categories, creating the missing ones, and the rows repeated.
 
-        One query when every category exists. Otherwise three more: the rows
-        needing a new category are first checked for skus this run already
-        wrote (such a row must not create anything), then the categories are
-        created (``ignore_conflicts``: a concurrent import may create them too)
-        and their ids read back.
+        One query when every category exists; else three more: skus this run
+        already wrote (such a row creates nothing), the ``ignore_conflicts`` INSERT
+        (a concurrent import may create them too), and the new ids.
         """
         categories = Category.objects.using(self.using)
         names = {row.item.category for row in rows}

@@ -1,9 +1,8 @@
 """Input rows: parsing and validation shared by the naive and optimized services.
 
-Parsers are pure Python: they raise ``RowInvalid(field, message)`` and never
-query. They run once per input row, so the common case (an ``int`` that is an
-``int``, short ASCII text) is decided first, and rows are slotted dataclasses
-built positionally (a frozen one is slower to build).
+Pure Python, raising ``RowInvalid(field, message)``. Run once per input row: the
+common case is decided first, and rows are slotted dataclasses built positionally
+(a frozen one is slower to build).
 """
 
 from __future__ import annotations
@@ -84,9 +83,7 @@ def integer(row: Mapping[str, Any], name: str, *, minimum: int = 1) -> int:
     if type(value) is int and minimum <= value <= MAX_INT:
         return value  # the common case, decided without the checks below
     value = present(row, name)
-    if isinstance(value, bool):
-        raise RowInvalid(name, NOT_INTEGER)
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
@@ -167,9 +164,7 @@ def boolean(row: Mapping[str, Any], name: str, *, default: bool) -> bool:
     value = row.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, int) and value in (0, 1):  # True and False too
         return bool(value)
     if isinstance(value, str):
         lowered = value.strip().lower()

@@ -1,8 +1,5 @@
-"""``manage.py sales_report [--since DATE] [--until DATE] [--csv PATH]``.
-
-Prints ``orders.reports.sales_report``'s figures and, with ``--csv``, streams
-every order line of the range as CSV (``-``: standard output, and nothing else).
-"""
+"""``manage.py sales_report [--since DATE] [--until DATE] [--csv PATH]``: the figures of
+``orders.reports.sales_report`` and, with ``--csv``, every order line of the range."""
 
 from __future__ import annotations
 
@@ -13,17 +10,18 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from orders.reports import SalesReport, check_range, iter_order_lines_csv, parse_day, sales_report
+from orders.reports import SalesReport, check_range, iter_order_lines_csv, sales_report
 
 CANNOT_WRITE = "cannot write {path}: {error}"
+BAD_DATE = "{value!r} is not a date (expected YYYY-MM-DD)"
 
 
 def iso_date(value: str) -> date:
-    """``reports.parse_day`` for argparse, which shows only ArgumentTypeError's message."""
+    """A ``YYYY-MM-DD`` day, for argparse (which shows only ArgumentTypeError's message)."""
     try:
-        return parse_day(value)
-    except ValueError as exc:
-        raise ArgumentTypeError(str(exc)) from None
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ArgumentTypeError(BAD_DATE.format(value=value)) from None
 
 
 class Command(BaseCommand):

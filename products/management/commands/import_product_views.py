@@ -1,9 +1,5 @@
-"""``manage.py import_product_views PATH``: stream product views from a file.
-
-Same options, output and resume behaviour as ``import_products`` (see
-``ImportCommand`` there); each row records one view and adds one to its
-product's view_count.
-"""
+"""``manage.py import_product_views PATH``: stream product views from a file, as
+``import_products`` does products (``ImportCommand``)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """``manage.py import_products PATH``: stream a CSV or JSON Lines file into the catalogue.
 
-The file is read row by row into a registered bulk operation, so memory holds
-one chunk whatever its size; bad lines are reported by line number and skipped.
-``--resume LOG_ID`` first marks dead runs interrupted, then continues the run
-after its checkpoint, reading the same file again. ``import_product_views``
-shares ``ImportCommand``.
+Memory holds one chunk whatever the file's size; bad lines are reported by line
+number and skipped. ``import_product_views`` shares ``ImportCommand``.
 """
 
 from __future__ import annotations
@@ -107,22 +104,19 @@ class ImportCommand(BaseCommand):
         resume: int | None = options["resume"]
         Variant = BatchProcessingLog.Variant
         variant = Variant.NAIVE if options["naive"] else Variant.OPTIMIZED
-        self.log_id = resume
-        self.resuming = resume is not None
+        operation = operation_class(self.operation, variant)
+        chunk_size: int | None = options["chunk_size"]
+        if chunk_size is None and resume is None:  # a resumed run keeps its chunk size
+            chunk_size = operation_class(self.operation).volume_chunk_size()
         with self.open_stream(RowStream, path, options["format"]) as stream:
             resumed_at = self.check_resumable(resume) if resume is not None else 0
             progress = None
             if verbosity >= 1 and self.stdout.isatty():
                 progress = Progress(self.stdout, stream.estimate_total())
-            rows = self.watch(stream, progress, announce=verbosity >= 1)
+            rows = self.watch(stream, progress, announce=verbosity >= 1, resume=resume)
             started = time.perf_counter()
             try:
-                result = run_batch(
-                    operation_class(self.operation, variant)(),
-                    rows,
-                    chunk_size=self.chunk_size(options["chunk_size"]),
-                    resume=resume,
-                )
+                result = run_batch(operation(), rows, chunk_size=chunk_size, resume=resume)
             except ResumeError as exc:
                 raise CommandError(str(exc)) from exc
             except KeyboardInterrupt as exc:
@@ -132,13 +126,10 @@ class ImportCommand(BaseCommand):
                 raise
             except (OSError, EOFError, zlib.error, ReaderError) as exc:
                 # A file broken half-way: the engine marked the run failed, checkpoint kept.
-                log = run_log_of(exc)
-                log_id = log.pk if log is not None else None
-                raise CommandError(
-                    READ_FAILED.format(
-                        path=path, row=stream.rows_yielded, error=exc, log_id=log_id or "ID"
-                    )
-                ) from exc
+                log_id = getattr(run_log_of(exc), "pk", None) or "ID"
+                row = stream.rows_yielded
+                message = READ_FAILED.format(path=path, row=row, error=exc, log_id=log_id)
+                raise CommandError(message) from exc
             finally:
                 if progress is not None:
                     progress.finish()
@@ -156,18 +147,9 @@ class ImportCommand(BaseCommand):
                 RUN_FAILED.format(log_id=result.log_id, summary=result.log.error_summary)
             )
 
-    def chunk_size(self, given: int | None) -> int | None:
-        """``--chunk-size``, else the operation's volume default; a resumed run keeps its own."""
-        if given is not None or self.resuming:
-            return given
-        return operation_class(self.operation).volume_chunk_size()
-
     def check_resumable(self, log_id: int) -> int:
-        """Mark dead runs interrupted, refuse a live one; return the checkpoint.
-
-        The run's existence and kind are the engine's check (ResumeError); a
-        live run is refused here: two processes would import the same rows.
-        """
+        """Mark dead runs interrupted, refuse a live one (two processes would import the same
+        rows); return the checkpoint. The run's existence and kind are the engine's check."""
         mark_interrupted_runs()
         log = (
             BatchProcessingLog.objects.filter(pk=log_id)
@@ -207,18 +189,16 @@ class ImportCommand(BaseCommand):
         )
 
     def watch(
-        self, stream: RowStream, progress: Progress | None, *, announce: bool
+        self, stream: RowStream, progress: Progress | None, *, announce: bool, resume: int | None
     ) -> Iterator[Mapping[str, Any]]:
-        """The rows as the engine reads them, announcing the run on the first one.
-
-        A new run's id is unknown until its first chunk commits: it is told at
-        the end, or by the error that stops it.
-        """
+        """The rows as the engine reads them, announcing the run on the first one (a new
+        run's id is told at the end, or by the error that stops it)."""
         rows: Iterable[Mapping[str, Any]] = progress.track(stream) if progress else stream
         for position, row in enumerate(rows):
             if position == 0 and announce:
-                action = "Resuming" if self.resuming else "Importing"
-                run = f" as run #{self.log_id}" if self.resuming else ""
+                action, run = (
+                    ("Importing", "") if resume is None else ("Resuming", f" as run #{resume}")
+                )
                 self.stdout.write(f"{action} {self.noun} from {stream.path}{run}")
             yield row
 

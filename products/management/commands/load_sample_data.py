@@ -1,11 +1,9 @@
-"""``manage.py load_sample_data``: a small sample shop for the demo, loaded idempotently.
+"""``manage.py load_sample_data``: a small sample shop for the demo, from a fixed seed.
 
-Everything but users goes through ``OptimizedBulkOperationsService``, so the
-demo's BatchProcessingLog shows real runs; the data comes from a fixed seed. A
-second run changes nothing: users are created with ``ignore_conflicts``, only
-missing skus are imported (a replay does not put back stock the orders took),
-views already present (by session id) are not sent again, scores are upserted
-with the same values, and orders' fixed references come back as duplicates.
+Everything but users goes through ``OptimizedBulkOperationsService``. A second
+run changes nothing: only missing users, skus (a replay would put back stock the
+orders took) and views (by session id) are sent; scores are upserted with the same
+values, and orders' fixed references come back as duplicates.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""``manage.py warm_cache``: fill the cache with every product card and recommendation list.
-
-Useful after a deploy, a cache flush or a catalogue import (which retires every
-card); a chunk at a time, see ``products.cache``.
-"""
+"""``manage.py warm_cache``: fill the cache with every product card and recommendation list
+(after a deploy, a cache flush or a catalogue import, which retires every card)."""
 
 from __future__ import annotations
 
