@@ -73,7 +73,10 @@ class StaffSessionAuth(Needs, APIKeyCookie):
 
 
 def needs(*permissions: str) -> list[Any]:
-    """An endpoint's ``auth``: active staff holding every one of ``permissions``."""
+    """An endpoint's ``auth``: active staff holding every one of ``permissions``.
+
+    Tried in order: a request with a valid token never needs a session.
+    """
     return [TokenAuth(permissions), StaffSessionAuth(permissions)]
 
 

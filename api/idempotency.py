@@ -53,10 +53,11 @@ def replay_or_run(
             record.delete()
             raise
         status, answer = 500, failed_after_commit(log)
+        _answer(record, status, answer)
         if not isinstance(exc, Exception):  # an interrupt goes on up, its answer kept
-            _answer(record, status, answer)
             raise
         logger.exception("batch run #%s failed after committing rows", log.pk)
+        return status, answer
     _answer(record, status, answer)
     return status, answer
 

@@ -108,7 +108,7 @@ class OrderAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
     fields = ["reference", "user", "status", "total", "created_at"]
     # The idempotency key, and the sum of the lines process_orders wrote.
     readonly_fields = ["reference", "total", "created_at"]
-    raw_id_fields = ["user"]
+    raw_id_fields = ["user"]  # the form never loads every user into a <select>
     inlines = [OrderItemInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Order]:

@@ -100,7 +100,8 @@ class NaiveOrders(NaiveOperationMixin, OrdersOperation):
             products = {product.pk: product for product in found if product is not None}
             catalogue = {pk: (p.price, p.stock_quantity, p.is_active) for pk, p in products.items()}
             remaining = {pk: p.stock_quantity for pk, p in products.items()}
-            known, users = {order.reference} if exists else set(), {user.pk} if user else set()
+            known = {order.reference} if exists else set()
+            users = {user.pk} if user else set()
             error = order_rejection(row.index, order, known, users, catalogue, remaining)
             if error is not None:
                 outcome.errors.append(error)

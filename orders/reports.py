@@ -119,7 +119,7 @@ def sales_report(*, since: date | None = None, until: date | None = None) -> Sal
     )
     days, order_count, revenue, units = [], 0, ZERO, 0
     for row in per_day:
-        days.append(DaySales(row["day"], row["orders"], _money(row["revenue"])))
+        days.append(DaySales(day=row["day"], orders=row["orders"], revenue=_money(row["revenue"])))
         order_count += row["orders"]
         revenue += _money(row["revenue"])
         units += row["units"]
@@ -131,13 +131,22 @@ def sales_report(*, since: date | None = None, until: date | None = None) -> Sal
         .order_by("-revenue", "product__sku")
     )
     products = [
-        ProductSales(pk, sku, name, sold, _money(sales))
+        ProductSales(product_id=pk, sku=sku, name=name, units=sold, revenue=_money(sales))
         for pk, sku, name, sold, sales in per_product.values_list(
             "product_id", "product__sku", "product__name", "units", "revenue"
         )
     ]
     average = (revenue / order_count).quantize(CENT, ROUND_HALF_UP) if order_count else ZERO
-    return SalesReport(since, until, order_count, revenue, average, units, products, days)
+    return SalesReport(
+        since=since,
+        until=until,
+        orders=order_count,
+        revenue=revenue,
+        average_order_value=average,
+        units=units,
+        products=products,
+        days=days,
+    )
 
 
 def _money(value: Decimal | float | int | None) -> Decimal:

@@ -1,7 +1,7 @@
 """Admin for the catalogue and the interaction data the bulk services write.
 
 Every list page runs a fixed number of queries whatever its length; foreign keys
-on forms use autocomplete, so a form never loads a whole table into a ``<select>``.
+on its forms use autocomplete, so a form never loads a whole table into a ``<select>``.
 """
 
 from __future__ import annotations

@@ -258,11 +258,21 @@ class OptimizedProducts(ProductsOperation):
             rows = [row for row in rows if row.index not in skipped]
         now = timezone.now()
         columns = [*PRODUCT_COLUMNS, "last_import_row"]
-        values = [
-            (i.sku, i.name, category_ids[i.category], i.price, i.stock_quantity, i.is_active, n)
-            for row in rows
-            for i, n in [(row.item, row.index)]
-        ]
+        values = []
+        for row in rows:  # PRODUCT_COLUMNS, then the row's mark
+            item = row.item
+            category = category_ids[item.category]
+            values.append(
+                (
+                    item.sku,
+                    item.name,
+                    category,
+                    item.price,
+                    item.stock_quantity,
+                    item.is_active,
+                    row.index,
+                )
+            )
         options: dict[str, Any] = {
             "unique_fields": ["sku"],
             "update_fields": IMPORT_UPDATE_FIELDS,
