@@ -1,11 +1,8 @@
-"""The load test behind ``manage.py bench_load``: API clients against the production server.
+"""The load test behind ``manage.py bench_load`` (method: docs/deploy.md).
 
-Each client thread, on its keep-alive connection, warms up with one uncounted read,
-then until the deadline posts a batch of views with an ``Idempotency-Key`` of its own
-and reads ``/api/batch-logs``, in turn. A transport failure or a 409 (the key's first
-attempt still running) is an error, and the batch is sent again with the same key, up
-to ``ATTEMPTS`` times: the idempotency record makes a repeat return the first answer,
-never a second write. ``verify`` then checks every posted row is stored exactly once.
+A batch met by a transport failure or a 409 is sent again with the same key, up to
+``ATTEMPTS`` times: the idempotency record makes a repeat return the first answer,
+never a second write.
 """
 
 from __future__ import annotations

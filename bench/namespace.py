@@ -81,17 +81,15 @@ class Kept:
 def reset_namespace(using: str = DEFAULT_DB_ALIAS, keep: Kept | None = None) -> None:
     """Delete the benchmark's rows in foreign-key order; nothing outside the namespace.
 
-    With ``keep``, the users, the kept products and categories stay, and the
-    hot products get back their price and stock (updated in place: the live
-    players hold their ids). On PostgreSQL orders and products go by one
-    ``DELETE ... LIKE`` (Django's collector would load every row to cascade),
-    and the tables are analyzed first and vacuumed between the deletes: just
-    after a run the planner may still expect empty tables and check foreign
-    keys by nested loops for minutes.
+    With ``keep``, the users, the kept products and categories stay, and the hot
+    products get back their price and stock in place (the live players hold their
+    ids). On PostgreSQL orders and products go by one ``DELETE ... LIKE`` (Django's
+    collector would load every row), the tables analyzed first and vacuumed between
+    the deletes: just after a run the planner may still expect empty tables and check
+    foreign keys by nested loops for minutes.
     """
     postgres = is_postgresql(using)
-    if postgres:
-        vacuum(using, (ProductView, RecommendationScore, Product), "ANALYZE")
+    vacuum(using, (ProductView, RecommendationScore, Product), "ANALYZE")
     bench_users = Q(user__username__startswith=USER_PREFIX)
     bench_products = Q(product__sku__startswith=SKU_PREFIX)
     delete_like = "DELETE FROM {} WHERE {} LIKE %s"

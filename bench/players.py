@@ -1,12 +1,7 @@
-"""The live shop that ``bench_live`` runs beside bulk work: one OS process per player.
+"""The live shop that ``bench_live`` runs beside bulk work, one OS process per player.
 
-A player holds one plain psycopg connection (no Django: a light process) and,
-until told to stop, starts a short transaction every ``interval`` seconds on
-a random hot product: ``checkout`` takes one unit of stock, ``admin`` saves a
-price and stock. Each transaction's start and latency (``time.monotonic()``,
-one clock for every process of the machine) and whether it failed are kept; a
-player that falls behind starts the next at once, so a stall is one long
-latency.
+Method: docs/benchmarks.md. Starts and latencies are ``time.monotonic()``: one clock
+for every process of the machine.
 """
 
 from __future__ import annotations

@@ -81,6 +81,13 @@ def add_files(parser: Any, charts: Mapping[str, str]) -> None:
         parser.add_argument(option, type=Path, help=f"Write the SVG chart of {drawing} here.")
 
 
+def print_markdown(command: BaseCommand, path: Path | None, text: str) -> None:
+    """Write ``text`` to ``path`` (``--markdown``) when given, and to stdout."""
+    if path:
+        path.write_text(text + "\n", encoding="utf-8")
+    command.stdout.write(text)
+
+
 def take_turns[T](
     calls: Mapping[str, Callable[[], T]],
     repeat: int,

@@ -1,9 +1,7 @@
-"""The production server as a child process: gunicorn on a loopback port, DEBUG off.
+"""The production server (gunicorn.conf.py) as a child process, on loopback, DEBUG off.
 
-What ``make serve`` runs (gunicorn.conf.py), in the loopback environment of
-docs/deploy.md. It binds port 0 and its URL is read back from its log, so two
-servers never race for one port. ``bench_load`` and tests/test_production.py
-start it.
+It binds port 0 and its URL is read back from its log, so two servers never race
+for one port.
 """
 
 from __future__ import annotations
@@ -46,17 +44,9 @@ def database_url(alias: str = DEFAULT_DB_ALIAS) -> str:
 
 def loopback_environment(url: str, **extra: str) -> dict[str, str]:
     """This process's environment, set for a production server on loopback without TLS."""
-    environment = dict(os.environ)
-    environment.update(
-        DEBUG="0",
-        DATABASE_URL=url,
-        SECURE_SSL_REDIRECT="0",
-        SESSION_COOKIE_SECURE="0",
-        CSRF_COOKIE_SECURE="0",
-        DJANGO_SETTINGS_MODULE="shop.settings",
-    )
-    environment.update(extra)
-    return environment
+    fixed = {"DEBUG": "0", "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "shop.settings"}
+    secure = ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE")
+    return {**os.environ, **fixed, **dict.fromkeys(secure, "0"), **extra}
 
 
 def manage(environment: Mapping[str, str], *arguments: str) -> subprocess.Popen:
@@ -111,8 +101,14 @@ def gunicorn(
             start_new_session=True,
         )
     try:
-        url = _wait_for_url(process, log, start_seconds)
-        yield Server(url=url, pid=process.pid, log=log)
+        deadline = time.monotonic() + start_seconds
+        while not (match := LISTENING.search(log.read_text())):
+            if (code := process.poll()) is not None:
+                raise RuntimeError(EXITED.format(code=code, log=log.read_text()))
+            if time.monotonic() >= deadline:
+                raise RuntimeError(NOT_STARTED.format(seconds=start_seconds, log=log.read_text()))
+            time.sleep(0.05)
+        yield Server(url=match.group(1), pid=process.pid, log=log)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -120,14 +116,3 @@ def gunicorn(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _wait_for_url(process: subprocess.Popen, log: Path, seconds: float) -> str:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if match := LISTENING.search(log.read_text()):
-            return match.group(1)
-        if (code := process.poll()) is not None:
-            raise RuntimeError(EXITED.format(code=code, log=log.read_text()))
-        time.sleep(0.05)
-    raise RuntimeError(NOT_STARTED.format(seconds=seconds, log=log.read_text()))

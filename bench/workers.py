@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -108,10 +109,6 @@ def stat_fields(pid: int) -> list[str] | None:
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def live_pids() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-
-
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds of ``pids`` and of their children that have exited.
 
@@ -119,34 +116,36 @@ def cpu_seconds(pids: list[int]) -> float:
     connections PostgreSQL served and closed count in the postmaster's, a
     Celery pool child's in its worker's.
     """
-    total = 0
-    for pid in pids:
-        fields = stat_fields(pid)
-        if fields is not None:
-            total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
-    return total / CLOCK_TICKS
+    found = [fields for pid in pids if (fields := stat_fields(pid)) is not None]
+    # utime, stime, cutime, cstime
+    return sum(int(value) for fields in found for value in fields[11:15]) / CLOCK_TICKS
 
 
-def processes(matching: str) -> list[int]:
-    """The live processes whose command line contains ``matching``."""
+def pids_where(test: Callable[[int], bool]) -> list[int]:
+    """The live processes that pass ``test`` (one that is gone meanwhile does not)."""
     found = []
-    for pid in live_pids():
+    for pid in (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()):
         try:
-            if matching in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            if test(pid):
                 found.append(pid)
         except OSError:
             continue
     return found
 
 
+def processes(matching: str) -> list[int]:
+    """The live processes whose command line contains ``matching``."""
+    return pids_where(
+        lambda pid: matching in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    )
+
+
 def session_pids(workers: list[Worker]) -> list[int]:
     """Every live process in the workers' sessions (Celery's pool children too)."""
     sessions = {worker.process.pid for worker in workers}
-    return [
-        pid
-        for pid in live_pids()
-        if (fields := stat_fields(pid)) is not None and int(fields[3]) in sessions  # session id
-    ]
+    return pids_where(  # field 3: the session id
+        lambda pid: (fields := stat_fields(pid)) is not None and int(fields[3]) in sessions
+    )
 
 
 def machine_busy() -> tuple[int, int]:

@@ -130,11 +130,8 @@ def compare(
             )
         return result, workload.snapshot()
 
-    services = (
-        NaiveBulkOperationsService(using=using),
-        OptimizedBulkOperationsService(using=using),
-    )
-    runs = take_turns({s.variant: partial(run, s) for s in services}, repeat)
+    services = (NaiveBulkOperationsService, OptimizedBulkOperationsService)
+    runs = take_turns({s.variant: partial(run, s(using=using)) for s in services}, repeat)
     (naive, naive_state), (optimized, optimized_state) = (
         min(outcomes, key=lambda outcome: outcome[0].duration) for outcomes in runs.values()
     )
@@ -158,14 +155,9 @@ def run_benchmark(
     """Compare each operation at its size; then remove the namespace, unless ``keep_data``
     (the database left as the last optimized run made it)."""
     with tempfile.TemporaryDirectory(prefix="bench-writeup-") as work_dir:
-        options: dict[str, Any] = {
-            "chunk_size": chunk_size,
-            "seed": seed,
-            "using": using,
-            "repeat": repeat,
-        }
+        run = partial(compare, chunk_size=chunk_size, seed=seed, using=using, repeat=repeat)
         comparisons = [
-            compare(name, size=size, work_dir=Path(work_dir), progress=progress, **options)
+            run(name, size=size, work_dir=Path(work_dir), progress=progress)
             for name, size in sizes.items()
         ]
     if not keep_data:

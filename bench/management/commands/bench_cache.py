@@ -1,9 +1,8 @@
 """``manage.py bench_cache``: per-key against bulk cache operations on the configured Redis.
 
-Writes ``--keys`` product-card-sized values one ``set`` at a time, then with
-one ``set_many``; reads them with one ``get`` each, then with one
-``get_many``; deletes them with one ``delete`` each, then with one
-``delete_many``. Keys live under their own prefix and are deleted afterwards.
+Sets, gets and deletes ``--keys`` product-card-sized values one key at a time, then
+with one ``set_many``, ``get_many`` and ``delete_many``. Keys live under their own
+prefix and are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -50,15 +49,10 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument(
-            "--keys", type=positive_int, default=10_000, help="Keys per operation (10000)."
-        )
-        parser.add_argument(
-            "--json", action="store_true", help="Print the figures as JSON instead of a table."
-        )
-        parser.add_argument(
-            "--markdown", action="store_true", help="Print a Markdown section for BENCHMARKS.md."
-        )
+        add = parser.add_argument
+        add("--keys", type=positive_int, default=10_000, help="Keys per operation (10000).")
+        add("--json", action="store_true", help="Print the figures as JSON instead of a table.")
+        add("--markdown", action="store_true", help="Print a Markdown section for BENCHMARKS.md.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         backend = caches["default"]
@@ -67,23 +61,23 @@ class Command(BaseCommand):
         count: int = options["keys"]
         values = {f"{PREFIX}{index}": {**CARD, "id": index} for index in range(count)}
         keys = list(values)
-        results = []
 
         def set_each() -> None:
             for key, value in values.items():
                 backend.set(key, value)
 
         try:
-            set_one = timed(set_each)
-            set_many = timed(lambda: backend.set_many(values))
-            results.append(("set", set_one, set_many))
-            get_one = timed(lambda: [backend.get(key) for key in keys])
-            get_many = timed(lambda: backend.get_many(keys))
-            results.append(("get", get_one, get_many))
+            results = [
+                ("set", timed(set_each), timed(lambda: backend.set_many(values))),
+                (
+                    "get",
+                    timed(lambda: [backend.get(key) for key in keys]),
+                    timed(lambda: backend.get_many(keys)),
+                ),
+            ]
             delete_one = timed(lambda: [backend.delete(key) for key in keys])
             backend.set_many(values)  # delete_many must find the keys too
-            delete_many = timed(lambda: backend.delete_many(keys))
-            results.append(("delete", delete_one, delete_many))
+            results.append(("delete", delete_one, timed(lambda: backend.delete_many(keys))))
         finally:
             backend.delete_many(keys)
         rows = [
@@ -115,20 +109,16 @@ class Command(BaseCommand):
             (
                 row["operation"],
                 f"{row['keys']:,}",
-                f"{row['per_key_seconds']:.3f}",
-                f"{row['bulk_seconds']:.3f}",
+                *(f"{row[key]:.3f}" for key in ("per_key_seconds", "bulk_seconds")),
                 f"{row['speedup']}x",
             )
             for row in rows
         ]
         header = ("operation", "keys", "per key (s)", "bulk (s)", "speedup")
+        command_line = f"python manage.py bench_cache --keys {count} --markdown"
         return "\n".join(
             [
-                *section_head(
-                    TITLE,
-                    f"python manage.py bench_cache --keys {count} --markdown",
-                    f"Redis {version}",
-                ),
+                *section_head(TITLE, command_line, f"Redis {version}"),
                 f"{count:,} product-card values, one round trip per key against one per "
                 "operation (`get_many` is MGET, `set_many` one pipeline, `delete_many` one DEL).",
                 "",

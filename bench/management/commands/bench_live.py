@@ -1,7 +1,4 @@
-"""``manage.py bench_live``: bulk operations while a live shop checks out and saves products.
-
-The runs, the players and the report live in ``bench.live`` and ``bench.players``.
-"""
+"""``manage.py bench_live``: bulk operations beside a live shop (``bench.live``)."""
 
 from __future__ import annotations
 
@@ -52,30 +49,26 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        add = parser.add_argument
         sizes = ", ".join(
             f"{name} {cls.size_at_scale_1:,}" for name, cls in live.OPERATIONS.items()
         )
-        parser.add_argument(
-            "--operations",
-            type=str,
-            default="all",
-            help=f"Comma-separated, from {', '.join(live.OPERATIONS)} (default: all).",
-        )
-        parser.add_argument(
+        choices = ", ".join(live.OPERATIONS)
+        add("--operations", default="all", help=f"Comma-separated, from {choices} (default: all).")
+        add(
             "--scale",
             type=float,
             default=1.0,
             help=f"Multiply every operation's rows by this (default 1: {sizes}).",
         )
-        parser.add_argument(
+        add(
             "--chunks",
-            type=str,
             default=",".join(map(str, live.DEFAULT_CHUNKS)),
             help="Comma-separated chunk settings of the service: 'default' (no chunk_size "
             "given: BULK_CHUNK_SIZE), 'volume' (the import commands' and jobs' default: "
             "BULK_VOLUME_CHUNK_SIZE) or rows per chunk (default: default,volume,50000).",
         )
-        parser.add_argument(
+        add(
             "--idle-seconds",
             type=float,
             default=live.DEFAULT_IDLE_SECONDS,

@@ -1,7 +1,4 @@
-"""``manage.py bench_load``: API clients against the production server, then a row count.
-
-The clients and the checks live in ``bench.load``, the server in ``bench.server``.
-"""
+"""``manage.py bench_load``: API clients against the production server (``bench.load``)."""
 
 from __future__ import annotations
 
@@ -18,7 +15,10 @@ from bench.report import markdown_table, section_head, text_table
 
 TITLE = "The production server under load (`bench_load`)"
 FAILED = "the load test failed:\n{problems}"
-ENVIRONMENT = (("WEB_CONCURRENCY", 2), ("WEB_THREADS", 4))
+SERVER_OPTIONS = (  # option, the environment variable giving its default, else this, help
+    ("--workers", "WEB_CONCURRENCY", 2, "gunicorn workers of"),
+    ("--threads", "WEB_THREADS", 4, "Threads per worker of"),
+)
 NOT_POSITIVE = "{option} must be more than 0, not {value}"
 NO_URL_ON_MEMORY = (
     "without --url the command starts the server on this database, which is in memory; "
@@ -57,19 +57,9 @@ class Command(BaseCommand):
             help=f"Products the views are drawn from at random ({load.PRODUCTS:,}); fewer "
             "products, more batches updating the same view counters at once.",
         )
-        workers, threads = (int(os.environ.get(name) or n) for name, n in ENVIRONMENT)
-        add(
-            "--workers",
-            type=int,
-            default=workers,
-            help="gunicorn workers of the server it starts (WEB_CONCURRENCY, else 2).",
-        )
-        add(
-            "--threads",
-            type=int,
-            default=threads,
-            help="Threads per worker of the server it starts (WEB_THREADS, else 4).",
-        )
+        for option, name, fallback, what in SERVER_OPTIONS:
+            default, text = int(os.environ.get(name) or fallback), f"{what} the server it starts"
+            add(option, type=int, default=default, help=f"{text} ({name}, else {fallback}).")
         add("--timeout", type=float, default=30.0, help="Seconds a client waits for an answer.")
         add("--markdown", action="store_true", help="Print the report as a BENCHMARKS.md section.")
         add("--keep", action="store_true", help="Keep the run's rows (for inspection).")
@@ -82,47 +72,37 @@ class Command(BaseCommand):
             raise CommandError(NO_URL_ON_MEMORY)
         load_before = load.load_average()
         namespace = load.prepare(products=options["products"])
+        clients = {key: options[key] for key in ("clients", "seconds", "batch", "timeout")}
+
+        def run(url: str) -> Tally:
+            return load.run_clients(url, namespace, **clients)
+
         tally = Tally()
         problems: list[str] = []
         try:
             if options["url"]:
-                tally = self.run(options["url"].rstrip("/"), namespace, options)
+                tally = run(options["url"].rstrip("/"))
             else:
-                with tempfile.TemporaryDirectory(prefix="bench-load-") as folder:
-                    environment = server.loopback_environment(server.database_url())
-                    log = Path(folder) / "gunicorn.log"
-                    with server.gunicorn(
-                        environment, log, workers=options["workers"], threads=options["threads"]
-                    ) as running:
-                        tally = self.run(running.url, namespace, options)
+                with (
+                    tempfile.TemporaryDirectory(prefix="bench-load-") as folder,
+                    server.gunicorn(
+                        server.loopback_environment(server.database_url()),
+                        Path(folder) / "gunicorn.log",
+                        workers=options["workers"],
+                        threads=options["threads"],
+                    ) as running,
+                ):
+                    tally = run(running.url)
             problems = load.verify(namespace, tally)
         finally:
             if not options["keep"]:
                 load.remove(namespace, [*tally.log_ids, *tally.failed_log_ids])
-        setup = {
-            "server": options["url"]
-            or f"gunicorn, {options['workers']} workers x {options['threads']} threads, DEBUG=0",
-            "load_before": load_before,
-            "load_after": load.load_average(),
-        }
-        self.report(tally, problems, options, setup)
+        self.report(tally, problems, options, load_before)
         failures = [*tally.errors[:20], *problems]
         if tally.errors or problems:
             raise CommandError(FAILED.format(problems="\n".join(failures)))
 
-    def run(self, url: str, namespace: load.Namespace, options: dict[str, Any]) -> Tally:
-        return load.run_clients(
-            url,
-            namespace,
-            clients=options["clients"],
-            seconds=options["seconds"],
-            batch=options["batch"],
-            timeout=options["timeout"],
-        )
-
-    def report(
-        self, tally: Tally, problems: list[str], options: dict[str, Any], setup: dict[str, str]
-    ) -> None:
+    def report(self, tally: Tally, problems: list[str], options: dict[str, Any], before: str):
         table = load.rows(tally)
         rows_per_second = tally.posted_rows / tally.elapsed if tally.elapsed else 0.0
         stored = "every posted row stored exactly once"
@@ -136,32 +116,30 @@ class Command(BaseCommand):
         if not options["markdown"]:
             self.stdout.write(f"{text_table(header, table)}\n{summary}")
         else:
-            requests = sum(len(tally.latencies[e]) for e in load.ENDPOINTS)
+            clients, requests = options["clients"], sum(map(len, tally.latencies.values()))
             total = requests / tally.elapsed if tally.elapsed else 0.0
+            workers, threads = options["workers"], options["threads"]
+            where = options["url"] or f"gunicorn, {workers} workers x {threads} threads, DEBUG=0"
             queued = (
                 "; with more clients than server threads most of it is waiting in the server's "
-                f"queue ({options['clients']} clients / {total:,.1f} requests/s = "
-                f"{options['clients'] / total:,.2f} s)."
-                if not options["url"]
-                and total
-                and options["clients"] > options["workers"] * options["threads"]
+                f"queue ({clients} clients / {total:,.1f} requests/s = {clients / total:,.2f} s)."
+                if not options["url"] and total and clients > workers * threads
                 else "."
             )
             command_line = (
-                f"python manage.py bench_load --clients {options['clients']} "
+                f"python manage.py bench_load --clients {clients} "
                 f"--seconds {options['seconds']:g} --batch {options['batch']} "
                 f"--products {options['products']} --markdown"
             )
             lines = [
                 *section_head(TITLE, command_line),
-                f"{options['clients']} API clients on loopback for {tally.elapsed:.0f} s, each "
+                f"{clients} API clients on loopback for {tally.elapsed:.0f} s, each "
                 f"posting batches of {options['batch']} views of products drawn at random from "
                 f"{options['products']:,} to `POST /api/product-views/bulk` (bearer token, an "
                 "`Idempotency-Key` per batch) and reading the first page of `GET "
-                f"/api/batch-logs`, in turn. Server: {setup['server']}; {os.cpu_count()} cores "
-                f"shared with the clients (load average before {setup['load_before']}, after "
-                f"{setup['load_after']}). Latency is the client's, request sent to answer read"
-                + queued,
+                f"/api/batch-logs`, in turn. Server: {where}; {os.cpu_count()} cores shared with "
+                f"the clients (load average before {before}, after {load.load_average()}). "
+                "Latency is the client's, request sent to answer read" + queued,
                 "",
                 *markdown_table(header, "lrrrrrrr", [(f"`{r[0]}`", *r[1:]) for r in table]),
                 f"\n{summary}.",

@@ -1,8 +1,4 @@
-"""``manage.py bench_scale``: the optimized service against raw COPY and its peers, at scale.
-
-Measuring and the report live in ``bench.scale``; with ``--one`` this is the
-child process that runs and measures one strategy.
-"""
+"""``manage.py bench_scale`` (``bench.scale``); with ``--one``, the child that runs one strategy."""
 
 from __future__ import annotations
 
@@ -49,35 +45,33 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
+        add = parser.add_argument
+        add(
             "--sizes",
-            type=str,
             default=",".join(str(size) for size in bench.DEFAULT_SIZES),
             help="Comma-separated row counts (default: 10000,100000,1000000). "
             "Orders run at 10,000 at most.",
         )
-        parser.add_argument(
+        add(
             "--workloads",
-            type=str,
             default="all",
             help=f"Comma-separated, from {', '.join(WORKLOADS)} (default: all).",
         )
-        parser.add_argument(
+        add(
             "--chunk-size",
             type=int,
-            default=None,
             help="Rows per chunk for the service and the chunked peers "
             "(default: 50,000, and 20,000 for the import: the scale figures' chunks).",
         )
         add_files(
             parser, {"--chart": "throughput (rows/s)", "--memory-chart": "peak memory growth"}
         )
-        parser.add_argument(
+        add(
             "--work-dir",
             type=Path,
             help="Directory for the generated import files (default: a temporary one).",
         )
-        parser.add_argument(
+        add(
             "--peer-budget",
             type=float,
             default=bench.DEFAULT_PEER_BUDGET,
@@ -92,21 +86,18 @@ class Command(BaseCommand):
             f"under {bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
             int,
         )
-        parser.add_argument(
+        add(
             "--in-process",
             action="store_true",
             help="Run every strategy in this process: faster, but no memory figures.",
         )
-        parser.add_argument(
+        add(
             "--one",
-            type=str,
             metavar="WORKLOAD",
             help="Internal: run one strategy of WORKLOAD (set up by the parent) in this "
             "process and print its time and peak memory growth as JSON.",
         )
-        parser.add_argument(
-            "--strategy", type=str, help="With --one: the strategy key (optimized, raw, ...)."
-        )
+        add("--strategy", help="With --one: the strategy key (optimized, raw, ...).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         sizes = parse_sizes(options["sizes"])

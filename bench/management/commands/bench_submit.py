@@ -1,7 +1,4 @@
-"""``manage.py bench_submit``: memory and speed of staging a catalogue as a job.
-
-The workloads, the child process and the report live in ``bench.submit``.
-"""
+"""``manage.py bench_submit``: staging a catalogue as a job, timed (``bench.submit``)."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from bench import submit
-from bench.report import parse_sizes, require_postgresql
+from bench.report import parse_sizes, print_markdown, require_postgresql
 
 NEEDS_POSTGRESQL = (
     "bench_submit compares staging with a raw COPY: PostgreSQL only; this database is {vendor}"
@@ -30,16 +27,15 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument(
+        add = parser.add_argument
+        add(
             "--sizes",
             default="100000,1000000",
             help="Comma-separated catalogue rows (default: 100000,1000000).",
         )
-        parser.add_argument(
-            "--work-dir", type=Path, default=None, help="Where the CSV files are written."
-        )
-        parser.add_argument("--markdown", type=Path, help="Write the Markdown section here.")
-        parser.add_argument("--child", type=Path, help="Internal: submit this file and report.")
+        add("--work-dir", type=Path, default=None, help="Where the CSV files are written.")
+        add("--markdown", type=Path, help="Write the Markdown section here.")
+        add("--child", type=Path, help="Internal: submit this file and report.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["child"]:
@@ -50,7 +46,4 @@ class Command(BaseCommand):
         work_dir = options["work_dir"] or Path(tempfile.mkdtemp(prefix="bench-submit-"))
         results = submit.run_submit_bench(sizes, work_dir)
         command_line = f"python manage.py bench_submit --sizes {options['sizes']}"
-        report = submit.markdown(results, command_line)
-        if options["markdown"]:
-            options["markdown"].write_text(report + "\n", encoding="utf-8")
-        self.stdout.write(report)
+        print_markdown(self, options["markdown"], submit.markdown(results, command_line))

@@ -1,7 +1,4 @@
-"""``manage.py bench_workers``: one catalogue job on 1, 2 and 4 workers, per task backend.
-
-The runs, the workers and the report live in ``bench.workers``.
-"""
+"""``manage.py bench_workers``: one catalogue job on 1, 2 and 4 workers (``bench.workers``)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from bench import workers
-from bench.report import parse_sizes, require_postgresql
+from bench.report import parse_sizes, print_markdown, require_postgresql
 from common.cli import positive_int
 
 NEEDS_POSTGRESQL = (
@@ -33,19 +30,12 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument(
-            "--size", type=positive_int, default=1_000_000, help="Catalogue rows (default: 1M)."
-        )
-        parser.add_argument(
-            "--workers", default="1,2,4", help="Comma-separated worker counts (default: 1,2,4)."
-        )
-        parser.add_argument(
-            "--backends", default="db,celery", help="Comma-separated, from db, celery."
-        )
-        parser.add_argument(
-            "--work-dir", type=Path, default=None, help="Where the CSV file is written."
-        )
-        parser.add_argument("--markdown", type=Path, help="Write the Markdown section here.")
+        add = parser.add_argument
+        add("--size", type=positive_int, default=1_000_000, help="Catalogue rows (default: 1M).")
+        add("--workers", default="1,2,4", help="Comma-separated worker counts (default: 1,2,4).")
+        add("--backends", default="db,celery", help="Comma-separated, from db, celery.")
+        add("--work-dir", type=Path, default=None, help="Where the CSV file is written.")
+        add("--markdown", type=Path, help="Write the Markdown section here.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         backends = [name.strip() for name in options["backends"].split(",") if name.strip()]
@@ -63,7 +53,4 @@ class Command(BaseCommand):
             f"python manage.py bench_workers --size {options['size']} "
             f"--workers {options['workers']} --backends {options['backends']}"
         )
-        report = workers.markdown(results, command_line)
-        if options["markdown"]:
-            options["markdown"].write_text(report + "\n", encoding="utf-8")
-        self.stdout.write(report)
+        print_markdown(self, options["markdown"], workers.markdown(results, command_line))

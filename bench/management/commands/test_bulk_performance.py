@@ -1,7 +1,6 @@
-"""``manage.py test_bulk_performance``: naive against optimized, operation by operation.
+"""``manage.py test_bulk_performance``: naive against optimized (``bench.writeup``).
 
-The comparison lives in ``bench.writeup``. (pytest never collects this ``test_``
-module: ``testpaths`` is ``tests``.)
+pytest never collects this ``test_`` module: ``testpaths`` is ``tests``.
 """
 
 from __future__ import annotations
@@ -36,23 +35,22 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
+        add = parser.add_argument
+        add(
             "--size",
             default="1000",
             help="Rows (views, scores, products) or orders per operation (default: 1000); "
             "or a size for each operation to run, such as views=100,scores=50,orders=10.",
         )
-        parser.add_argument(
+        add(
             "--operation",
-            type=str,
             choices=[*OPERATIONS, ALL],
             default=ALL,
             help="The operation to benchmark (default: all of them).",
         )
-        parser.add_argument(
+        add(
             "--chunk-size",
             type=int,
-            default=None,
             help="Rows per chunk for both services (default: settings.BULK_CHUNK_SIZE).",
         )
         add_seed_and_repeat(
@@ -60,18 +58,18 @@ class Command(BaseCommand):
             "Run each service this many times, taking turns, every run from the same starting "
             "state; the fastest run of each counts (default: 1).",
         )
-        parser.add_argument(
+        add(
             "--keep-data",
             action="store_true",
             help="Leave the benchmark rows as the last optimized run made them, to inspect.",
         )
-        output = parser.add_mutually_exclusive_group()
-        output.add_argument(
+        output = parser.add_mutually_exclusive_group().add_argument
+        output(
             "--json",
             action="store_true",
             help="Print the figures as JSON: a list with one object per operation.",
         )
-        output.add_argument(
+        output(
             "--markdown",
             action="store_true",
             help="Print a Markdown table with the command line, database and date.",
@@ -83,14 +81,11 @@ class Command(BaseCommand):
         if "=" in size and operation != ALL:
             raise CommandError(SIZES_WITH_OPERATION)
         sizes = self.sizes(size, OPERATIONS if operation == ALL else (operation,))
-        chunk_size: int = settings.BULK_CHUNK_SIZE
-        if options["chunk_size"] is not None:
-            chunk_size = options["chunk_size"]
-            if chunk_size < 1:
-                raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=chunk_size))
-        repeat: int = options["repeat"]
-        verbosity: int = options["verbosity"]
-
+        chunk_size: int | None = options["chunk_size"]
+        if chunk_size is not None and chunk_size < 1:
+            raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=chunk_size))
+        chunk_size = chunk_size or settings.BULK_CHUNK_SIZE
+        repeat, verbosity = options["repeat"], options["verbosity"]
         comparisons = run_benchmark(
             sizes,
             chunk_size=chunk_size,
@@ -134,9 +129,6 @@ class Command(BaseCommand):
 
     def check_fair(self, comparisons: list[Comparison]) -> None:
         """Fail (after printing) when the two variants did not do the same work."""
-        differ = [c.operation for c in comparisons if not c.states_match]
-        if differ:
-            raise CommandError(STATES_DIFFER.format(operations=", ".join(differ)))
-        skipped = [c.operation for c in comparisons if not c.completed]
-        if skipped:
-            raise CommandError(ROWS_SKIPPED.format(operations=", ".join(skipped)))
+        for message, fair in ((STATES_DIFFER, "states_match"), (ROWS_SKIPPED, "completed")):
+            if unfair := [c.operation for c in comparisons if not getattr(c, fair)]:
+                raise CommandError(message.format(operations=", ".join(unfair)))
