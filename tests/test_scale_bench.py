@@ -278,6 +278,26 @@ def test_bench_submit_reports_and_leaves_no_job(tmp_path):
     assert not Job.objects.exists() and not StagedRecord.objects.exists()
 
 
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="checks the refusal on SQLite")
+def test_bench_submit_refuses_sqlite():
+    with pytest.raises(CommandError, match="PostgreSQL only; this database is sqlite"):
+        call_command("bench_submit", "--sizes", "10", stdout=StringIO())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bench_submit_child_stages_the_file_as_one_job_and_names_it(tmp_path):
+    from jobs.models import Job, StagedRecord
+
+    path = workloads.ImportWorkload(40, work_dir=tmp_path).input_file()
+    out = StringIO()
+    call_command("bench_submit", "--child", str(path), stdout=out)
+    report = json.loads(out.getvalue())
+    job = Job.objects.get()
+    assert report["job"] == str(job.pk)
+    assert report["seconds"] > 0 and report["growth_mb"] >= 0
+    assert job.rows_total == 40 and StagedRecord.objects.filter(job=job).count() == 40
+
+
 @postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_bench_workers_runs_the_job_on_real_workers_and_leaves_nothing(tmp_path):
