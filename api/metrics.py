@@ -107,14 +107,12 @@ class BatchCollector(Collector):
             "When the last completed or partial run of each operation finished (Unix time).",
             labels=["operation"],
         )
-        per_variant: dict[tuple[str, str], dict[str, float]] = defaultdict(
-            lambda: defaultdict(float)
-        )
+        per_variant: dict[tuple[str, str], dict[str, float]] = {}
         latest: dict[str, float] = {}
         for group in groups:
             operation, variant = group["operation"], group["variant"]
             runs.add_metric([operation, variant, group["status"]], group["runs"])
-            totals = per_variant[(operation, variant)]
+            totals = per_variant.setdefault((operation, variant), defaultdict(float))
             for name in (*SUMMED, *buckets):
                 totals[name] += max(group[name] or 0, 0)
             if group["last_success"] is not None:

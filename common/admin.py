@@ -69,8 +69,7 @@ class DeclaredFiltersChangeList(ChangeList):
         for spec in specs:
             if isinstance(spec, admin.DateFieldListFilter):
                 for key in (spec.lookup_kwarg_since, spec.lookup_kwarg_until):
-                    values = cast("list[str]", spec.used_parameters.get(key, []))
-                    for value in values:
+                    for value in cast("list[str]", spec.used_parameters.get(key, [])):
                         if filter_moment(value) is None:
                             raise IncorrectLookupParameters(f"{key}: {value!r} is not a moment")
         return specs, has_filters, remaining, duplicates, active

@@ -180,13 +180,8 @@ class ImportCommand(BaseCommand):
 
         with self.open_stream(RecordStream, path, format) as records:
             job = submit_job(operation=self.operation, rows=records)
-        self.stdout.write(
-            SUBMITTED.format(
-                job=job.pk,
-                rows=job.rows_total,
-                partitions=-(-job.rows_total // job.partition_size),
-            )
-        )
+        partitions = -(-job.rows_total // job.partition_size)
+        self.stdout.write(SUBMITTED.format(job=job.pk, rows=job.rows_total, partitions=partitions))
 
     def watch(
         self, stream: RowStream, progress: Progress | None, *, announce: bool, resume: int | None

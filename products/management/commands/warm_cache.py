@@ -55,11 +55,8 @@ class Command(BaseCommand):
         if verbosity >= 1 and self.stdout.isatty():
             progress = Progress(self.stdout, total())
             progress.label = f"{noun}: "
-        count = 0
         try:
-            for _ in progress.track(ids) if progress else ids:
-                count += 1
+            return sum(1 for _ in (progress.track(ids) if progress else ids))
         finally:
             if progress is not None:
                 progress.finish()
-        return count
