@@ -21,6 +21,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from batching.dashboard import MAX_POINTS, build_dashboard
+from batching.engine import FIGURES
 from batching.models import BatchProcessingLog
 from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
 
@@ -33,6 +34,8 @@ ROW_ERRORS_CAPPED = (
     "Showing the first {shown} of {skipped} skipped rows "
     "(the log keeps at most settings.BULK_LOG_MAX_ROW_ERRORS)."
 )
+
+CHUNK_COUNTERS = ["chunks_rolled_back", "chunks_retried", "chunks_rerun"]
 
 # The admin index shows a "Reports" module (run dashboard, sales report) above the app list.
 admin.site.index_template = "admin/reports_index.html"
@@ -50,11 +53,8 @@ class DashboardForm(forms.Form):
 
 
 def row_error_cells(entries: list[Any]) -> Iterator[tuple[Any, ...]]:
-    """One tuple of cell values per entry, in ``ROW_ERROR_KEYS`` order.
-
-    An entry that is not the engine's mapping (``row_errors`` is JSON) is shown
-    as text in the message column rather than breaking the page.
-    """
+    """One tuple of cells per entry, in ``ROW_ERROR_KEYS`` order; an entry that is not
+    a mapping (``row_errors`` is JSON) goes in the message column as text."""
     for entry in entries:
         if isinstance(entry, Mapping):
             yield tuple(entry.get(key, "") for key in ROW_ERROR_KEYS)
@@ -87,30 +87,8 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
     search_help_text = "Run id, operation, error summary or worker (host:pid)."
     fieldsets = [
         (None, {"fields": ["operation", "variant", "status", "database_vendor", "chunk_size"]}),
-        (
-            "Rows",
-            {
-                "fields": [
-                    "rows_read",
-                    "rows_written",
-                    "rows_created",
-                    "rows_updated",
-                    "rows_skipped",
-                ]
-            },
-        ),
-        (
-            "Chunks and queries",
-            {
-                "fields": [
-                    "chunks_committed",
-                    "chunks_rolled_back",
-                    "chunks_retried",
-                    "chunks_rerun",
-                    "query_count",
-                ]
-            },
-        ),
+        ("Rows", {"fields": [f"rows_{name}" for name in FIGURES]}),
+        ("Chunks and queries", {"fields": ["chunks_committed", *CHUNK_COUNTERS, "query_count"]}),
         (
             "Checkpoint",
             {"fields": ["checkpoint_position", "resume_count", "worker", "heartbeat_at"]},

@@ -1,8 +1,7 @@
 """Figures for the batch-run dashboard: three aggregate queries, whatever the number of runs.
 
-One row per operation and variant, the latest ``MAX_POINTS`` finished runs for
-the charts over time (bounded, so the page stays small), the ``SLOWEST`` runs.
-Charts are drawn on the server (``common.charts``).
+One row per operation and variant, the ``SLOWEST`` runs, and the latest
+``MAX_POINTS`` finished runs (so the page stays small) for the server-drawn charts.
 """
 
 from __future__ import annotations
@@ -186,17 +185,8 @@ def draw(dashboard: Dashboard, points: list[tuple]) -> None:
             ordered, title=title, y_label=y_label, log_scale=True, width=560, height=280
         )
 
-    for operation in shown:
-        if operation not in over_time:
-            continue
-        name = operations.get(operation, operation)
-        series = over_time[operation]
-        dashboard.operation_charts.append(
-            OperationCharts(
-                operation=operation,
-                throughput=lines(
-                    series["throughput"], f"{name}: rows per second", "rows per second"
-                ),
-                duration=lines(series["duration"], f"{name}: duration", "seconds"),
-            )
-        )
+    for operation in (op for op in shown if op in over_time):
+        name, series = operations.get(operation, operation), over_time[operation]
+        throughput = lines(series["throughput"], f"{name}: rows per second", "rows per second")
+        duration = lines(series["duration"], f"{name}: duration", "seconds")
+        dashboard.operation_charts.append(OperationCharts(operation, throughput, duration))

@@ -115,9 +115,8 @@ class ChunkOutcome:
     errors: list[RowError] = field(default_factory=list)
 
     def merge(self, other: ChunkOutcome) -> None:
-        self.written += other.written
-        self.created += other.created
-        self.updated += other.updated
+        for name in WRITTEN:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors.extend(other.errors)
 
 
@@ -177,12 +176,9 @@ class Prepared:
 
 @dataclass(slots=True)
 class RunContext:
-    """What a run hands its operation's ``write``: the run's id, and where repeats are named.
-
-    ``log_id`` (set before the first ``write`` with ``keys_in_database``) is the
-    mark the rows carry. ``first_rows`` maps each repeated row to the row its key
-    first came in (per chunk with ``keys_in_database``).
-    """
+    """What a run hands its operation's ``write``: ``log_id``, the mark its rows carry
+    (set before the first ``write`` with ``keys_in_database``), and ``first_rows``: each
+    repeated row's first row with its key (per chunk with ``keys_in_database``)."""
 
     key_field: str | None = None
     log_id: int | None = None
@@ -206,9 +202,7 @@ class RunContext:
         errors: list[RowError],
     ) -> list[Prepared]:
         """The rows whose key this run has not written yet; the others go to ``errors``.
-
-        ``marks`` maps a key found in the database to (run, input row) of its last write.
-        """
+        ``marks`` maps a key found in the database to (run, input row) of its last write."""
         fresh = []
         for row in rows:
             mark = marks.get(key(row))
@@ -225,10 +219,8 @@ class RunContext:
         key: Callable[[Prepared], Hashable],
         first_rows: Mapping[Hashable, int],
     ) -> list[RowError]:
-        """The errors of the rows whose key an earlier row of this run wrote.
-
-        ``first_rows`` maps each key this run wrote (its marks) to the row that wrote it.
-        """
+        """The errors of the rows whose key an earlier row of this run wrote;
+        ``first_rows`` maps each key this run wrote (its marks) to the row that wrote it."""
         return [
             self.repeated(row.index, first_rows[row_key])
             for row in rows
@@ -282,10 +274,8 @@ class BatchOperation(ABC):
         raise NotImplementedError(f"{type(self).__qualname__} has no dry run")
 
     def committed(self, rows: list[Prepared]) -> None:
-        """Called after the transaction that wrote ``rows`` committed (cache invalidation).
-
-        It runs outside the chunk's transaction and must not query the database.
-        """
+        """Called after the transaction that wrote ``rows`` committed (cache invalidation),
+        outside it: it must not query the database."""
         return
 
 
@@ -361,10 +351,8 @@ def one_chunk(rows: Iterator[Any], size: int, weight: Callable[[Any], int]) -> I
 
 
 class Lookahead:
-    """The run's input, which tells whether a row follows by reading it ahead.
-
-    An error met reading ahead is raised by the next ``next()``.
-    """
+    """The run's input, which tells whether a row follows by reading it ahead (an error
+    met reading ahead is raised by the next ``next()``)."""
 
     def __init__(self, rows: Iterator[Any]) -> None:
         self.rows = rows
@@ -411,9 +399,8 @@ offer_gil = partial(time.sleep, 0)
 class ReadAhead:
     """The input's next chunk, read and parsed by the run's helper thread while a chunk is written.
 
-    Only the input and ``prepare`` run there; the run's thread takes each parsed
-    row (an item or its ``RowInvalid``) in order. Offering the GIL every
-    ``YIELD_EVERY`` rows spares the run's thread a switch interval per statement.
+    Only the input and ``prepare`` run there (each row an item or its ``RowInvalid``).
+    Offering the GIL every ``YIELD_EVERY`` rows spares the run's thread a switch interval.
     """
 
     def __init__(
@@ -602,10 +589,8 @@ class BatchRun:
         errors: list[RowError],
         prepare: Callable[[Any], Any] | None = None,
     ) -> list[Prepared]:
-        """The chunk's valid rows; invalid or repeated ones go to ``errors``.
-
-        ``prepare`` replaces the operation's (``parsed_already``: a ``ReadAhead`` parsed it).
-        """
+        """The chunk's valid rows; invalid or repeated ones go to ``errors``. ``prepare``
+        replaces the operation's (``parsed_already``: a ``ReadAhead`` parsed it)."""
         prepare = prepare or self.op.prepare
         # The base class has no key: skip a call per row that returns None.
         key_of = self.op.key if type(self.op).key is not BatchOperation.key else None
@@ -630,10 +615,8 @@ class BatchRun:
         return prepared
 
     def _write_isolating(self, rows: list[Prepared], *, checkpoint: int, final: bool) -> bool:
-        """Commit ``rows``, halving on database rejections; whether the ``final`` piece committed.
-
-        The ``final`` piece (each split's last half) completes the chunk: it counts as committed.
-        """
+        """Commit ``rows``, halving on database rejections; whether the ``final`` piece
+        (each split's last half, which completes the chunk) committed."""
         if not rows:
             return False
         try:
@@ -711,10 +694,8 @@ class BatchRun:
     def _commit_chunk(
         self, rows: list[Prepared], *, checkpoint: int, final: bool
     ) -> tuple[dict[str, Any], ChunkOutcome, ChunkOutcome]:
-        """One chunk's transaction: the write, then its checkpoint on the log row.
-
-        Returns the figures saved, the run's totals with its errors so far, the chunk's outcome.
-        """
+        """One chunk's transaction: the write, then its checkpoint on the log row. Returns
+        the figures saved, the run's totals with its errors so far, the chunk's outcome."""
         log = self.log
         with transaction.atomic(using=self.op.using):
             if is_postgresql(self.op.using):
@@ -752,11 +733,8 @@ class BatchRun:
             )
 
     def _name_first_rows(self) -> None:
-        """Make a repeat within the chunk name its key's first row in the whole run.
-
-        If rows j and i of a chunk share a key, i repeats j; if the write then
-        finds j's key written by an earlier chunk's row f, both repeat f.
-        """
+        """Make a repeat within the chunk name its key's first row in the whole run: if
+        row i repeats j and the write finds j's key written by an earlier row f, both repeat f."""
         context = self.context
         first_rows = context.first_rows
         for position in range(self.chunk_errors_from, len(self.errors)):
@@ -803,12 +781,11 @@ class BatchRun:
     def _save_checkpoint(
         self, totals: ChunkOutcome, checkpoint: int, *, committed: int, last: bool
     ) -> dict[str, Any]:
-        """Record the chunk's checkpoint and the run's figures in its transaction.
+        """Record the chunk's checkpoint and the run's figures in its transaction; return
+        them (with how the run ended, for the ``last`` chunk or a stop) for the log object.
 
-        Returns the figures of the committed work, for the log object once
-        committed; for the ``last`` chunk, or a run asked to stop, how it ended.
-        A committed chunk boundary with input after it honours a requested stop:
-        the UPDATE's WHERE reads ``stop_requested``, at no query of its own.
+        A committed chunk with input after it honours a requested stop: the UPDATE's
+        WHERE reads ``stop_requested``, at no query of its own.
         """
         log, errors = self.log, totals.errors
         cap = settings.BULK_LOG_MAX_ROW_ERRORS

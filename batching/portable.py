@@ -1,9 +1,8 @@
 """The portable path's inserts: one statement, its rows as parameters (``executemany``).
 
-Unlike ``bulk_create``, no model instance per row: the parsed rows already
-hold the values as the database takes them, so each column gets only the one
-conversion its type needs (``adapter``). With ``unique_fields`` it is an
-upsert (``ON CONFLICT ... DO UPDATE``, SQLite 3.24 or later).
+Unlike ``bulk_create``, no model instance per row: each column gets only the one
+conversion its type needs (``adapter``). With ``unique_fields`` it is an upsert
+(``ON CONFLICT ... DO UPDATE``, SQLite 3.24 or later).
 
 Note:
     Like ``bulk_create``, this skips ``Model.save()`` and signals and applies

@@ -1,11 +1,7 @@
 """PostgreSQL fast paths for bulk writes (docs/architecture.md, "PostgreSQL fast paths").
 
-A chunk travels as one array per column (bound on the server) or as ``COPY``
-data, and one statement writes it, instead of one model instance, one group
-of placeholders or one ``WHEN`` per row. Identifiers are the models' own,
-quoted by Django's ``quote_name``; values always travel as parameters or COPY
-data. An upsert tells created from updated by ``xmax = 0`` (true for an
-inserted row), with no prior SELECT.
+A chunk travels as one array per column or as ``COPY`` data, and one statement
+writes it. An upsert tells created from updated by ``xmax = 0`` (an inserted row).
 """
 
 from __future__ import annotations
@@ -44,13 +40,9 @@ def fast_paths(using: str) -> bool:
 
 
 def begin_chunk(using: str) -> None:
-    """The first statement of every chunk transaction on PostgreSQL (one round trip).
-
-    Foreign keys checked by each statement as it writes, not inside COMMIT
-    (Django makes them ``DEFERRABLE INITIALLY DEFERRED``) while the chunk holds
-    its locks; and ``lock_timeout`` (``BULK_LOCK_TIMEOUT_MS``): a chunk waiting on
-    a live transaction's row lock gives up with ``55P03``, which the engine retries.
-    """
+    """The first statement of every chunk transaction on PostgreSQL (docs/architecture.md,
+    "Locks late and short"): foreign keys checked as each statement writes, not in
+    COMMIT; a ``lock_timeout`` whose ``55P03`` the engine retries."""
     timeout = int(settings.BULK_LOCK_TIMEOUT_MS)
     with connections[using].cursor() as cursor:
         cursor.execute(f"SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL lock_timeout = {timeout:d}")
@@ -59,9 +51,7 @@ def begin_chunk(using: str) -> None:
 def analyze_if_empty(tables: Sequence[Model], *, using: str) -> list[str]:
     """ANALYZE each of ``tables`` whose statistics still say it is empty; return their names.
 
-    The foreign-key checks against a table filled from empty keep a plan made
-    while it looked empty (a sequential scan); ANALYZE invalidates it. It blocks
-    no reads or writes and waits at most ``BULK_LOCK_TIMEOUT_MS`` for an autovacuum.
+    It blocks no reads or writes and waits at most ``BULK_LOCK_TIMEOUT_MS`` for an autovacuum.
     """
     names = [model._meta.db_table for model in tables]
     with connections[using].cursor() as cursor:
@@ -81,11 +71,8 @@ def analyze_if_empty(tables: Sequence[Model], *, using: str) -> list[str]:
 
 
 def array_type(field: models.Field, connection) -> str:
-    """The column's type without its length: ``varchar(64)`` becomes ``varchar``.
-
-    A cast to ``varchar(n)`` would silently cut longer values; without it the
-    column refuses them ("value too long"), as a plain INSERT would.
-    """
+    """The column's type without its length (``varchar(64)``: ``varchar``): a cast to
+    ``varchar(n)`` would silently cut a longer value that the column refuses."""
     if (type_ := field.db_type(connection)) is None:
         raise ValueError(f"{field} has no column type")
     return LENGTH.sub("", type_)
@@ -111,11 +98,8 @@ def column(model: Model, name: str) -> sql.Identifier:
 
 
 def statement_text(compose: Callable[..., str]) -> Callable[..., str]:
-    """Cache the SQL text ``compose(connection, *shape)`` makes, per database alias and shape.
-
-    The text depends only on the shape (models, field names, options: hashable,
-    positional), never on the rows, so each shape is composed once per process.
-    """
+    """Cache the SQL text ``compose(connection, *shape)`` makes, per database alias and shape
+    (models, field names, options: hashable, positional; never the rows)."""
 
     @functools.cache
     def text(using: str, *shape: Any) -> str:
@@ -144,10 +128,8 @@ def unnest(connection, *columns: tuple[Model, str]) -> str:
 
 
 def insert_from_arrays(connection, model: Model, fields: Names, constants: Names) -> str:
-    """``INSERT INTO t (fields, constants) SELECT v.fields, %s... FROM unnest(...) AS v``.
-
-    Its parameters: one per constant, then one array per field.
-    """
+    """``INSERT INTO t (fields, constants) SELECT v.fields, %s... FROM unnest(...) AS v``:
+    one parameter per constant, then one array per field."""
     table, columns = quoted(connection, model), quoted(connection, model, *fields, *constants)
     names = each(connection, model, fields)
     values = ", ".join([*(f"v.{name}" for name in names), *("%s" for _ in constants)])
@@ -182,12 +164,9 @@ ELEMENT_TEXT: dict[type, Callable[[Any], str]] = {
 
 
 def array_value(values: Iterable[Any]) -> str | list[Any]:
-    """``values`` as an array parameter: the array's text, ``{"a","b\\"c",NULL}``.
-
-    Joined in Python, far cheaper than psycopg's dump element by element; a
-    list with an element of another type (a datetime) is left to psycopg. The
-    placeholder's cast (``ARRAY``) gives PostgreSQL the elements' type.
-    """
+    """``values`` as an array parameter: the array's text, ``{"a","b\\"c",NULL}``, joined
+    in Python (cheaper than psycopg's dump per element; the cast, ``ARRAY``, types it).
+    A list with an element of another type (a datetime) is left to psycopg."""
     values = values if isinstance(values, Sequence) else list(values)
     kinds = set(map(type, values))
     if len(kinds) == 1 and (kind := kinds.pop()) in ELEMENT_TEXT:
@@ -216,9 +195,7 @@ def execute(using: str, statement: sql.Composable | str, params: Sequence[Any] |
 def copy_rows(
     model: Model, fields: Sequence[str], rows: Iterable[Sequence[Any]], *, using: str
 ) -> int:
-    """``COPY`` ``rows`` (tuples in ``fields`` order) into the model's table; return the count.
-
-    Binary: no text to format and parse per value.
+    """Binary ``COPY`` of ``rows`` (tuples in ``fields`` order) into the table; the count.
 
     Note:
         Like ``bulk_create``, this skips ``Model.save()`` and signals and
@@ -274,13 +251,9 @@ def copy_escape(value: str) -> str:
 def through_django(
     using: str, statement: sql.Composable | str, run: Callable[[Any, str], Any]
 ) -> Any:
-    """Call ``run(cursor, sql_text)`` as Django runs a statement.
-
-    Through the connection's execute wrappers (the engine's query counter) and
-    query log, its errors as Django's, so the engine isolates and retries it.
-    Its cursor binds parameters on the server (Django's would quote each array
-    element into the SQL text).
-    """
+    """Call ``run(cursor, sql_text)`` as Django runs a statement: through the execute
+    wrappers and query log, errors as Django's; but with a cursor that binds parameters
+    on the server (Django's would quote each array element into the SQL text)."""
     connection = connections[using]
     connection.ensure_connection()
     connection.validate_no_broken_transaction()
@@ -309,9 +282,8 @@ def upsert(
 ) -> tuple[int, int]:
     """Insert or update ``rows`` (tuples in ``fields`` order); return (created, updated).
 
-    ``constants`` gives every row the same value (one parameter). With
-    ``only_if_distinct``, an existing row is updated only if one of these
-    columns differs; the others are counted in neither figure.
+    ``constants`` gives every row the same value; with ``only_if_distinct`` an existing
+    row is updated (and counted) only if one of these columns differs.
 
     Note:
         Like ``bulk_create``, this skips ``Model.save()`` and signals and fills
@@ -360,9 +332,8 @@ def insert_with_children(
 ) -> int:
     """Insert parent rows and their children in one statement; return the children's count.
 
-    ``rows`` are tuples in ``fields`` order, the unique ``key`` among them;
-    ``child_rows`` are ``(key, *child_fields)`` and get their parent's new
-    primary key in ``link``. ``constants`` gives every parent the same value.
+    ``rows`` are tuples in ``fields`` order with the unique ``key``; ``child_rows``,
+    ``(key, *child_fields)``, get their parent's new primary key in ``link``.
 
     Note:
         Like ``bulk_create``, this skips ``Model.save()`` and signals and
@@ -412,11 +383,9 @@ def update(
 ) -> set[Any]:
     """Lock and update existing rows found by a unique ``key``; return the keys not updated.
 
-    ``rows`` are ``(key, *values)`` in ``fields`` order; ``None`` keeps the
-    column (NOT NULL columns). ``constants`` sets one value on every row. One
-    statement locks the rows in primary-key order (one global order: concurrent
-    runs queue, never deadlock), updates them and lists the keys without a row
-    or, with ``only_if_distinct`` (constants), already holding those values.
+    ``rows`` are ``(key, *values)`` in ``fields`` order (``None`` keeps the column).
+    Rows are locked in primary-key order (concurrent runs queue, never deadlock); the
+    keys without a row, or already holding the ``only_if_distinct`` constants, return.
 
     Note:
         Like ``bulk_update``, this skips ``Model.save()`` and signals and fills

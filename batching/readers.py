@@ -1,13 +1,12 @@
 """Readers for import files: CSV or JSON Lines, optionally gzipped; every import reads here.
 
-``RecordStream`` splits a file into records, as text, a block at a time (staged
-at the speed of COPY); ``parse_record`` reads one record into a row;
-``RowStream`` does both. A line that cannot be read becomes a ``BadLine``,
-rejected like any invalid row, and the stream goes on. A block of plain records
-(one a line, no blank or overlong line, no bad byte, no quoted line break) is
-split with one ``str.split``; any other is read record by record. Memory stays
-a few blocks and one bounded record. Blank lines are skipped deterministically,
-so a resume skips exactly its checkpoint's rows.
+``RecordStream`` splits a file into records, as text, a block at a time;
+``parse_record`` reads one record into a row; ``RowStream`` does both. A line
+that cannot be read becomes a ``BadLine`` and the stream goes on. A block of
+plain records (one a line, no blank or overlong line, no bad byte, no quoted
+line break) is split with one ``str.split``; any other is read record by
+record. Memory stays a few blocks and one bounded record. Blank lines are
+skipped deterministically, so a resume skips exactly its checkpoint's rows.
 """
 
 from __future__ import annotations
@@ -83,12 +82,8 @@ class LineTooLong(Exception):
 
 
 class BadLine(Mapping[str, Any]):
-    """A line that could not be read, yielded in place of its row.
-
-    A Mapping, so it passes the row parsers' "row must be an object" check;
-    reading any field raises ``RowInvalid`` with the reader's reason, which
-    the engine records like any invalid row, at the right index.
-    """
+    """A line that could not be read, yielded in place of its row: a Mapping (it passes
+    the parsers' "row must be an object" check) whose every field raises ``RowInvalid``."""
 
     __slots__ = ("line", "reason")
 
@@ -157,12 +152,11 @@ class Lines(Iterator[str]):
     """The physical lines of a file, decoded as ``open(encoding="utf-8-sig",
     errors="surrogateescape", newline="")`` would.
 
-    ``limit`` bounds a record: ``new_record()`` starts a budget the lines of a
-    multi-line CSV record share. A line over it raises ``LineTooLong`` and the
-    next call drops its rest in bounded pieces; the iterator stays usable after
-    raising (a class, not a generator), so the csv reader goes on. The fast path
-    takes whole blocks (``block()``, ``take()``) or has one read line by line
-    (``read_on()``).
+    ``limit`` bounds a record (``new_record()`` starts the budget a multi-line CSV
+    record's lines share). A line over it raises ``LineTooLong`` and the next call
+    drops its rest in bounded pieces: a class, not a generator, stays usable after
+    raising. The fast path takes whole blocks (``block()``, ``take()``) or has one
+    read line by line (``read_on()``).
     """
 
     def __init__(self, file: IO[bytes], limit: int) -> None:
@@ -218,11 +212,8 @@ class Lines(Iterator[str]):
         return line
 
     def block(self) -> str:
-        """Whole lines read ahead, up to about ``BLOCK_SIZE`` characters; "" at the end.
-
-        It reads ahead only when no whole line is left. With no line break within
-        the limit: the text up to it (the last line, or a line over the limit).
-        """
+        """Whole lines read ahead (only when none is left), up to about ``BLOCK_SIZE``
+        characters; "" at the end; with no line break within the limit, the text up to it."""
         while True:
             text, at = self._text, self._at
             if (first := text.find("\n", at, at + self.limit + 1)) >= 0:
@@ -300,11 +291,8 @@ class Lines(Iterator[str]):
 
 
 def one_record_a_line(lines: list[str]) -> bool:
-    """Whether the csv module reads each of ``lines`` as one record (no quoted line break).
-
-    A line ending inside a quoted field takes the next into its record, so the
-    records would be fewer than the lines and the empty one added.
-    """
+    """Whether the csv module reads each of ``lines`` as one record (no quoted line
+    break would join two, leaving fewer records than lines and the "" added)."""
     try:
         last = deque(enumerate(csv.reader(chain(lines, [""])), 1), maxlen=1)
     except csv.Error:
@@ -332,11 +320,8 @@ def line_at(line_map: Sequence[Sequence[int]], index: int) -> int:
 def parse_record(
     format: str, columns: Sequence[str] | None, text: str, line: int = 0
 ) -> Mapping[str, Any] | BadLine:
-    """What one record of ``RecordStream.batches()`` reads as, or a ``BadLine`` on ``line``.
-
-    JSON Lines: any JSON value (the row parser rejects a non-object). CSV: the
-    fields by the header's ``columns``.
-    """
+    """What one record of ``RecordStream.batches()`` reads as, or a ``BadLine`` on ``line``:
+    any JSON value (the row parser rejects a non-object), or the CSV fields by ``columns``."""
     if format == JSONL:
         try:
             return json.loads(text)
@@ -358,12 +343,10 @@ def parse_record(
 class RecordStream:
     """The records of one CSV or JSON Lines file, split, not parsed; a context manager.
 
-    The file is opened (and a CSV header read) on construction, so a missing
-    file (``OSError``) or a bad header (``ReaderError``) fails before any run.
-    ``path`` may be a binary file object (an upload), read from where it
-    stands, its format named by ``name``; closing the stream closes it.
-    Reading may raise ``InputTooLarge``, and for a damaged gzip file
-    ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
+    Opened (a CSV header read) on construction: a missing file (``OSError``) or a bad
+    header (``ReaderError``) fails before any run. ``path`` may be a binary file object
+    (an upload) named by ``name``. Reading may raise ``InputTooLarge``, and for a
+    damaged gzip file ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
     """
 
     def __init__(
@@ -424,12 +407,9 @@ class RecordStream:
         return names
 
     def batches(self) -> Iterator[list[str | BadLine]]:
-        """The records in order, in lists (one per block read).
-
-        A record is its text without its final line break, or a ``BadLine`` at
-        its first line (over the limit, not UTF-8, refused by the csv module).
-        Records read before a read error are yielded before it is raised.
-        """
+        """The records in order, in lists (one per block read): each its text without its
+        final line break, or a ``BadLine`` at its first line. Records read before a read
+        error are yielded before it is raised."""
         lines = self._lines
         while block := lines.block():
             if (records := self._split(block)) is not None:
@@ -499,10 +479,7 @@ class RecordStream:
         self.records_read += records
 
     def line_of(self, index: int) -> int:
-        """The line on which the record at ``index`` (0-based, already read) starts.
-
-        Kept as one entry per change of the gap between index and line (``line_map()``).
-        """
+        """The line on which the record at ``index`` (0-based, already read) starts."""
         return line_at(self._line_map, index)
 
     def line_map(self) -> list[tuple[int, int]]:

@@ -1,10 +1,8 @@
-"""Cancelling a background job, and resuming a cancelled or failed one.
+"""Cancelling a background job, and resuming a cancelled or failed one (docs/operations-history.md).
 
-What each does: docs/operations-history.md. Rows are locked in the order the
-workers lock them (partitions, then the job), so a cancel never deadlocks with
-a claim or a partition's end. A running partition stops through its log's
-``stop_requested`` (``batching.engine``); the last one's end, recorded by
-``jobs.tasks.finish_partition``, turns a ``cancelling`` job ``cancelled``.
+Rows are locked in the order the workers lock them (partitions, then the job), so
+a cancel never deadlocks with a claim or a partition's end. The last running
+partition's end (``jobs.tasks.finish_partition``) turns a ``cancelling`` job ``cancelled``.
 """
 
 from __future__ import annotations
@@ -37,9 +35,7 @@ class JobStateError(ValueError):
 
 def cancel_job(job_id: Any) -> Job:
     """Cancel a queued or running job; return it with its new status.
-
-    Raises ``JobNotFound``, or ``JobStateError`` when the job has finished.
-    """
+    ``JobNotFound``, or ``JobStateError`` when the job has finished."""
     now = timezone.now()
     with transaction.atomic():
         partitions = JobPartition.objects.filter(job_id=job_id)
@@ -62,9 +58,7 @@ def cancel_job(job_id: Any) -> Job:
 
 def resume_job(job_id: Any) -> Job:
     """Queue a cancelled or failed job's unfinished partitions again; return the job.
-
-    Raises ``JobNotFound``, or ``JobStateError`` when the job is not cancelled or failed.
-    """
+    ``JobNotFound``, or ``JobStateError`` when the job is not cancelled or failed."""
     now = timezone.now()
     with transaction.atomic():
         job = Job.objects.select_for_update().filter(pk=job_id).first()

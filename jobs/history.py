@@ -1,11 +1,9 @@
 """Purging old history: finished jobs, their partitions, batch logs and task results.
 
-What is purged and what a resume needs kept: docs/operations-history.md. Each
-kind goes ``batch_size`` rows at a time, one SELECT of ids then one DELETE in
-its own transaction; referrers go first, so no foreign key points at a
-deleted row. The DELETE is ``_raw_delete`` (one statement, nothing loaded):
-nothing refers to a deleted row by construction, and the database's foreign
-keys would refuse the batch if something did.
+What goes and what stays: docs/operations-history.md. Each kind goes
+``batch_size`` rows at a time, referrers first, by ``_raw_delete`` (one
+statement, nothing loaded): nothing refers to a deleted row by construction,
+and the database's foreign keys would refuse the batch if something did.
 """
 
 from __future__ import annotations

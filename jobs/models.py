@@ -93,11 +93,8 @@ class Job(models.Model):
         return list(JobPartition.progress_rows().filter(job=self))
 
     def as_dict(self) -> dict[str, Any]:
-        """Status, progress and (once finished) the summed result of the partitions.
-
-        Row errors are indexed in the whole job input; a log keeps at most
-        ``BULK_LOG_MAX_ROW_ERRORS`` of them, while ``skipped`` counts every row.
-        """
+        """Status, progress and (once finished) the summed result of the partitions, its row
+        errors indexed in the whole input (``BULK_LOG_MAX_ROW_ERRORS`` a partition at most)."""
         partitions = self.progress_partitions()
         logs = [p.log for p in partitions if p.log is not None]
         result = None

@@ -1,9 +1,7 @@
 """Submitting background jobs, and whether workers are there to run them (docs/jobs.md).
 
-A job's partitions are enqueued once it is committed (``transaction.on_commit``):
-a worker never sees an uncommitted job, and one whose transaction rolls back
-never runs. A held job (``hold_job``: the admin's preview, then confirm) is
-staged and queued nothing; it is then released, run here or discarded.
+Partitions are enqueued once the job commits (``transaction.on_commit``): a
+worker never sees an uncommitted job. A held job is staged with nothing queued.
 """
 
 from __future__ import annotations
@@ -35,16 +33,10 @@ NO_WORKER = (
 
 
 def submit_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any = None) -> Job:
-    """Stage ``rows`` as a job of ``operation`` and enqueue its partitions.
+    """Stage ``rows`` (dicts, or a file's ``RecordStream``; read once, in a stream) as a
+    job of the registered ``operation`` and enqueue its partitions.
 
-    Args:
-        operation: the name of a registered operation (``batching.registry``).
-        rows: dicts as the service's method takes them, or a file's records
-            (``batching.readers.RecordStream``); read once, in a stream.
-        created_by: the user who submitted it (an anonymous user counts as none).
-
-    Raises:
-        ValueError: an unknown operation. Bad rows never raise: the runs report them.
+    ValueError for an unknown operation; bad rows never raise: the runs report them.
     """
     with transaction.atomic():
         job = _staged_job(operation, rows, created_by, Status.QUEUED)
@@ -99,10 +91,7 @@ def _partition(job: Job) -> None:
 
 def release_job(job: Job) -> None:
     """Queue a held job's partitions, as ``submit_job`` would have; updates ``job``.
-
-    Raises:
-        ValueError: the job is not held (released, run or discarded already).
-    """
+    ValueError if it is not held (released, run or discarded already)."""
     with transaction.atomic():
         status, finished = Status.QUEUED, None
         if not job.rows_total:
@@ -129,14 +118,12 @@ def check_job(job: Job, *, rows: int) -> DryRun:
 def run_held_job(job: Job) -> BatchResult:
     """Run a held job's whole input now, in this process, as one run; then discard the job.
 
-    Its rows are read into a list first (the engine reads ahead in a helper
-    thread). A run that raises before committing anything leaves the job held;
-    once anything is committed it is discarded whatever happens: its input must
-    not run twice. ValueError if the job is not held.
+    A run that raises before committing anything leaves the job held; once
+    anything is committed its input must not run twice. ValueError if not held.
     """
     if job.status != Status.HELD:
         raise ValueError(NOT_HELD.format(job_id=job.pk))
-    rows = staged_input(job, 0, job.rows_total)
+    rows = staged_input(job, 0, job.rows_total)  # a list: the read-ahead thread reads it
     try:
         result = run_batch(partition_operation(job.operation)(), rows)
     except BaseException as exc:
@@ -168,11 +155,7 @@ def _enqueue(job_id: Any, partition_ids: list[int]) -> None:
 
 
 def worker_status() -> tuple[bool, str]:
-    """(ok, detail) for /health: can queued job work expect a worker?
-
-    An idle worker writes nothing, so: ok when no partition has been queued
-    longer than ``JOB_STALE_SECONDS``, or a running one showed life within it.
-    """
+    """(ok, detail) for /health: can queued job work expect a worker? (docs/jobs.md, "Health")."""
     limit = settings.JOB_STALE_SECONDS
     now = timezone.now()
     oldest = (

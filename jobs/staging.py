@@ -1,12 +1,8 @@
 """A job's input, staged once in the database, read by its partitions by range (docs/jobs.md).
 
-The submitter only splits the input into records and COPYs them unparsed
-(``StagedRecord``), so its memory stays flat; the worker that runs a partition
-parses them. Before its run, a partition's worker stages its records' keys
-(``StagedKey``), then those of every earlier partition not keyed yet, each
-under its partition row's lock, so it never waits for an absent worker. A
-record whose key came earlier stands in as a ``RepeatedKey``; one that cannot
-be staged as text (a bad line, a NUL) as a ``Refused``, reported at its index.
+Records are COPYed unparsed (``StagedRecord``); workers parse them and stage
+their keys (``StagedKey``). A record whose key came earlier stands in as a
+``RepeatedKey``; one that cannot be staged as text as a ``Refused``.
 """
 
 from __future__ import annotations
@@ -181,8 +177,8 @@ def key_partitions(
     """Stage the keys of ``partition``'s records, then of every earlier partition's
     not keyed yet; return how many partitions this call keyed.
 
-    Each in its own transaction under its row's lock: of two workers keying one,
-    the second finds it keyed. ``alive`` (the worker's heartbeat) is called after each.
+    Each under its row's lock, in its own transaction: of two workers keying one,
+    the second finds it keyed (none waits for an absent one). ``alive`` is called after each.
     """
     job = partition.job
     operation = operation_class(job.operation)()

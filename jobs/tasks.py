@@ -4,13 +4,8 @@ A partition is owned by whoever claimed it last (``attempts``): every later
 write about it repeats ``status=running, attempts=N`` in its WHERE clause, so a
 worker that lost it to a take-over records nothing more. The first claim
 creates its log as an interrupted run at checkpoint 0 and every attempt
-resumes it, so its rows land exactly once however often it is taken over.
-Take-over ignores the task backend's bookkeeping: ``reap_stale_partitions``
-runs before every partition task, in each job's watchdog and in ``reap_jobs``.
-
-Note:
-    A live worker must commit a chunk at least every ``JOB_STALE_SECONDS``,
-    or another worker may take its partition over while it still writes.
+resumes it. Take-over (``reap_stale_partitions``) ignores the task backend's
+bookkeeping; docs/jobs.md ("A killed worker") says who runs it and when.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ from django.tasks import task
 from django.utils import timezone
 
 from batching.engine import DUPLICATE_IN_INPUT, BatchOperation, RowInvalid, run_batch, worker_name
-from batching.liveness import NO_HEARTBEAT, WORKER_GONE, parse_worker, pid_alive
+from batching.liveness import interruption
 from batching.models import BatchProcessingLog
 from batching.registry import operation_class
 from jobs.models import FINISHED, Job, JobPartition, Status
@@ -230,7 +225,8 @@ def requeue(partition_id: int, attempts: int, log_id: int | None, reason: str) -
 def reap_stale_partitions(*, stale_after: timedelta | None = None) -> int:
     """Re-queue running partitions whose worker is dead or silent; return how many.
 
-    Each is re-queued by a conditional UPDATE: two reapers never both take one over.
+    Each by a conditional UPDATE: two reapers never both take one over. A live
+    worker must commit a chunk every ``JOB_STALE_SECONDS`` or be taken over.
     """
     if stale_after is None:
         stale_after = timedelta(seconds=settings.JOB_STALE_SECONDS)
@@ -241,14 +237,9 @@ def reap_stale_partitions(*, stale_after: timedelta | None = None) -> int:
     )
     requeued = 0
     for pk, attempts, worker, claimed_at, log_id, heartbeat_at in running:
-        worker_host, pid = parse_worker(worker)
-        if worker_host == host and pid is not None and not pid_alive(pid):
-            reason = WORKER_GONE
-        elif max(filter(None, (claimed_at, heartbeat_at)), default=cutoff) <= cutoff:
-            reason = NO_HEARTBEAT.format(seconds=round(stale_after.total_seconds()))
-        else:
-            continue
-        if requeue(pk, attempts, log_id, reason):
+        silent = max(filter(None, (claimed_at, heartbeat_at)), default=cutoff) <= cutoff
+        reason = interruption(worker, host, silent, stale_after)
+        if reason is not None and requeue(pk, attempts, log_id, reason):
             logger.warning("job partition %s taken over: %s", pk, reason)
             requeued += 1
     return requeued

@@ -2,45 +2,26 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentParser
-from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
-from django.core.management.base import BaseCommand
-
-from batching.liveness import mark_interrupted_runs
+from batching.liveness import StaleAfterCommand, mark_interrupted_runs
 from batching.models import BatchProcessingLog
-from common.cli import positive_int
 
 # How many resumable runs the listing shows at verbosity 2.
 LISTED_RUNS = 20
 
 
-class Command(BaseCommand):
+class Command(StaleAfterCommand):
     help = (
         "Mark running batch runs as interrupted when their process on this host is gone "
         "or their heartbeat is older than --stale-after seconds. Interrupted runs can be "
         "resumed with the import commands' --resume option."
     )
-
-    def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument(
-            "--stale-after",
-            type=positive_int,
-            default=None,
-            metavar="SECONDS",
-            help=(
-                "Treat a run as interrupted when its last heartbeat is older than this "
-                "(default: settings.BULK_STALE_RUN_SECONDS, now "
-                f"{settings.BULK_STALE_RUN_SECONDS})."
-            ),
-        )
+    stale_setting = "BULK_STALE_RUN_SECONDS"
+    stale_help = "Treat a run as interrupted when its last heartbeat is older than this"
 
     def handle(self, *args: Any, **options: Any) -> None:
-        seconds = options["stale_after"]
-        stale_after = timedelta(seconds=seconds) if seconds is not None else None
-        marked = mark_interrupted_runs(stale_after=stale_after)
+        marked = mark_interrupted_runs(stale_after=self.stale_after(options))
         verbosity = options["verbosity"]
         if verbosity >= 1:
             noun = "run" if marked == 1 else "runs"
