@@ -45,7 +45,6 @@ from bench.server import database_url
 from common.charts import bar_chart
 from orders.models import Order, OrderItem
 from products.models import Category, Product
-from products.services import OptimizedBulkOperationsService
 
 Operation = BatchProcessingLog.Operation
 DEFAULT = "default"  # no chunk_size: the service's default (BULK_CHUNK_SIZE)
@@ -135,8 +134,7 @@ class Live(wl.Workload):
         ns.copy_products(self.using, numbers, lambda _: category, "10.00", 100)
 
     def run_bulk(self, chunk_size: int | None) -> None:
-        service = OptimizedBulkOperationsService(using=self.using)
-        wl.check_completed(self.name, wl.OPTIMIZED, self.run_service(service, chunk_size))
+        self.run_checked(wl.OPTIMIZED, chunk_size)
 
     def run_limit(self) -> None:
         self.run(wl.RAW)
@@ -389,7 +387,9 @@ def run_live_bench(
             for name in operations:
                 workload = OPERATIONS[name](sizes[name], seed=seed, using=using, work_dir=work_dir)
                 calls = {wl.RAW: workload.run_limit} | {
-                    str(chunk): partial(workload.run_bulk, chunk_size_of(chunk, name))
+                    str(chunk): partial(
+                        workload.run_checked, wl.OPTIMIZED, chunk_size_of(chunk, name)
+                    )
                     for chunk in chunks
                 }
                 timed = {

@@ -27,6 +27,7 @@ from django.contrib.auth.models import Permission
 from django.db.models import Count, Sum
 
 from api.models import ApiToken, IdempotencyRecord
+from batching.engine import chunked
 from batching.models import BatchProcessingLog
 from bench.report import percentile
 from products.models import Category, Product, ProductView
@@ -247,44 +248,32 @@ def run_clients(
 
 def verify(namespace: Namespace, tally: Tally) -> list[str]:
     """What is wrong with the stored rows, given what was posted (empty: all stored once)."""
-    problems = []
     views = ProductView.objects.filter(session_id__startswith=namespace.session_prefix)
     stored = views.aggregate(rows=Count("pk"), sessions=Count("session_id", distinct=True))
-    if stored["rows"] != tally.posted_rows:
-        problems.append(f"{stored['rows']:,} view rows stored for {tally.posted_rows:,} posted")
-    if stored["rows"] != stored["sessions"]:
-        twice = stored["rows"] - stored["sessions"]
-        problems.append(f"{twice:,} view rows repeat another row's session id")
     products = Product.objects.filter(category__name=namespace.tag)
-    if (counted := products.aggregate(n=Sum("view_count"))["n"] or 0) != tally.posted_rows:
-        posted = tally.posted_rows
-        problems.append(
-            f"the products' view_count adds up to {counted:,}, not the {posted:,} rows posted"
-        )
+    counted = products.aggregate(n=Sum("view_count"))["n"] or 0
     # Each posted batch's key: one record, holding that batch's answer.
-    records = 0
-    for start in range(0, len(tally.keys), 1000):
-        records += IdempotencyRecord.objects.filter(
-            user_id=namespace.staff_id, key__in=tally.keys[start : start + 1000], status_code=200
-        ).count()
-    if len(set(tally.keys)) != tally.posted_batches or records != tally.posted_batches:
-        problems.append(
-            f"{records:,} idempotency records answered 200 for {len(set(tally.keys)):,} distinct "
-            f"keys of {tally.posted_batches:,} batches posted"
-        )
-    if len(set(tally.log_ids)) != tally.posted_batches:
-        problems.append(
-            f"{len(set(tally.log_ids)):,} distinct batch runs answered "
-            f"{tally.posted_batches:,} batches"
-        )
-    return problems
+    answered = IdempotencyRecord.objects.filter(user_id=namespace.staff_id, status_code=200)
+    records = sum(answered.filter(key__in=keys).count() for keys in chunked(iter(tally.keys), 1000))
+    rows, twice, posted = stored["rows"], stored["rows"] - stored["sessions"], tally.posted_rows
+    keys, runs, batches = len(set(tally.keys)), len(set(tally.log_ids)), tally.posted_batches
+    checks = {
+        f"{rows:,} view rows stored for {posted:,} posted": rows == posted,
+        f"{twice:,} view rows repeat another row's session id": not twice,
+        f"the products' view_count adds up to {counted:,}, not the {posted:,} rows posted": (
+            counted == posted
+        ),
+        f"{records:,} idempotency records answered 200 for {keys:,} distinct keys of "
+        f"{batches:,} batches posted": keys == records == batches,
+        f"{runs:,} distinct batch runs answered {batches:,} batches": runs == batches,
+    }
+    return [problem for problem, ok in checks.items() if not ok]
 
 
 def remove(namespace: Namespace, log_ids: Iterable[int]) -> None:
     """Delete the run's namespace: views, products, users, token, records, batch runs."""
-    ids = sorted(set(log_ids))
-    for start in range(0, len(ids), 1000):
-        BatchProcessingLog.objects.filter(pk__in=ids[start : start + 1000]).delete()
+    for ids in chunked(iter(sorted(set(log_ids))), 1000):
+        BatchProcessingLog.objects.filter(pk__in=ids).delete()
     ProductView.objects.filter(product__category__name=namespace.tag).delete()
     Product.objects.filter(category__name=namespace.tag).delete()
     Category.objects.filter(name=namespace.tag).delete()

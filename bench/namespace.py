@@ -106,17 +106,14 @@ def reset_namespace(using: str = DEFAULT_DB_ALIAS, keep: Kept | None = None) -> 
     vacuum(using, (OrderItem, Order, ProductView, RecommendationScore))
     products = Product.objects.using(using).filter(sku__startswith=SKU_PREFIX)
     categories = Category.objects.using(using).filter(name__startswith=CATEGORY_PREFIX)
-    delete_products = delete_like
     params: list[Any] = [like_prefix(SKU_PREFIX)]
-    if keep:
-        products = products.exclude(pk__in=keep.kept)
-        categories = categories.exclude(
-            name__in=[category_name(number) for number in range(keep.categories)]
-        )
-        delete_products += " AND NOT {} = ANY(%s)"
-        params.append(keep.kept)
     with transaction.atomic(using=using):
         if keep:
+            products = products.exclude(pk__in=keep.kept)
+            kept_names = [category_name(number) for number in range(keep.categories)]
+            categories = categories.exclude(name__in=kept_names)
+            delete_like += " AND NOT {} = ANY(%s)"
+            params.append(keep.kept)
             Product.objects.using(using).filter(pk__in=keep.products).update(
                 price=keep.price,
                 stock_quantity=keep.stock,
@@ -126,7 +123,7 @@ def reset_namespace(using: str = DEFAULT_DB_ALIAS, keep: Kept | None = None) -> 
             )
         if postgres:
             names = (table(Product), column(Product, "sku"), column(Product, "id"))
-            execute(using, sql.SQL(delete_products).format(*names[: len(params) + 1]), params)
+            execute(using, sql.SQL(delete_like).format(*names[: len(params) + 1]), params)
         else:
             products.delete()
         categories.delete()

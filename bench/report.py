@@ -42,10 +42,10 @@ def require_postgresql(message: str, using: str = DEFAULT_DB_ALIAS) -> None:
 def parse_sizes(value: str) -> list[int]:
     try:
         sizes = [int(part) for part in value.split(",")]
+        if min(sizes) < 1:
+            raise ValueError(value)
     except ValueError:
         raise CommandError(BAD_SIZES.format(value=value)) from None
-    if not sizes or min(sizes) < 1:
-        raise CommandError(BAD_SIZES.format(value=value))
     return sorted(set(sizes))
 
 
@@ -56,10 +56,8 @@ def parse_names(value: str, choices: Iterable[str], option: str, noun: str) -> l
         return choices
     names = list(dict.fromkeys(name.strip() for name in value.split(",")))
     for name in (name for name in names if name not in choices):
-        choices_text = ", ".join(choices)
-        raise CommandError(
-            BAD_NAMES.format(noun=noun, name=name, option=option, choices=choices_text)
-        )
+        text = BAD_NAMES.format(noun=noun, name=name, option=option, choices=", ".join(choices))
+        raise CommandError(text)
     return names
 
 
@@ -191,18 +189,10 @@ def database_description(using: str = DEFAULT_DB_ALIAS) -> str:
 
 def section_head(title: str, command_line: str, database: str | None = None) -> list[str]:
     """A BENCHMARKS.md section's first lines: its title, how to re-run it, where and when."""
-    machine, date = f"Machine: {machine_description()}  ", timezone.now().date().isoformat()
+    machine = f"Machine: {machine_description()}  "
     database = f"Database: {database or database_description()}  "
-    return [
-        f"## {title}",
-        "",
-        f"Command: `{command_line}`",
-        "",
-        machine,
-        database,
-        f"Date: {date}",
-        "",
-    ]
+    date = f"Date: {timezone.now().date().isoformat()}"
+    return [f"## {title}", "", f"Command: `{command_line}`", "", machine, database, date, ""]
 
 
 def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:

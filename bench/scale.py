@@ -212,13 +212,10 @@ def over_budget(previous: Measurement | None, size: int, budget: float) -> str:
     """Why a peer is not run at ``size``, or "" when its projected time fits the budget."""
     if previous is None or previous.seconds is None:
         return ""
-    projected = previous.seconds * size / previous.size
-    if projected <= budget:
-        return ""
     seconds, previous_size = previous.seconds, previous.size
-    return OVER_BUDGET.format(
-        projected=projected, seconds=seconds, previous=previous_size, budget=budget
-    )
+    figures = {"seconds": seconds, "previous": previous_size, "budget": budget}
+    projected = seconds * size / previous_size
+    return OVER_BUDGET.format(projected=projected, **figures) if projected > budget else ""
 
 
 def measure(
@@ -406,20 +403,14 @@ def chart(report: ScaleReport, memory: bool = False) -> str:
             for m in found
         ]
     groups = [f"{name} {short_size(size)}" for name, size in cells]
-    if memory:
-        title, y_label, height = "Peak memory growth by strategy, workload and size", "MB", 360
-    else:
-        title, y_label = "Throughput by strategy, workload and size (PostgreSQL)", "rows/s"
-        height = 420
+    title, unit, height = (
+        ("Peak memory growth by strategy, workload and size", "MB", 360)
+        if memory
+        else ("Throughput by strategy, workload and size (PostgreSQL)", "rows/s", 420)
+    )
     width = max(720, 100 * len(groups) + 120)
     return bar_chart(
-        groups,
-        series,
-        title=title,
-        y_label=y_label,
-        log_scale=not memory,
-        width=width,
-        height=height,
+        groups, series, title=title, y_label=unit, log_scale=not memory, width=width, height=height
     )
 
 

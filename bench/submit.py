@@ -60,12 +60,8 @@ def submit_here(path: Path) -> dict[str, float | str]:
     baseline, output = memory_baseline(), StringIO()
     started = time.perf_counter()
     call_command("import_products", str(path), "--background", stdout=output)
-    seconds = time.perf_counter() - started
-    return {
-        "job": submitted_job(output.getvalue()),
-        "seconds": seconds,
-        "growth_mb": growth_mb(baseline),
-    }
+    seconds, job = time.perf_counter() - started, submitted_job(output.getvalue())
+    return {"job": job, "seconds": seconds, "growth_mb": growth_mb(baseline)}
 
 
 def raw_copy_seconds(path: Path, using: str) -> float:
@@ -101,6 +97,9 @@ def table_copy_seconds(path: Path, using: str) -> float:
     return seconds
 
 
+COPIES = (raw_copy_seconds, table_copy_seconds)
+
+
 def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_ALIAS) -> list:
     paths = [ImportWorkload(size, work_dir=work_dir, using=using).input_file() for size in sizes]
     # Every child first: a child forked from this process once it has held a
@@ -114,30 +113,21 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
         children.append(child)
     return [
         Submitted(
-            size,
-            child["seconds"],
-            child["growth_mb"],
-            raw_copy_seconds(path, using),
-            table_copy_seconds(path, using),
+            size, child["seconds"], child["growth_mb"], *(copy(path, using) for copy in COPIES)
         )
         for size, path, child in zip(sizes, paths, children, strict=True)
     ]
 
 
 def markdown(results: list[Submitted], command_line: str) -> str:
-    rows = [
-        (
-            short_size(r.size),
-            f"{r.seconds:.2f} s",
-            f"{r.size / r.seconds:,.0f}",
-            f"{r.size / r.raw_seconds:,.0f}",
-            format_ratio(r.raw_seconds / r.seconds),
-            f"{r.size / r.table_seconds:,.0f}",
-            format_ratio(r.table_seconds / r.seconds),
-            f"{r.growth_mb:.1f} MB",
+    rows = []
+    for r in results:
+        limits = (
+            (f"{r.size / limit:,.0f}", format_ratio(limit / r.seconds))
+            for limit in (r.raw_seconds, r.table_seconds)
         )
-        for r in results
-    ]
+        rate = (short_size(r.size), f"{r.seconds:.2f} s", f"{r.size / r.seconds:,.0f}")
+        rows.append((*rate, *(cell for pair in limits for cell in pair), f"{r.growth_mb:.1f} MB"))
     header = ("Rows", "Submit", "Rows/s", "Raw COPY rows/s", "÷ raw", "Table COPY rows/s",
               "÷ table", "Peak memory growth")  # fmt: skip
     return "\n".join(

@@ -155,6 +155,11 @@ def machine_busy() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
+def counters(workers: list[Worker]) -> tuple[float, float, int, int]:
+    """The workers' and PostgreSQL's CPU seconds, the machine's busy and total ticks."""
+    return cpu_seconds(session_pids(workers)), cpu_seconds(processes("postgres")), *machine_busy()
+
+
 @dataclass(frozen=True, slots=True)
 class ScaleOut:
     backend: str
@@ -192,9 +197,7 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
     try:
         job_id, staging = submit(path, environment)
         # From here on the workers run the job (they may have begun a moment before).
-        worker_before = cpu_seconds(session_pids(workers))
-        db_before = cpu_seconds(processes("postgres"))
-        busy_before = machine_busy()
+        before = counters(workers)
         deadline = time.monotonic() + JOB_TIMEOUT
         while (
             status := Job.objects.filter(pk=job_id).values_list("status", flat=True).first()
@@ -204,9 +207,9 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
             if time.monotonic() > deadline:
                 raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT:.0f} s")
             time.sleep(0.2)
-        worker_cpu = cpu_seconds(session_pids(workers)) - worker_before
-        database_cpu = cpu_seconds(processes("postgres")) - db_before
-        busy_after = machine_busy()
+        worker_cpu, database_cpu, busy, total = (
+            after - first for after, first in zip(counters(workers), before, strict=True)
+        )
     finally:
         stop_workers(workers)
     job = Job.objects.get(pk=job_id)
@@ -214,11 +217,9 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
         raise BenchError(f"job {job_id} ended {job.status}")
     started = job.partitions.aggregate(first=Min("claimed_at"))["first"]
     seconds = (job.finished_at - started).total_seconds()
-    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
     job.delete()  # its staged rows and partitions go with it
-    return ScaleOut(
-        backend, count, job.rows_total, staging, seconds, worker_cpu, database_cpu, busy
-    )
+    figures = (seconds, worker_cpu, database_cpu, busy / max(1, total))
+    return ScaleOut(backend, count, job.rows_total, staging, *figures)
 
 
 def run_scale_out(
@@ -232,21 +233,15 @@ def run_scale_out(
 
 def markdown(results: list[ScaleOut], command_line: str) -> str:
     base = {r.backend: r.rows_per_second for r in results if r.workers == 1}
-    rows = [
-        (
-            r.backend,
-            str(r.workers),
-            short_size(r.rows),
-            f"{r.staging_seconds:.1f} s",
-            f"{r.seconds:.1f} s",
-            f"{r.rows_per_second:,.0f}",
-            f"{r.rows_per_second / base[r.backend]:.2f}x" if r.backend in base else "n/a",
-            f"{r.worker_cpu:.1f} s",
-            f"{r.database_cpu:.1f} s",
-            f"{r.busy:.0%}",
+    rows = []
+    for r in results:
+        speedup = f"{r.rows_per_second / base[r.backend]:.2f}x" if r.backend in base else "n/a"
+        times, cpu = (
+            [f"{s:.1f} s" for s in pair]
+            for pair in ((r.staging_seconds, r.seconds), (r.worker_cpu, r.database_cpu))
         )
-        for r in results
-    ]
+        first = (r.backend, str(r.workers), short_size(r.rows), *times)
+        rows.append((*first, f"{r.rows_per_second:,.0f}", speedup, *cpu, f"{r.busy:.0%}"))
     header = ("Backend", "Workers", "Rows", "Staging", "Run", "Rows/s", "÷ 1 worker",
               "Workers' CPU", "PostgreSQL CPU", "Machine busy")  # fmt: skip
     return "\n".join(

@@ -63,6 +63,7 @@ KINDS = {OPTIMIZED: "optimized service", RAW: "raw SQL", PGBULK: "django-pgbulk"
 KINDS |= {DJANGO: "Django ORM", NAIVE: "naive service"}
 RUN_INCOMPLETE = "{workload} with {strategy} ended {status}: {errors}"
 UNKNOWN_STRATEGY = "{workload} has no strategy {strategy!r}: choose one of {choices}"
+SERVICES = {OPTIMIZED: OptimizedBulkOperationsService, NAIVE: NaiveBulkOperationsService}
 
 
 def shuffled(size: int) -> Iterator[int]:
@@ -241,19 +242,20 @@ class Workload:
         return getattr(service, self.method)(self.service_input(), chunk_size=chunk_size)
 
     def run(self, key: str) -> None:
-        getattr(self, f"run_{self.strategy(key).key}")()
+        if (key := self.strategy(key).key) in SERVICES:
+            self.run_checked(key, self.chunk_size)
+        else:
+            getattr(self, f"run_{key}")()
 
-    def run_optimized(self) -> None:
-        result = self.run_service(OptimizedBulkOperationsService(using=self.using), self.chunk_size)
-        check_completed(self.name, OPTIMIZED, result)
+    def run_checked(self, key: str, chunk_size: int | None) -> None:
+        result = self.run_service(SERVICES[key](using=self.using), chunk_size)
+        check_completed(self.name, key, result)
 
-    def run_naive(self) -> None:
-        result = self.run_service(NaiveBulkOperationsService(using=self.using), self.chunk_size)
-        check_completed(self.name, NAIVE, result)
-
-    def bulk(self, model: type[models.Model], rows: Iterable[Any], write) -> None:
-        """``write(queryset, chunk)`` per chunk of ``rows``: the chunked peers' loop."""
+    def bulk(self, model: type[models.Model], write, rows: Iterable[Any] | None = None) -> None:
+        """``write(queryset, chunk)`` per chunk of ``rows`` (by default ``model`` objects made
+        of the input): the chunked peers' loop."""
         queryset = model._default_manager.using(self.using)
+        rows = (model(**row) for row in self.rows()) if rows is None else rows
         for chunk in chunked(iter(rows), self.chunk_size):
             write(queryset, chunk)
 
@@ -321,19 +323,16 @@ class ViewsWorkload(Workload):
                 "created_at": BASE_TIME + timedelta(seconds=position),
             }
 
-    def objects(self) -> Iterator[ProductView]:
-        return (ProductView(**row) for row in self.rows())
-
     def run_raw(self) -> None:
         with raw_transaction(self.using):
             rows = (tuple(row[key] for key in self.keys) for row in self.rows())
             copy_rows(ProductView, self.fields, rows, using=self.using)
 
     def run_pgbulk(self) -> None:
-        self.bulk(ProductView, self.objects(), lambda qs, c: pgbulk.copy(qs, c, list(self.fields)))
+        self.bulk(ProductView, lambda qs, chunk: pgbulk.copy(qs, chunk, list(self.fields)))
 
     def run_django(self) -> None:
-        self.bulk(ProductView, self.objects(), lambda queryset, chunk: queryset.bulk_create(chunk))
+        self.bulk(ProductView, lambda queryset, chunk: queryset.bulk_create(chunk))
 
     def state(self) -> dict[str, Iterable[tuple]]:
         views = ProductView.objects.filter(product__sku__startswith=ns.SKU_PREFIX)
@@ -407,9 +406,6 @@ class ScoresWorkload(Workload):
                 "score": score,
             }
 
-    def objects(self) -> Iterator[RecommendationScore]:
-        return (RecommendationScore(**row) for row in self.rows())
-
     def run_raw(self) -> None:
         fields = ["user", "product", "algorithm", "score"]
         rows = ((r["user_id"], r["product_id"], r["algorithm"], r["score"]) for r in self.rows())
@@ -424,21 +420,14 @@ class ScoresWorkload(Workload):
             )
 
     def run_pgbulk(self) -> None:
-        upsert = partial(
-            pgbulk.upsert, unique_fields=self.key_fields, update_fields=self.update_fields
-        )
-        self.bulk(RecommendationScore, self.objects(), upsert)
+        conflict = {"unique_fields": self.key_fields, "update_fields": self.update_fields}
+        self.bulk(RecommendationScore, partial(pgbulk.upsert, **conflict))
 
     def run_django(self) -> None:
-        def write(queryset: models.QuerySet, chunk: list[RecommendationScore]) -> None:
-            queryset.bulk_create(
-                chunk,
-                update_conflicts=True,
-                unique_fields=self.key_fields,
-                update_fields=self.update_fields,
-            )
-
-        self.bulk(RecommendationScore, self.objects(), write)
+        conflict = {"unique_fields": self.key_fields, "update_fields": self.update_fields}
+        self.bulk(
+            RecommendationScore, lambda qs, c: qs.bulk_create(c, update_conflicts=True, **conflict)
+        )
 
     def state(self) -> dict[str, Iterable[tuple]]:
         scores = RecommendationScore.objects.filter(product__sku__startswith=ns.SKU_PREFIX)
@@ -517,7 +506,7 @@ class UpdatesWorkload(Workload):
             with transaction.atomic(using=self.using):
                 pgbulk.update(queryset, self.objects(chunk), UPDATE_FIELDS)
 
-        self.bulk(Product, self.rows(), write)
+        self.bulk(Product, write, self.rows())
 
     def run_django(self) -> None:
         def write(queryset: models.QuerySet, chunk: list[dict[str, Any]]) -> None:
@@ -525,7 +514,7 @@ class UpdatesWorkload(Workload):
                 objects = self.objects(chunk)
                 queryset.bulk_update(objects, UPDATE_FIELDS, batch_size=DJANGO_UPDATE_BATCH)
 
-        self.bulk(Product, self.rows(), write)
+        self.bulk(Product, write, self.rows())
 
     def state(self) -> dict[str, Iterable[tuple]]:
         return {"products": self.values(bench_products(), "sku", "price", "stock_quantity")}

@@ -50,9 +50,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         add = parser.add_argument
-        sizes = ", ".join(
-            f"{name} {cls.size_at_scale_1:,}" for name, cls in live.OPERATIONS.items()
-        )
+        sizes = ", ".join(f"{n} {cls.size_at_scale_1:,}" for n, cls in live.OPERATIONS.items())
         choices = ", ".join(live.OPERATIONS)
         add("--operations", default="all", help=f"Comma-separated, from {choices} (default: all).")
         add(
@@ -94,15 +92,9 @@ class Command(BaseCommand):
         require_postgresql(NEEDS_POSTGRESQL)
         progress = self.stdout.write if options["verbosity"] >= 1 else None
         with tempfile.TemporaryDirectory(prefix="bench-live-") as work_dir:
+            figures = {key: options[key] for key in ("scale", "idle_seconds", "seed", "repeat")}
             report = live.run_live_bench(
-                operations,
-                scale=options["scale"],
-                chunks=chunks,
-                idle_seconds=options["idle_seconds"],
-                seed=options["seed"],
-                work_dir=Path(work_dir),
-                repeat=options["repeat"],
-                progress=progress,
+                operations, chunks=chunks, work_dir=Path(work_dir), progress=progress, **figures
             )
         command_line = (
             f"python manage.py bench_live --operations {','.join(operations)} "

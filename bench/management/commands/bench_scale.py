@@ -102,19 +102,19 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         sizes = parse_sizes(options["sizes"])
         chunk_size: int | None = options["chunk_size"]
-        if options["chunk_size"] is not None and options["chunk_size"] < 1:
-            raise CommandError(CHUNK_SIZE_TOO_SMALL.format(value=options["chunk_size"]))
-        if options["peer_budget"] <= 0:
-            raise CommandError(BUDGET_NOT_POSITIVE.format(value=options["peer_budget"]))
-        if options["repeat"] < 1:
-            raise CommandError(REPEAT_TOO_SMALL.format(value=options["repeat"]))
-        if options["strategy"] and not options["one"]:
-            raise CommandError(STRATEGY_WITHOUT_ONE)
-        if options["one"] and (not options["strategy"] or len(sizes) != 1):
-            raise CommandError(ONE_NEEDS)
-        workloads = parse_names(
-            options["one"] or options["workloads"], WORKLOADS, "--workloads", "workload"
+        one, strategy, budget, repeat = (
+            options[k] for k in ("one", "strategy", "peer_budget", "repeat")
         )
+        for failed, message, value in (
+            (chunk_size is not None and chunk_size < 1, CHUNK_SIZE_TOO_SMALL, chunk_size),
+            (budget <= 0, BUDGET_NOT_POSITIVE, budget),
+            (repeat < 1, REPEAT_TOO_SMALL, repeat),
+            (strategy and not one, STRATEGY_WITHOUT_ONE, None),
+            (one and (not strategy or len(sizes) != 1), ONE_NEEDS, None),
+        ):
+            if failed:
+                raise CommandError(message.format(value=value))
+        workloads = parse_names(one or options["workloads"], WORKLOADS, "--workloads", "workload")
         work_dir: Path | None = options["work_dir"]
         if work_dir is not None and not work_dir.is_dir():
             raise CommandError(NO_WORK_DIR.format(path=work_dir))
@@ -122,35 +122,31 @@ class Command(BaseCommand):
         if pgbulk is None:
             raise CommandError(NEEDS_PGBULK)
         seed: int = options["seed"]
-
-        if options["one"]:
+        if one:
             cls = WORKLOADS[workloads[0]]
             try:
-                cls.strategy(options["strategy"])
+                cls.strategy(strategy)
             except KeyError as exc:
                 raise CommandError(exc.args[0]) from None
             workload = cls(sizes[0], seed=seed, chunk_size=chunk_size, work_dir=work_dir)
-            timing = bench.run_strategy(workload, options["strategy"], measure_memory=True)
+            timing = bench.run_strategy(workload, strategy, measure_memory=True)
             self.stdout.write(json.dumps(asdict(timing)))
             return
-
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as temporary:
+            progress = self.stdout.write if options["verbosity"] >= 1 else None
+            run = {"seed": seed, "chunk_size": chunk_size, "peer_budget": budget, "repeat": repeat}
             report = bench.run_scale_bench(
                 workloads,
                 sizes,
-                seed=seed,
-                chunk_size=chunk_size,
                 work_dir=work_dir or Path(temporary),
+                progress=progress,
                 isolate=not options["in_process"],
-                peer_budget=options["peer_budget"],
-                repeat=options["repeat"],
-                progress=self.stdout.write if options["verbosity"] >= 1 else None,
+                **run,
             )
         command_line = (
             f"python manage.py bench_scale --sizes {','.join(map(str, sizes))} "
             f"--workloads {','.join(workloads)} "
             + (f"--chunk-size {chunk_size} " if chunk_size else "")
-            + f"--seed {seed} "
-            f"--peer-budget {options['peer_budget']:g} --repeat {options['repeat']}"
+            + f"--seed {seed} --peer-budget {budget:g} --repeat {repeat}"
         )
         write_outputs(self, options, report, bench.markdown_report, command_line, bench.CHARTS)
