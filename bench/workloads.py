@@ -110,7 +110,8 @@ def stage(using: str, model: type[models.Model], fields: Sequence[str], rows: It
     types = (array_type(model_field(model, name), connection) for name in fields)
     definitions = ", ".join(f"{c} {t}" for c, t in zip(columns.split(", "), types, strict=True))
     temp_table(using, STAGING_TABLE, definitions)
-    copy_in(using, f'COPY "{STAGING_TABLE}" ({columns}) FROM STDIN', rows)
+    staging = connection.ops.quote_name(STAGING_TABLE)
+    copy_in(using, f"COPY {staging} ({columns}) FROM STDIN", rows)
 
 
 def excluded(connection, model: type[models.Model], *fields: str) -> str:
@@ -409,14 +410,16 @@ class ScoresWorkload(Workload):
     def run_raw(self) -> None:
         fields = ["user", "product", "algorithm", "score"]
         rows = ((r["user_id"], r["product_id"], r["algorithm"], r["score"]) for r in self.rows())
-        q = partial(quoted, connections[self.using], RecommendationScore)
-        updates = excluded(connections[self.using], RecommendationScore, *self.update_fields)
+        connection = connections[self.using]
+        q = partial(quoted, connection, RecommendationScore)
+        updates = excluded(connection, RecommendationScore, *self.update_fields)
+        staging = connection.ops.quote_name(STAGING_TABLE)
         with raw_transaction(self.using):
             stage(self.using, RecommendationScore, fields, rows)
             execute(
                 self.using,
                 f"INSERT INTO {q()} ({q(*fields, 'updated_at')}) SELECT {q(*fields)}, now() FROM "
-                f'"{STAGING_TABLE}" ON CONFLICT ({q(*self.key_fields)}) DO UPDATE SET {updates}',
+                f"{staging} ON CONFLICT ({q(*self.key_fields)}) DO UPDATE SET {updates}",
             )
 
     def run_pgbulk(self) -> None:
@@ -491,14 +494,16 @@ class UpdatesWorkload(Workload):
 
     def run_raw(self) -> None:
         rows = ((r["sku"], r["price"], r["stock_quantity"]) for r in self.rows())
-        q = partial(quoted, connections[self.using], Product)
+        connection = connections[self.using]
+        q = partial(quoted, connection, Product)
         price, stock, sku = q("price"), q("stock_quantity"), q("sku")
+        staging = connection.ops.quote_name(STAGING_TABLE)
         with raw_transaction(self.using):
             stage(self.using, Product, ["sku", "price", "stock_quantity"], rows)
             execute(
                 self.using,
                 f"UPDATE {q()} AS p SET {price} = s.{price}, {stock} = s.{stock}, "
-                f'{q("updated_at")} = now() FROM "{STAGING_TABLE}" AS s WHERE p.{sku} = s.{sku}',
+                f"{q('updated_at')} = now() FROM {staging} AS s WHERE p.{sku} = s.{sku}",
             )
 
     def run_pgbulk(self) -> None:
@@ -658,7 +663,8 @@ class ImportWorkload(Workload):
             return service.import_products(stream, chunk_size=chunk_size)
 
     def run_raw(self) -> None:
-        connection, staging = connections[self.using], f'"{STAGING_TABLE}"'
+        connection = connections[self.using]
+        staging = connection.ops.quote_name(STAGING_TABLE)
         products, categories = quoted(connection, Product), quoted(connection, Category)
         staged = ", ".join(definition.split()[0] for definition in STAGED_IMPORT.split(", "))
         name, sku = quoted(connection, Category, "name"), quoted(connection, Product, "sku")
