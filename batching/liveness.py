@@ -54,7 +54,8 @@ def pid_alive(pid: int) -> bool:
 
 def interruption(worker: str, host: str, silent: bool, stale_after: timedelta) -> str | None:
     """Why the work of ``worker`` ("host:pid") is interrupted, None if it is not: its
-    pid is gone from this ``host``, or it has been ``silent`` longer than ``stale_after``."""
+    pid is gone from this ``host``, or it is ``silent`` (each caller reads its own
+    record's last sign of life against ``stale_after``)."""
     worker_host, pid = parse_worker(worker)
     if worker_host == host and pid is not None and not pid_alive(pid):
         return WORKER_GONE
@@ -82,6 +83,7 @@ def mark_interrupted_runs(*, stale_after: timedelta | None = None, using: str = 
     for pk, worker, heartbeat_at, started_at in running.values_list(
         "pk", "worker", "heartbeat_at", "started_at"
     ):
+        # Silent: the heartbeat, else the start, before the cutoff (as the UPDATE repeats).
         reason = interruption(worker, host, (heartbeat_at or started_at) < cutoff, stale_after)
         if reason is not None:
             ids[reason].append(pk)

@@ -345,7 +345,8 @@ class RecordStream:
 
     Opened (a CSV header read) on construction: a missing file (``OSError``) or a bad
     header (``ReaderError``) fails before any run. ``path`` may be a binary file object
-    (an upload) named by ``name``. Reading may raise ``InputTooLarge``, and for a
+    (an upload) named by ``name``: it is read from where it stands, and closing the
+    stream closes it. Reading may raise ``InputTooLarge``, and for a
     damaged gzip file ``EOFError``, ``zlib.error`` or ``gzip.BadGzipFile``.
     """
 

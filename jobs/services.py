@@ -36,7 +36,9 @@ def submit_job(*, operation: str, rows: Iterable[Any] | Records, created_by: Any
     """Stage ``rows`` (dicts, or a file's ``RecordStream``; read once, in a stream) as a
     job of the registered ``operation`` and enqueue its partitions.
 
-    ValueError for an unknown operation; bad rows never raise: the runs report them.
+    ValueError for an unknown operation; bad rows never raise: the runs report them. An
+    anonymous ``created_by`` counts as none. Inside a transaction that rolls back, the
+    job never runs.
     """
     with transaction.atomic():
         job = _staged_job(operation, rows, created_by, Status.QUEUED)

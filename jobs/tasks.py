@@ -237,6 +237,7 @@ def reap_stale_partitions(*, stale_after: timedelta | None = None) -> int:
     )
     requeued = 0
     for pk, attempts, worker, claimed_at, log_id, heartbeat_at in running:
+        # Silent: neither the claim nor the run's last heartbeat is after the cutoff.
         silent = max(filter(None, (claimed_at, heartbeat_at)), default=cutoff) <= cutoff
         reason = interruption(worker, host, silent, stale_after)
         if reason is not None and requeue(pk, attempts, log_id, reason):

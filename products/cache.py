@@ -107,7 +107,8 @@ def invalidate_products(ids: Iterable[int]) -> None:
 
 def load_recommendations(user_ids: Iterable[int]) -> dict[int, list[Recommendation]]:
     """Each user's best ``CACHE_RECOMMENDATIONS`` scores, [] for none: one query, a window
-    function ranking each user's scores (ties by product) inside an outer query."""
+    function ranking each user's scores (ties by product) inside an outer query, served by
+    the leading user column of ``score_user_algo_rank_idx``."""
     users = list(user_ids)
     rank = Window(
         RowNumber(),

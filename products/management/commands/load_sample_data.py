@@ -1,9 +1,10 @@
 """``manage.py load_sample_data``: a small sample shop for the demo, from a fixed seed.
 
 Everything but users goes through ``OptimizedBulkOperationsService``. A second
-run changes nothing: only missing users, skus (a replay would put back stock the
-orders took) and views (by session id) are sent; scores are upserted with the same
-values, and orders' fixed references come back as duplicates.
+run changes nothing: users are inserted ignoring those that exist; only missing
+skus (a replay would put back stock the orders took) and views (by session id)
+are sent; scores are upserted with the same values, and orders' fixed references
+come back as duplicates.
 """
 
 from __future__ import annotations
