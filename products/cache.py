@@ -23,8 +23,17 @@ CARD_PREFIX = "product-card:v1:"
 GENERATION_KEY = "product-card:v1:generation"
 RECOMMENDATIONS_PREFIX = "recommendations:v1:"
 LIMIT_TOO_LARGE = "limit must be between 1 and {maximum} (settings.CACHE_RECOMMENDATIONS)"
-# A card's fields, read from the product's columns in ``card_rows``.
-CARD_FIELDS = ("id", "sku", "name", "category", "price", "stock", "is_active", "view_count")
+# A card's fields, each read from the product's field or lookup beside it.
+CARD_FIELDS = {
+    "id": "pk",
+    "sku": "sku",
+    "name": "name",
+    "category": "category__name",
+    "price": "price",
+    "stock": "stock_quantity",
+    "is_active": "is_active",
+    "view_count": "view_count",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +51,7 @@ def recommendations_key(user_id: int) -> str:
 
 def card_rows(queryset: QuerySet[Product]) -> Iterator[Card]:
     """Cards for a queryset of products, in one query (the category is joined)."""
-    rows = queryset.values_list(
-        "pk", "sku", "name", "category__name", "price", "stock_quantity", "is_active", "view_count"
-    )
-    for row in rows:
+    for row in queryset.values_list(*CARD_FIELDS.values()):
         card = dict(zip(CARD_FIELDS, row, strict=True))
         card["price"] = str(card["price"])
         yield card
