@@ -35,7 +35,7 @@ ROW_ERRORS_CAPPED = (
     "(the log keeps at most settings.BULK_LOG_MAX_ROW_ERRORS)."
 )
 
-CHUNK_COUNTERS = ["chunks_rolled_back", "chunks_retried", "chunks_rerun"]
+CHUNK_FIELDS = ["chunks_rolled_back", "chunks_retried", "chunks_rerun"]
 
 # The admin index shows a "Reports" module (run dashboard, sales report) above the app list.
 admin.site.index_template = "admin/reports_index.html"
@@ -88,7 +88,7 @@ class BatchProcessingLogAdmin(DeclaredFiltersMixin, ReadOnlyAdminMixin, admin.Mo
     fieldsets = [
         (None, {"fields": ["operation", "variant", "status", "database_vendor", "chunk_size"]}),
         ("Rows", {"fields": [f"rows_{name}" for name in FIGURES]}),
-        ("Chunks and queries", {"fields": ["chunks_committed", *CHUNK_COUNTERS, "query_count"]}),
+        ("Chunks and queries", {"fields": ["chunks_committed", *CHUNK_FIELDS, "query_count"]}),
         (
             "Checkpoint",
             {"fields": ["checkpoint_position", "resume_count", "worker", "heartbeat_at"]},

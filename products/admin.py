@@ -173,9 +173,13 @@ class ProductAdmin(DeclaredFiltersMixin, admin.ModelAdmin):
         """JSON for the progress page's poll: the state and the job's progress."""
         staged = self.staged(request, token)
         job = (imports.job_status(staged) if staged.state == imports.RUNNING else None) or {}
-        progress = {"rows_done": "rows_done", "rows_total": "rows_total", "job_status": "status"}
         return JsonResponse(
-            {"state": staged.state, **{name: job.get(key) for name, key in progress.items()}}
+            {
+                "state": staged.state,
+                "rows_done": job.get("rows_done"),
+                "rows_total": job.get("rows_total"),
+                "job_status": job.get("status"),
+            }
         )
 
 
