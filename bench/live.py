@@ -106,7 +106,14 @@ def create_hot(using: str) -> ns.Kept:
             ns.copy_products(using, numbers, lambda _: category, HOT_PRICE, HOT_STOCK)
     kept = Product.objects.using(using).filter(sku__startswith=ns.SKU_PREFIX)
     hot, kept_ids = ns.product_ids(using, ns.PRODUCT_POOL), list(kept.values_list("pk", flat=True))
-    return ns.Kept(hot, category, kept_ids, BASE_CATEGORIES, HOT_PRICE, HOT_STOCK)
+    return ns.Kept(
+        products=hot,
+        category=category,
+        kept=kept_ids,
+        categories=BASE_CATEGORIES,
+        price=HOT_PRICE,
+        stock=HOT_STOCK,
+    )
 
 
 class Live(wl.Workload):

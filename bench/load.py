@@ -80,8 +80,13 @@ def prepare(users: int = USERS, products: int = PRODUCTS) -> Namespace:
     )
     user_ids = dict(User.objects.filter(username__in=names).values_list("username", "pk"))
     product_ids = dict(Product.objects.filter(category=category).values_list("sku", "pk"))
-    ids = [user_ids[name] for name in names], [product_ids[sku] for sku in skus]
-    return Namespace(tag, staff.pk, secret, *ids)
+    return Namespace(
+        tag=tag,
+        staff_id=staff.pk,
+        token=secret,
+        user_ids=[user_ids[name] for name in names],
+        product_ids=[product_ids[sku] for sku in skus],
+    )
 
 
 @dataclass
@@ -124,6 +129,8 @@ class Client:
         self.random = random.Random(number)  # the same rows for the same client, run after run
 
     def run(self, start: threading.Barrier, deadline_box: list[float]) -> None:
+        """Post and read in turn until the deadline: a request still unanswered at the
+        deadline finishes; none starts after it."""
         self.warm_up()
         start.wait()
         sequence = 0

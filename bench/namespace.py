@@ -98,6 +98,8 @@ def reset_namespace(using: str = DEFAULT_DB_ALIAS, keep: Kept | None = None) -> 
         if postgres:
             statement = sql.SQL(delete_like).format(table(Order), column(Order, "reference"))
             execute(using, statement, [like_prefix(ORDER_PREFIX)])
+        # What the LIKE left (all of it elsewhere): bench users' orders, which would block
+        # deleting the users (PROTECT).
         Order.objects.using(using).filter(
             Q(reference__startswith=ORDER_PREFIX) | bench_users
         ).delete()
@@ -139,6 +141,7 @@ def create_users(using: str, count: int) -> list[int]:
     password = make_password(None)
     names = [username(number) for number in range(count)]
     User.objects.using(using).bulk_create([User(username=n, password=password) for n in names])
+    # Read back rather than trust bulk_create to set pks: not every backend does.
     return user_ids(using, count)
 
 

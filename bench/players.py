@@ -45,7 +45,7 @@ def play(kind, dsn, names: Sequence[str], ids, interval, seed, ready, stop, resu
 
     ``names``: the product table and its id, price, stock and updated-at columns.
     """
-    rng = random.Random(f"{seed}:{kind}")
+    rng = random.Random(f"{seed}:{kind}")  # the players' choices are seeded by --seed
     query = sql.SQL(STATEMENTS[kind]).format(*map(sql.Identifier, names))
     samples = Samples()
     with psycopg.connect(dsn, autocommit=True) as connection:

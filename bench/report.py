@@ -61,20 +61,27 @@ def parse_names(value: str, choices: Iterable[str], option: str, noun: str) -> l
     return names
 
 
-def add_seed_and_repeat(parser: Any, repeat_help: str, repeat_type: Any = positive_int) -> None:
+def add_seed(parser: Any, seed_help: str) -> None:
+    """``--seed``; ``seed_help`` says what it seeds, in the command's words, and the default
+    is appended."""
     parser.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULT_SEED,
-        help=f"Seed of the generated rows; same seed, same rows (default: {DEFAULT_SEED}).",
+        "--seed", type=int, default=DEFAULT_SEED, help=f"{seed_help} (default: {DEFAULT_SEED})."
     )
+
+
+def add_seed_and_repeat(
+    parser: Any, seed_help: str, repeat_help: str, repeat_type: Any = positive_int
+) -> None:
+    """``--seed`` (see :func:`add_seed`), then ``--repeat``."""
+    add_seed(parser, seed_help)
     parser.add_argument("--repeat", type=repeat_type, default=1, help=repeat_help)
 
 
-def add_files(parser: Any, charts: Mapping[str, str]) -> None:
-    """``--markdown``, ``--json`` and the charts' options (option: what it draws), as paths."""
+def add_files(parser: Any, json_help: str, charts: Mapping[str, str]) -> None:
+    """``--markdown``, ``--json`` (its help ``json_help``) and the charts' options (option:
+    what it draws), as paths."""
     parser.add_argument("--markdown", type=Path, help="Write the Markdown report here.")
-    parser.add_argument("--json", type=Path, help="Write every figure as JSON here.")
+    parser.add_argument("--json", type=Path, help=json_help)
     for option, drawing in charts.items():
         parser.add_argument(option, type=Path, help=f"Write the SVG chart of {drawing} here.")
 

@@ -256,16 +256,22 @@ def measure(
     measurements = {}
     for strategy in strategies:
         runs = tries[strategy.key]
-        args = (workload.name, strategy.key, strategy.label, workload.size)
+        measured = partial(
+            Measurement,
+            workload=workload.name,
+            strategy=strategy.key,
+            label=strategy.label,
+            size=workload.size,
+        )
         timings = [run for run in runs if isinstance(run, Timing)]
         if len(timings) < len(runs):
-            measurements[strategy.key] = Measurement(*args, note=str(runs[-1]))
+            measurements[strategy.key] = measured(note=str(runs[-1]))
             continue
         growth = max(
             (t.peak_growth_mb for t in timings if t.peak_growth_mb is not None), default=None
         )
         best = min(t.seconds for t in timings)
-        measurements[strategy.key] = Measurement(*args, best, growth, runs=len(runs))
+        measurements[strategy.key] = measured(seconds=best, peak_growth_mb=growth, runs=len(runs))
     return measurements
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from django.conf import settings
@@ -30,16 +31,26 @@ FAILED = "{command} failed (exit code {code}):\n{output}"
 def database_url(alias: str = DEFAULT_DB_ALIAS) -> str:
     """A DATABASE_URL for this process's database (its test database under pytest), for a
     child process; "" for an in-memory SQLite database, which no other process can open."""
-    config = connections[alias].settings_dict
+    return url_for(connections[alias].vendor, connections[alias].settings_dict)
+
+
+def url_for(vendor: str, config: Mapping[str, Any]) -> str:
+    """The DATABASE_URL of a connection's ``vendor`` and settings dict (see :func:`database_url`).
+
+    Every part is percent-encoded with nothing left safe, so a socket directory as the host
+    or a ``/`` or ``@`` in the password survives parsing; the port is always written (5432
+    when unset).
+    """
     name = str(config["NAME"])
-    if connections[alias].vendor == "sqlite":
+    if vendor == "sqlite":
         memory = name == ":memory:" or "mode=memory" in name
         return "" if memory else f"sqlite:///{name}"
-    user = quote(config["USER"] or "")
-    password = f":{quote(config['PASSWORD'])}" if config["PASSWORD"] else ""
-    credentials = f"{user}{password}@" if user else ""
-    port = f":{config['PORT']}" if config["PORT"] else ""
-    return f"postgres://{credentials}{config['HOST'] or 'localhost'}{port}/{quote(name)}"
+    credentials = quote(config["USER"] or "", safe="")
+    if config["PASSWORD"]:
+        credentials += ":" + quote(config["PASSWORD"], safe="")
+    host = quote(config["HOST"] or "localhost", safe="")
+    port = config["PORT"] or 5432
+    return f"postgres://{credentials}@{host}:{port}/{quote(name, safe='')}"
 
 
 def loopback_environment(url: str, **extra: str) -> dict[str, str]:

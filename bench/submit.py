@@ -97,9 +97,6 @@ def table_copy_seconds(path: Path, using: str) -> float:
     return seconds
 
 
-COPIES = (raw_copy_seconds, table_copy_seconds)
-
-
 def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_ALIAS) -> list:
     paths = [ImportWorkload(size, work_dir=work_dir, using=using).input_file() for size in sizes]
     # Every child first: a child forked from this process once it has held a
@@ -113,7 +110,11 @@ def run_submit_bench(sizes: list[int], work_dir: Path, using: str = DEFAULT_DB_A
         children.append(child)
     return [
         Submitted(
-            size, child["seconds"], child["growth_mb"], *(copy(path, using) for copy in COPIES)
+            size=size,
+            seconds=child["seconds"],
+            growth_mb=child["growth_mb"],
+            raw_seconds=raw_copy_seconds(path, using),
+            table_seconds=table_copy_seconds(path, using),
         )
         for size, path, child in zip(sizes, paths, children, strict=True)
     ]

@@ -218,8 +218,16 @@ def run_once(workload: ImportWorkload, backend: str, count: int) -> ScaleOut:
     started = job.partitions.aggregate(first=Min("claimed_at"))["first"]
     seconds = (job.finished_at - started).total_seconds()
     job.delete()  # its staged rows and partitions go with it
-    figures = (seconds, worker_cpu, database_cpu, busy / max(1, total))
-    return ScaleOut(backend, count, job.rows_total, staging, *figures)
+    return ScaleOut(
+        backend=backend,
+        workers=count,
+        rows=job.rows_total,
+        staging_seconds=staging,
+        seconds=seconds,
+        worker_cpu=worker_cpu,
+        database_cpu=database_cpu,
+        busy=busy / max(1, total),
+    )
 
 
 def run_scale_out(

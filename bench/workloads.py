@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ from psycopg import sql
 
 from batching.engine import BatchResult, chunked
 from batching.models import BatchProcessingLog
-from batching.postgres import array_type, copy_rows, execute, model_field, quoted
+from batching.postgres import array_type, copy_rows, each, execute, model_field, quoted
 from batching.readers import RowStream
 from bench import namespace as ns
 from bench.report import BenchError
@@ -106,17 +107,18 @@ def copy_in(
 def stage(using: str, model: type[models.Model], fields: Sequence[str], rows: Iterable) -> None:
     """COPY ``rows`` (the service's input, prices as text) into a new staging table with
     ``fields``' columns and types, inside a transaction."""
-    connection, columns = connections[using], quoted(connections[using], model, *fields)
+    connection = connections[using]
+    columns = each(connection, model, fields)
     types = (array_type(model_field(model, name), connection) for name in fields)
-    definitions = ", ".join(f"{c} {t}" for c, t in zip(columns.split(", "), types, strict=True))
+    definitions = ", ".join(f"{c} {t}" for c, t in zip(columns, types, strict=True))
     temp_table(using, STAGING_TABLE, definitions)
     staging = connection.ops.quote_name(STAGING_TABLE)
-    copy_in(using, f"COPY {staging} ({columns}) FROM STDIN", rows)
+    copy_in(using, f"COPY {staging} ({', '.join(columns)}) FROM STDIN", rows)
 
 
 def excluded(connection, model: type[models.Model], *fields: str) -> str:
     """``column = EXCLUDED.column, ...``: an upsert's SET clause."""
-    return ", ".join(f"{c} = EXCLUDED.{c}" for c in quoted(connection, model, *fields).split(", "))
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in each(connection, model, fields))
 
 
 @contextmanager
@@ -326,7 +328,8 @@ class ViewsWorkload(Workload):
 
     def run_raw(self) -> None:
         with raw_transaction(self.using):
-            rows = (tuple(row[key] for key in self.keys) for row in self.rows())
+            row_of = itemgetter(*self.keys)
+            rows = (row_of(row) for row in self.rows())
             copy_rows(ProductView, self.fields, rows, using=self.using)
 
     def run_pgbulk(self) -> None:
@@ -602,9 +605,14 @@ class OrdersWorkload(Workload):
 
 
 IMPORT_COLUMNS = ("sku", "name", "category", "price", "stock_quantity", "is_active")
+# The raw import's staging table: the CSV file's columns, in its order, and their types.
 STAGED_IMPORT = (
-    "sku varchar, name varchar, category_name varchar, price numeric, "
-    "stock_quantity integer, is_active boolean"
+    ("sku", "varchar"),
+    ("name", "varchar"),
+    ("category_name", "varchar"),
+    ("price", "numeric"),
+    ("stock_quantity", "integer"),
+    ("is_active", "boolean"),
 )
 
 
@@ -664,13 +672,15 @@ class ImportWorkload(Workload):
 
     def run_raw(self) -> None:
         connection = connections[self.using]
-        staging = connection.ops.quote_name(STAGING_TABLE)
+        quote = connection.ops.quote_name
+        staging = quote(STAGING_TABLE)
         products, categories = quoted(connection, Product), quoted(connection, Category)
-        staged = ", ".join(definition.split()[0] for definition in STAGED_IMPORT.split(", "))
+        staged = ", ".join(quote(column) for column, _ in STAGED_IMPORT)
+        definitions = ", ".join(f"{quote(column)} {kind}" for column, kind in STAGED_IMPORT)
         name, sku = quoted(connection, Category, "name"), quoted(connection, Product, "sku")
         updates = excluded(connection, Product, *IMPORT_COLUMNS[1:], "updated_at")
         with raw_transaction(self.using), open(self.path, "rb") as file:
-            temp_table(self.using, STAGING_TABLE, STAGED_IMPORT)
+            temp_table(self.using, STAGING_TABLE, definitions)
             blocks = iter(lambda: file.read(COPY_BLOCK), b"")
             copy_in(
                 self.using,

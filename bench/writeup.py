@@ -138,7 +138,14 @@ def compare(
     states = [state for outcomes in runs.values() for _, state in outcomes]
     match = all(state == states[0] for state in states)
     return Comparison(
-        operation, size, naive, optimized, naive_state, optimized_state, match, repeat
+        operation=operation,
+        records=size,
+        naive=naive,
+        optimized=optimized,
+        naive_state=naive_state,
+        optimized_state=optimized_state,
+        states_match=match,
+        runs=repeat,
     )
 
 

@@ -75,10 +75,15 @@ class Command(BaseCommand):
         )
         add_seed_and_repeat(
             parser,
+            "Seed of the generated rows and the players' choices",
             "Run the raw limit and each setting this many times, taking turns; the fastest "
             "run's time counts and the latencies of all runs are pooled (default: 1).",
         )
-        add_files(parser, {"--chart": "live p99 and max latency"})
+        add_files(
+            parser,
+            "Write every run's figures as JSON here.",
+            {"--chart": "live p99 and max latency"},
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         operations = parse_names(

@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from bench import scale as bench
 from bench.report import (
     add_files,
-    add_seed_and_repeat,
+    add_seed,
     parse_names,
     parse_sizes,
     require_postgresql,
@@ -63,8 +63,11 @@ class Command(BaseCommand):
             help="Rows per chunk for the service and the chunked peers "
             "(default: 50,000, and 20,000 for the import: the scale figures' chunks).",
         )
+        add_seed(parser, "Seed of the generated rows")
         add_files(
-            parser, {"--chart": "throughput (rows/s)", "--memory-chart": "peak memory growth"}
+            parser,
+            "Write every measurement as JSON here.",
+            {"--chart": "throughput (rows/s)", "--memory-chart": "peak memory growth"},
         )
         add(
             "--work-dir",
@@ -79,12 +82,13 @@ class Command(BaseCommand):
             "size, from its time at the previous size, before it is skipped there "
             f"(default: {bench.DEFAULT_PEER_BUDGET:.0f}).",
         )
-        add_seed_and_repeat(
-            parser,
-            "Run each strategy up to this many times, each from the same start, the strategies "
-            "taking turns, and keep the fastest; a strategy runs again only while its runs took "
-            f"under {bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
-            int,
+        add(
+            "--repeat",
+            type=int,
+            default=1,
+            help="Run each strategy up to this many times, each from the same start, the "
+            "strategies taking turns, and keep the fastest; a strategy runs again only while its "
+            f"runs took under {bench.REPEAT_BUDGET:.0f} s in all (default: 1).",
         )
         add(
             "--in-process",

@@ -55,8 +55,10 @@ class Command(BaseCommand):
         )
         add_seed_and_repeat(
             parser,
+            "Seed of the workload generator; same seed, same workload",
             "Run each service this many times, taking turns, every run from the same starting "
-            "state; the fastest run of each counts (default: 1).",
+            "state; the fastest run of each counts (default: 1). A few runs steady the figures "
+            "of small sizes, which take milliseconds.",
         )
         add(
             "--keep-data",
