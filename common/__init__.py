@@ -1,1 +1,1 @@
-"""Pieces any app may use, knowing none of them: SVG charts, CLI helpers, admin mixins."""
+"""Pieces any app may use, knowing none of them: charts, CLI and admin helpers, queries."""

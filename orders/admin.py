@@ -23,9 +23,9 @@ from django.utils import timezone
 
 from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin, filter_moment
 from common.charts import line_chart
+from common.queries import related_count
 from orders.models import Order, OrderItem
 from orders.reports import SalesReport, check_range, iter_order_lines_csv, sales_report
-from products.models import related_count
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations

@@ -22,8 +22,9 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.http import require_GET, require_http_methods
 
 from common.admin import DeclaredFiltersMixin, ReadOnlyAdminMixin
+from common.queries import related_count
 from products import cache, imports
-from products.models import Category, Product, ProductView, RecommendationScore, related_count
+from products.models import Category, Product, ProductView, RecommendationScore
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations

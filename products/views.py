@@ -18,8 +18,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from common.permissions import missing_permissions
+from common.queries import related_count
 from products import cache
-from products.models import Product, RecommendationScore, related_count
+from products.models import Product, RecommendationScore
 
 NAIVE = "naive"
 OPTIMIZED = "optimized"
