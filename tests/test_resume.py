@@ -27,7 +27,6 @@ from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -39,6 +38,7 @@ from django.utils import timezone
 from batching import liveness
 from batching.liveness import NO_HEARTBEAT, WORKER_GONE, mark_interrupted_runs
 from batching.models import BatchProcessingLog
+from bench.server import database_url
 from orders.models import Order
 from products.models import Category, Product, ProductView
 from tests.factories import ProductFactory, UserFactory
@@ -230,16 +230,8 @@ def seed_existing(count: int, every: int) -> set[int]:
 
 def child_environment() -> dict[str, str]:
     """This environment, with DATABASE_URL pointing at the test database."""
-    db = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return os.environ | {"DATABASE_URL": f"sqlite:///{db['NAME']}", "PYTHONUNBUFFERED": "1"}
-    credentials = quote(db["USER"] or "", safe="")
-    if db.get("PASSWORD"):
-        credentials += ":" + quote(db["PASSWORD"], safe="")
-    host = db["HOST"] or "localhost"
-    port = db["PORT"] or 5432
-    url = f"postgres://{credentials}@{host}:{port}/{quote(db['NAME'], safe='')}"
-    return os.environ | {"DATABASE_URL": url, "PYTHONUNBUFFERED": "1", "DB_POOL_MIN_SIZE": "1"}
+    pool = {"DB_POOL_MIN_SIZE": "1"} if connection.vendor == "postgresql" else {}
+    return os.environ | {"DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1", **pool}
 
 
 def manage(*args: str) -> list[str]:
