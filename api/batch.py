@@ -121,7 +121,7 @@ def fingerprint(request: HttpRequest, body: bytes) -> str:
 
 
 def run_rows(
-    request: HttpRequest, operation: str, background: bool, idempotency_key: str | None
+    request: HttpRequest, operation: str, *, background: bool, idempotency_key: str | None
 ) -> Status:
     """Read the request's rows and run ``operation`` on them: the status and answer."""
     body = read_body(request)

@@ -32,7 +32,12 @@ router = Router()
 def orders_batch(
     request: HttpRequest, background: Background = False, idempotency_key: IdempotencyKey = None
 ):
-    return run_rows(request, BatchProcessingLog.Operation.ORDERS, background, idempotency_key)
+    return run_rows(
+        request,
+        BatchProcessingLog.Operation.ORDERS,
+        background=background,
+        idempotency_key=idempotency_key,
+    )
 
 
 class ProductSalesOut(Schema):

@@ -25,7 +25,9 @@ router = Router(tags=["batches"])
 def product_views_bulk(
     request: HttpRequest, background: Background = False, idempotency_key: IdempotencyKey = None
 ):
-    return run_rows(request, Operation.PRODUCT_VIEWS, background, idempotency_key)
+    return run_rows(
+        request, Operation.PRODUCT_VIEWS, background=background, idempotency_key=idempotency_key
+    )
 
 
 @router.post(
@@ -41,7 +43,12 @@ def product_views_bulk(
 def recommendation_scores_bulk(
     request: HttpRequest, background: Background = False, idempotency_key: IdempotencyKey = None
 ):
-    return run_rows(request, Operation.RECOMMENDATION_SCORES, background, idempotency_key)
+    return run_rows(
+        request,
+        Operation.RECOMMENDATION_SCORES,
+        background=background,
+        idempotency_key=idempotency_key,
+    )
 
 
 @router.post(
@@ -65,4 +72,6 @@ def recommendation_scores_bulk(
 def products_import(
     request: HttpRequest, background: Background = False, idempotency_key: IdempotencyKey = None
 ):
-    return run_rows(request, Operation.PRODUCTS, background, idempotency_key)
+    return run_rows(
+        request, Operation.PRODUCTS, background=background, idempotency_key=idempotency_key
+    )
