@@ -100,7 +100,8 @@ def stage(job: Job, rows: Iterable[Any] | Records, *, using: str = "default") ->
 
 
 def made_ahead[T](items: Iterator[T]) -> Iterator[T]:
-    """``items``, each next one made in a helper thread while the caller uses this one."""
+    """``items``, each next one made in a helper thread while the caller uses this one
+    (COPY waits on the database meanwhile); at most three are held."""
     done: Any = object()
     with ThreadPoolExecutor(1, "stage-ahead") as helper:
         upcoming = helper.submit(next, items, done)
